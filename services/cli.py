@@ -1,0 +1,62 @@
+"""The `loraplex` command: local stack and developer tools.
+
+  loraplex up [--data-dir DIR] [--base-model PATH] [ports...]   start all four services
+  loraplex model tiny DIR [--preset tiny|small] [--arch ...]     build an offline test model
+  loraplex proto                                                regenerate gRPC stubs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _model_command(argv: list[str]) -> int:
+    from services.common.tiny_model import ARCHES, PRESETS, build_model_folder
+
+    parser = argparse.ArgumentParser(prog="loraplex model tiny",
+                                     description="Build a small Llama-family checkpoint offline (seeded).")
+    parser.add_argument("directory", type=Path, help="output folder (created)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--arch", choices=sorted(ARCHES), default="llama")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tie-word-embeddings", action="store_true")
+    args = parser.parse_args(argv)
+    folder = build_model_folder(args.directory, preset=args.preset, arch=args.arch, seed=args.seed,
+                                tie_word_embeddings=args.tie_word_embeddings)
+    print(folder)
+    return 0
+
+
+def _up_command(argv: list[str]) -> int:
+    from services.common.config import parse_config
+    from services.common.stack import StackConfig, run_stack
+
+    return run_stack(parse_config(StackConfig, argv, prog="loraplex up"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "model", "proto"], help="what to do")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        return _up_command(rest)
+    if command == "model":
+        if not rest or rest[0] != "tiny":
+            parser.error("usage: loraplex model tiny DIR [--preset tiny|small] [--arch llama|mistral|qwen2|qwen3]")
+        return _model_command(rest[1:])
+    if command == "proto":
+        from services.common.protogen import main as protogen_main
+
+        return protogen_main(rest)
+    parser.error(f"unknown command {command!r}; choose from up, model, proto")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The one place where domain errors become gRPC statuses, plus request logging and metrics.
+
+`ServerInterceptor` wraps every handler kind (unary and streaming, both directions):
+- a `LoraplexError` ends the call with its status code, its message, and a
+  google.rpc.ErrorInfo detail (RetryInfo too for RESOURCE_EXHAUSTED);
+- anything unexpected ends it with INTERNAL and an error id; the traceback goes to the log
+  under that id, never to the client;
+- each call is logged (method, status, duration) and counted in Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common import errors
+from services.common.metrics import RPC_ERRORS, RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
+
+log = logging.getLogger("loraplex.rpc")
+
+ERROR_DOMAIN = "loraplex"
+
+STATUS_OF: dict[type[errors.LoraplexError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def status_code_of(error: errors.LoraplexError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def to_rpc_status(error: errors.LoraplexError) -> grpc.Status:
+    """The status (code, message, details) a domain error is sent as."""
+    code = status_code_of(error)
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    if isinstance(error, errors.ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
+    return rpc_status.to_status(status)
+
+
+def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """Client side: the ErrorInfo detail of a failed call, if the server attached one."""
+    status = rpc_status.from_call(rpc_error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+class _CallOutcome:
+    """Tracks one call for logging and metrics."""
+
+    def __init__(self, service: str, method: str) -> None:
+        self.service, self.method = service, method
+        self.code = grpc.StatusCode.OK
+        self.started = time.perf_counter()
+        RPC_IN_FLIGHT.labels(service, method).inc()
+
+    def finish(self, context: grpc.aio.ServicerContext) -> None:
+        if self.code == grpc.StatusCode.OK:
+            self.code = _context_code(context)
+        elapsed = time.perf_counter() - self.started
+        RPC_IN_FLIGHT.labels(self.service, self.method).dec()
+        RPC_REQUESTS.labels(self.service, self.method, self.code.name).inc()
+        RPC_LATENCY.labels(self.service, self.method).observe(elapsed)
+        if self.code != grpc.StatusCode.OK:
+            RPC_ERRORS.labels(self.service, self.method, self.code.name).inc()
+        log.info("rpc %s/%s %s %.1fms", self.service, self.method, self.code.name, elapsed * 1000)
+
+
+def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for candidate in grpc.StatusCode:  # the aio context may report the raw integer
+        if candidate.value[0] == code:
+            return candidate
+    return grpc.StatusCode.UNKNOWN
+
+
+async def _abort_for(exc: BaseException, outcome: _CallOutcome, context: grpc.aio.ServicerContext) -> None:
+    """Ends the call with the status `exc` stands for (always raises)."""
+    if isinstance(exc, errors.LoraplexError):
+        outcome.code = status_code_of(exc)
+        status = to_rpc_status(exc)
+        await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("rpc %s/%s failed, error id %s", outcome.service, outcome.method, error_id, exc_info=exc)
+    outcome.code = grpc.StatusCode.INTERNAL
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); the server log has the details"
+    )
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], service: str, method: str):
+    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        outcome = _CallOutcome(service, method)
+        try:
+            return await behavior(request_or_iterator, context)
+        except grpc.aio.AbortError:
+            outcome.code = _context_code(context)
+            raise
+        except asyncio.CancelledError:  # the client went away or the server is stopping
+            outcome.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the boundary that maps them all
+            await _abort_for(exc, outcome, context)
+        finally:
+            outcome.finish(context)
+
+    return handler
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], service: str, method: str):
+    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        outcome = _CallOutcome(service, method)
+        try:
+            async for response in behavior(request_or_iterator, context):
+                yield response
+        except grpc.aio.AbortError:
+            outcome.code = _context_code(context)
+            raise
+        except asyncio.CancelledError:  # the client went away or the server is stopping
+            outcome.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort_for(exc, outcome, context)
+        finally:
+            outcome.finish(context)
+
+    return handler
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Error mapping, logging and metrics for every RPC of a server."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full = handler_call_details.method.lstrip("/")
+        service, _, method = full.rpartition("/")
+        if service.startswith("grpc."):  # health and reflection: not ours to count
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, service, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, service, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, service, method),
+                handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, service, method),
+            handler.request_deserializer, handler.response_serializer)

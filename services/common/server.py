@@ -1,0 +1,130 @@
+"""gRPC server bootstrap shared by the four services.
+
+`serve(app, config)` is the whole life of a service process:
+  bind -> health NOT_SERVING -> app.start() (warm-up) -> SERVING -> wait for SIGTERM/SIGINT
+  -> NOT_SERVING -> server.stop(grace) -> app.close() -> return 0.
+Every service gets the standard grpc.health.v1 service, server reflection (so
+`grpcurl -plaintext HOST:PORT list` works without .proto files), the error-mapping
+interceptor, configured message size limits and a Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import ServerConfig
+from services.common.errors import LoraplexError
+from services.common.metrics import start_metrics_server
+from services.common.rpc import ServerInterceptor
+
+log = logging.getLogger("loraplex.server")
+
+
+class ServiceApp(Protocol):
+    """What a service hands to `serve`: its servicers and its warm-up/shutdown hooks."""
+
+    #: Full names of the gRPC services it adds, e.g. "loraplex.registry.v1.Registry".
+    service_names: list[str]
+
+    def add_to_server(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None:
+        """Warm up (open databases, load weights); the service turns SERVING after it returns."""
+
+    async def close(self) -> None:
+        """Release resources after the server has stopped taking calls."""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class RunningServer:
+    """A started server with its health service; `port` is the bound port."""
+
+    def __init__(self, server: grpc.aio.Server, health: HealthServicer, names: list[str], port: int) -> None:
+        self.server, self.health, self.names, self.port = server, health, names, port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(app: ServiceApp, config: ServerConfig) -> RunningServer:
+    """Binds and starts the server with every service NOT_SERVING."""
+    limit = config.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # gRPC turns SO_REUSEPORT on by default: a second copy of a service would then
+            # silently share the port. We want "address in use" instead.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    app.add_to_server(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = list(app.service_names)
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    try:
+        port = server.add_insecure_port(config.address)
+    except RuntimeError:  # grpcio raises this when bind() fails
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {config.address}: address in use or not available")
+    running = RunningServer(server, health, names, port)
+    await running.set_serving(False)
+    await server.start()
+    return running
+
+
+async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> int:
+    """Runs a service until SIGTERM/SIGINT; returns the process exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_server(app, config)
+    log.info("%s listening on %s:%d (NOT_SERVING while warming up)", service_label, config.host, running.port)
+    start_metrics_server(config.host, config.metrics_port)
+    warm_up = asyncio.ensure_future(app.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([warm_up, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if warm_up.done():
+        warm_up.result()  # a failed warm-up ends the process with its error
+        await running.set_serving(True)
+        log.info("%s SERVING on %s:%d", service_label, config.host, running.port)
+        await stopped
+    else:
+        warm_up.cancel()
+    log.info("%s stopping: NOT_SERVING, draining for up to %.1fs", service_label, config.grace_seconds)
+    await running.stop(config.grace_seconds)
+    await app.close()
+    log.info("%s stopped", service_label)
+    return 0
+
+
+def run(app: ServiceApp, config: ServerConfig, service_label: str) -> int:
+    """Process entry point: exit status 0 after a clean stop, 1 when it cannot start."""
+    configure_logging(config.log_level)
+    try:
+        return asyncio.run(serve(app, config, service_label))
+    except (OSError, LoraplexError) as exc:
+        log.error("%s cannot start: %s", service_label, exc)
+        return 1

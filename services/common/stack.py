@@ -1,0 +1,213 @@
+"""`loraplex up`: the four services as separate processes on one machine.
+
+Embedded defaults: SQLite and a local-folder blob store under --data-dir, and the tiny
+offline model (built on first run) when no --base-model is given. The stack waits until
+every service reports SERVING through grpc.health.v1, prints the endpoints, and then
+supervises: Ctrl-C/SIGTERM stops every child cleanly; a child that dies stops the rest and
+the command exits 1 naming it. Each child's output goes to DATA_DIR/logs/<service>.log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.config import option
+from services.common.tiny_model import build_model_folder
+
+SERVICES = ("registry", "trainer", "inference", "router")
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """Start registry, trainer, inference and router locally with embedded defaults."""
+
+    data_dir: Path = option(Path(".loraplex"), "state of every service (SQLite, blobs, logs, models)")
+    host: str = option("127.0.0.1", "address the services listen on")
+    router_port: int = option(50050, "Router gRPC port (the front door)")
+    registry_port: int = option(50051, "Registry gRPC port")
+    trainer_port: int = option(50052, "Trainer gRPC port")
+    inference_port: int = option(50053, "Inference node gRPC port")
+    metrics_base_port: int = option(9400, "router, registry, trainer, inference get this port +0..3 for "
+                                          "/metrics (0 disables metrics)")
+    base_model: Path | None = option(None, "Hugging Face checkpoint folder (default: the tiny test model)")
+    admin_token: str = option("", "admin token (default: generated once, kept in DATA_DIR/admin_token)")
+    startup_timeout: float = option(120.0, "seconds to wait for every service to report SERVING")
+
+    def __post_init__(self) -> None:
+        ports = [self.router_port, self.registry_port, self.trainer_port, self.inference_port]
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"ports must be in 1..65535, got {port}")
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"the four service ports must differ, got {ports}")
+        if self.startup_timeout <= 0:
+            raise ValueError("--startup-timeout must be > 0")
+        if self.base_model is not None and not (self.base_model / "config.json").is_file():
+            raise ValueError(f"--base-model {self.base_model} is not a checkpoint folder (no config.json)")
+
+    def port_of(self, service: str) -> int:
+        return getattr(self, f"{service}_port")
+
+    def metrics_port_of(self, service: str) -> int:
+        offset = ("router", "registry", "trainer", "inference").index(service)
+        return self.metrics_base_port + offset if self.metrics_base_port else 0
+
+
+def _admin_token(config: StackConfig) -> str:
+    if config.admin_token:
+        return config.admin_token
+    path = config.data_dir / "admin_token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _base_model(config: StackConfig) -> Path:
+    if config.base_model is not None:
+        return config.base_model
+    folder = config.data_dir / "models" / "tiny"
+    if not (folder / "config.json").is_file():
+        print(f"building the tiny offline test model in {folder}", flush=True)
+        build_model_folder(folder, preset="tiny")
+    return folder
+
+
+def child_commands(config: StackConfig, admin_token: str, base_model: Path) -> dict[str, list[str]]:
+    """The command line of each service process."""
+    registry = f"{config.host}:{config.registry_port}"
+    common = {name: [sys.executable, "-m", f"services.{name}", "--host", config.host,
+                     "--port", str(config.port_of(name)), "--metrics-port", str(config.metrics_port_of(name))]
+              for name in SERVICES}
+    common["registry"] += ["--data-dir", str(config.data_dir / "registry"), "--admin-token", admin_token]
+    common["trainer"] += ["--data-dir", str(config.data_dir / "trainer"), "--registry-address", registry,
+                          "--admin-token", admin_token]
+    common["inference"] += ["--base-model", str(base_model), "--registry-address", registry]
+    common["router"] += ["--registry-address", registry, "--admin-token", admin_token,
+                         "--node", f"{config.host}:{config.inference_port}"]
+    return common
+
+
+def health_status(address: str, timeout: float = 1.0) -> str:
+    """SERVING / NOT_SERVING / ... for the server's overall health, or UNREACHABLE."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.children: dict[str, subprocess.Popen] = {}
+        self.logs = config.data_dir / "logs"
+
+    def start(self) -> None:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        commands = child_commands(self.config, _admin_token(self.config), _base_model(self.config))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name, command in commands.items():
+            with open(self.logs / f"{name}.log", "ab") as log_file:
+                self.children[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                                       env=env, start_new_session=True)
+
+    def dead_child(self) -> tuple[str, int] | None:
+        for name, child in self.children.items():
+            if child.poll() is not None:
+                return name, child.returncode
+        return None
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        pending = set(self.children)
+        while pending:
+            if (dead := self.dead_child()) is not None:
+                raise ChildDied(*dead, self.logs)
+            for name in sorted(pending):
+                if health_status(f"{self.config.host}:{self.config.port_of(name)}") == "SERVING":
+                    pending.discard(name)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not SERVING after {self.config.startup_timeout:.0f}s: "
+                                   f"{', '.join(sorted(pending))} (see {self.logs})")
+            time.sleep(0.2)
+
+    def stop(self, grace: float = 10.0) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in self.children.values():
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, name: str, code: int, logs: Path) -> None:
+        log = logs / f"{name}.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
+        super().__init__(f"service {name!r} exited with status {code}; last lines of {log}:\n{tail}")
+        self.name = name
+
+
+def banner(config: StackConfig, admin_token_path: str) -> str:
+    lines = ["loraplex is up; every service reports SERVING:"]
+    for name in ("router", "registry", "trainer", "inference"):
+        metrics = config.metrics_port_of(name)
+        extra = f"  metrics http://{config.host}:{metrics}/metrics" if metrics else ""
+        lines.append(f"  {name:<9} {config.host}:{config.port_of(name)}{extra}")
+    router, registry = f"{config.host}:{config.router_port}", f"{config.host}:{config.registry_port}"
+    lines += [
+        f"admin token: {admin_token_path}",
+        "try:",
+        f"  grpcurl -plaintext {router} list",
+        f"  grpcurl -plaintext {registry} describe loraplex.registry.v1.Registry",
+        f"  grpcurl -plaintext -d '{{\"service\": \"\"}}' {router} grpc.health.v1.Health/Check",
+        f"logs: {config.data_dir / 'logs'}; Ctrl-C stops everything",
+    ]
+    return "\n".join(lines)
+
+
+def run_stack(config: StackConfig) -> int:
+    """Runs until SIGINT/SIGTERM (0) or until a child dies (1)."""
+    stop_requested = False
+
+    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        nonlocal stop_requested
+        stop_requested = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stack = Stack(config)
+    try:
+        stack.start()
+        stack.wait_serving()
+        token_path = config.admin_token and "(given with --admin-token)" or str(config.data_dir / "admin_token")
+        print(banner(config, token_path), flush=True)
+        while not stop_requested:
+            if (dead := stack.dead_child()) is not None:
+                raise ChildDied(*dead, stack.logs)
+            time.sleep(0.2)
+        print("stopping loraplex ...", flush=True)
+        return 0
+    except (ChildDied, TimeoutError) as exc:
+        print(f"loraplex up failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,112 @@
+"""`loraplex up`: all four services up as separate processes, then down, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.stack import health_status
+from tests.conftest import REPO_ROOT, free_port, stop_process
+
+NAMES = ("router", "registry", "trainer", "inference")
+
+
+def start_up(tmp_path: Path, ports: dict[str, int], *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "services.cli", "up", "--data-dir", str(tmp_path / "state"),
+            "--metrics-base-port", "0", *extra]
+    for name, port in ports.items():
+        args += [f"--{name}-port", str(port)]
+    return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_until(process: subprocess.Popen, marker: str, timeout: float = 120) -> str:
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} in output: {''.join(seen)} / {process.stderr.read()}")
+
+
+def child_pid(port: int, module: str) -> int:
+    """pid of the service process started with this module and port (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if module.encode() in cmdline and str(port).encode() in cmdline:
+                return int(entry.name)
+    raise AssertionError(f"no process for {module} on port {port}")
+
+
+@pytest.fixture
+def ports() -> dict[str, int]:
+    return {name: free_port() for name in NAMES}
+
+
+def test_up_serves_all_four_then_stops_them_on_sigterm(tmp_path, ports):
+    process = start_up(tmp_path, ports)
+    try:
+        banner = read_until(process, "Ctrl-C stops everything")
+        for name in NAMES:
+            assert f"127.0.0.1:{ports[name]}" in banner
+            assert health_status(f"127.0.0.1:{ports[name]}") == "SERVING"
+        assert "grpcurl -plaintext" in banner
+        assert (tmp_path / "state" / "models" / "tiny" / "config.json").is_file()
+        token = (tmp_path / "state" / "admin_token")
+        assert token.is_file() and oct(token.stat().st_mode & 0o777) == "0o600"
+        pids = [child_pid(ports[name], f"services.{name}") for name in NAMES]
+    finally:
+        assert stop_process(process, timeout=30) == 0
+    for name in NAMES:
+        assert health_status(f"127.0.0.1:{ports[name]}") == "UNREACHABLE"
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    logs = tmp_path / "state" / "logs"
+    assert all("stopped" in (logs / f"{name}.log").read_text() for name in NAMES)
+
+
+def test_up_exits_non_zero_naming_a_child_that_died(tmp_path, ports):
+    process = start_up(tmp_path, ports)
+    try:
+        read_until(process, "Ctrl-C stops everything")
+        os.kill(child_pid(ports["trainer"], "services.trainer"), signal.SIGKILL)
+        process.wait(timeout=30)
+        assert process.returncode == 1
+        assert "service 'trainer' exited with status -9" in process.stderr.read()
+    finally:
+        stop_process(process)
+    for name in NAMES:
+        assert health_status(f"127.0.0.1:{ports[name]}") == "UNREACHABLE"
+
+
+def test_up_rejects_bad_flags(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--router-port", "70000"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "ports must be in 1..65535" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--base-model", str(tmp_path)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is not a checkpoint folder" in result.stderr
+
+
+def test_up_names_a_service_whose_port_is_taken(tmp_path, ports):
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", ports["registry"]))
+        blocker.listen()
+        process = start_up(tmp_path, ports)
+        process.wait(timeout=120)
+    assert process.returncode == 1
+    assert "service 'registry' exited with status 1" in process.stderr.read()

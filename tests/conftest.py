@@ -1,0 +1,74 @@
+"""Fixtures shared by every test: free ports, the tiny offline model, service processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.stack import health_status
+from services.common.tiny_model import build_model_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(address: str, want: str = "SERVING", timeout: float = 60.0,
+                    process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} before {address} was {want}")
+        if health_status(address) == want:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{address} not {want} after {timeout}s (last: {health_status(address)})")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def start_module(module: str, *args: str, log: Path) -> subprocess.Popen:
+    """Starts `python -m <module> args...` from the repo root with output to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_model_folder(tmp_path_factory.mktemp("tiny-model") / "tiny")
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; whatever is still running at the end is stopped."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        stop_process(process)

@@ -1,0 +1,138 @@
+"""The paged adapter pool on the device (S-LoRA style, no padding to a max rank).
+
+For every module m the pool holds A[m]: [L, P, in_m] and B[m]: [L, P, out_m] (B stored
+transposed, one row per rank index). An adapter of rank r owns r page ids — the same in
+every layer and module — taken from a free list. Adapters are evicted least-recently-used
+first, and only when no running sequence references them and they are not pinned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from services.common.errors import FailedPrecondition, NotFound, ResourceExhausted
+from services.inference.adapters.batch import AdapterSegments
+from services.inference.adapters.weights import LoraWeights
+from services.inference.kernels.reference import Segment
+from services.inference.model.config import LORA_MODULES, ModelArgs
+
+
+@dataclass
+class ResidentAdapter:
+    key: str
+    pages: torch.Tensor  # [r] int64 page ids
+    rank: int
+    scaling: float
+    target_modules: frozenset[str]
+    sha256: str
+    refs: int = 0
+    pinned: bool = False
+    last_used: float = field(default_factory=time.time)
+
+
+@dataclass
+class PoolCounters:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+class AdapterPool:
+    def __init__(self, args: ModelArgs, num_pages: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        if num_pages < 1:
+            raise ValueError("the adapter pool needs at least one page")
+        self.num_pages, self.dtype, self.device = num_pages, dtype, torch.device(device)
+        shapes = args.module_shapes()
+        layers = args.num_layers
+        self.a = {m: torch.zeros(layers, num_pages, shapes[m][0], dtype=dtype, device=device) for m in LORA_MODULES}
+        self.b = {m: torch.zeros(layers, num_pages, shapes[m][1], dtype=dtype, device=device) for m in LORA_MODULES}
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # oldest use first
+        self.counters = PoolCounters()
+
+    # --- queries ---
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def resident(self) -> list[ResidentAdapter]:
+        return list(self._resident.values())
+
+    def get(self, key: str) -> ResidentAdapter | None:
+        return self._resident.get(key)
+
+    def can_fit(self, rank: int) -> bool:
+        evictable = sum(r.rank for r in self._resident.values() if r.refs == 0 and not r.pinned)
+        return rank <= len(self._free) + evictable
+
+    # --- residency ---
+    def load(self, key: str, weights: LoraWeights, pinned: bool = False) -> ResidentAdapter:
+        """Copies an adapter into free pages, evicting LRU unreferenced adapters if needed."""
+        if (existing := self._resident.get(key)) is not None and existing.sha256 == weights.sha256:
+            existing.pinned = existing.pinned or pinned
+            return existing
+        if existing is not None:
+            self.evict(key)  # the same id with other bytes: replace it
+        if weights.rank > self.num_pages:
+            raise ResourceExhausted(f"adapter {key} needs {weights.rank} pages; the pool has {self.num_pages}")
+        if not self.can_fit(weights.rank):
+            raise ResourceExhausted(f"adapter pool full: {key} needs {weights.rank} pages, "
+                                    f"{len(self._free)} free and the rest in use", retry_after_s=0.5)
+        while len(self._free) < weights.rank:
+            victim = next(r for r in self._resident.values() if r.refs == 0 and not r.pinned)
+            self.evict(victim.key)
+        page_ids = [self._free.pop() for _ in range(weights.rank)]
+        pages = torch.tensor(page_ids, dtype=torch.int64, device=self.device)
+        self._write(pages, weights)
+        adapter = ResidentAdapter(key, pages, weights.rank, weights.scaling, weights.target_modules, weights.sha256,
+                                  pinned=pinned)
+        self._resident[key] = adapter
+        self.counters.loads += 1
+        return adapter
+
+    def _write(self, pages: torch.Tensor, weights: LoraWeights) -> None:
+        for module in LORA_MODULES:
+            self.a[module][:, pages] = 0  # pages are reused: absent modules must contribute nothing
+            self.b[module][:, pages] = 0
+        for (layer, module), a in weights.a.items():
+            self.a[module][layer, pages] = a.to(self.device, self.dtype)  # [r, in]
+            self.b[module][layer, pages] = weights.b[(layer, module)].T.to(self.device, self.dtype)  # [r, out]
+
+    def evict(self, key: str) -> None:
+        adapter = self._resident.get(key)
+        if adapter is None:
+            raise NotFound(f"adapter {key} is not resident")
+        if adapter.refs:
+            raise FailedPrecondition(f"adapter {key} is used by {adapter.refs} running requests")
+        del self._resident[key]
+        self._free.extend(int(p) for p in adapter.pages.tolist())
+        self.counters.evictions += 1
+
+    def set_pinned(self, key: str, pinned: bool) -> None:
+        adapter = self._resident.get(key)
+        if adapter is None:
+            raise NotFound(f"adapter {key} is not resident")
+        adapter.pinned = pinned
+
+    # --- references held by running sequences ---
+    def acquire(self, key: str) -> ResidentAdapter:
+        adapter = self._resident[key]
+        adapter.refs += 1
+        adapter.last_used = time.time()
+        self._resident.move_to_end(key)
+        return adapter
+
+    def release(self, key: str) -> None:
+        adapter = self._resident.get(key)
+        if adapter is not None and adapter.refs > 0:
+            adapter.refs -= 1
+
+    def segments_of(self, key: str, start: int, end: int) -> AdapterSegments:
+        adapter = self._resident[key]
+        return AdapterSegments([Segment(start, end, adapter.pages, adapter.scaling)], adapter.target_modules)

@@ -106,8 +106,11 @@ async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> in
     warm_up = asyncio.ensure_future(app.start())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([warm_up, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if warm_up.done() and warm_up.exception() is not None:
+        await running.stop(0)
+        await app.close()
+        raise warm_up.exception()  # a failed warm-up ends the process with its error
     if warm_up.done():
-        warm_up.result()  # a failed warm-up ends the process with its error
         await running.set_serving(True)
         log.info("%s SERVING on %s:%d", service_label, config.host, running.port)
         await stopped
@@ -127,4 +130,7 @@ def run(app: ServiceApp, config: ServerConfig, service_label: str) -> int:
         return asyncio.run(serve(app, config, service_label))
     except (OSError, LoraplexError) as exc:
         log.error("%s cannot start: %s", service_label, exc)
+        return 1
+    except Exception:  # noqa: BLE001 - a bug during warm-up: say so, with the traceback
+        log.exception("%s cannot start", service_label)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 
 from services.common.config import ServerConfig, option
@@ -18,10 +19,39 @@ class InferenceConfig(ServerConfig):
     metrics_port: int = option(9403, "Prometheus /metrics HTTP port (0 disables it)")
     base_model: Path | None = option(None, "Hugging Face checkpoint folder of the base model (required)")
     base_model_name: str = option("tiny", "the base model's name in the Registry")
+    node_id: str = option("", "stable node id (default: hostname:port)")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1 ...")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on cpu, bfloat16 on cuda)")
+    max_model_len: int = option(0, "context length in tokens (0: the model's max_position_embeddings)")
+    block_size: int = option(16, "tokens per paged-KV block")
+    kv_cache_mb: int = option(256, "memory for the paged KV cache, in MiB")
+    max_num_seqs: int = option(64, "sequences running at once")
+    max_batched_tokens: int = option(2048, "tokens per forward pass (prefill chunks + decodes)")
+    max_waiting: int = option(256, "queued requests before RESOURCE_EXHAUSTED")
+    adapter_pool_pages: int = option(1024, "device adapter pool size in pages (one page = one rank of one "
+                                           "adapter across all layers and projections)")
+    max_adapter_rank: int = option(64, "largest LoRA rank this node accepts")
+    host_cache_mb: int = option(2048, "host-memory tier for adapters, in MiB")
+    adapter_dir: Path | None = option(None, "serve adapters from this folder (one PEFT folder per adapter id) "
+                                            "instead of downloading them from the Registry")
     registry_address: str = option("127.0.0.1:50051", "host:port of the Registry (adapter downloads)")
+    admin_token: str = option("", "token presented to the Registry for downloads")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.base_model is None:
             raise ValueError("--base-model is required: a Hugging Face checkpoint folder "
                              "(build a test one with `loraplex model tiny DIR`)")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        positive = ("block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens", "max_waiting",
+                    "adapter_pool_pages", "max_adapter_rank", "host_cache_mb")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len < 0:
+            raise ValueError("--max-model-len must be >= 0")
+
+    @property
+    def resolved_node_id(self) -> str:
+        return self.node_id or f"{socket.gethostname()}:{self.port}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.common.pb.loraplex.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.pb.loraplex.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.conftest import REPO_ROOT, free_port, start_module, stop_process, wait_for_health
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
@@ -64,18 +64,18 @@ def test_service_serves_is_listed_and_stops_on_sigterm(name, tmp_path, tiny_mode
 
 def test_placeholder_rpcs_answer_unimplemented_naming_the_issue(tmp_path, tiny_model_dir, processes):
     port = free_port()
-    process = start_module("services.registry", *service_args("registry", port, tmp_path, tiny_model_dir),
+    process = start_module("services.trainer", *service_args("trainer", port, tmp_path, tiny_model_dir),
                            log=tmp_path / "log")
     processes.append(process)
     wait_for_health(f"127.0.0.1:{port}", process=process)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = registry_pb2_grpc.RegistryStub(channel)
+        stub = trainer_pb2_grpc.TrainerStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.CreateTenant(registry_pb2.CreateTenantRequest(name="acme"), timeout=10)
+            stub.GetJob(trainer_pb2.GetJobRequest(id="job-1"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue #3" in caught.value.details()
+        assert "issue #6" in caught.value.details()
         with pytest.raises(grpc.RpcError) as caught:  # a server-streaming placeholder
-            list(stub.WatchChanges(registry_pb2.WatchChangesRequest(), timeout=10))
+            list(stub.WatchJob(trainer_pb2.WatchJobRequest(id="job-1"), timeout=10))
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -100,4 +100,4 @@ def test_inference_refuses_a_folder_without_a_checkpoint(tmp_path):
                              "--metrics-port", "0", "--base-model", str(tmp_path)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "has no config.json" in result.stderr
+    assert "config.json is missing" in result.stderr

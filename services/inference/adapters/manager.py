@@ -1,0 +1,122 @@
+"""AdapterManager: the tiers above the device pool, and the scheduler's AdapterGate.
+
+Tiers: device pool <- host cache (LRU by bytes) <- source (local folder or Registry).
+Requests fetch their adapter into the host tier on the event loop before they queue
+(`ensure_host`), so an unknown adapter fails that request alone with NOT_FOUND while
+others keep running. The engine thread then copies host -> device pages in `try_acquire`
+when the pool has room; if the host copy was dropped meanwhile, it asks for a re-fetch and
+the sequence waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from services.common.errors import FailedPrecondition
+from services.inference.adapters.pool import AdapterPool
+from services.inference.adapters.sources import AdapterSource
+from services.inference.adapters.weights import LoraWeights, parse_adapter
+from services.inference.model.config import ModelArgs
+
+
+class AdapterManager:
+    def __init__(self, pool: AdapterPool, args: ModelArgs, source: AdapterSource, host_capacity_bytes: int,
+                 max_rank: int) -> None:
+        self.pool, self.args, self.source = pool, args, source
+        self.host_capacity_bytes, self.max_rank = host_capacity_bytes, max_rank
+        self._host: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._host_lock = threading.Lock()
+        self._fetching: dict[str, asyncio.Task] = {}
+        self.load_ms: deque[float] = deque(maxlen=256)
+        self.last_load_ms: dict[str, float] = {}
+        self.hits = 0
+        self.misses = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_arrival: Callable[[], None] = lambda: None  # wakes the engine
+
+    # --- event loop side ---
+    def note_request(self, adapter_id: str) -> None:
+        """Counts a hit when the adapter is already on the device, else a miss."""
+        if self.pool.get(adapter_id) is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
+
+    async def ensure_host(self, adapter_id: str, sha256: str = "") -> LoraWeights:
+        """The adapter's weights in host memory, fetching (once, shared) when missing."""
+        with self._host_lock:
+            weights = self._host.get(adapter_id)
+            if weights is not None and (not sha256 or weights.sha256 == sha256):
+                self._host.move_to_end(adapter_id)
+                return weights
+        task = self._fetching.get(adapter_id)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(adapter_id, sha256))
+            self._fetching[adapter_id] = task
+            task.add_done_callback(lambda _: self._fetching.pop(adapter_id, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, adapter_id: str, sha256: str) -> LoraWeights:
+        started = time.perf_counter()
+        fetched = await self.source.fetch(adapter_id)
+        weights = await asyncio.to_thread(parse_adapter, fetched.config_json, fetched.weights, self.args)
+        for expected in (sha256, fetched.expected_sha256):
+            if expected and weights.sha256 != expected:
+                raise FailedPrecondition(f"adapter {adapter_id}: sha256 {weights.sha256} does not match "
+                                         f"the expected {expected}")
+        if weights.rank > self.max_rank:
+            raise FailedPrecondition(f"adapter {adapter_id} has rank {weights.rank}; this node serves "
+                                     f"ranks up to {self.max_rank}")
+        self._put_host(adapter_id, weights)
+        elapsed = (time.perf_counter() - started) * 1000
+        self.load_ms.append(elapsed)
+        self.last_load_ms[adapter_id] = elapsed
+        self.on_arrival()
+        return weights
+
+    def _put_host(self, adapter_id: str, weights: LoraWeights) -> None:
+        with self._host_lock:
+            self._host[adapter_id] = weights
+            self._host.move_to_end(adapter_id)
+            while len(self._host) > 1 and sum(w.nbytes for w in self._host.values()) > self.host_capacity_bytes:
+                self._host.popitem(last=False)
+
+    def loading(self) -> list[str]:
+        return list(self._fetching)
+
+    def host_entries(self) -> dict[str, LoraWeights]:
+        with self._host_lock:
+            return dict(self._host)
+
+    def drop_host(self, adapter_id: str) -> bool:
+        with self._host_lock:
+            return self._host.pop(adapter_id, None) is not None
+
+    # --- engine thread side: the scheduler's AdapterGate ---
+    def try_acquire(self, adapter_key: str) -> bool:
+        if self.pool.get(adapter_key) is not None:
+            self.pool.acquire(adapter_key)
+            return True
+        with self._host_lock:
+            weights = self._host.get(adapter_key)
+        if weights is None:
+            if self.loop is not None:  # dropped from the host tier since the request queued
+                self.loop.call_soon_threadsafe(self._refetch, adapter_key)
+            return False
+        if not self.pool.can_fit(weights.rank):
+            return False
+        self.pool.load(adapter_key, weights)
+        self.pool.acquire(adapter_key)
+        return True
+
+    def release(self, adapter_key: str) -> None:
+        self.pool.release(adapter_key)
+
+    def _refetch(self, adapter_id: str) -> None:
+        if adapter_id not in self._fetching:
+            task = asyncio.ensure_future(self.ensure_host(adapter_id))
+            task.add_done_callback(lambda t: t.exception())  # failures surface on the next request

@@ -1,0 +1,58 @@
+"""Adapters downloaded from the Registry's DownloadAdapter stream, checked by sha256.
+
+The manifest says how many bytes and which digest to expect; a short, long or altered
+stream is refused rather than loaded. gRPC statuses become domain errors so the request
+that asked for the adapter fails with the Registry's reason (NOT_FOUND stays NOT_FOUND).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+
+from services.common.errors import FailedPrecondition, NotFound, Unavailable
+from services.common.pb.loraplex.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.inference.adapters.sources import FetchedAdapter
+
+
+class RegistrySource:
+    def __init__(self, address: str, token: str, max_message_mb: int = 64) -> None:
+        self.address, self.token = address, token
+        self._limit = max_message_mb * 1024 * 1024
+        self._channel: grpc.aio.Channel | None = None
+
+    def _stub(self) -> registry_pb2_grpc.RegistryStub:
+        # Created on first use: an aio channel belongs to the event loop that creates it.
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.address, options=[("grpc.max_receive_message_length", self._limit)])
+        return registry_pb2_grpc.RegistryStub(self._channel)
+
+    async def fetch(self, adapter_id: str) -> FetchedAdapter:
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        manifest, chunks = None, []
+        try:
+            async for message in self._stub().DownloadAdapter(
+                    registry_pb2.DownloadAdapterRequest(id=adapter_id), metadata=metadata, timeout=300):
+                if message.HasField("manifest"):
+                    manifest = message.manifest
+                else:
+                    chunks.append(message.chunk)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"adapter {adapter_id!r} not found in the registry") from exc
+            raise Unavailable(f"registry {self.address} failed to send adapter {adapter_id}: "
+                              f"{exc.code().name} {exc.details()}") from exc
+        if manifest is None:
+            raise FailedPrecondition(f"registry sent no manifest for adapter {adapter_id}")
+        weights = b"".join(chunks)
+        digest = hashlib.sha256(weights).hexdigest()
+        if len(weights) != manifest.size_bytes or digest != manifest.sha256:
+            raise FailedPrecondition(f"adapter {adapter_id} arrived corrupted: {len(weights)} bytes with sha256 "
+                                     f"{digest}, expected {manifest.size_bytes} bytes with {manifest.sha256}")
+        return FetchedAdapter(adapter_id, manifest.config_json, weights, manifest.sha256)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()

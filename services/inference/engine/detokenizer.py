@@ -1,0 +1,86 @@
+"""Streaming text out of token ids: whole UTF-8 characters only, and stop strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 tail
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids into text deltas, O(window) per token.
+
+    vLLM's prefix/read offsets: tokens[prefix_offset:read_offset] were already emitted;
+    decoding tokens[prefix_offset:] and dropping the text of the emitted part gives the new
+    text. Decoding a short window rather than everything keeps the cost per token constant,
+    and starting it on emitted tokens keeps context-dependent pieces (a SentencePiece leading
+    space) right. Byte-level BPE can split one character ("é", an emoji) across tokens; a
+    window whose text ends in U+FFFD is an incomplete character, held back until the next
+    token completes it. The concatenated output (with flush()) equals
+    tokenizer.decode(generated ids, skip_special_tokens=...).
+
+    prompt_token_ids is accepted for API symmetry with vLLM but not decoded: the first
+    generated token's text is the same as tokenizer.decode gives it on its own.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []  # generated only
+        self.prefix_offset = 0  # window start: tokens emitted in the previous delta
+        self.read_offset = 0  # tokens before it have been emitted as text
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add generated tokens; return the text they complete (possibly "")."""
+        self.token_ids.extend(token_ids)
+        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.token_ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+            return ""  # nothing yet, or an incomplete character: wait for more bytes
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return new_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """At the end of generation: whatever is held back (a U+FFFD the model did produce)."""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.token_ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        return new_text[len(prefix_text):]
+
+
+class StopStringMatcher:
+    """Cuts a text stream before the first stop string.
+
+    feed() holds back the longest tail that could still grow into a stop string, so a stop
+    split across deltas ("<|us" + "er|>") is caught and never partly emitted.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(stops)
+        self._held = ""
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Return (text safe to emit now, the stop string matched or None). After a match the
+        stream is over: the stop string and anything after it are dropped."""
+        if self.matched is not None:
+            return "", None
+        buffer = self._held + text
+        hits = [(buffer.find(s), -len(s), s) for s in self.stops if s in buffer]
+        if hits:
+            index, _, stop = min(hits)  # earliest; the longest of those starting there
+            self._held, self.matched = "", stop
+            return buffer[:index], stop
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buffer)), 0, -1)
+                    if buffer.endswith(s[:k])), default=0)
+        self._held = buffer[len(buffer) - keep:]
+        return buffer[:len(buffer) - keep], None
+
+    def flush(self) -> str:
+        """At the end of the stream: the held-back tail, which turned out not to be a stop."""
+        held, self._held = self._held, ""
+        return held

@@ -1,0 +1,101 @@
+"""LLMEngine: the synchronous step — schedule -> run -> sample -> postprocess -> text.
+
+It runs on one thread (the engine thread of AsyncEngine); nothing here is thread-safe.
+Each step returns one RequestOutput per sequence that produced something.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import torch
+
+from services.inference.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.inference.engine.model_runner import ModelRunner
+from services.inference.engine.sampler import SampledToken, Sampler, make_generator
+from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.scheduler import Scheduler
+from services.inference.engine.sequence import FinishReason, Sequence
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    seq_id: int
+    text: str  # new text since the previous output (whole characters)
+    token_ids: list[int]  # new token ids
+    logprobs: list[SampledToken]
+    finish_reason: FinishReason | None = None
+    matched_stop: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    generator: torch.Generator | None
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any, block_size: int) -> None:
+        self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
+        self.block_size = block_size
+        self.sampler = Sampler()
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.finished_requests = 0
+
+    def add(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None = None,
+            request_id: str = "", seq_id: int | None = None) -> int:
+        """Queues a request (ResourceExhausted when the queue is full); returns its seq id."""
+        seq_id = next(self._ids) if seq_id is None else seq_id
+        seq = Sequence(seq_id, prompt_token_ids, sampling, adapter_key, self.block_size, request_id)
+        self.scheduler.add(seq)
+        generator = None if sampling.is_greedy else make_generator(sampling.seed)
+        self._requests[seq.seq_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
+                                              StopStringMatcher(sampling.stop), generator)
+        self.prompt_tokens += len(prompt_token_ids)
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> None:
+        self.scheduler.abort(seq_id)
+        self._requests.pop(seq_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        seqs, logits = self.runner.run(batch)
+        requests = [self._requests[seq.seq_id] for seq in seqs]
+        tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [r.generator for r in requests]) if seqs else []
+        self.scheduler.postprocess(batch, {seq.seq_id: t.token_id for seq, t in zip(seqs, tokens)})
+        return [self._output(request, token) for request, token in zip(requests, tokens)]
+
+    def _output(self, request: _Request, token: SampledToken) -> RequestOutput:
+        seq = request.seq
+        self.generated_tokens += 1
+        text, matched = request.stops.feed(request.detokenizer.push([token.token_id]))
+        if matched is None and seq.is_finished:  # EOS or length: release the held-back tail
+            tail, matched = request.stops.feed(request.detokenizer.flush())
+            text += tail if matched is not None else tail + request.stops.flush()
+        if matched is not None:
+            self.scheduler.finish(seq, FinishReason.STOP)  # no-op when already finished
+        finish_reason = FinishReason.STOP if matched is not None else seq.finish_reason
+        output = RequestOutput(seq.seq_id, text, [token.token_id],
+                               [token] if seq.sampling.wants_logprobs else [],
+                               finish_reason if seq.is_finished else None, matched,
+                               seq.num_prompt_tokens, seq.num_completion_tokens)
+        if seq.is_finished:
+            self._requests.pop(seq.seq_id, None)
+            self.finished_requests += 1
+        return output

@@ -1,0 +1,100 @@
+"""Turn the last-position logits of each sequence into its next token (and logprobs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+import torch
+
+from services.inference.engine.sampling_params import SamplingParams
+
+_SEED_MODULUS = 2**64  # torch.Generator takes a 64-bit seed; proto seeds are uint64
+
+
+@dataclasses.dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None  # log p(token) under the raw logits; None unless requested
+    top: list[tuple[int, float]]  # (token id, logprob), best first; empty unless top_logprobs
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A private RNG for one request: seeded for reproducibility, else from the OS."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63) if seed is None else seed % _SEED_MODULUS)
+    return generator
+
+
+class Sampler:
+    """Greedy, temperature, top-k and top-p (nucleus) sampling, one set of params per row.
+
+    Each row draws from its own torch.Generator, so a seeded request yields the same tokens
+    whatever else shares its batch. Logprobs are log_softmax of the raw logits, before
+    temperature/top-k/top-p: they report what the model believes, not the distorted
+    distribution we happened to draw from (vLLM's default too), so they are comparable across
+    requests with different sampling settings.
+    """
+
+    def __init__(self) -> None:
+        self._unseeded = make_generator(None)
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> list[SampledToken]:
+        # logits: [N, V], one row per sequence that completes its prefill this step
+        if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
+            raise ValueError(f"logits {tuple(logits.shape)} vs {len(params)} params, {len(generators)} generators")
+        logits = logits.float()
+        token_ids = logits.argmax(dim=-1)  # [N]; the answer for greedy rows
+        sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            probs = self._filtered_probs(logits[rows], [params[i] for i in sampled_rows])  # [S, V]
+            for row_probs, i in zip(probs, sampled_rows):
+                generator = generators[i] or self._unseeded
+                if generator.device != row_probs.device:
+                    row_probs = row_probs.to(generator.device)
+                token_ids[i] = torch.multinomial(row_probs, 1, generator=generator).item()
+        return self._with_logprobs(logits, token_ids, params)
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Softmax of logits/temperature after top-k then top-p masking. [S, V] -> [S, V]"""
+        device = logits.device
+        vocab = logits.shape[-1]
+        temperature = torch.tensor([p.temperature for p in params], device=device)  # [S]
+        logits = logits / temperature[:, None]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        # top_p = 1 keeps everything; skip it so float rounding in the cumsum cannot drop tail tokens.
+        top_p = [p.top_p if p.top_p < 1.0 else 2.0 for p in params]
+        if min(top_k) == vocab and min(top_p) > 1.0:
+            return torch.softmax(logits, dim=-1)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V] each
+        rank = torch.arange(vocab, device=device)[None, :]  # [1, V]
+        sorted_logits = sorted_logits.masked_fill(rank >= torch.tensor(top_k, device=device)[:, None],
+                                                  float("-inf"))
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [S, V]
+        # Keep the smallest prefix whose mass reaches top_p; rank 0 always survives (mass_before 0).
+        drop = mass_before >= torch.tensor(top_p, device=device)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        return torch.softmax(filtered, dim=-1)
+
+    @staticmethod
+    def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                       params: list[SamplingParams]) -> list[SampledToken]:
+        ids = token_ids.tolist()
+        if not any(p.wants_logprobs for p in params):
+            return [SampledToken(token_id=t, logprob=None, top=[]) for t in ids]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [N, V], raw logits: see the class docstring
+        chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1).tolist()  # [N]
+        max_top = max(p.top_logprobs for p in params)
+        top_values, top_ids = (logprobs.topk(max_top, dim=-1) if max_top else (None, None))  # [N, K]
+        results = []
+        for i, p in enumerate(params):
+            top: list[tuple[int, float]] = []
+            if p.top_logprobs:
+                top = list(zip(top_ids[i, :p.top_logprobs].tolist(), top_values[i, :p.top_logprobs].tolist()))
+            results.append(SampledToken(token_id=ids[i], logprob=chosen[i] if p.wants_logprobs else None, top=top))
+        return results

@@ -1,0 +1,88 @@
+"""Per-request state inside the engine: tokens, KV blocks, status."""
+
+from __future__ import annotations
+
+import enum
+
+from services.inference.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class FinishReason(enum.Enum):
+    STOP = enum.auto()  # EOS token or stop string
+    LENGTH = enum.auto()  # max_tokens or the context length
+    ABORTED = enum.auto()  # cancelled by the client or the engine
+
+
+class Sequence:
+    """One generation request as the scheduler, block manager and model runner see it.
+
+    token_ids holds the prompt followed by the generated tokens. num_cached_tokens counts the
+    leading tokens whose KV is already in the paged cache: the next forward computes tokens
+    [num_cached_tokens, num_cached_tokens + n). After a preemption it drops to 0 and all tokens,
+    generated ones included, are recomputed as a prefill.
+    """
+
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        adapter_key: str | None = None,
+        block_size: int = 16,
+        request_id: str = "",
+    ) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling = sampling
+        self.adapter_key = adapter_key  # None = base model only
+        self.block_size = block_size
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.arrival_index = -1  # set by Scheduler.add
+        self.num_preemptions = 0
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, adapter={self.adapter_key!r}, {self.status.name}, "
+                f"tokens={self.num_tokens}, cached={self.num_cached_tokens})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_blocks(self) -> int:
+        """KV blocks needed to hold every token's KV."""
+        return -(-self.num_tokens // self.block_size)
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        return self.num_tokens - self.num_cached_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,34 @@
+"""Prometheus gauges of an inference node, refreshed from its stats."""
+
+from __future__ import annotations
+
+from prometheus_client import Gauge
+
+from services.inference.pool_admin import StatsView
+
+_GAUGES = {
+    name: Gauge(f"loraplex_inference_{name}", help_text)
+    for name, help_text in {
+        "running_requests": "sequences running",
+        "waiting_requests": "sequences waiting (queue depth)",
+        "kv_blocks_used": "paged KV blocks in use",
+        "kv_blocks_total": "paged KV blocks in all",
+        "resident_adapters": "adapters in the device pool",
+        "adapter_pages_used": "adapter pool pages in use",
+        "adapter_pages_free": "adapter pool pages free",
+        "adapter_hits": "requests whose adapter was already on the device",
+        "adapter_misses": "requests whose adapter had to be loaded",
+        "adapter_loads": "adapter loads into the device pool",
+        "adapter_evictions": "adapter evictions from the device pool",
+        "adapter_load_ms_mean": "mean adapter fetch+parse latency (ms), recent window",
+        "adapter_load_ms_p99": "p99 adapter fetch+parse latency (ms), recent window",
+        "generated_tokens_total": "tokens generated",
+        "preemptions": "sequences preempted (KV exhausted)",
+    }.items()
+}
+
+
+def publish(stats: StatsView) -> None:
+    values = {**vars(stats), "adapter_pages_used": stats.pool.pages_used, "adapter_pages_free": stats.pool.pages_free}
+    for name, gauge in _GAUGES.items():
+        gauge.set(values[name])

@@ -1,0 +1,129 @@
+"""The inference node's domain API: prompts in, token deltas out (no grpc here).
+
+`Node.build` loads the tokenizer and model, sizes the KV cache and adapter pool from the
+config, and wires scheduler, runner, adapter tiers and the async engine together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from services.common.errors import InvalidArgument
+from services.inference.adapters.manager import AdapterManager
+from services.inference.adapters.pool import AdapterPool
+from services.inference.adapters.sources import AdapterSource, LocalFolderSource
+from services.inference.config import InferenceConfig
+from services.inference.engine.async_engine import AsyncEngine
+from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.llm_engine import LLMEngine, RequestOutput
+from services.inference.engine.model_runner import ModelRunner, kv_block_bytes
+from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.scheduler import Scheduler, SchedulerConfig
+from services.inference.model.config import ModelArgs, load_model_args
+from services.inference.model.loader import load_model
+
+log = logging.getLogger("loraplex.inference")
+
+ROLES = ("system", "user", "assistant")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Exactly one of text (raw), messages (chat template) or token_ids."""
+
+    text: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+def resolve_dtype(config: InferenceConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.float32 if config.device == "cpu" else torch.bfloat16
+    return DTYPES[config.dtype]
+
+
+class Node:
+    def __init__(self, config: InferenceConfig, tokenizer, args: ModelArgs, pool: AdapterPool,
+                 manager: AdapterManager, engine: LLMEngine, num_kv_blocks: int, max_context: int) -> None:
+        self.config, self.tokenizer, self.args = config, tokenizer, args
+        self.pool, self.manager, self.engine = pool, manager, engine
+        self.num_kv_blocks, self.max_context = num_kv_blocks, max_context
+        self.async_engine = AsyncEngine(engine)
+        self.dtype = resolve_dtype(config)
+
+    @classmethod
+    def build(cls, config: InferenceConfig, source: AdapterSource | None = None) -> Node:
+        dtype = resolve_dtype(config)
+        folder = Path(config.base_model)
+        load_model_args(folder)  # a clear error for a wrong folder before anything else reads it
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model, args = load_model(folder, dtype=dtype, device=config.device)
+        max_context = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+        num_kv_blocks = max(2, config.kv_cache_mb * 1024 * 1024 // kv_block_bytes(model, config.block_size, dtype))
+        pool = AdapterPool(args, config.adapter_pool_pages, dtype=dtype, device=config.device)
+        if source is None:
+            source = LocalFolderSource(config.adapter_dir) if config.adapter_dir else _registry_source(config)
+        manager = AdapterManager(pool, args, source, config.host_cache_mb * 1024 * 1024, config.max_adapter_rank)
+        runner = ModelRunner(model, pool, num_kv_blocks, config.block_size, dtype=dtype, device=config.device)
+        scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
+                            max_waiting=config.max_waiting),
+            BlockManager(num_kv_blocks, config.block_size), manager, set(args.eos_token_ids), max_context)
+        engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
+        log.info("loaded %s (%s, %s) with %d KV blocks and %d adapter pages", folder, args.model_type, dtype,
+                 num_kv_blocks, config.adapter_pool_pages)
+        return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context)
+
+    def start(self) -> None:
+        """Starts the engine thread (call from the event loop that will consume outputs)."""
+        import asyncio
+
+        self.manager.loop = asyncio.get_running_loop()
+        self.manager.on_arrival = self.async_engine.wake
+        self.async_engine.start()
+
+    def close(self) -> None:
+        self.async_engine.stop()
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if prompt.token_ids is not None:
+            ids = list(prompt.token_ids)
+            if any(not 0 <= t < self.args.vocab_size for t in ids):
+                raise InvalidArgument(f"token ids must be in [0, {self.args.vocab_size})", field="token_ids")
+        elif prompt.messages is not None:
+            for i, (role, _) in enumerate(prompt.messages):
+                if role not in ROLES:
+                    raise InvalidArgument(f"messages[{i}].role must be one of {ROLES}, got {role!r}",
+                                          field=f"messages[{i}].role")
+            chat = [{"role": role, "content": content} for role, content in prompt.messages]
+            ids = list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False))
+        else:
+            ids = self.tokenizer.encode(prompt.text or "", add_special_tokens=False)
+        if not ids:
+            raise InvalidArgument("the prompt is empty", field="input")
+        return ids
+
+    async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str = "", sha256: str = "",
+                       request_id: str = "") -> AsyncIterator[RequestOutput]:
+        """Validates, fetches the adapter if needed (this request waits, others run), streams."""
+        token_ids = self.encode(prompt)
+        sampling = sampling.validate(len(token_ids), self.max_context)
+        if adapter_id:
+            self.manager.note_request(adapter_id)
+            await self.manager.ensure_host(adapter_id, sha256)
+        async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id):
+            yield output
+
+
+def _registry_source(config: InferenceConfig) -> AdapterSource:
+    from services.inference.adapters.registry_source import RegistrySource
+
+    return RegistrySource(config.registry_address, config.admin_token)

@@ -1,0 +1,154 @@
+"""Operator views and actions on a node: adapter residency, stats, model info.
+
+Pool state belongs to the engine thread, so every read or change runs there through
+AsyncEngine.call; these functions only shape the results for the servicer and metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from services.common.errors import NotFound
+from services.inference.node import Node
+from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
+
+
+@dataclasses.dataclass
+class SlotView:
+    adapter_id: str
+    sha256: str
+    tier: str  # DEVICE, HOST or LOADING
+    rank: int
+    pages: int
+    pinned: bool
+    active_requests: int
+    last_used: float
+    load_ms: float
+    target_modules: frozenset[str]
+
+
+@dataclasses.dataclass
+class PoolUsageView:
+    pages_total: int
+    pages_used: int
+    pages_free: int
+    host_bytes_used: int
+    host_bytes_total: int
+
+
+@dataclasses.dataclass
+class StatsView:
+    running_requests: int
+    waiting_requests: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    resident_adapters: int
+    pool: PoolUsageView
+    adapter_hits: int
+    adapter_misses: int
+    adapter_loads: int
+    adapter_evictions: int
+    adapter_load_ms_mean: float
+    adapter_load_ms_p99: float
+    requests_finished: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    preemptions: int
+    generation_tokens_per_second: float
+    resident_adapter_ids: list[str]
+
+
+@dataclasses.dataclass
+class InfoView:
+    node_id: str
+    base_model: str
+    fingerprint: ArchitectureFingerprint
+    dtype: str
+    device: str
+    max_context: int
+    kv_block_size: int
+    max_batch_tokens: int
+    adapter_pool_pages: int
+    max_adapter_rank: int
+    version: str
+
+
+class PoolAdmin:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._rate_mark = (time.monotonic(), 0)
+        self._rate = 0.0
+
+    async def load(self, adapter_id: str, pin: bool) -> SlotView:
+        weights = await self.node.manager.ensure_host(adapter_id)
+        await self.node.async_engine.call(lambda: self.node.pool.load(adapter_id, weights, pinned=pin))
+        slots, _ = await self.snapshot()
+        return next(s for s in slots if s.adapter_id == adapter_id and s.tier == "DEVICE")
+
+    async def evict(self, adapter_id: str, all_tiers: bool, unpin: bool) -> None:
+        def evict_on_engine() -> bool:
+            if self.node.pool.get(adapter_id) is None:
+                return False
+            if unpin:
+                self.node.pool.set_pinned(adapter_id, False)
+            self.node.pool.evict(adapter_id)
+            return True
+
+        evicted = await self.node.async_engine.call(evict_on_engine)
+        dropped = all_tiers and self.node.manager.drop_host(adapter_id)
+        if not evicted and not dropped:
+            raise NotFound(f"adapter {adapter_id} is not resident on this node")
+
+    async def snapshot(self) -> tuple[list[SlotView], PoolUsageView]:
+        return await self.node.async_engine.call(self._snapshot_on_engine)
+
+    def _snapshot_on_engine(self) -> tuple[list[SlotView], PoolUsageView]:
+        manager, pool = self.node.manager, self.node.pool
+        slots = [SlotView(r.key, r.sha256, "DEVICE", r.rank, r.rank, r.pinned, r.refs, r.last_used,
+                          manager.last_load_ms.get(r.key, 0.0), r.target_modules) for r in pool.resident()]
+        host = manager.host_entries()
+        for key, weights in host.items():
+            if pool.get(key) is None:
+                slots.append(SlotView(key, weights.sha256, "HOST", weights.rank, 0, False, 0, 0.0,
+                                      manager.last_load_ms.get(key, 0.0), weights.target_modules))
+        slots += [SlotView(key, "", "LOADING", 0, 0, False, 0, 0.0, 0.0, frozenset()) for key in manager.loading()]
+        usage = PoolUsageView(pool.num_pages, pool.num_pages - pool.num_free_pages, pool.num_free_pages,
+                              sum(w.nbytes for w in host.values()), manager.host_capacity_bytes)
+        return slots, usage
+
+    async def stats(self) -> StatsView:
+        slots, usage = await self.snapshot()
+        engine, manager, pool = self.node.engine, self.node.manager, self.node.pool
+        scheduler = engine.scheduler
+        load_ms = sorted(manager.load_ms)
+        return StatsView(
+            running_requests=scheduler.num_running, waiting_requests=scheduler.num_waiting,
+            kv_blocks_used=scheduler.block_manager.num_used_blocks, kv_blocks_total=self.node.num_kv_blocks,
+            resident_adapters=len(pool.resident()), pool=usage, adapter_hits=manager.hits,
+            adapter_misses=manager.misses, adapter_loads=pool.counters.loads,
+            adapter_evictions=pool.counters.evictions,
+            adapter_load_ms_mean=sum(load_ms) / len(load_ms) if load_ms else 0.0,
+            adapter_load_ms_p99=load_ms[min(len(load_ms) - 1, int(0.99 * len(load_ms)))] if load_ms else 0.0,
+            requests_finished=engine.finished_requests, prompt_tokens_total=engine.prompt_tokens,
+            generated_tokens_total=engine.generated_tokens, preemptions=scheduler.num_preemptions,
+            generation_tokens_per_second=self._tokens_per_second(engine.generated_tokens),
+            resident_adapter_ids=[s.adapter_id for s in slots if s.tier == "DEVICE"])
+
+    def _tokens_per_second(self, generated: int) -> float:
+        now = time.monotonic()
+        then, before = self._rate_mark
+        if now - then >= 1.0:
+            self._rate = (generated - before) / (now - then)
+            self._rate_mark = (now, generated)
+        return self._rate
+
+    def info(self) -> InfoView:
+        config = self.node.config
+        fingerprint = fingerprint_from_config(json.loads((Path(config.base_model) / "config.json").read_text()))
+        return InfoView(config.resolved_node_id, config.base_model_name, fingerprint,
+                        str(self.node.dtype).removeprefix("torch."),
+                        config.device, self.node.max_context, config.block_size, config.max_batched_tokens,
+                        config.adapter_pool_pages, config.max_adapter_rank, "0.1.0")

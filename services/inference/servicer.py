@@ -1,0 +1,116 @@
+"""Inference gRPC servicer: protobuf in -> Node call -> protobuf out. No logic of its own."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.pb.loraplex.common.v1 import generation_pb2, model_pb2
+from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.engine.llm_engine import RequestOutput
+from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.sequence import FinishReason
+from services.inference.node import Node, Prompt
+from services.inference.pool_admin import PoolAdmin
+
+FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH}
+
+
+def prompt_from(request: inference_pb2.GenerateRequest) -> Prompt:
+    kind = request.WhichOneof("input")
+    if kind == "prompt":
+        return Prompt(text=request.prompt)
+    if kind == "messages":
+        return Prompt(messages=tuple((m.role, m.content) for m in request.messages.messages))
+    if kind == "token_ids":
+        return Prompt(token_ids=tuple(request.token_ids.ids))
+    raise InvalidArgument("set one of prompt, messages or token_ids", field="input")
+
+
+def sampling_from(params: generation_pb2.SamplingParams) -> SamplingParams:
+    def optional(name):
+        return getattr(params, name) if params.HasField(name) else None
+
+    return SamplingParams.from_request(
+        max_tokens=optional("max_tokens"), temperature=optional("temperature"), top_p=optional("top_p"),
+        top_k=optional("top_k"), seed=optional("seed"), stop=tuple(params.stop), logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos)
+
+
+def delta_from(output: RequestOutput, tokenizer) -> generation_pb2.GenerationDelta:
+    delta = generation_pb2.GenerationDelta(text=output.text, token_ids=output.token_ids)
+    for sampled in output.logprobs:
+        entry = delta.logprobs.add(token_id=sampled.token_id, token=tokenizer.decode([sampled.token_id]),
+                                   logprob=sampled.logprob or 0.0)
+        for token_id, logprob in sampled.top:
+            entry.top.add(token_id=token_id, token=tokenizer.decode([token_id]), logprob=logprob)
+    if output.finish_reason is not None:
+        delta.finish_reason = FINISH.get(output.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED)
+        delta.matched_stop = output.matched_stop or ""
+        delta.usage.prompt_tokens = output.prompt_tokens
+        delta.usage.completion_tokens = output.completion_tokens
+        delta.usage.total_tokens = output.prompt_tokens + output.completion_tokens
+    return delta
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """Registered before the model has loaded; answers UNAVAILABLE until `ready`."""
+
+    def __init__(self) -> None:
+        self._node: Node | None = None
+        self._admin: PoolAdmin | None = None
+
+    def ready(self, node: Node, admin: PoolAdmin) -> None:
+        self._node, self._admin = node, admin
+
+    @property
+    def node(self) -> Node:
+        if self._node is None:
+            raise Unavailable("the inference node is still loading its model; retry shortly")
+        return self._node
+
+    @property
+    def admin(self) -> PoolAdmin:
+        self.node  # noqa: B018 - raises while loading
+        return self._admin
+
+    async def Generate(self, request, context):
+        outputs = self.node.generate(prompt_from(request), sampling_from(request.sampling),
+                                     request.adapter.adapter_id, request.adapter.sha256, request.request_id)
+        async for output in outputs:
+            yield inference_pb2.GenerateResponse(delta=delta_from(output, self.node.tokenizer))
+
+    async def LoadAdapter(self, request, context):
+        return _slot(await self.admin.load(request.adapter_id, request.pin))
+
+    async def EvictAdapter(self, request, context):
+        await self.admin.evict(request.adapter_id, all_tiers=request.all_tiers, unpin=request.unpin)
+        return inference_pb2.EvictAdapterResponse()
+
+    async def ListAdapters(self, request, context):
+        slots, usage = await self.admin.snapshot()
+        return inference_pb2.ListAdaptersResponse(adapters=[_slot(s) for s in slots], pool=_usage(usage))
+
+    async def GetStats(self, request, context):
+        stats = await self.admin.stats()
+        return inference_pb2.Stats(pool=_usage(stats.pool), **{k: v for k, v in vars(stats).items() if k != "pool"})
+
+    async def GetInfo(self, request, context):
+        info = vars(self.admin.info())
+        fingerprint = info.pop("fingerprint")
+        return inference_pb2.ModelInfo(fingerprint=model_pb2.ArchitectureFingerprint(
+            **{k: v for k, v in fingerprint.to_dict().items() if k != "modules"},
+            modules=[model_pb2.ModuleShape(**vars(m)) for m in fingerprint.modules]), **info)
+
+
+def _slot(slot) -> inference_pb2.AdapterSlot:
+    last_used = Timestamp()
+    last_used.FromNanoseconds(int(slot.last_used * 1e9))
+    return inference_pb2.AdapterSlot(
+        adapter_id=slot.adapter_id, sha256=slot.sha256, tier=inference_pb2.AdapterTier.Value(f"ADAPTER_TIER_{slot.tier}"),
+        rank=slot.rank, pages=slot.pages, pinned=slot.pinned, active_requests=slot.active_requests,
+        last_used=last_used, load_ms=slot.load_ms, target_modules=sorted(slot.target_modules))
+
+
+def _usage(usage) -> inference_pb2.PoolUsage:
+    return inference_pb2.PoolUsage(**vars(usage))

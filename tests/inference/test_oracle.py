@@ -1,0 +1,126 @@
+"""THE oracle test: a mixed batch through our engine gives, for every request, the tokens
+HF transformers + peft produce for that request alone with that adapter (greedy, fp32, CPU).
+
+Where HF's top two logits at a step are closer than 1e-4, float rounding may legitimately
+pick either token; there we compare that step's log-probabilities within 1e-4 instead of
+the token, and stop comparing the request (its continuations then differ by construction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.common.tiny_model import build_model_folder
+from services.inference.config import InferenceConfig
+from services.inference.engine.sampling_params import SamplingParams
+from services.inference.node import Node, Prompt
+from tests.inference.peft_adapters import VARIED_SPECS, build_peft_adapter
+
+NEW_TOKENS = 10
+TIE = 1e-4
+PROMPTS = ("the market is", "a contract says that", "the patient", "What is the answer to the question?")
+
+
+def requests_mix() -> list[tuple[str, str]]:
+    """28 requests: every adapter and the base model, each with several prompts."""
+    keys = [""] + [spec.name for spec in VARIED_SPECS]
+    return [(PROMPTS[(i + j) % len(PROMPTS)], key) for i, key in enumerate(keys) for j in range(4)]
+
+
+def hf_greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    """Reference decode, one request alone, no logits processors (EOS does not stop it)."""
+    tokens, logprobs = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            logits = model(torch.tensor([tokens])).logits[0, -1].float()
+            logprobs.append(torch.log_softmax(logits, dim=-1))
+            tokens.append(int(logits.argmax()))
+    return tokens[len(prompt_ids):], logprobs
+
+
+def run_engine(base: Path, adapter_root: Path, pool_pages: int, mix, waves: int = 1):
+    """Runs the mix `waves` times, each wave all at once; returns the node and the last wave's results."""
+    config = InferenceConfig(base_model=base, adapter_dir=adapter_root, kv_cache_mb=4,
+                             adapter_pool_pages=pool_pages, max_num_seqs=16, max_batched_tokens=96)
+    node = Node.build(config)
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
+
+    async def one(prompt, key):
+        outputs = [o async for o in node.generate(Prompt(text=prompt), sampling, key)]
+        return [t for o in outputs for t in o.token_ids], [s for o in outputs for s in o.logprobs]
+
+    async def everything():
+        node.start()
+        try:
+            for _ in range(waves):
+                results = await asyncio.gather(*[one(prompt, key) for prompt, key in mix])
+            return results
+        finally:
+            node.close()
+
+    results = asyncio.run(everything())
+    return node, results
+
+
+def assert_matches_reference(base: Path, adapter_root: Path, mix, results) -> int:
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    references = {}
+    compared_tokens = 0
+    for (prompt, key), (tokens, sampled) in zip(mix, results):
+        if key not in references:
+            model = AutoModelForCausalLM.from_pretrained(base)
+            references[key] = (PeftModel.from_pretrained(model, adapter_root / key) if key else model).eval()
+        expected, logprobs = hf_greedy(references[key], tokenizer.encode(prompt, add_special_tokens=False))
+        assert len(tokens) == NEW_TOKENS
+        for step, (ours, theirs) in enumerate(zip(tokens, expected)):
+            if ours != theirs:
+                top2 = logprobs[step].topk(2).values
+                assert float(top2[0] - top2[1]) < TIE, \
+                    f"{key or 'base'} / {prompt!r}: step {step} token {ours} != {theirs} and it is not a near-tie"
+                assert abs(sampled[step].logprob - float(logprobs[step][ours])) < TIE
+                break
+            assert abs(sampled[step].logprob - float(logprobs[step][ours])) < TIE
+            compared_tokens += 1
+    return compared_tokens
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_model_dir, varied_adapters) -> Path:
+    root = next(iter(varied_adapters.values())).parent
+    assert all(path.parent == root for path in varied_adapters.values())
+    return root
+
+
+def test_mixed_batch_equals_peft_per_request(tiny_model_dir, adapter_root):
+    mix = requests_mix()
+    assert len(mix) >= 24
+    node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix)
+    assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
+    assert node.pool.counters.evictions == 0
+
+
+def test_identical_when_the_pool_forces_eviction_and_reload(tiny_model_dir, adapter_root):
+    mix = requests_mix()
+    # 40 pages: the biggest adapter (rank 32) fits, all six (68 pages) never do at once.
+    # A second wave needs adapters the first wave's end evicted: they are reloaded.
+    node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=40, mix=mix, waves=2)
+    assert node.pool.counters.evictions > 0 and node.pool.counters.loads > len(VARIED_SPECS)
+    assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
+    assert all(adapter.refs == 0 for adapter in node.pool.resident()), "every reference was released"
+
+
+def test_identical_on_a_qwen2_checkpoint(tmp_path):
+    base = build_model_folder(tmp_path / "qwen2", arch="qwen2", seed=11)
+    root = tmp_path / "adapters"
+    for spec in VARIED_SPECS[:4]:
+        build_peft_adapter(base, root / spec.name, spec)
+    mix = [(PROMPTS[i % len(PROMPTS)], key) for i, key in
+           enumerate(["", *[s.name for s in VARIED_SPECS[:4]]] * 5)]
+    _, results = run_engine(base, root, pool_pages=64, mix=mix)
+    assert assert_matches_reference(base, root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS

@@ -26,7 +26,7 @@ from services.inference.engine.model_runner import ModelRunner, kv_block_bytes
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig
 from services.inference.model.config import ModelArgs, load_model_args
-from services.inference.model.loader import load_model
+from services.inference.model.loader import load_model, random_model
 
 log = logging.getLogger("loraplex.inference")
 
@@ -59,12 +59,17 @@ class Node:
         self.dtype = resolve_dtype(config)
 
     @classmethod
-    def build(cls, config: InferenceConfig, source: AdapterSource | None = None) -> Node:
+    def build(cls, config: InferenceConfig, source: AdapterSource | None = None,
+              random_weights: bool = False) -> Node:
+        """random_weights: the checkpoint's shapes with random values (benchmarks only)."""
         dtype = resolve_dtype(config)
         folder = Path(config.base_model)
         load_model_args(folder)  # a clear error for a wrong folder before anything else reads it
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model, args = load_model(folder, dtype=dtype, device=config.device)
+        if random_weights:
+            model, args = random_model(folder, dtype=dtype, device=config.device)
+        else:
+            model, args = load_model(folder, dtype=dtype, device=config.device)
         max_context = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
         num_kv_blocks = max(2, config.kv_cache_mb * 1024 * 1024 // kv_block_bytes(model, config.block_size, dtype))
         pool = AdapterPool(args, config.adapter_pool_pages, dtype=dtype, device=config.device)

@@ -69,3 +69,29 @@ def test_segment_and_token_forms_match_the_semantics(pattern):
     torch.testing.assert_close(by_tokens.double() - base.double(), expected, atol=1e-4, rtol=1e-5)
     base_only = [t for t in range(num_tokens) if choice[t] < 0]
     assert torch.equal(by_segments[base_only], base[base_only])
+
+
+@pytest.mark.parametrize("pattern", ["identical", "distinct", "uniform", "zipf", "skewed", "with_base"])
+def test_gathered_decode_form_matches_the_semantics(pattern):
+    """One token per sequence (decode), ranks 1-16 mixed: the batched gather form used on CPU."""
+    from services.inference.adapters.batch import gather_single_token_segments
+    from services.inference.kernels.reference import lora_gathered
+
+    generator = torch.Generator().manual_seed(len(pattern))
+    num_tokens = 20
+    x = torch.randn(num_tokens, IN, generator=generator)
+    a_pages = torch.randn(PAGES, IN, generator=generator)
+    b_pages = torch.randn(PAGES, OUT, generator=generator)
+    choice = popularity(pattern, num_tokens, generator)
+    free = torch.randperm(PAGES, generator=generator).tolist()
+    adapters = {a: (torch.tensor([free.pop() for _ in range(int(torch.randint(1, 17, (1,), generator=generator)))]),
+                    float(torch.rand(1, generator=generator)) + 0.1) for a in set(choice) - {-1}}
+    segments = [Segment(t, t + 1, *adapters[a]) for t, a in enumerate(choice) if a >= 0]
+    token_pages, token_scales = segments_to_tokens(segments, num_tokens)
+    expected = semantics(x, a_pages, b_pages, token_pages, token_scales)
+    gathered = gather_single_token_segments(segments)
+    base = torch.randn(num_tokens, OUT, generator=generator)
+    got = base.clone()
+    if gathered is not None:
+        lora_gathered(got, x, a_pages, b_pages, gathered.rows, gathered.pages, gathered.scales)
+    torch.testing.assert_close(got.double() - base.double(), expected, atol=1e-4, rtol=1e-5)

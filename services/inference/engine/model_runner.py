@@ -13,6 +13,7 @@ from services.inference.adapters.batch import AdapterSegments, LoraBatch
 from services.inference.adapters.pool import AdapterPool
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
+from services.inference.model.attention import build_decode_batch
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
 
@@ -66,6 +67,7 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
             lora=LoraBatch(groups, self.pool.a, self.pool.b) if groups else None,
             block_size=self.block_size)
+        ctx.extras["decode"] = build_decode_batch(ctx)
         hidden = self.model(torch.tensor(tokens, dtype=torch.int64, device=self.device), ctx)
         if not logits_rows:
             return [], torch.empty(0)

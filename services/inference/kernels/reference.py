@@ -64,3 +64,20 @@ def segments_to_tokens(segments: Sequence[Segment], num_tokens: int,
         token_pages[segment.start:segment.end, :len(segment.pages)] = segment.pages.to(device)
         token_scales[segment.start:segment.end] = segment.scale
     return token_pages, token_scales
+
+
+def lora_gathered(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, b_pages: torch.Tensor,
+                  rows: torch.Tensor, pages: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Semantics: for each i, t = rows[i]:  y[t] += Σ_j scales[i, j] * (x[t] · a_pages[pages[i, j]]) * b_pages[pages[i, j]].
+
+    The decode form on CPU: one gather and two batched matmuls for all single-token rows,
+    instead of two small matmuls per row. rows: [n] int64 (distinct), pages: [n, R] int64
+    (valid ids; pad a lower-rank row with any valid id and scale 0), scales: [n, R].
+    """
+    n, rank = pages.shape
+    flat = pages.reshape(-1)
+    a = torch.index_select(a_pages, 0, flat).view(n, rank, -1)  # [n, R, in]
+    b = torch.index_select(b_pages, 0, flat).view(n, rank, -1)  # [n, R, out]
+    shrunk = torch.bmm(a, x[rows][:, :, None]) * scales[:, :, None].to(x.dtype)  # [n, R, 1]
+    y.index_add_(0, rows, torch.bmm(shrunk.transpose(1, 2), b)[:, 0])  # [n, out]
+    return y

@@ -63,3 +63,20 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32,
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = RotaryEmbedding(args).to(device)  # buffers were built on "meta"
     return model.eval(), args
+
+
+def random_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
+                 std: float = 0.02) -> tuple[LlamaForCausalLM, ModelArgs]:
+    """Random weights of a checkpoint's shape, built on the device (benchmarks of big shapes
+    such as Llama-3-8B without downloading or writing 16 GB)."""
+    args = load_model_args(folder)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(args).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+    return model.eval(), args

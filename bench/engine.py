@@ -1,0 +1,219 @@
+"""Engine throughput: our engine with N distinct adapters vs base-only vs HF peft.
+
+  python -m bench.engine --device cpu --preset small --adapters 16 --batch 16 \\
+      --prompt-len 64 --gen-len 32 --json out.json
+
+One run measures (a) our engine, each of the `batch` requests with one of N distinct
+rank-r adapters on all seven projections; (b) our engine, base model only; (c) HF peft
+`generate(adapter_names=...)` mixed batch; (d) HF peft, one adapter for the whole batch —
+same prompts, greedy, fixed length. Prints JSON: tokens/s, ratios, peak memory, and the
+byte bound base_bytes / (base_bytes + adapter_bytes) that caps (a)/(b) when decode is
+memory-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.machine import describe
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_base(preset: str, folder: Path) -> Path:
+    from services.common.tiny_model import build_model_folder, build_tokenizer
+
+    if preset != "llama8b":
+        return build_model_folder(folder, preset=preset)
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    build_tokenizer(8192).save_pretrained(folder)
+    return folder
+
+
+def build_adapters(base_model, folder: Path, count: int, rank: int) -> list[str]:
+    from peft import LoraConfig, get_peft_model
+
+    names = []
+    for i in range(count):
+        model = get_peft_model(base_model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_MODULES,
+                                                      init_lora_weights=False))
+        model.save_pretrained(folder / f"a{i}")
+        base_model = model.unload()
+        names.append(f"a{i}")
+    return names
+
+
+def run_ours(base: Path, adapters: Path, names: list[str], prompts: list[list[int]], gen_len: int, args,
+             use_adapters: bool) -> dict:
+    from services.inference.config import InferenceConfig
+    from services.inference.engine.sampling_params import SamplingParams
+    from services.inference.node import Node, Prompt
+
+    config = InferenceConfig(base_model=base, adapter_dir=adapters, device=args.device, kv_cache_mb=args.kv_cache_mb,
+                             adapter_pool_pages=max(64, len(names) * args.rank), max_num_seqs=len(prompts),
+                             max_batched_tokens=max(2048, len(prompts) * args.prompt_len))
+    node = Node.build(config, random_weights=args.preset == "llama8b")
+    sampling = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)
+
+    async def one(prompt, key):
+        first = None
+        count = 0
+        async for output in node.generate(Prompt(token_ids=tuple(prompt)), sampling, key):
+            first = first or time.perf_counter()
+            count += len(output.token_ids)
+        return first, count
+
+    async def main():
+        node.start()
+        try:
+            keys = [names[i % len(names)] if use_adapters else "" for i in range(len(prompts))]
+            for key in set(keys) - {""}:  # measure serving, not the first load
+                await node.manager.ensure_host(key)
+            await asyncio.gather(*[one(p[:8], k) for p, k in zip(prompts, keys)])  # warm-up
+            best = None
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                results = await asyncio.gather(*[one(p, k) for p, k in zip(prompts, keys)])
+                elapsed = time.perf_counter() - started
+                if best is None or elapsed < best[0]:
+                    best = (elapsed, results, started)
+            return best
+        finally:
+            node.close()
+
+    elapsed, results, started = asyncio.run(main())
+    tokens = sum(count for _, count in results)
+    ttft = sorted(first - started for first, _ in results)
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "ttft_p50_s": ttft[len(ttft) // 2], "base_weight_bytes": _param_bytes(node.engine.runner.model)}
+
+
+def run_hf(base: Path, adapters: Path, names: list[str], prompts: list[list[int]], gen_len: int, args,
+           mixed: bool) -> dict:
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    if args.preset == "llama8b":
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype).to(args.device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(args.device)
+    model = PeftModel.from_pretrained(model, adapters / names[0], adapter_name=names[0])
+    for name in names[1:] if mixed else []:
+        model.load_adapter(adapters / name, adapter_name=name)
+    model.eval()
+    ids = torch.tensor(prompts, device=args.device)
+    kwargs = {"max_new_tokens": gen_len, "min_new_tokens": gen_len, "do_sample": False,
+              "attention_mask": torch.ones_like(ids)}
+    if mixed:
+        kwargs["adapter_names"] = [names[i % len(names)] for i in range(len(prompts))]
+    with torch.no_grad():
+        model.generate(ids[:, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2,
+                                      "attention_mask": torch.ones_like(ids[:, :8])})
+        elapsed = float("inf")
+        for _ in range(args.repeat):
+            _sync(args.device)
+            started = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            _sync(args.device)
+            elapsed = min(elapsed, time.perf_counter() - started)
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def adapter_bytes(adapters: Path, names: list[str], dtype_bytes: int) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for name in names:
+        with safe_open(str(adapters / name / "adapter_model.safetensors"), "pt") as reader:
+            total += sum(reader.get_slice(k).get_shape()[0] * reader.get_slice(k).get_shape()[1] for k in reader.keys())
+    return total * dtype_bytes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", choices=["tiny", "small", "llama8b"], default="small")
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--kv-cache-mb", type=int, default=512)
+    parser.add_argument("--skip-hf", action="store_true", help="only our engine")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant; the best is kept "
+                                                              "(shared 2-core machines are noisy)")
+    parser.add_argument("--json", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = build_base(args.preset, root / "base")
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta" if args.preset == "llama8b" else "cpu"):
+            shaped = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+        if args.preset == "llama8b":
+            shaped = shaped.to_empty(device="cpu")
+        names = build_adapters(shaped, root / "adapters", args.adapters, args.rank)
+        del shaped
+        vocab = 500
+        prompts = torch.randint(0, vocab, (args.batch, args.prompt_len)).tolist()
+        result = {"machine": describe(), "config": vars(args) | {"json": str(args.json)}}
+        result["ours_adapters"] = run_ours(base, root / "adapters", names, prompts, args.gen_len, args, True)
+        result["ours_base"] = run_ours(base, root / "adapters", names, prompts, args.gen_len, args, False)
+        if not args.skip_hf:
+            result["hf_peft_mixed"] = run_hf(base, root / "adapters", names, prompts, args.gen_len, args, True)
+            result["hf_peft_single"] = run_hf(base, root / "adapters", names, prompts, args.gen_len, args, False)
+        dtype_bytes = 4 if args.device == "cpu" else 2
+        base_bytes = result["ours_base"]["base_weight_bytes"]
+        lora_bytes = adapter_bytes(root / "adapters", names[:min(args.adapters, args.batch)], dtype_bytes)
+        ratios = {"adapters_over_base": result["ours_adapters"]["tokens_per_s"] / result["ours_base"]["tokens_per_s"],
+                  "byte_bound": base_bytes / (base_bytes + lora_bytes)}
+        ratios["fraction_of_byte_bound"] = ratios["adapters_over_base"] / ratios["byte_bound"]
+        if not args.skip_hf:
+            ratios["ours_over_hf_mixed"] = (result["ours_adapters"]["tokens_per_s"]
+                                            / result["hf_peft_mixed"]["tokens_per_s"])
+            ratios["ours_over_hf_single"] = (result["ours_adapters"]["tokens_per_s"]
+                                             / result["hf_peft_single"]["tokens_per_s"])
+        result["ratios"] = ratios
+        result["adapter_bytes_distinct"] = lora_bytes
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if torch.cuda.is_available():
+            result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

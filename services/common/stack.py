@@ -92,7 +92,8 @@ def child_commands(config: StackConfig, admin_token: str, base_model: Path) -> d
     common["registry"] += ["--data-dir", str(config.data_dir / "registry"), "--admin-token", admin_token]
     common["trainer"] += ["--data-dir", str(config.data_dir / "trainer"), "--registry-address", registry,
                           "--admin-token", admin_token]
-    common["inference"] += ["--base-model", str(base_model), "--registry-address", registry]
+    common["inference"] += ["--base-model", str(base_model), "--registry-address", registry,
+                            "--admin-token", admin_token]
     common["router"] += ["--registry-address", registry, "--admin-token", admin_token,
                          "--node", f"{config.host}:{config.inference_port}"]
     return common

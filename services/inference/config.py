@@ -24,7 +24,8 @@ class InferenceConfig(ServerConfig):
     dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on cpu, bfloat16 on cuda)")
     max_model_len: int = option(0, "context length in tokens (0: the model's max_position_embeddings)")
     block_size: int = option(16, "tokens per paged-KV block")
-    kv_cache_mb: int = option(256, "memory for the paged KV cache, in MiB")
+    kv_cache_mb: int = option(256, "memory for the paged KV cache, in MiB (0: 90%% of the device memory "
+                                   "left free after weights and adapter pool; CUDA only)")
     max_num_seqs: int = option(64, "sequences running at once")
     max_batched_tokens: int = option(2048, "tokens per forward pass (prefill chunks + decodes)")
     max_waiting: int = option(256, "queued requests before RESOURCE_EXHAUSTED")
@@ -44,7 +45,9 @@ class InferenceConfig(ServerConfig):
                              "(build a test one with `loraplex model tiny DIR`)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        positive = ("block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens", "max_waiting",
+        if self.kv_cache_mb < 0 or (self.kv_cache_mb == 0 and not self.device.startswith("cuda")):
+            raise ValueError("--kv-cache-mb must be >= 1 (0, sized from free memory, needs a CUDA device)")
+        positive = ("block_size", "max_num_seqs", "max_batched_tokens", "max_waiting",
                     "adapter_pool_pages", "max_adapter_rank", "host_cache_mb")
         for name in positive:
             if getattr(self, name) < 1:

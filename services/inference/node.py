@@ -71,8 +71,8 @@ class Node:
         else:
             model, args = load_model(folder, dtype=dtype, device=config.device)
         max_context = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
-        num_kv_blocks = max(2, config.kv_cache_mb * 1024 * 1024 // kv_block_bytes(model, config.block_size, dtype))
         pool = AdapterPool(args, config.adapter_pool_pages, dtype=dtype, device=config.device)
+        num_kv_blocks = max(2, _kv_cache_bytes(config) // kv_block_bytes(model, config.block_size, dtype))
         if source is None:
             source = LocalFolderSource(config.adapter_dir) if config.adapter_dir else _registry_source(config)
         manager = AdapterManager(pool, args, source, config.host_cache_mb * 1024 * 1024, config.max_adapter_rank)
@@ -126,6 +126,13 @@ class Node:
             await self.manager.ensure_host(adapter_id, sha256)
         async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id):
             yield output
+
+
+def _kv_cache_bytes(config: InferenceConfig) -> int:
+    if config.kv_cache_mb:
+        return config.kv_cache_mb * 1024 * 1024
+    free, _ = torch.cuda.mem_get_info(torch.device(config.device))
+    return int(free * 0.9)  # leave room for activations and CUDA graphs
 
 
 def _registry_source(config: InferenceConfig) -> AdapterSource:

@@ -79,6 +79,9 @@ class AdapterManager:
         return weights
 
     def _put_host(self, adapter_id: str, weights: LoraWeights) -> None:
+        if self.pool.device.type == "cuda":  # pinned pages make host -> device copies asynchronous DMA
+            weights.a = {k: t.pin_memory() for k, t in weights.a.items()}
+            weights.b = {k: t.pin_memory() for k, t in weights.b.items()}
         with self._host_lock:
             self._host[adapter_id] = weights
             self._host.move_to_end(adapter_id)

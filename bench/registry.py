@@ -18,8 +18,8 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 from safetensors.numpy import save_file
 
+from bench.machine import describe
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.common.stack import health_status
@@ -52,14 +53,8 @@ SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024)
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "memory_gib": round(memory, 1), "grpcio": grpc.__version__}
+    return {**describe(), "memory_gib": round(memory, 1), "grpcio": grpc.__version__}
 
 
 class RegistryProcess:
@@ -155,6 +150,7 @@ def bench_store(workdir: Path, flags: list[str], config: bytes, weights_path: Pa
             downloads.append(mb / seconds)
             downloads_4m.append(mb / download(stub, adapter.id, 4 * MiB)[0])
         result = {"adapter_mib": round(mb, 1), "runs": runs,
+                  "store_put_mb_s": round(store_put(flags, workdir, mb), 1),
                   "upload_mb_s": round(statistics.median(uploads), 1),
                   "download_mb_s_1mib_chunks": round(statistics.median(downloads), 1),
                   "download_mb_s_4mib_chunks": round(statistics.median(downloads_4m), 1)}
@@ -165,13 +161,31 @@ def bench_store(workdir: Path, flags: list[str], config: bytes, weights_path: Pa
         registry.close()
 
 
-def presigned_get(flags: list[str], sha256: str, mb: float) -> float:
-    """What a node would get fetching the object directly (presigned URL) instead of over gRPC."""
-    from services.registry.blobstore import S3BlobStore
+def open_store(flags: list[str], workdir: Path):
+    from services.registry.blobstore import LocalBlobStore, S3BlobStore
 
     values = dict(zip(flags[::2], flags[1::2]))
-    store = S3BlobStore(values["--s3-endpoint"], values["--s3-bucket"], "bench", "bench", region="us-east-1",
-                        secure=False, part_size=16 * MiB)
+    if values.get("--blob-store") != "s3":
+        return LocalBlobStore(workdir / "store-alone")
+    return S3BlobStore(values["--s3-endpoint"], values["--s3-bucket"], "bench", "bench", region="us-east-1",
+                       secure=False, part_size=16 * MiB)
+
+
+def store_put(flags: list[str], workdir: Path, mb: float) -> float:
+    """The blob store alone putting the weights (no gRPC, no validation): the floor under uploads."""
+    store = open_store(flags, workdir)
+    store.start()
+    source = workdir / "store-alone.bin"
+    # A freshly written file, like validated weights: the figure includes the same fsync.
+    source.write_bytes((workdir / "adapter_model.safetensors").read_bytes())
+    started = time.perf_counter()
+    store.put_file("bench/store-alone", source)
+    return mb / (time.perf_counter() - started)
+
+
+def presigned_get(flags: list[str], sha256: str, mb: float) -> float:
+    """What a node would get fetching the object directly (presigned URL) instead of over gRPC."""
+    store = open_store(flags, Path())
     url = store.presigned_url(f"adapters/{sha256}", 600)
     rates = []
     for _ in range(3):
@@ -274,6 +288,7 @@ def main() -> None:
     finally:
         moto.stop()
         postgres.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result, indent=2))
 
 

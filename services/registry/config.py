@@ -1,4 +1,9 @@
-"""Registry process configuration (flags / LORAPLEX_* env, see services/common/config.py)."""
+"""Registry process configuration (flags / LORAPLEX_* env, see services/common/config.py).
+
+Embedded defaults need nothing installed: SQLite in `<data-dir>/registry.db` and blobs in
+`<data-dir>/blobs`. Production points `--database-url` at PostgreSQL and `--blob-store s3`
+at MinIO or any S3 endpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 from services.common.config import ServerConfig, option
 
 DEFAULT_PORT = 50051
+BLOB_STORES = ("local", "s3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,5 +22,45 @@ class RegistryConfig(ServerConfig):
 
     port: int = option(DEFAULT_PORT, "gRPC port")
     metrics_port: int = option(9401, "Prometheus /metrics HTTP port (0 disables it)")
-    data_dir: Path = option(Path(".loraplex/registry"), "folder for the SQLite file and local blobs")
+    data_dir: Path = option(Path(".loraplex/registry"), "folder for the SQLite file, local blobs and upload spools")
     admin_token: str = option("", "bearer token for admin RPCs (empty: admin RPCs are refused)")
+    database_url: str = option("", "SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+                                   "(empty: SQLite file <data-dir>/registry.db)")
+    blob_store: str = option("local", "where adapter weights live: local (<data-dir>/blobs) or s3")
+    s3_endpoint: str = option("127.0.0.1:9000", "S3/MinIO host:port (with --blob-store s3)")
+    s3_bucket: str = option("loraplex", "bucket for blobs; created at start when missing")
+    s3_access_key: str = option("", "S3 access key")
+    s3_secret_key: str = option("", "S3 secret key")
+    s3_region: str = option("us-east-1", "S3 region")
+    s3_secure: bool = option(False, "use HTTPS to reach the S3 endpoint")
+    s3_part_size_mb: int = option(16, "objects above this size are sent as multipart uploads of this part size")
+    max_upload_mb: int = option(1024, "largest adapter upload (and largest unpacked weights), in MiB")
+    max_rank: int = option(256, "largest LoRA rank accepted")
+    max_archive_files: int = option(8, "most entries a zip upload may hold (folders included)")
+    max_zip_ratio: int = option(200, "largest uncompressed/compressed size ratio of a zip entry (zip bombs)")
+    change_retention_hours: float = option(168.0, "change-feed events older than this are pruned "
+                                                  "(at start and by CollectGarbage)")
+    watch_poll_seconds: float = option(0.5, "how often WatchChanges polls the database for events "
+                                            "written by other registry processes")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.blob_store not in BLOB_STORES:
+            raise ValueError(f"--blob-store must be one of {', '.join(BLOB_STORES)}, got {self.blob_store!r}")
+        if self.s3_part_size_mb < 5:
+            raise ValueError(f"--s3-part-size-mb must be >= 5 (the S3 minimum part), got {self.s3_part_size_mb}")
+        for name in ("max_upload_mb", "max_rank", "max_archive_files", "max_zip_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.change_retention_hours <= 0:
+            raise ValueError(f"--change-retention-hours must be > 0, got {self.change_retention_hours}")
+        if self.watch_poll_seconds <= 0:
+            raise ValueError(f"--watch-poll-seconds must be > 0, got {self.watch_poll_seconds}")
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024

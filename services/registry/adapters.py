@@ -1,0 +1,123 @@
+"""Adapter versions after upload: get, list, delete, download. Always tenant-scoped.
+
+Listing order is (name ascending, version descending): stable, and newest first within a
+name as the API promises. Deleting a version removes its row only; its weights may be shared
+with identical uploads, so the blob is left for garbage collection. A version a deployment
+needs cannot be deleted: pinned by version, or the last version of its name (for that base
+model) under a deployment that follows "latest".
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import aliased
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.registry import feed, paging
+from services.registry.auth import Principal, check_owner, scoped_tenant
+from services.registry.context import RegistryContext, adapter_blob_key
+from services.registry.db.models import Adapter, Deployment
+
+DEFAULT_CHUNK, MIN_CHUNK, MAX_CHUNK = 1024 * 1024, 1024, 4 * 1024 * 1024
+
+
+def _not_found(what: str) -> NotFound:
+    return NotFound(f"adapter {what} not found", reason="ADAPTER_NOT_FOUND")
+
+
+def find_version(session, tenant_id: str, name: str, version: int, base_model: str = "") -> Adapter | None:
+    """A version of a tenant's adapter name; version 0 is the newest (for `base_model` when given)."""
+    query = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+    if base_model:
+        query = query.where(Adapter.base_model == base_model)
+    if version:
+        return session.scalar(query.where(Adapter.version == version))
+    return session.scalar(query.order_by(Adapter.version.desc()).limit(1))
+
+
+def _load(session, principal: Principal, adapter_id: str) -> Adapter:
+    row = session.get(Adapter, adapter_id) if adapter_id else None
+    if row is None:
+        raise _not_found(f"'{adapter_id}'")
+    check_owner(principal, row.tenant_id, f"adapter '{adapter_id}'")
+    return row
+
+
+def get_adapter(ctx: RegistryContext, principal: Principal, adapter_id: str, tenant: str, name: str,
+                version: int) -> Adapter:
+    with ctx.db.read() as session:
+        if adapter_id:
+            return _load(session, principal, adapter_id)
+        if not name:
+            raise InvalidArgument("give an adapter id, or tenant + name (+ version)", field="name")
+        owner = scoped_tenant(session, principal, tenant)
+        row = find_version(session, owner.id, name, version)
+        if row is None:
+            raise _not_found(f"'{name}' {'v%d' % version if version else '(latest)'} of tenant '{owner.name}'")
+        return row
+
+
+def list_adapters(ctx: RegistryContext, principal: Principal, tenant: str, name: str, base_model: str,
+                  latest_only: bool, page: paging.Page) -> tuple[list[Adapter], str]:
+    with ctx.db.read() as session:
+        owner = scoped_tenant(session, principal, tenant)
+        query = select(Adapter).where(Adapter.tenant_id == owner.id)
+        if name:
+            query = query.where(Adapter.name == name)
+        if base_model:
+            query = query.where(Adapter.base_model == base_model)
+        if latest_only:
+            newer = aliased(Adapter)
+            newest = select(func.max(newer.version)).where(newer.tenant_id == Adapter.tenant_id,
+                                                           newer.name == Adapter.name)
+            if base_model:
+                newest = newest.where(newer.base_model == base_model)
+            query = query.where(Adapter.version == newest.scalar_subquery())
+        if page.after:
+            after_name, after_version = page.after
+            query = query.where(or_(Adapter.name > after_name,
+                                    and_(Adapter.name == after_name, Adapter.version < after_version)))
+        rows = list(session.scalars(query.order_by(Adapter.name, Adapter.version.desc()).limit(page.size + 1)))
+    return paging.split(rows, page, lambda row: [row.name, row.version])
+
+
+def delete_adapter(ctx: RegistryContext, principal: Principal, adapter_id: str) -> None:
+    with ctx.db.write() as session:
+        row = _load(session, principal, adapter_id)
+        ctx.db.lock(session, "adapter", row.tenant_id, row.name)
+        users = session.scalars(select(Deployment).where(
+            Deployment.tenant_id == row.tenant_id, Deployment.adapter_name == row.name,
+            Deployment.base_model == row.base_model, Deployment.adapter_version.in_([0, row.version]))).all()
+        pinned = [d.name for d in users if d.adapter_version == row.version]
+        if pinned:
+            raise FailedPrecondition(f"adapter '{row.name}' v{row.version} is pinned by deployment(s) "
+                                     f"{', '.join(sorted(pinned))}; rebind or unbind them first",
+                                     reason="ADAPTER_IN_USE", deployments=",".join(sorted(pinned)))
+        followers = sorted(d.name for d in users if d.adapter_version == 0)
+        if followers:
+            others = session.scalar(select(func.count()).select_from(Adapter).where(
+                Adapter.tenant_id == row.tenant_id, Adapter.name == row.name,
+                Adapter.base_model == row.base_model, Adapter.id != row.id))
+            if not others:
+                raise FailedPrecondition(f"adapter '{row.name}' v{row.version} is the only version and deployment(s) "
+                                         f"{', '.join(followers)} follow its latest; unbind them first",
+                                         reason="ADAPTER_IN_USE", deployments=",".join(followers))
+        session.delete(row)
+        feed.record(ctx, session, feed.ADAPTER_DELETED, row.tenant_id, row.id)
+
+
+def chunk_size(requested: int) -> int:
+    return min(max(requested or DEFAULT_CHUNK, MIN_CHUNK), MAX_CHUNK)
+
+
+def open_download(ctx: RegistryContext, principal: Principal, adapter_id: str) -> tuple[Adapter, BinaryIO]:
+    """The adapter row and a reader of its weights (the caller closes it)."""
+    with ctx.db.read() as session:
+        row = _load(session, principal, adapter_id)
+    try:
+        return row, ctx.store.open(adapter_blob_key(row.sha256))
+    except KeyError:
+        raise Unavailable(f"the blob store has no weights for adapter '{row.id}' (sha256 {row.sha256}); the store is "
+                          "unreachable or was changed outside the registry", reason="BLOB_MISSING") from None

@@ -1,0 +1,61 @@
+"""The blob store interface: immutable objects under string keys.
+
+The Registry keys adapter weights by content (`adapters/<sha256>`), so a key's bytes never
+change: a put of an existing key may be skipped, and readers never see a half-written
+object (both stores publish atomically). Everything is synchronous; the servicer calls it
+from a thread pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+# Our own keys only: lowercase words separated by "/", no "..", no leading "/".
+_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
+
+
+def check_key(key: str) -> str:
+    if not _KEY.match(key) or ".." in key:
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    modified_at: dt.datetime  # UTC
+
+
+class BlobStore(Protocol):
+    """What the Registry needs from an object store."""
+
+    #: "local" or "s3", for logs and benchmarks.
+    kind: str
+
+    def start(self) -> None:
+        """Prepares the store (creates the folder or bucket)."""
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Stores the file's bytes under `key`, atomically: readers see all of it or nothing.
+
+        The store may keep a hard link to `path`: the caller may delete the file afterwards but
+        must never modify it in place.
+        """
+
+    def exists(self, key: str) -> bool: ...
+
+    def open(self, key: str) -> BinaryIO:
+        """A reader of the object (`read(n)`, `close()`); KeyError if it does not exist."""
+
+    def delete(self, key: str) -> None:
+        """Removes the object; a missing object is not an error."""
+
+    def list(self, prefix: str) -> Iterator[BlobInfo]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,70 @@
+"""Garbage collection: blobs no adapter row references, and expired change-feed history.
+
+An unreferenced blob comes from a crash between blob write and row commit, from deleted
+adapter versions, or from deleted tenants (weights are shared between identical uploads, so
+they are never deleted inline). A blob younger than `min_age_seconds` is kept: it may belong
+to an upload that has not committed yet. Each deletion re-checks references under the blob
+lock inside a write transaction, the same lock an upload holds while it re-checks the blob
+and commits its row (see uploads.py), so an upload and the collector can never leave a row
+without its blob.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import shutil
+
+from sqlalchemy import select
+
+from services.registry import feed
+from services.registry.auth import Principal, require_admin
+from services.registry.context import ADAPTER_BLOB_PREFIX, RegistryContext
+from services.registry.db.models import Adapter, utcnow
+
+log = logging.getLogger("loraplex.registry.gc")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: Temp files of interrupted writes older than this are removed at start.
+STALE_TEMP_SECONDS = 3600
+
+
+def collect_garbage(ctx: RegistryContext, principal: Principal, min_age_seconds: int,
+                    dry_run: bool) -> tuple[list[str], int]:
+    """Removes (or, dry run, lists) unreferenced blobs; returns (keys, bytes)."""
+    require_admin(principal, "CollectGarbage")
+    cutoff = utcnow() - dt.timedelta(seconds=min_age_seconds)
+    with ctx.db.read() as session:
+        referenced = set(session.scalars(select(Adapter.sha256).distinct()))
+    candidates = [info for info in ctx.store.list(ADAPTER_BLOB_PREFIX)
+                  if _SHA256.match(sha := info.key.rsplit("/", 1)[-1]) and sha not in referenced
+                  and info.modified_at <= cutoff]
+    removed, freed = [], 0
+    for info in candidates:
+        sha = info.key.rsplit("/", 1)[-1]
+        if not dry_run:
+            with ctx.db.write() as session:
+                ctx.db.lock(session, "blob", sha)
+                if session.scalar(select(Adapter.id).where(Adapter.sha256 == sha).limit(1)) is not None:
+                    continue  # an upload claimed it since we listed
+                ctx.store.delete(info.key)
+        removed.append(info.key)
+        freed += info.size
+    if not dry_run:
+        pruned = feed.prune(ctx)
+        log.info("garbage collection removed %d blobs (%d bytes) and %d feed events", len(removed), freed, pruned)
+    return removed, freed
+
+
+def sweep_at_start(ctx: RegistryContext) -> None:
+    """Clears what a crashed process left: upload spools and stale store temp files.
+
+    The spool folder belongs to this process alone (one registry process per --data-dir).
+    """
+    if ctx.spool_dir.is_dir():
+        for leftover in ctx.spool_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    sweep_temp = getattr(ctx.store, "sweep_temp", None)
+    if sweep_temp is not None:
+        sweep_temp(STALE_TEMP_SECONDS)
+    feed.prune(ctx)

@@ -1,0 +1,191 @@
+"""The Registry gRPC servicer: protobuf in -> domain call -> protobuf out.
+
+Every RPC authenticates first (auth.py), then runs its domain function on the registry's
+thread pool (the domain is synchronous SQLAlchemy and blob I/O), so the event loop only
+moves messages. Domain errors become statuses in services/common/rpc.py. Until the app has
+finished starting (migrations, bucket) every RPC answers UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import Executor
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
+from services.registry import (adapters, auth, base_models, convert, deployments, feed, gc, keys, paging, tenants,
+                               uploads)
+from services.registry.context import RegistryContext
+
+
+def _authenticate_key(ctx: RegistryContext, token: str) -> auth.Principal:
+    with ctx.db.read() as session:
+        return auth.authenticate(session, ctx.admin_token, token)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._ctx: RegistryContext | None = None
+
+    def attach(self, ctx: RegistryContext) -> None:
+        self._ctx = ctx
+
+    @property
+    def ctx(self) -> RegistryContext:
+        if self._ctx is None:
+            raise Unavailable("the registry is starting; retry shortly", reason="STARTING")
+        return self._ctx
+
+    async def _run(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def _principal(self, context) -> auth.Principal:
+        ctx = self.ctx
+        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
+        token = auth.bearer_token(metadata.get("authorization"))
+        if auth.is_admin_token(ctx.admin_token, token):  # no database round trip for operators and services
+            return auth.ADMIN
+        return await self._run(_authenticate_key, ctx, token)
+
+    async def _call(self, context, fn, *args):
+        """Authenticates, then runs fn(ctx, principal, *args) on the pool."""
+        principal = await self._principal(context)
+        return await self._run(fn, self.ctx, principal, *args)
+
+    # --- Tenants ---
+
+    async def CreateTenant(self, request, context):
+        return convert.tenant(await self._call(context, tenants.create_tenant, request.name, request.display_name))
+
+    async def GetTenant(self, request, context):
+        return convert.tenant(await self._call(context, tenants.get_tenant, request.tenant))
+
+    async def ListTenants(self, request, context):
+        page = paging.page_request("tenants", request.page.page_size, request.page.page_token)
+        rows, token = await self._call(context, tenants.list_tenants, page)
+        return pb.ListTenantsResponse(tenants=[convert.tenant(r) for r in rows], next_page_token=token)
+
+    async def DeleteTenant(self, request, context):
+        await self._call(context, tenants.delete_tenant, request.tenant, request.force)
+        return pb.DeleteTenantResponse()
+
+    # --- API keys ---
+
+    async def CreateApiKey(self, request, context):
+        key, secret = await self._call(context, keys.create_key, request.tenant, request.name, request.ttl_seconds)
+        return pb.CreateApiKeyResponse(key=convert.api_key(key), secret=secret)
+
+    async def ListApiKeys(self, request, context):
+        page = paging.page_request("api_keys", request.page.page_size, request.page.page_token)
+        rows, token = await self._call(context, keys.list_keys, request.tenant, page)
+        return pb.ListApiKeysResponse(keys=[convert.api_key(r) for r in rows], next_page_token=token)
+
+    async def RevokeApiKey(self, request, context):
+        return convert.api_key(await self._call(context, keys.revoke_key, request.key_id))
+
+    async def VerifyApiKey(self, request, context):
+        key, tenant = await self._call(context, keys.verify_key, request.secret)
+        return pb.VerifyApiKeyResponse(key=convert.api_key(key), tenant=convert.tenant(tenant))
+
+    # --- Base models ---
+
+    async def RegisterBaseModel(self, request, context):
+        row = await self._call(context, base_models.register_base_model, request.name, request.location,
+                               request.description)
+        return convert.base_model(row)
+
+    async def GetBaseModel(self, request, context):
+        return convert.base_model(await self._call(context, base_models.get_base_model, request.name))
+
+    async def ListBaseModels(self, request, context):
+        page = paging.page_request("base_models", request.page.page_size, request.page.page_token)
+        rows, token = await self._call(context, base_models.list_base_models, page)
+        return pb.ListBaseModelsResponse(base_models=[convert.base_model(r) for r in rows], next_page_token=token)
+
+    # --- Adapters ---
+
+    async def UploadAdapter(self, request_iterator, context):
+        principal = await self._principal(context)
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("the first UploadAdapter message must be the header", reason="BAD_HEADER",
+                                  field="header")
+        ctx = self.ctx
+        plan = await self._run(uploads.begin_upload, ctx, principal, convert.upload_header(first.header))
+        body = await self._run(uploads.UploadBody, ctx.spool_dir, plan, ctx.limits.max_upload_bytes)
+        try:
+            async for message in messages:
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("only the first UploadAdapter message may be a header",
+                                          reason="BAD_HEADER", field="header")
+                body.write(message.chunk)
+        except BaseException:
+            body.discard()
+            raise
+        row, created = await self._run(uploads.finish_upload, ctx, plan, body)
+        return pb.UploadAdapterResponse(adapter=convert.adapter(row), created=created)
+
+    async def GetAdapter(self, request, context):
+        row = await self._call(context, adapters.get_adapter, request.id, request.tenant, request.name,
+                               request.version)
+        return convert.adapter(row)
+
+    async def ListAdapters(self, request, context):
+        page = paging.page_request("adapters", request.page.page_size, request.page.page_token)
+        rows, token = await self._call(context, adapters.list_adapters, request.tenant, request.name,
+                                       request.base_model, request.latest_only, page)
+        return pb.ListAdaptersResponse(adapters=[convert.adapter(r) for r in rows], next_page_token=token)
+
+    async def DeleteAdapter(self, request, context):
+        await self._call(context, adapters.delete_adapter, request.id)
+        return pb.DeleteAdapterResponse()
+
+    async def DownloadAdapter(self, request, context):
+        row, reader = await self._call(context, adapters.open_download, request.id)
+        try:
+            yield pb.DownloadAdapterResponse(manifest=pb.AdapterManifest(
+                adapter=convert.adapter(row), config_json=row.config_json, size_bytes=row.size_bytes,
+                sha256=row.sha256))
+            size = adapters.chunk_size(request.chunk_size)
+            while chunk := await self._run(reader.read, size):
+                yield pb.DownloadAdapterResponse(chunk=chunk)
+        finally:
+            await self._run(reader.close)
+
+    # --- Deployments ---
+
+    async def BindDeployment(self, request, context):
+        row = await self._call(context, deployments.bind_deployment, request.name, request.tenant, request.base_model,
+                               request.adapter_name, request.adapter_version, request.replace)
+        return convert.deployment(row)
+
+    async def UnbindDeployment(self, request, context):
+        await self._call(context, deployments.unbind_deployment, request.name, request.tenant)
+        return pb.UnbindDeploymentResponse()
+
+    async def ResolveDeployment(self, request, context):
+        deployment, adapter, base = await self._call(context, deployments.resolve_deployment, request.name,
+                                                     request.tenant)
+        return pb.ResolveDeploymentResponse(deployment=convert.deployment(deployment), adapter=convert.adapter(adapter),
+                                            base_model=convert.base_model(base))
+
+    async def ListDeployments(self, request, context):
+        page = paging.page_request("deployments", request.page.page_size, request.page.page_token)
+        rows, token = await self._call(context, deployments.list_deployments, request.tenant, page)
+        return pb.ListDeploymentsResponse(deployments=[convert.deployment(r) for r in rows], next_page_token=token)
+
+    # --- Change feed and maintenance ---
+
+    async def WatchChanges(self, request, context):
+        principal = await self._principal(context)
+        kinds = convert.change_kinds(request.kinds)
+        async for event in feed.watch(self.ctx, principal, request.after_sequence, kinds, self._run):
+            yield convert.change_event(event)
+
+    async def CollectGarbage(self, request, context):
+        removed, freed = await self._call(context, gc.collect_garbage, request.min_age_seconds, request.dry_run)
+        return pb.CollectGarbageResponse(removed_blobs=removed, removed_bytes=freed)

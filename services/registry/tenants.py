@@ -1,0 +1,90 @@
+"""Tenants: created and deleted by operators; a tenant key may read its own tenant.
+
+Deleting a tenant removes its keys, adapter rows and deployments in one transaction and
+emits one event per removed object (so caches keyed by key, adapter or deployment need no
+tenant index) and finally TENANT_DELETED. Adapter weights stay in the blob store until
+garbage collection, because another tenant may have uploaded identical bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.registry import feed, paging
+from services.registry.auth import TENANT_ID_PREFIX, Principal, find_tenant, require_admin, scoped_tenant
+from services.registry.context import RegistryContext
+from services.registry.db.models import Adapter, ApiKey, Deployment, Tenant, utcnow
+
+TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+MAX_DISPLAY_NAME = 255
+
+
+def create_tenant(ctx: RegistryContext, principal: Principal, name: str, display_name: str) -> Tenant:
+    require_admin(principal, "CreateTenant")
+    if not TENANT_NAME.match(name):
+        raise InvalidArgument(f"tenant name {name!r} must be 1-63 characters of [a-z0-9-] starting with a letter",
+                              reason="BAD_NAME", field="name", actual=name)
+    if len(display_name) > MAX_DISPLAY_NAME:
+        raise InvalidArgument(f"display_name is longer than {MAX_DISPLAY_NAME} characters", field="display_name")
+    exists = AlreadyExists(f"tenant '{name}' already exists", reason="TENANT_EXISTS", field="name")
+    try:
+        with ctx.db.write() as session:
+            if session.scalar(select(Tenant.id).where(Tenant.name == name)):
+                raise exists
+            tenant = Tenant(id=TENANT_ID_PREFIX + uuid.uuid4().hex, name=name, display_name=display_name or name,
+                            created_at=utcnow())
+            session.add(tenant)
+    except IntegrityError:  # a concurrent create of the same name won the race
+        raise exists from None
+    return tenant
+
+
+def get_tenant(ctx: RegistryContext, principal: Principal, ref: str) -> Tenant:
+    with ctx.db.read() as session:
+        return scoped_tenant(session, principal, ref)
+
+
+def list_tenants(ctx: RegistryContext, principal: Principal, page: paging.Page) -> tuple[list[Tenant], str]:
+    require_admin(principal, "ListTenants")
+    with ctx.db.read() as session:
+        query = select(Tenant).order_by(Tenant.name).limit(page.size + 1)
+        if page.after:
+            query = query.where(Tenant.name > page.after[0])
+        rows = list(session.scalars(query))
+    return paging.split(rows, page, lambda tenant: [tenant.name])
+
+
+def delete_tenant(ctx: RegistryContext, principal: Principal, ref: str, force: bool) -> None:
+    require_admin(principal, "DeleteTenant")
+    if not ref:
+        raise InvalidArgument("tenant is required", reason="MISSING_FIELD", field="tenant")
+    with ctx.db.write() as session:
+        tenant = find_tenant(session, ref)
+        if tenant is None:
+            raise NotFound(f"tenant '{ref}' not found", reason="TENANT_NOT_FOUND", field="tenant")
+        deployments = list(session.scalars(select(Deployment.name).where(Deployment.tenant_id == tenant.id)
+                                           .order_by(Deployment.name)))
+        if deployments and not force:
+            shown = ", ".join(deployments[:5]) + (" ..." if len(deployments) > 5 else "")
+            raise FailedPrecondition(f"tenant '{tenant.name}' still owns {len(deployments)} deployment(s) ({shown}); "
+                                     "unbind them or pass force", reason="TENANT_HAS_DEPLOYMENTS")
+        keys = list(session.scalars(select(ApiKey.id).where(ApiKey.tenant_id == tenant.id,
+                                                            ApiKey.revoked_at.is_(None))))
+        adapters = list(session.scalars(select(Adapter.id).where(Adapter.tenant_id == tenant.id)))
+        # Explicit deletes (not only ON DELETE CASCADE): the same on every database and every
+        # foreign-key setting.
+        for model in (Deployment, Adapter, ApiKey):
+            session.execute(delete(model).where(model.tenant_id == tenant.id))
+        session.delete(tenant)
+        for name in deployments:
+            feed.record(ctx, session, feed.DEPLOYMENT_UNBOUND, tenant.id, name)
+        for adapter_id in adapters:
+            feed.record(ctx, session, feed.ADAPTER_DELETED, tenant.id, adapter_id)
+        for key_id in keys:
+            feed.record(ctx, session, feed.API_KEY_REVOKED, tenant.id, key_id)
+        feed.record(ctx, session, feed.TENANT_DELETED, tenant.id, tenant.name)

@@ -1,0 +1,179 @@
+"""Real backends for registry tests and the benchmark: a private PostgreSQL cluster, moto's
+S3 server, and a Registry app running in-process on a free port.
+
+PostgreSQL refuses to run as root, so when the tests run as root the cluster is created and
+started as the `postgres` user (runuser/su) in a folder that user owns; otherwise as the
+current user. fsync is off: these clusters are throwaway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import psycopg
+
+from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
+from services.common.server import start_server
+from services.registry.app import RegistryApp
+from services.registry.config import RegistryConfig
+from tests.conftest import free_port
+
+
+def _pg_bindir() -> Path:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if not candidates:
+        raise RuntimeError("PostgreSQL is not installed (no pg_ctl on PATH or in /usr/lib/postgresql/*/bin)")
+    return Path(candidates[-1]).parent
+
+
+class PostgresCluster:
+    def __init__(self) -> None:
+        self.bindir = _pg_bindir()
+        self.root = Path(tempfile.mkdtemp(prefix="loraplex-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.as_postgres = os.geteuid() == 0
+        self._count = 0
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bindir / args[0]), *args[1:]]
+        if self.as_postgres:
+            runner = shutil.which("runuser")
+            command = [runner, "-u", "postgres", "--", *command] if runner else \
+                ["su", "postgres", "-c", " ".join(f"'{part}'" for part in command)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stdout}\n{result.stderr}")
+
+    def start(self) -> PostgresCluster:
+        if self.as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D", str(self.data))
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60",
+                  "start")
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self, prefix: str = "registry") -> str:
+        self._count += 1
+        name = f"{prefix}_{self._count}_{os.getpid()}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class MotoS3:
+    """moto's S3 server as a subprocess on a free port (accepts any credentials)."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        executable = Path(sys.executable).parent / "moto_server"
+        self._command = [str(executable) if executable.exists() else "moto_server", "-H", "127.0.0.1",
+                         "-p", str(self.port)]
+        self._log = log
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> MotoS3:
+        with open(self._log, "wb") as out:
+            self.process = subprocess.Popen(self._command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto_server exited: {self._log.read_text()}")
+            try:
+                urllib.request.urlopen(f"http://{self.endpoint}/", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"moto_server not answering on {self.endpoint}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class InProcessRegistry:
+    """A RegistryApp on a real gRPC server, on its own event loop in a background thread."""
+
+    def __init__(self, config: RegistryConfig) -> None:
+        self.config = config
+        self.app = RegistryApp(config)
+        self.address = ""
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="registry-under-test", daemon=True)
+        self.channel: grpc.Channel | None = None
+        self.stub: registry_pb2_grpc.RegistryStub | None = None
+
+    def _main(self) -> None:
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        try:
+            self._stop = asyncio.Event()
+            running = await start_server(self.app, self.config)
+            self.address = f"127.0.0.1:{running.port}"
+            await self.app.start()
+            await running.set_serving(True)
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await running.stop(0.5)
+        await self.app.close()
+
+    def start(self) -> InProcessRegistry:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                                    ("grpc.max_send_message_length", 64 << 20)])
+        self.stub = registry_pb2_grpc.RegistryStub(self.channel)
+        return self
+
+    @property
+    def ctx(self):
+        return self.app.ctx
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)

@@ -95,3 +95,29 @@ def test_gathered_decode_form_matches_the_semantics(pattern):
     if gathered is not None:
         lora_gathered(got, x, a_pages, b_pages, gathered.rows, gathered.pages, gathered.scales)
     torch.testing.assert_close(got.double() - base.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["identical", "distinct", "uniform", "zipf", "skewed", "with_base"])
+def test_grouped_gemm_prefill_matches_the_reference(pattern):
+    """Segments of 1-9 tokens, ranks 1-12, base-only gaps and empty segments."""
+    from services.inference.kernels.grouped import lora_grouped
+
+    generator = torch.Generator().manual_seed(7 + len(pattern))
+    choice = popularity(pattern, 12, generator)
+    free = torch.randperm(PAGES, generator=generator).tolist()
+    segments, start = [], 0
+    for adapter in choice:
+        length = int(torch.randint(1, 10, (1,), generator=generator))
+        if adapter >= 0:
+            rank = int(torch.randint(1, 13, (1,), generator=generator))
+            pages = torch.tensor([free.pop() for _ in range(rank)])
+            segments.append(Segment(start, start + length, pages, float(torch.rand(1, generator=generator)) + 0.1))
+        start += length
+    segments.append(Segment(start, start, torch.tensor([0]), 1.0))
+    x = torch.randn(start, IN, generator=generator)
+    a_pages = torch.randn(PAGES, IN, generator=generator)
+    b_pages = torch.randn(PAGES, OUT, generator=generator)
+    base = torch.randn(start, OUT, generator=generator)
+    expected = lora_segments(base.clone(), x, a_pages, b_pages, segments)
+    got = lora_grouped(base.clone(), x, a_pages, b_pages, segments)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)

@@ -37,6 +37,7 @@ class StackConfig:
     registry_port: int = option(50051, "Registry gRPC port")
     trainer_port: int = option(50052, "Trainer gRPC port")
     inference_port: int = option(50053, "Inference node gRPC port")
+    router_http_port: int = option(8000, "Router's OpenAI-compatible HTTP API port (base_url http://HOST:PORT/v1)")
     metrics_base_port: int = option(9400, "router, registry, trainer, inference get this port +0..3 for "
                                           "/metrics (0 disables metrics)")
     base_model: Path | None = option(None, "Hugging Face checkpoint folder (default: the tiny test model)")
@@ -44,12 +45,12 @@ class StackConfig:
     startup_timeout: float = option(120.0, "seconds to wait for every service to report SERVING")
 
     def __post_init__(self) -> None:
-        ports = [self.router_port, self.registry_port, self.trainer_port, self.inference_port]
+        ports = [self.router_port, self.registry_port, self.trainer_port, self.inference_port, self.router_http_port]
         for port in ports:
             if not 1 <= port <= 65535:
                 raise ValueError(f"ports must be in 1..65535, got {port}")
         if len(set(ports)) != len(ports):
-            raise ValueError(f"the four service ports must differ, got {ports}")
+            raise ValueError(f"the service ports must differ, got {ports}")
         if self.startup_timeout <= 0:
             raise ValueError("--startup-timeout must be > 0")
         if self.base_model is not None and not (self.base_model / "config.json").is_file():
@@ -95,7 +96,8 @@ def child_commands(config: StackConfig, admin_token: str, base_model: Path) -> d
     common["inference"] += ["--base-model", str(base_model), "--registry-address", registry,
                             "--admin-token", admin_token]
     common["router"] += ["--registry-address", registry, "--admin-token", admin_token,
-                         "--node", f"{config.host}:{config.inference_port}"]
+                         "--node", f"{config.host}:{config.inference_port}",
+                         "--http-port", str(config.router_http_port)]
     return common
 
 
@@ -179,6 +181,7 @@ def banner(config: StackConfig, admin_token_path: str) -> str:
         f"  grpcurl -plaintext {router} list",
         f"  grpcurl -plaintext {registry} describe loraplex.registry.v1.Registry",
         f"  grpcurl -plaintext -d '{{\"service\": \"\"}}' {router} grpc.health.v1.Health/Check",
+        f"  OpenAI SDK: OpenAI(base_url=\"http://{config.host}:{config.router_http_port}/v1\", api_key=<tenant key>)",
         f"logs: {config.data_dir / 'logs'}; Ctrl-C stops everything",
     ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The Inference node process: builds the Node, serves it, keeps its metrics fresh."""
+"""The Inference node process: builds the Node, serves it, keeps its metrics fresh and,
+with --router-address, keeps it registered with a router (router/node_agent.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from services.inference.metrics import publish
 from services.inference.node import Node
 from services.inference.pool_admin import PoolAdmin
 from services.inference.servicer import InferenceServicer
+from services.router.node_agent import NodeAgent
+from services.router.nodes import NodeStats
 
 
 class InferenceApp:
@@ -22,6 +25,8 @@ class InferenceApp:
         self.node: Node | None = None
         self._servicer = InferenceServicer()
         self._metrics_task: asyncio.Task | None = None
+        self._agent: NodeAgent | None = None
+        self._agent_task: asyncio.Task | None = None
 
     def add_to_server(self, server) -> None:
         inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, server)
@@ -32,6 +37,17 @@ class InferenceApp:
         admin = PoolAdmin(self.node)
         self._servicer.ready(self.node, admin)
         self._metrics_task = asyncio.ensure_future(self._refresh_metrics(admin))
+        if self.config.router_address:
+            self._agent = NodeAgent(self.config.router_address, self.config.admin_token,
+                                    self.config.resolved_node_id, self.config.resolved_advertise_address,
+                                    self.config.base_model_name, lambda: self._node_stats(admin))
+            self._agent_task = asyncio.ensure_future(self._agent.run())
+
+    @staticmethod
+    async def _node_stats(admin: PoolAdmin) -> NodeStats:
+        stats = await admin.stats()
+        return NodeStats(stats.running_requests, stats.waiting_requests, stats.kv_blocks_used, stats.kv_blocks_total,
+                         stats.pool.pages_used, stats.pool.pages_total, tuple(stats.resident_adapter_ids))
 
     async def _refresh_metrics(self, admin: PoolAdmin) -> None:
         while True:
@@ -39,9 +55,12 @@ class InferenceApp:
             await asyncio.sleep(2)
 
     async def close(self) -> None:
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics_task
+        for task in (self._metrics_task, self._agent_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._agent is not None:
+            await self._agent.stop()  # deregister: the router drains us instead of waiting for timeouts
         if self.node is not None:
             self.node.close()

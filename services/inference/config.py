@@ -36,7 +36,10 @@ class InferenceConfig(ServerConfig):
     adapter_dir: Path | None = option(None, "serve adapters from this folder (one PEFT folder per adapter id) "
                                             "instead of downloading them from the Registry")
     registry_address: str = option("127.0.0.1:50051", "host:port of the Registry (adapter downloads)")
-    admin_token: str = option("", "token presented to the Registry for downloads")
+    admin_token: str = option("", "token presented to the Registry for downloads (and to the router)")
+    router_address: str = option("", "register with this router (host:port) and heartbeat load and resident "
+                                     "adapters (empty: the router lists this node statically)")
+    advertise_address: str = option("", "host:port the router should dial (default: --host:--port)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,3 +61,10 @@ class InferenceConfig(ServerConfig):
     @property
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}:{self.port}"
+
+    @property
+    def resolved_advertise_address(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"

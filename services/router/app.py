@@ -1,14 +1,111 @@
-"""The Router process: wires config to servicers. Behaviour lands with issue #5."""
+"""The Router process: config -> Registry client, caches, change feed, node membership,
+quotas, RouterCore -> gRPC servicers (Router, Nodes) and the OpenAI HTTP API.
+
+Start-up does not wait for the Registry or any node: the router turns SERVING at once and
+answers UNAVAILABLE (with the reason) until they are reachable, so `loraplex up` and
+orchestrators can start services in any order. Background tasks: the change-feed watcher
+(feed.py) and the node poller (membership.py).
+"""
 
 from __future__ import annotations
 
-from services.common.placeholder import PlaceholderApp
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from services.common.pb.loraplex.router.v1 import nodes_pb2_grpc, router_pb2_grpc
 from services.common.services import NODES, ROUTER
+from services.router.auth import Authenticator
+from services.router.cache import FeedState
 from services.router.config import RouterConfig
+from services.router.feed import ChangeFeedWatcher, FeedEvent
+from services.router.http_api import build_app
+from services.router.http_server import HttpServer
+from services.router.membership import Membership
+from services.router.node_client import GrpcNodeClient
+from services.router.proxy import RouterCore
+from services.router.quotas import Limits, QuotaManager
+from services.router.registry_client import RegistryClient
+from services.router.resolution import Resolver
+from services.router.servicer import NodesServicer, RouterServicer
+
+log = logging.getLogger("loraplex.router")
 
 
-class RouterApp(PlaceholderApp):
+class RouterApp:
+    service_names = [ROUTER.full_name, NODES.full_name]
+
     def __init__(self, config: RouterConfig) -> None:
-        lands_with = "lands with issue #5, the Router service"
-        super().__init__([(ROUTER, lands_with), (NODES, lands_with)])
         self.config = config
+        self._router = RouterServicer()
+        self._nodes = NodesServicer(config.admin_token)
+        self.core: RouterCore | None = None
+        self.membership: Membership | None = None
+        self.http: HttpServer | None = None
+        self.watcher: ChangeFeedWatcher | None = None
+        self._registry: RegistryClient | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_RouterServicer_to_server(self._router, server)
+        nodes_pb2_grpc.add_NodesServicer_to_server(self._nodes, server)
+
+    async def start(self) -> None:
+        config = self.config
+        feed = FeedState()
+        self._registry = registry = RegistryClient(config.registry_address, config.admin_token,
+                                                   config.registry_timeout_seconds, config.max_message_mb)
+        authenticator = Authenticator(registry, config.auth_cache_seconds, feed)
+        resolver = Resolver(registry, config.resolve_cache_seconds, feed)
+        self.membership = membership = Membership(
+            lambda address: GrpcNodeClient(address, config.admin_token, config.max_message_mb),
+            config.node_poll_seconds, config.node_timeout_seconds, config.heartbeat_interval_seconds)
+        for address in config.node:
+            membership.add_static(address)
+        quotas = QuotaManager(Limits(config.tenant_max_concurrent, config.tenant_tokens_per_minute),
+                              [(o.tenant, Limits(o.max_concurrent, o.tokens_per_minute))
+                               for o in config.quota_overrides])
+        self.core = RouterCore(authenticator, resolver, membership, quotas, config.load_balance_factor,
+                               config.max_attempts)
+        self._router.attach(self.core)
+        self._nodes.attach(membership)
+
+        def apply(event: FeedEvent) -> None:
+            if event.kind == "API_KEY_REVOKED":
+                authenticator.key_revoked(event.subject)
+            elif event.kind == "TENANT_DELETED":
+                authenticator.tenant_deleted(event.tenant_id)
+                resolver.adapters_changed(event.tenant_id)
+            elif event.kind in ("DEPLOYMENT_BOUND", "DEPLOYMENT_UNBOUND"):
+                resolver.deployment_changed(event.tenant_id, event.subject)
+            elif event.kind in ("ADAPTER_CREATED", "ADAPTER_DELETED"):
+                resolver.adapters_changed(event.tenant_id)
+            elif event.kind == "BASE_MODEL_REGISTERED":
+                resolver.base_model_registered(event.subject)
+
+        def reset() -> None:
+            authenticator.clear()
+            resolver.clear()
+
+        self.watcher = ChangeFeedWatcher(registry, apply, reset, feed)
+        self._tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(membership.run())]
+        if config.http_enabled:
+            self.http = HttpServer(build_app(self.core), config.host, config.http_port, config.grace_seconds,
+                                   config.log_level)
+            await self.http.start()
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", config.host, self.http.port)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.membership is not None:
+            await self.membership.close()
+        if self._registry is not None:
+            await self._registry.close()

@@ -19,7 +19,7 @@ NAMES = ("router", "registry", "trainer", "inference")
 
 def start_up(tmp_path: Path, ports: dict[str, int], *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "services.cli", "up", "--data-dir", str(tmp_path / "state"),
-            "--metrics-base-port", "0", *extra]
+            "--metrics-base-port", "0", "--router-http-port", str(free_port()), *extra]
     for name, port in ports.items():
         args += [f"--{name}-port", str(port)]
     return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

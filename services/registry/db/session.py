@@ -65,7 +65,8 @@ class Database:
         def on_connect(dbapi_connection, _record) -> None:
             dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -107,3 +108,20 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _enable_wal(cursor) -> None:
+    """Switching a new database to WAL needs a moment of exclusive access, and SQLite does
+    not run the busy handler for it: processes starting together (several migrating at
+    once) retry briefly instead of failing with "database is locked"."""
+    import sqlite3
+    import time
+
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)

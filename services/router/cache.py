@@ -1,0 +1,132 @@
+"""A small TTL cache that is trusted only while the Registry's change feed is live.
+
+The Router caches API-key verifications and model-name resolutions so a request costs no
+Registry round trip. Staleness is bounded twice over: by a TTL, and by the change feed,
+whose events invalidate entries within milliseconds of a commit. Two rules keep a revoked
+key or a rebound name from surviving:
+
+- While the feed is down (`FeedState.live` is False) the cache is bypassed: every lookup
+  goes to the Registry and nothing is stored, because no invalidation could reach us.
+- Every invalidation bumps an epoch. A lookup that started before an invalidation does not
+  store its (possibly stale) answer: "verify, then revoke event, then store" cannot happen.
+
+Concurrent lookups of the same key share one Registry call (single flight), so a burst
+of requests with a new key costs one verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class FeedState:
+    """Whether the change feed is connected and caught up enough to trust caches."""
+
+    def __init__(self) -> None:
+        self.live = False
+
+
+class FeedCache(Generic[K, V]):
+    def __init__(self, ttl_s: float, feed: FeedState, *, cache_errors: tuple[type[Exception], ...] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.feed, self.cache_errors, self.clock = ttl_s, feed, cache_errors, clock
+        self._entries: dict[K, tuple[float, V | Exception]] = {}
+        self._inflight: dict[K, asyncio.Future] = {}
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> tuple[bool, V | Exception | None]:
+        """(hit, value-or-cached-error)."""
+        if not self.feed.live or self.ttl_s <= 0:
+            return False, None
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        expires, value = entry
+        if self.clock() >= expires:
+            del self._entries[key]
+            return False, None
+        return True, value
+
+    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V]],
+                          ttl_of: Callable[[V], float] | None = None) -> V:
+        """The cached value, or `load()`'s result (stored when still valid); raises cached errors.
+
+        ttl_of: a shorter lifetime for a particular value (e.g. a key that expires sooner).
+        """
+        while True:
+            hit, value = self.get(key)
+            if hit:
+                if isinstance(value, Exception):
+                    raise value
+                return value
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # we were cancelled ourselves
+                # the caller doing the load was cancelled: look again, maybe load in our own name
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        epoch = self._epoch
+        try:
+            value = await load()
+        except Exception as exc:
+            if isinstance(exc, self.cache_errors):
+                self._store(key, exc, epoch, self.ttl_s)
+            _settle(future, error=exc)
+            raise
+        except BaseException:  # cancelled: waiters must not hang on our future
+            future.cancel()
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        ttl = self.ttl_s if ttl_of is None else min(self.ttl_s, ttl_of(value))
+        self._store(key, value, epoch, ttl)
+        _settle(future, result=value)
+        return value
+
+    def _store(self, key: K, value: V | Exception, epoch: int, ttl: float) -> None:
+        if epoch == self._epoch and self.feed.live and ttl > 0:
+            self._entries[key] = (self.clock() + ttl, value)
+
+    def invalidate(self, predicate: Callable[[K], bool]) -> int:
+        """Drops entries whose key matches; returns how many."""
+        self._epoch += 1
+        doomed = [key for key in self._entries if predicate(key)]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    def invalidate_values(self, predicate: Callable[[V], bool]) -> int:
+        self._epoch += 1
+        doomed = [key for key, (_, value) in self._entries.items()
+                  if not isinstance(value, Exception) and predicate(value)]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    def clear(self) -> None:
+        self._epoch += 1
+        self._entries.clear()
+
+
+def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+        future.exception()  # mark retrieved: nobody may be waiting, which is fine
+    else:
+        future.set_result(result)

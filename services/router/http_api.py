@@ -1,0 +1,233 @@
+"""The OpenAI-compatible HTTP API (Starlette), served by the router process next to gRPC.
+
+    POST /v1/chat/completions   chat, streaming (SSE) or not
+    POST /v1/completions        raw prompt, streaming (SSE) or not
+    GET  /v1/models             the caller's deployments, then the base models
+    GET  /v1/models/{model}     one of those, or 404
+    GET  /health                200 while the process runs (for load balancers)
+
+Same path as gRPC: `Authorization: Bearer <tenant API key>`, RouterCore for resolution,
+quotas, placement and failover. Errors are OpenAI-shaped
+(`{"error": {"message", "type", "param", "code"}}`) with the matching HTTP status; a 429
+carries Retry-After (and retry-after-ms, which the OpenAI SDK honours). Every error that
+can happen before the first token is a real status code, because RouterCore.open returns
+only once the first token exists; a failure after it arrives as an `error` event in the
+stream (the SDK raises it). A client that disconnects cancels the request on its node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from services.common import errors
+from services.router import openai_schema as schema
+from services.router.proxy import RouterCore, Stream
+
+log = logging.getLogger("loraplex.router.http")
+
+#: (error class, HTTP status, OpenAI error type), most specific first.
+STATUS = [(errors.InvalidArgument, 400, "invalid_request_error"),
+          (errors.Unauthenticated, 401, "authentication_error"),
+          (errors.PermissionDenied, 403, "permission_error"),
+          (errors.NotFound, 404, "invalid_request_error"),
+          (errors.AlreadyExists, 409, "invalid_request_error"),
+          (errors.FailedPrecondition, 400, "invalid_request_error"),
+          (errors.OutOfRange, 400, "invalid_request_error"),
+          (errors.ResourceExhausted, 429, "rate_limit_error"),
+          (errors.Unavailable, 503, "server_error"),
+          (errors.Unimplemented, 501, "invalid_request_error")]
+
+
+def error_body(error: errors.LoraplexError) -> tuple[int, dict]:
+    status, kind = next(((s, k) for cls, s, k in STATUS if isinstance(error, cls)), (500, "server_error"))
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status, error.reason.lower())
+    if isinstance(error, errors.NotFound) and error.metadata.get("field") == "model":
+        code = "model_not_found"
+    return status, {"error": {"message": error.message, "type": kind, "param": error.metadata.get("field"),
+                              "code": code}}
+
+
+def error_response(error: errors.LoraplexError) -> JSONResponse:
+    status, body = error_body(error)
+    headers = {}
+    if isinstance(error, errors.ResourceExhausted):
+        headers = {"retry-after": str(max(1, math.ceil(error.retry_after_s))),
+                   "retry-after-ms": str(int(error.retry_after_s * 1000))}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _internal(exc: BaseException) -> errors.LoraplexError:
+    error_id = uuid.uuid4().hex[:12]
+    log.error("HTTP request failed, error id %s", error_id, exc_info=exc)
+    error = errors.LoraplexError(f"internal error (error id {error_id}); the server log has the details",
+                                 reason="INTERNAL")
+    return error
+
+
+def endpoint(handler: Callable[[Request], Awaitable[Response]]):
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except errors.LoraplexError as exc:
+            return error_response(exc)
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - the HTTP boundary: a bug becomes a 500 with an error id
+            return error_response(_internal(exc))
+
+    return wrapped
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """Awaits `work`, cancelling it (and so the node request) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    return task.result()
+
+
+async def json_body(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise errors.InvalidArgument("the request body is not valid JSON", field="body") from None
+    if not isinstance(body, dict):
+        raise errors.InvalidArgument("the request body must be a JSON object", field="body")
+    return body
+
+
+class SSEResponse(StreamingResponse):
+    """A stream of `data:` events that always closes its source, however the response ends."""
+
+    def __init__(self, events: AsyncIterator[dict], stream: Stream) -> None:
+        super().__init__(self._encode(events, stream), media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-request-id": stream.request_id})
+
+    @staticmethod
+    async def _encode(events: AsyncIterator[dict], stream: Stream) -> AsyncIterator[str]:
+        try:
+            async for payload in events:
+                yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+            yield "data: [DONE]\n\n"
+        except errors.LoraplexError as exc:
+            yield f"data: {json.dumps(error_body(exc)[1])}\n\n"
+        except Exception as exc:  # noqa: BLE001 - headers are sent: report it in-band
+            yield f"data: {json.dumps(error_body(_internal(exc))[1])}\n\n"
+        finally:
+            await stream.aclose()
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def chat_events(stream: Stream, created: int, options: schema.Options) -> AsyncIterator[dict]:
+    rid, model = stream.request_id, stream.target.model
+    yield schema.chat_chunk(rid, created, model, {"role": "assistant", "content": ""})
+    async for delta in stream:
+        finish = schema.FINISH.get(delta.finish_reason)
+        logprobs = schema.chat_logprobs(delta.logprobs) if options.logprobs and delta.logprobs else None
+        if delta.text or finish or logprobs:
+            yield schema.chat_chunk(rid, created, model, {"content": delta.text} if delta.text else {}, finish,
+                                    logprobs)
+        if finish and options.include_usage:
+            yield schema.chat_chunk(rid, created, model, {}, usage_=schema.usage(delta.usage), with_choice=False)
+
+
+async def completion_events(stream: Stream, created: int, options: schema.Options) -> AsyncIterator[dict]:
+    rid, model, offset = stream.request_id, stream.target.model, 0
+    async for delta in stream:
+        finish = schema.FINISH.get(delta.finish_reason)
+        logprobs = schema.completion_logprobs(delta.logprobs, offset) if options.logprobs and delta.logprobs else None
+        offset += len(delta.text)
+        if delta.text or finish or logprobs:
+            yield schema.completion_chunk(rid, created, model, delta.text, finish, logprobs)
+        if finish and options.include_usage:
+            yield schema.completion_chunk(rid, created, model, "", usage_=schema.usage(delta.usage),
+                                          with_choice=False)
+
+
+def build_app(core: RouterCore) -> Starlette:
+    async def generate(request: Request, parse, respond, events) -> Response:
+        caller = await core.authenticate(request.headers.get("authorization"))
+        call, options = parse(await json_body(request))
+        created = int(time.time())
+        if not options.stream:
+            done = await unless_disconnected(request, core.complete(caller, call))
+            return JSONResponse(respond(done, created, options), headers={"x-request-id": done.request_id})
+        stream = await unless_disconnected(request, core.open(caller, call))
+        return SSEResponse(events(stream, created, options), stream)
+
+    @endpoint
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, schema.chat_call, schema.chat_completion, chat_events)
+
+    @endpoint
+    async def completions(request: Request) -> Response:
+        return await generate(request, schema.completion_call, schema.text_completion, completion_events)
+
+    @endpoint
+    async def list_models(request: Request) -> Response:
+        caller = await core.authenticate(request.headers.get("authorization"))
+        models = await core.list_models(caller)
+        return JSONResponse({"object": "list", "data": [schema.model_object(m, caller.tenant_name) for m in models]})
+
+    @endpoint
+    async def get_model(request: Request) -> Response:
+        caller = await core.authenticate(request.headers.get("authorization"))
+        name = request.path_params["model"]
+        target = await core.resolve(caller, name)  # NOT_FOUND for other tenants' names too
+        entry = next((m for m in await core.list_models(caller) if m.name == target.model), None)
+        if entry is None:
+            raise errors.NotFound(f"model '{name}' not found", field="model")
+        return JSONResponse(schema.model_object(entry, caller.tenant_name))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        error = errors.NotFound(f"no route {request.method} {request.url.path}", reason="NO_ROUTE") \
+            if exc.status_code == 404 else errors.InvalidArgument(f"{request.method} {request.url.path}: {exc.detail}")
+        status, body = error_body(error)
+        return JSONResponse(body, status_code=exc.status_code if exc.status_code != 404 else status)
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ], exception_handlers={HTTPException: http_error})

@@ -1,0 +1,59 @@
+"""Runs an ASGI app with uvicorn inside the router's asyncio loop, next to the gRPC server.
+
+One loop for both means the HTTP API and gRPC share the router's state (caches, quotas,
+node loads) without locks. We bind the socket ourselves, so a taken port fails start-up
+with a clear OSError (uvicorn would call sys.exit inside our loop), and we leave signal
+handling to services/common/server.py, which stops both servers in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import uvicorn
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield  # the process's SIGTERM handling belongs to serve(); see module docstring
+
+
+class HttpServer:
+    def __init__(self, app, host: str, port: int, grace_s: float, log_level: str = "warning") -> None:
+        self.host, self.requested_port = host, port
+        self._config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None,
+                                      log_level=log_level.lower(), timeout_graceful_shutdown=max(grace_s, 0.1))
+        self._server = _EmbeddedServer(self._config)
+        self._task: asyncio.Task | None = None
+        self._socket: socket.socket | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.requested_port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {self.host}:{self.requested_port} for the HTTP API: {exc.strerror}") \
+                from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        self._socket, self.port = sock, sock.getsockname()[1]
+        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise OSError(f"the HTTP API on {self.host}:{self.port} stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None

@@ -1,0 +1,197 @@
+"""The inference nodes the Router knows, their health and their load.
+
+Two ways in: static nodes from `--node` are polled (GetStats every --node-poll-seconds,
+GetInfo once for the base model); registered nodes (Nodes.RegisterNode) push their load
+and resident adapters in heartbeats and are unhealthy after 3 missed intervals.
+
+Health: a node is placeable only while HEALTHY. A failed poll, a missed heartbeat window,
+or a request that finds the node unreachable marks it UNHEALTHY at once (no new requests;
+streams already running finish or fail on their own); polls keep trying it, and the
+first successful one brings it back. DRAINING (DeregisterNode) takes a node out for good:
+it leaves the table when the router has no request left on it.
+
+Load = requests this router has in flight on the node + what the node reports running or
+waiting beyond those (other routers' traffic). The local count moves with every request,
+so placement sees its own decisions at once instead of waiting for the next poll; the same
+goes for residency: an adapter just sent to a node counts as resident there until a
+report newer than that request could have said otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+from services.common.errors import InvalidArgument, NotFound
+from services.router import metrics
+from services.router.nodes import NodeClient, NodeFailure, NodeStats
+from services.router.placement import NodeView
+
+log = logging.getLogger("loraplex.router.nodes")
+MISSED_HEARTBEATS = 3
+
+
+class Health(enum.Enum):
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    node_id: str
+    address: str
+    client: NodeClient
+    is_static: bool
+    base_model: str = ""
+    health: Health = Health.UNHEALTHY
+    stats: NodeStats = dataclasses.field(default_factory=NodeStats)
+    last_seen: float = 0.0  # unix time of the last successful poll or heartbeat
+    last_seen_mono: float = 0.0
+    in_flight: int = 0
+    in_flight_at_report: int = 0
+    #: adapter id -> monotonic time this router last sent it here (residency not yet reported).
+    placed: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def load(self) -> int:
+        others = max(0, self.stats.load - self.in_flight_at_report)
+        return self.in_flight + others
+
+    @property
+    def resident(self) -> frozenset[str]:
+        return frozenset(self.stats.resident_adapter_ids) | frozenset(self.placed)
+
+    def view(self) -> NodeView:
+        return NodeView(self.node_id, self.base_model, self.load, self.resident)
+
+
+def _check_address(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise InvalidArgument(f"address must be host:port, got {address!r}", field="address")
+
+
+class Membership:
+    def __init__(self, connect: Callable[[str], NodeClient], poll_s: float, timeout_s: float,
+                 heartbeat_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.connect, self.poll_s, self.timeout_s, self.heartbeat_s = connect, poll_s, timeout_s, heartbeat_s
+        self.clock = clock
+        self.nodes: dict[str, Node] = {}
+
+    # --- membership changes ---
+    def add_static(self, address: str) -> Node:
+        node = Node(node_id=address, address=address, client=self.connect(address), is_static=True)
+        self.nodes[node.node_id] = node
+        return node
+
+    def register(self, node_id: str, address: str, base_model: str) -> float:
+        """Adds or refreshes a self-registered node; returns the heartbeat interval in seconds."""
+        if not node_id:
+            raise InvalidArgument("node_id is required", field="node_id")
+        if not base_model:
+            raise InvalidArgument("base_model is required: the Registry name of the model the node serves",
+                                  field="base_model")
+        _check_address(address)
+        node = self.nodes.get(node_id)
+        if node is not None and node.is_static:
+            raise InvalidArgument(f"node id {node_id!r} is a static node of this router; pick another id",
+                                  field="node_id")
+        if node is None or node.address != address:
+            if node is not None:
+                asyncio.ensure_future(node.client.close())
+            node = Node(node_id=node_id, address=address, client=self.connect(address), is_static=False)
+            self.nodes[node_id] = node
+        node.base_model = base_model
+        node.health = Health.UNHEALTHY  # (re-)registering asks for traffic again, even after a drain
+        self._seen(node, node.stats)
+        log.info("node %s registered at %s (base model %s)", node_id, address, base_model)
+        return self.heartbeat_s
+
+    def heartbeat(self, node_id: str, stats: NodeStats) -> None:
+        node = self.nodes.get(node_id)
+        if node is None or node.is_static:
+            raise NotFound(f"node {node_id!r} is not registered; call RegisterNode again", field="node_id")
+        if node.health is not Health.DRAINING:
+            self._seen(node, stats)
+
+    def deregister(self, node_id: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.health = Health.DRAINING
+            self._forget_if_idle(node)
+
+    # --- health and load ---
+    def _seen(self, node: Node, stats: NodeStats) -> None:
+        if node.health is Health.UNHEALTHY:
+            log.info("node %s (%s) is healthy", node.node_id, node.address)
+        if node.health is not Health.DRAINING:
+            node.health = Health.HEALTHY
+        now = self.clock()
+        node.stats, node.in_flight_at_report = stats, node.in_flight
+        node.last_seen, node.last_seen_mono = time.time(), now
+        # A report taken after a placement had time to load the adapter supersedes it.
+        node.placed = {a: t for a, t in node.placed.items() if now - t < 2 * max(self.poll_s, self.heartbeat_s)}
+
+    def mark_failed(self, node: Node, why: str) -> None:
+        if node.health is Health.HEALTHY:
+            log.warning("node %s (%s) is unhealthy: %s", node.node_id, node.address, why)
+            node.health = Health.UNHEALTHY
+
+    def placeable(self) -> list[NodeView]:
+        return [n.view() for n in self.nodes.values() if n.health is Health.HEALTHY and n.base_model]
+
+    def serves(self, base_model: str) -> bool:
+        """Whether any known node (healthy or not) serves it: tells "no node" from "none healthy"."""
+        return any(n.base_model == base_model for n in self.nodes.values())
+
+    def started(self, node: Node, adapter_id: str) -> None:
+        node.in_flight += 1
+        if adapter_id:
+            node.placed[adapter_id] = self.clock()
+
+    def finished(self, node: Node) -> None:
+        node.in_flight -= 1
+        self._forget_if_idle(node)
+
+    def _forget_if_idle(self, node: Node) -> None:
+        if node.health is Health.DRAINING and node.in_flight == 0 and not node.is_static:
+            if self.nodes.get(node.node_id) is node:
+                del self.nodes[node.node_id]
+                asyncio.ensure_future(node.client.close())
+
+    # --- the loop ---
+    async def run(self) -> None:
+        """Polls static nodes and expires silent registered ones, forever."""
+        while True:
+            results = await asyncio.gather(*(self.poll(n) for n in list(self.nodes.values())),
+                                           return_exceptions=True)
+            for error in results:
+                if isinstance(error, Exception):  # a bug must not stop health checks for good
+                    log.error("polling a node failed unexpectedly", exc_info=error)
+            metrics.HEALTHY_NODES.set(sum(n.health is Health.HEALTHY for n in self.nodes.values()))
+            await asyncio.sleep(self.poll_s)
+
+    async def poll(self, node: Node) -> None:
+        if not node.is_static:
+            silent = self.clock() - node.last_seen_mono
+            if silent > MISSED_HEARTBEATS * self.heartbeat_s:
+                self.mark_failed(node, f"no heartbeat for {silent:.1f}s")
+            return
+        if node.health is Health.DRAINING:
+            return
+        try:
+            if not node.base_model:
+                node.base_model = await node.client.base_model(self.timeout_s)
+            stats = await node.client.stats(self.timeout_s)
+        except NodeFailure as failure:
+            self.mark_failed(node, failure.error.message)
+            return
+        self._seen(node, stats)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(n.client.close() for n in self.nodes.values()), return_exceptions=True)

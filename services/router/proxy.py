@@ -1,0 +1,224 @@
+"""The Router's request path: authenticate, resolve, admit (quota), place, relay.
+
+`RouterCore.open` does everything up to and including the first token: resolution and
+quota errors, placement, and failover. A node that fails before its first token (down,
+queue full, crashed) is excluded and the request is placed again, up to --max-attempts
+nodes, invisibly to the caller: nothing has been sent yet, so a retry cannot duplicate
+output. Because `open` returns only once a token exists, the HTTP API can still answer
+an honest status code (404, 429, 503) before it commits to a 200 event stream.
+
+`Stream` then relays the rest one message at a time (the caller's pace is the node's pace:
+see node_client.py on backpressure). After the first token a node failure cannot be hidden:
+the text already delivered cannot be replayed elsewhere token-identically, so the stream
+ends with UNAVAILABLE saying so. Closing the stream early (client cancel) closes the node
+call, which cancels the request on the node and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.pb.loraplex.common.v1 import generation_pb2
+from services.common.pb.loraplex.inference.v1 import inference_pb2
+from services.router import metrics
+from services.router.auth import Authenticator, Caller
+from services.router.membership import Membership, Node
+from services.router.nodes import NodeFailure
+from services.router.placement import place
+from services.router.quotas import Lease, QuotaManager
+from services.router.resolution import ModelEntry, Resolver, Target
+
+log = logging.getLogger("loraplex.router")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateCall:
+    """One generation request, whichever API it came through."""
+
+    model: str
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    sampling: generation_pb2.SamplingParams = dataclasses.field(default_factory=generation_pb2.SamplingParams)
+    request_id: str = ""
+
+    def node_request(self, request_id: str, target: Target) -> inference_pb2.GenerateRequest:
+        request = inference_pb2.GenerateRequest(
+            request_id=request_id, sampling=self.sampling,
+            adapter=inference_pb2.AdapterRef(adapter_id=target.adapter_id, sha256=target.adapter_sha256,
+                                             tenant_id=target.tenant_id))
+        if self.messages is not None:
+            request.messages.CopyFrom(generation_pb2.ChatMessages(messages=[
+                generation_pb2.ChatMessage(role=role, content=content) for role, content in self.messages]))
+        else:
+            request.prompt = self.prompt or ""
+        return request
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str
+    target: Target
+    text: str
+    token_ids: list[int]
+    logprobs: list[generation_pb2.TokenLogprob]
+    finish_reason: int
+    matched_stop: str
+    usage: generation_pb2.Usage
+
+
+class Stream:
+    """The deltas of one placed request; iterate once, then (or instead) `aclose`."""
+
+    def __init__(self, request_id: str, target: Target, node: Node, deltas: AsyncIterator, first,
+                 lease: Lease, membership: Membership) -> None:
+        self.request_id, self.target, self.node = request_id, target, node
+        self._deltas, self._first, self._lease, self._membership = deltas, first, lease, membership
+        self._closed = False
+        self.tokens = 0
+
+    async def __aiter__(self) -> AsyncIterator[generation_pb2.GenerationDelta]:
+        try:
+            delta = self._first
+            while True:
+                self.tokens += len(delta.token_ids)
+                self._lease.charge(len(delta.token_ids) + delta.usage.prompt_tokens)
+                yield delta
+                if delta.finish_reason:
+                    # Read the call's end (trailers follow the last message at once), so closing
+                    # it below does not cancel an RPC the node has in fact completed.
+                    with contextlib.suppress(NodeFailure):
+                        await anext(self._deltas, None)
+                    return
+                try:
+                    delta = await anext(self._deltas)
+                except StopAsyncIteration:
+                    raise self._lost("the node ended the stream without a finish reason") from None
+                except NodeFailure as failure:
+                    if failure.node_down:
+                        self._membership.mark_failed(self.node, failure.error.message)
+                    if not failure.retryable:
+                        raise failure.error from None
+                    raise self._lost(failure.error.message) from None
+        finally:
+            await self.aclose()
+
+    def _lost(self, why: str) -> Unavailable:
+        metrics.MID_STREAM_FAILURES.inc()
+        return Unavailable(f"inference node {self.node.address} failed after {self.tokens} tokens had been "
+                           f"streamed ({why}); the partial output cannot be resumed on another node, so "
+                           "retry the whole request", reason="NODE_FAILED_MID_STREAM", node=self.node.address,
+                           tokens_streamed=self.tokens)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._deltas.aclose()  # cancels the node call if it is still running
+        finally:
+            self._membership.finished(self.node)
+            self._lease.release()
+
+
+class RouterCore:
+    def __init__(self, authenticator: Authenticator, resolver: Resolver, membership: Membership,
+                 quotas: QuotaManager, load_factor: float, max_attempts: int) -> None:
+        self.authenticator, self.resolver, self.membership, self.quotas = authenticator, resolver, membership, quotas
+        self.load_factor, self.max_attempts = load_factor, max_attempts
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        return await self.authenticator.authenticate(authorization)
+
+    async def list_models(self, caller: Caller) -> list[ModelEntry]:
+        return await self.resolver.list_models(caller)
+
+    async def resolve(self, caller: Caller, model: str) -> Target:
+        return await self.resolver.resolve(caller, model)
+
+    async def open(self, caller: Caller, call: GenerateCall) -> Stream:
+        """Resolves, admits and places the request; returns once its first token exists."""
+        if call.prompt is None and call.messages is None:
+            raise InvalidArgument("set prompt or messages", field="input")
+        if call.messages is not None and not call.messages:
+            raise InvalidArgument("messages must not be empty", field="messages")
+        target = await self.resolver.resolve(caller, call.model)
+        try:
+            lease = self.quotas.admit(caller.tenant_id, caller.tenant_name)
+        except ResourceExhausted as exc:
+            metrics.QUOTA_REJECTIONS.labels(exc.reason).inc()
+            raise
+        try:
+            return await self._place(call, target, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _place(self, call: GenerateCall, target: Target, lease: Lease) -> Stream:
+        request_id = call.request_id or uuid.uuid4().hex
+        request = call.node_request(request_id, target)
+        tried: list[str] = []
+        failures: list[NodeFailure] = []
+        while len(tried) < self.max_attempts:
+            placement = place(self.membership.placeable(), target.base_model, target.adapter_id,
+                              self.load_factor, exclude=tried)
+            if placement is None:
+                break
+            node = self.membership.nodes[placement.node_id]
+            tried.append(node.node_id)
+            metrics.PLACEMENTS.labels(placement.reason).inc()
+            self.membership.started(node, target.adapter_id)
+            deltas = node.client.generate(request)
+            try:
+                first = await anext(deltas)
+            except (NodeFailure, StopAsyncIteration) as exc:
+                await deltas.aclose()
+                self.membership.finished(node)
+                failure = exc if isinstance(exc, NodeFailure) else NodeFailure(
+                    Unavailable(f"inference node {node.address} ended the stream before the first token"),
+                    retryable=True)
+                if not failure.retryable:
+                    raise failure.error from None
+                if failure.node_down:
+                    self.membership.mark_failed(node, failure.error.message)
+                log.warning("request %s: node %s failed before the first token (%s); trying another",
+                            request_id, node.node_id, failure.error.message)
+                metrics.RETRIES.labels(failure.error.reason).inc()
+                failures.append(failure)
+                continue
+            except BaseException:  # cancelled while waiting for the first token
+                await deltas.aclose()
+                self.membership.finished(node)
+                raise
+            return Stream(request_id, target, node, deltas, first, lease, self.membership)
+        raise self._no_node(target, tried, failures)
+
+    def _no_node(self, target: Target, tried: list[str], failures: list[NodeFailure]) -> Exception:
+        base = target.base_model
+        if failures and all(isinstance(f.error, ResourceExhausted) for f in failures):
+            return ResourceExhausted(f"every inference node tried for base model '{base}' has a full queue; "
+                                     "retry shortly", retry_after_s=1.0, reason="NODES_BUSY")
+        if failures:
+            return Unavailable(f"{len(tried)} inference node(s) for base model '{base}' failed before the first "
+                               f"token (last: {failures[-1].error.message}); retry shortly",
+                               reason="NODES_FAILED")
+        if not self.membership.serves(base):
+            return Unavailable(f"no inference node serves base model '{base}'", reason="NO_NODE", base_model=base)
+        return Unavailable(f"no healthy inference node serves base model '{base}' right now; retry shortly",
+                           reason="NO_HEALTHY_NODE", base_model=base)
+
+    async def complete(self, caller: Caller, call: GenerateCall) -> Completion:
+        stream = await self.open(caller, call)
+        text, token_ids, logprobs = [], [], []
+        final = None
+        async for delta in stream:
+            text.append(delta.text)
+            token_ids.extend(delta.token_ids)
+            logprobs.extend(delta.logprobs)
+            final = delta
+        return Completion(stream.request_id, stream.target, "".join(text), token_ids, logprobs,
+                          final.finish_reason, final.matched_stop, final.usage)

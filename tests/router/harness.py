@@ -1,0 +1,138 @@
+"""Real parts for router tests: a Registry in-process, inference node processes, a Router
+in-process (its own event loop on a thread, like tests/registry/backends.InProcessRegistry),
+and small clients that speak to them with a bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.common.pb.loraplex.router.v1 import nodes_pb2_grpc, router_pb2_grpc
+from services.common.server import start_server
+from services.router.app import RouterApp
+from services.router.config import RouterConfig
+from tests.conftest import free_port, start_module
+
+ADMIN_TOKEN = "router-test-admin"
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+class InProcessRouter:
+    """A RouterApp on a real gRPC server and HTTP port, on its own loop in a thread."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.app = RouterApp(config)
+        self.address = ""
+        self.loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: self.loop.run_until_complete(self._serve()),
+                                        name="router-under-test", daemon=True)
+        self.channel: grpc.Channel | None = None
+
+    async def _serve(self) -> None:
+        try:
+            self._stop = asyncio.Event()
+            running = await start_server(self.app, self.config)
+            self.address = f"127.0.0.1:{running.port}"
+            await self.app.start()
+            await running.set_serving(True)
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await running.stop(0.5)
+        await self.app.close()
+
+    def start(self) -> InProcessRouter:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        self.channel = grpc.insecure_channel(self.address)
+        return self
+
+    @property
+    def stub(self) -> router_pb2_grpc.RouterStub:
+        return router_pb2_grpc.RouterStub(self.channel)
+
+    @property
+    def nodes_stub(self) -> nodes_pb2_grpc.NodesStub:
+        return nodes_pb2_grpc.NodesStub(self.channel)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.app.http.port}/v1"
+
+    def run(self, fn: Callable[[], object]) -> object:
+        """Runs fn on the router's loop (to read its state safely) and returns its result."""
+        async def call():
+            return fn()
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
+
+    def wait_feed_live(self, timeout: float = 30) -> None:
+        wait_until(lambda: self.run(lambda: self.app.core.authenticator.cache.feed.live), timeout,
+                   "the router's change feed never connected")
+
+    def wait_healthy(self, count: int, timeout: float = 60) -> None:
+        wait_until(lambda: self.run(lambda: len(self.app.membership.placeable())) >= count, timeout,
+                   f"fewer than {count} healthy nodes")
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+
+
+def router_config(nodes: list[str], registry_address: str, **overrides) -> RouterConfig:
+    settings = dict(port=0, metrics_port=0, http_port=0, registry_address=registry_address,
+                    admin_token=ADMIN_TOKEN, node=nodes, node_poll_seconds=0.2, heartbeat_interval_seconds=0.3,
+                    auth_cache_seconds=600, resolve_cache_seconds=600, grace_seconds=1, log_level="WARNING")
+    settings.update(overrides)
+    return RouterConfig(**settings)
+
+
+class NodeProcess:
+    """`python -m services.inference` downloading adapters from the registry."""
+
+    def __init__(self, model_dir: Path, registry_address: str, log: Path, port: int = 0) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.process = start_module(
+            "services.inference", "--port", str(self.port), "--metrics-port", "0", "--base-model", str(model_dir),
+            "--base-model-name", "tiny", "--registry-address", registry_address, "--admin-token", ADMIN_TOKEN,
+            "--kv-cache-mb", "4", "--adapter-pool-pages", "128", "--grace-seconds", "1", log=log)
+        self.log = log
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+
+    def stats(self) -> inference_pb2.Stats:
+        return self.stub.GetStats(inference_pb2.GetStatsRequest(), timeout=10)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
+    """Polls for an eventual effect (never a timing assertion: the deadline only bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not reached within {timeout}s: {what}")

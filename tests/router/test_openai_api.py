@@ -1,0 +1,121 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` package."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.router.conftest import CUSTOMER_A_MODEL
+
+
+def http(method: str, url: str, body: bytes | None = None, token: str = "") -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of a raw request, errors included."""
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read()), dict(reply.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+@pytest.fixture
+def client_a(router, world) -> OpenAI:
+    return OpenAI(base_url=router.base_url, api_key=world.a.token, max_retries=0)
+
+
+def test_the_briefs_example_works_unchanged_apart_from_base_url_and_api_key(router, world, capsys):
+    client = OpenAI(base_url=router.base_url, api_key=world.a.token)
+
+    completion = client.chat.completions.create(
+        model="base-llm-with-customerA-adapter",  # base model + adapter
+        messages=[
+            {"role": "system", "content": "You are a finance assistant."},
+            {"role": "user", "content": "Summarize today’s stock market trends."},
+        ],
+    )
+
+    print(completion.choices[0].message.content)
+    assert capsys.readouterr().out.strip() == completion.choices[0].message.content.strip()
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.model == CUSTOMER_A_MODEL and completion.usage.completion_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_streaming_chat_matches_the_non_streaming_answer(client_a):
+    messages = [{"role": "system", "content": "You are a finance assistant."},
+                {"role": "user", "content": "Summarize Q3."}]
+    args = dict(model=CUSTOMER_A_MODEL, messages=messages, temperature=0, max_tokens=16)
+    whole = client_a.chat.completions.create(**args)
+    chunks = list(client_a.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+def test_completions_streaming_and_not_with_logprobs(client_a):
+    args = dict(model="customerA-legal", prompt="The contract says", temperature=0, max_tokens=10,
+                extra_body={"ignore_eos": True})
+    whole = client_a.completions.create(**args, logprobs=2)
+    assert whole.object == "text_completion" and whole.usage.completion_tokens == 10
+    assert whole.choices[0].finish_reason == "length"
+    assert len(whole.choices[0].logprobs.tokens) == 10 and len(whole.choices[0].logprobs.top_logprobs[0]) == 2
+    streamed = "".join(c.choices[0].text for c in client_a.completions.create(**args, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+
+
+def test_models_list_only_the_callers_deployments_and_base_models(router, world):
+    own = {m.id: m for m in OpenAI(base_url=router.base_url, api_key=world.a.token).models.list()}
+    other = {m.id for m in OpenAI(base_url=router.base_url, api_key=world.b.token).models.list()}
+    assert {CUSTOMER_A_MODEL, "customerA-legal", "tiny"} <= set(own) and "customerB-model" not in own
+    assert own[CUSTOMER_A_MODEL].owned_by == world.a.tenant_name and own["tiny"].owned_by == "loraplex"
+    assert other == {"customerB-model", "tiny"}
+    client_b = OpenAI(base_url=router.base_url, api_key=world.b.token, max_retries=0)
+    assert client_b.models.retrieve("customerB-model").id == "customerB-model"
+    with pytest.raises(openai.NotFoundError):
+        client_b.models.retrieve(CUSTOMER_A_MODEL)
+
+
+def test_tenant_b_cannot_use_tenant_as_model_over_http(router, world):
+    client_b = OpenAI(base_url=router.base_url, api_key=world.b.token, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client_b.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.code == "model_not_found" and caught.value.status_code == 404
+    assert caught.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client_b.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         stream=True)
+
+
+def test_openai_shaped_errors_with_matching_status_codes(router, world, client_a):
+    bad_key = OpenAI(base_url=router.base_url, api_key="lpx_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad_key.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.code == "invalid_api_key"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert caught.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "tool", "content": "x"}])
+    assert "role" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:  # the node's own validation, passed through
+        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         top_p=5)
+    assert "top_p" in caught.value.message
+    status, body, _ = http("POST", f"{router.base_url}/chat/completions", b"{not json", world.a.token)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body, _ = http("GET", f"{router.base_url}/models")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert http("GET", f"{router.base_url}/nowhere")[0] == 404
+    status, body, _ = http("GET", f"{router.base_url}/chat/completions")
+    assert status == 405 and body["error"]["message"]

@@ -1,0 +1,82 @@
+"""OpenAI request parsing and response shaping, as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
+from services.router import openai_schema as schema
+from services.router.proxy import Completion
+from services.router.resolution import Target
+
+
+def test_chat_bodies_become_calls():
+    call, options = schema.chat_call({
+        "model": "fin", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "developer", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                     {"role": "assistant", "content": None}],
+        "max_tokens": 50, "max_completion_tokens": 20, "temperature": 0, "top_p": 0.5, "seed": 7, "stop": "END",
+        "logprobs": True, "top_logprobs": 3, "n": 1, "presence_penalty": 0, "user": "u-1"})
+    assert call.model == "fin" and call.prompt is None
+    assert call.messages == (("system", "Be brief."), ("user", "Hi there"), ("assistant", ""))
+    s = call.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.seed, list(s.stop)) == (20, 0.0, 0.5, 7, ["END"])
+    assert s.logprobs and s.top_logprobs == 3
+    assert options == schema.Options(stream=True, include_usage=True, logprobs=True)
+    bare, _ = schema.chat_call({"model": "fin", "messages": [{"role": "user", "content": "x"}]})
+    assert not bare.sampling.HasField("max_tokens") and not bare.sampling.HasField("temperature")
+
+
+def test_completion_bodies_become_calls():
+    call, options = schema.completion_call({"model": "fin", "prompt": ["once"], "logprobs": 2,
+                                            "stop": ["a", "b"]})
+    assert call.prompt == "once" and call.sampling.max_tokens == schema.COMPLETIONS_DEFAULT_MAX_TOKENS
+    assert call.sampling.top_logprobs == 2 and options.logprobs and list(call.sampling.stop) == ["a", "b"]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": 1}, "frequency_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": True}, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_unsupported_or_malformed_chat_fields_name_the_field(body, field):
+    with pytest.raises(InvalidArgument) as caught:
+        schema.chat_call(body)
+    assert caught.value.metadata["field"] == field and f"'{field}'" in caught.value.message
+
+
+@pytest.mark.parametrize("body", [{"model": "m", "prompt": ["a", "b"]}, {"model": "m", "prompt": ""},
+                                  {"model": "m", "prompt": "x", "echo": True},
+                                  {"model": "m", "prompt": "x", "suffix": "y"}])
+def test_unsupported_completion_bodies(body):
+    with pytest.raises(InvalidArgument):
+        schema.completion_call(body)
+
+
+def test_responses_are_openai_shaped():
+    entry = gen.TokenLogprob(token_id=5, token="ab", logprob=-0.5, top=[gen.TopLogprob(token="ab", logprob=-0.5)])
+    done = Completion("rid", Target("fin", "tiny", "t"), "ab", [5], [entry], gen.FINISH_REASON_STOP, "",
+                      gen.Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4))
+    chat = schema.chat_completion(done, 123, schema.Options(logprobs=True))
+    assert chat["id"] == "chatcmpl-rid" and chat["object"] == "chat.completion" and chat["model"] == "fin"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
+    assert chat["choices"][0]["finish_reason"] == "stop"
+    assert chat["choices"][0]["logprobs"]["content"][0]["bytes"] == [97, 98]
+    assert chat["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    text = schema.text_completion(done, 123, schema.Options())
+    assert text["choices"][0]["text"] == "ab" and text["choices"][0]["logprobs"] is None
+    logprobs = schema.completion_logprobs([entry, entry], offset=10)
+    assert logprobs["text_offset"] == [10, 12] and logprobs["top_logprobs"][0] == {"ab": -0.5}

@@ -1,0 +1,292 @@
+"""RouterCore and Membership with scripted nodes: failover before the first token, a clear
+UNAVAILABLE after it, no retry for the request's own faults, bookkeeping on every exit,
+and node health coming and going."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.errors import NotFound, ResourceExhausted, Unavailable
+from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
+from services.router.auth import Caller
+from services.router.cache import FeedState
+from services.router.membership import Health, Membership
+from services.router.nodes import NodeFailure, NodeStats
+from services.router.proxy import GenerateCall, RouterCore
+from services.router.quotas import Limits, QuotaManager
+from services.router.resolution import Resolver, Target
+
+CALLER = Caller("tnt_a", "acme", "key_1")
+
+
+def token(i: int, final: bool = False) -> gen.GenerationDelta:
+    delta = gen.GenerationDelta(text=f"t{i}", token_ids=[i])
+    if final:
+        delta.finish_reason = gen.FINISH_REASON_LENGTH
+        delta.usage.prompt_tokens, delta.usage.completion_tokens = 5, i + 1
+    return delta
+
+
+DOWN = NodeFailure(Unavailable("connection refused"), retryable=True, node_down=True)
+BUSY = NodeFailure(ResourceExhausted("queue full"), retryable=True)
+BAD = NodeFailure(NotFound("adapter adp_1 not found"), retryable=False)
+
+
+class FakeNode:
+    def __init__(self, plan=None, base: str = "tiny") -> None:
+        self.plan = plan if plan is not None else [token(0), token(1), token(2, final=True)]
+        self.base, self.stats_fail, self.requests, self.closed = base, False, [], 0
+
+    async def stats(self, timeout_s):
+        if self.stats_fail:
+            raise DOWN
+        return NodeStats()
+
+    async def base_model(self, timeout_s):
+        return self.base
+
+    async def generate(self, request):
+        self.requests.append(request)
+        try:
+            for step in self.plan:
+                if isinstance(step, NodeFailure):
+                    raise step
+                await asyncio.sleep(0)
+                yield step
+        finally:
+            self.closed += 1
+
+    async def close(self):
+        pass
+
+
+class Catalog:
+    async def resolve_deployment(self, name, tenant_id):
+        if name == "fin":
+            return Target("fin", "tiny", tenant_id, "adp_1", "sha")
+        raise NotFound("no")
+
+    async def get_base_model(self, name):
+        if name in ("tiny", "other"):
+            return name
+        raise NotFound("no")
+
+
+def build(fakes: dict[str, FakeNode], limits: Limits = Limits()) -> tuple[RouterCore, Membership, QuotaManager]:
+    feed = FeedState()
+    membership = Membership(lambda address: fakes[address], poll_s=1, timeout_s=1, heartbeat_s=1)
+    for address in fakes:
+        membership.add_static(address)
+    quotas = QuotaManager(limits)
+    core = RouterCore(None, Resolver(Catalog(), 60, feed), membership, quotas, 1.25, 3)
+    return core, membership, quotas
+
+
+async def poll_all(membership: Membership) -> None:
+    for node in list(membership.nodes.values()):
+        await membership.poll(node)
+
+
+async def drain(stream) -> list[int]:
+    return [t for delta in [d async for d in stream] for t in delta.token_ids]
+
+
+def test_a_node_failing_before_the_first_token_is_retried_elsewhere_invisibly():
+    async def main():
+        fakes = {"a:1": FakeNode([DOWN]), "b:1": FakeNode([BUSY]), "c:1": FakeNode()}
+        core, membership, quotas = build(fakes)
+        await poll_all(membership)
+        membership.nodes["c:1"].in_flight = 3  # least attractive: the failing nodes are tried first
+        membership.nodes["c:1"].in_flight_at_report = 3
+        stream = await core.open(CALLER, GenerateCall(model="fin", prompt="hi"))
+        assert await drain(stream) == [0, 1, 2]
+        assert [len(f.requests) for f in fakes.values()] == [1, 1, 1]  # each node tried once
+        assert membership.nodes["a:1"].health is Health.UNHEALTHY  # down: no new requests
+        assert membership.nodes["b:1"].health is Health.HEALTHY  # a full queue is not a dead node
+        assert all(f.closed == 1 for f in fakes.values())
+        assert [n.in_flight for n in membership.nodes.values()] == [0, 0, 3] and quotas.in_flight("tnt_a") == 0
+        request = fakes["c:1"].requests[0]
+        assert request.adapter.adapter_id == "adp_1" and request.adapter.sha256 == "sha"
+        assert request.adapter.tenant_id == "tnt_a" and request.prompt == "hi"
+
+    asyncio.run(main())
+
+
+def test_a_failure_after_the_first_token_ends_the_stream_with_a_clear_unavailable():
+    async def main():
+        fakes = {"a:1": FakeNode([token(0), token(1), DOWN]), "b:1": FakeNode()}
+        core, membership, quotas = build(fakes)
+        await poll_all(membership)
+        membership.nodes["b:1"].health = Health.UNHEALTHY  # make the placement land on a:1
+        stream = await core.open(CALLER, GenerateCall(model="tiny", messages=(("user", "hi"),)))
+        seen = []
+        with pytest.raises(Unavailable) as lost:
+            async for delta in stream:
+                seen += delta.token_ids
+        assert seen == [0, 1] and len(fakes["b:1"].requests) == 0
+        assert "after 2 tokens" in lost.value.message and "retry the whole request" in lost.value.message
+        assert lost.value.reason == "NODE_FAILED_MID_STREAM"
+        assert membership.nodes["a:1"].health is Health.UNHEALTHY
+        assert membership.nodes["a:1"].in_flight == 0 and quotas.in_flight("tnt_a") == 0
+
+    asyncio.run(main())
+
+
+def test_the_requests_own_faults_are_not_retried():
+    async def main():
+        fakes = {"a:1": FakeNode([BAD]), "b:1": FakeNode([BAD])}
+        core, membership, quotas = build(fakes)
+        await poll_all(membership)
+        with pytest.raises(NotFound, match="adp_1"):
+            await core.open(CALLER, GenerateCall(model="fin", prompt="hi"))
+        assert sum(len(f.requests) for f in fakes.values()) == 1
+        assert quotas.in_flight("tnt_a") == 0
+
+    asyncio.run(main())
+
+
+def test_no_node_busy_nodes_and_unhealthy_nodes_have_distinct_answers():
+    async def main():
+        core, membership, _ = build({"a:1": FakeNode([BUSY]), "b:1": FakeNode([BUSY])})
+        await poll_all(membership)
+        with pytest.raises(ResourceExhausted) as busy:
+            await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))
+        assert busy.value.reason == "NODES_BUSY" and busy.value.retry_after_s > 0
+        with pytest.raises(Unavailable) as none:
+            await core.open(CALLER, GenerateCall(model="other", prompt="hi"))
+        assert none.value.reason == "NO_NODE" and "'other'" in none.value.message
+        for node in membership.nodes.values():
+            membership.mark_failed(node, "test")
+        with pytest.raises(Unavailable) as unhealthy:
+            await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))
+        assert unhealthy.value.reason == "NO_HEALTHY_NODE"
+
+    asyncio.run(main())
+
+
+def test_closing_a_stream_early_closes_the_node_call_and_returns_quota():
+    async def main():
+        fake = FakeNode([token(i) for i in range(100)])
+        core, membership, quotas = build({"a:1": fake}, Limits(max_concurrent=1))
+        await poll_all(membership)
+        stream = await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))
+        with pytest.raises(ResourceExhausted):
+            await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        assert fake.closed == 1 and membership.nodes["a:1"].in_flight == 0 and quotas.in_flight("tnt_a") == 0
+        await (await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))).aclose()
+
+    asyncio.run(main())
+
+
+def test_a_cancel_while_waiting_for_the_first_token_cleans_up():
+    async def main():
+        gate = asyncio.Event()
+
+        class Slow(FakeNode):
+            async def generate(self, request):
+                try:
+                    await gate.wait()
+                    yield token(0, final=True)
+                finally:
+                    self.closed += 1
+
+        fake = Slow()
+        core, membership, quotas = build({"a:1": fake})
+        await poll_all(membership)
+        task = asyncio.ensure_future(core.open(CALLER, GenerateCall(model="tiny", prompt="hi")))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fake.closed == 1 and membership.nodes["a:1"].in_flight == 0 and quotas.in_flight("tnt_a") == 0
+
+    asyncio.run(main())
+
+
+def test_unhealthy_static_nodes_are_retried_and_come_back():
+    async def main():
+        fake = FakeNode()
+        _, membership, _ = build({"a:1": fake})
+        fake.stats_fail = True
+        await poll_all(membership)
+        assert membership.placeable() == []
+        fake.stats_fail = False
+        await poll_all(membership)
+        assert [v.node_id for v in membership.placeable()] == ["a:1"]
+
+    asyncio.run(main())
+
+
+def test_registered_nodes_heartbeat_expire_and_drain():
+    async def main():
+        now = [0.0]
+        membership = Membership(lambda address: FakeNode(), poll_s=1, timeout_s=1, heartbeat_s=2,
+                                clock=lambda: now[0])
+        assert membership.register("n1", "10.0.0.1:5", "tiny") == 2
+        membership.heartbeat("n1", NodeStats(running_requests=3, resident_adapter_ids=("adp_1",)))
+        (view,) = membership.placeable()
+        assert view.load == 3 and "adp_1" in view.resident
+        now[0] = 6.5  # three intervals without a heartbeat
+        await poll_all(membership)
+        assert membership.placeable() == []
+        membership.heartbeat("n1", NodeStats())
+        assert len(membership.placeable()) == 1
+        node = membership.nodes["n1"]
+        membership.started(node, "adp_2")
+        membership.deregister("n1")
+        assert membership.placeable() == [] and "n1" in membership.nodes  # draining its request
+        membership.finished(node)
+        assert "n1" not in membership.nodes
+        with pytest.raises(NotFound):
+            membership.heartbeat("n1", NodeStats())
+
+    asyncio.run(main())
+
+
+def test_the_proxy_pulls_from_the_node_only_as_fast_as_the_caller_reads():
+    async def main():
+        produced = []
+
+        class Endless(FakeNode):
+            async def generate(self, request):
+                try:
+                    i = 0
+                    while True:
+                        produced.append(i)
+                        yield token(i)
+                        i += 1
+                finally:
+                    self.closed += 1
+
+        fake = Endless()
+        core, membership, _ = build({"a:1": fake})
+        await poll_all(membership)
+        stream = await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            await asyncio.sleep(0.01)  # a slow reader: the node stream must not run ahead
+            if seen == 5:
+                break
+        assert len(produced) == 5  # no read-ahead buffer between node and caller: backpressure holds
+        await stream.aclose()
+        assert fake.closed == 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("node_id", "address", "base", "field"), [
+    ("", "h:1", "tiny", "node_id"), ("n", "nohost", "tiny", "address"), ("n", "h:99999", "tiny", "address"),
+    ("n", "h:1", "", "base_model")])
+def test_registration_checks_its_fields(node_id, address, base, field):
+    from services.common.errors import InvalidArgument
+
+    membership = Membership(lambda address: FakeNode(), poll_s=1, timeout_s=1, heartbeat_s=1)
+    with pytest.raises(InvalidArgument) as caught:
+        membership.register(node_id, address, base)
+    assert caught.value.metadata["field"] == field

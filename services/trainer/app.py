@@ -1,16 +1,104 @@
-"""The Trainer process: wires config to servicers. Behaviour lands with issue #6."""
+"""The Trainer process: config -> database, blob store, Registry client, queue -> servicer.
+
+Start-up (`start`, before the health service says SERVING): clear upload spools a crash left,
+migrate the database, start the dataset blob store, start the workers' fork server, requeue jobs a previous process left running, start dispatching. The
+Registry is not needed to start (it is asked per request), so the trainer comes up in any
+order with the other services. Shutdown (`close`): running jobs checkpoint and go back to the
+queue (see queue.py), then connections close.
+"""
 
 from __future__ import annotations
 
-from services.common.placeholder import PlaceholderApp
+import asyncio
+import functools
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from services.common.errors import Unavailable
+from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
 from services.common.services import TRAINER
+from services.trainer.auth import Authenticator
+from services.trainer.base_models import BaseModels
+from services.trainer.blobs import open_dataset_store
 from services.trainer.config import TrainerConfig
+from services.trainer.datasets import DatasetService
+from services.trainer.db import TrainerDatabase
+from services.trainer.events import EventHub
+from services.trainer.jobs import JobService
+from services.trainer.publish import Publisher
+from services.trainer.queue import JobQueue
+from services.trainer.registry_client import RegistryClient
+from services.trainer.runner import JobRunner, RunnerEnv
+from services.trainer.servicer import TrainerDomain, TrainerServicer
+from services.trainer.store import TrainerStore
+from services.trainer.worker.launcher import warm_up
+
+log = logging.getLogger("loraplex.trainer")
+#: Blocking work runs here: SQL, blob I/O, dataset validation (tokenizing).
+WORKER_THREADS = 8
 
 
-class TrainerApp(PlaceholderApp):
+class TrainerApp:
+    service_names = [TRAINER.full_name]
+
     def __init__(self, config: TrainerConfig) -> None:
-        super().__init__([(TRAINER, "lands with issue #6, the Trainer service")])
         self.config = config
+        self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="trainer")
+        self.servicer = TrainerServicer()
+        self.db: TrainerDatabase | None = None
+        self.queue: JobQueue | None = None
+        self.registry: RegistryClient | None = None
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        trainer_pb2_grpc.add_TrainerServicer_to_server(self.servicer, server)
+
+    async def _run(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
     async def start(self) -> None:
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(config.data_dir / "spool", ignore_errors=True)  # uploads a crash interrupted
+        if not config.admin_token:
+            log.warning("no --admin-token: the trainer cannot verify API keys or publish to the registry")
+        self.db = TrainerDatabase(config.effective_database_url)
+        try:
+            await self._run(self.db.migrate)
+        except Exception as exc:  # noqa: BLE001 - any driver error means the same to an operator
+            raise Unavailable(f"cannot open or migrate the database {self.db.engine.url!r}: {exc}") from exc
+        blobs = open_dataset_store(config)
+        try:
+            await self._run(blobs.start)
+        except Exception as exc:  # noqa: BLE001
+            raise Unavailable(f"cannot start the {config.blob_store} dataset store: {exc}") from exc
+        store = TrainerStore(self.db)
+        self.registry = RegistryClient(config.registry_address, config.admin_token, config.registry_timeout_seconds,
+                                       config.max_message_mb)
+        auth = Authenticator(config.admin_token, self.registry, config.auth_cache_seconds)
+        models = BaseModels(self.registry)
+        datasets = DatasetService(store, blobs, models, auth, self._run, config.data_dir / "spool",
+                                  config.max_dataset_bytes)
+        env = RunnerEnv(jobs_dir=config.data_dir / "jobs", store=store, datasets=datasets, models=models,
+                        publisher=Publisher(self.registry), run=self._run, dtype=config.dtype,
+                        torch_threads=config.torch_threads, keep_checkpoints=config.keep_checkpoints)
+        hub = EventHub()
+        self.queue = JobQueue(store, hub, lambda job, device, on_event: JobRunner(job, device, env, on_event),
+                              config.devices, self._run, config.cancel_grace_seconds, config.max_interruptions)
+        await self._run(warm_up)  # the fork server imports the training stack while we are idle
+        await self.queue.start()
+        jobs = JobService(store, self.queue, hub, models, auth, self.registry, self._run, config.max_rank)
+        self.servicer.attach(TrainerDomain(auth, datasets, jobs))
+        log.info("trainer ready: database %s, %s dataset store, devices %s",
+                 self.db.engine.url.render_as_string(hide_password=True), blobs.kind, ", ".join(config.devices))
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            await self.queue.close(self.config.grace_seconds)
+        if self.registry is not None:
+            await self.registry.close()
+        if self.db is not None:
+            self.db.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

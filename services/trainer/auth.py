@@ -1,0 +1,99 @@
+"""Who is calling and which tenant's datasets and jobs they may touch.
+
+- The trainer's admin token (the one it presents to the Registry) makes the caller an
+  operator, compared in constant time; an empty admin token makes nobody an operator.
+- Anything else is a tenant API key, verified by the Registry (VerifyApiKey). Answers are
+  cached for --auth-cache-seconds, so a revoked key keeps working here at most that long.
+- A tenant key sees only its tenant: `tenant` fields may be empty or name it (id or name);
+  another tenant is NOT_FOUND, exactly like an object that does not exist.
+- Operators must name the tenant they act for when creating things; listings without a
+  tenant show every tenant's objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+
+from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.trainer.records import ADMIN, Principal
+from services.trainer.registry_client import RegistryClient, TenantInfo
+
+MAX_CACHED = 10_000
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>' metadata",
+                              reason="MISSING_CREDENTIALS")
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("malformed authorization metadata: expected 'Bearer <token>'",
+                              reason="MALFORMED_CREDENTIALS")
+    return token.strip()
+
+
+class _TtlCache:
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds, self.clock = seconds, clock
+        self._items: dict[str, tuple[float, object]] = {}
+
+    def get(self, key: str):
+        found = self._items.get(key)
+        if found is None or found[0] < self.clock():
+            self._items.pop(key, None)
+            return None
+        return found[1]
+
+    def put(self, key: str, value: object) -> None:
+        if self.seconds <= 0:
+            return
+        if len(self._items) >= MAX_CACHED:
+            self._items.clear()
+        self._items[key] = (self.clock() + self.seconds, value)
+
+
+class Authenticator:
+    def __init__(self, admin_token: str, registry: RegistryClient, cache_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.admin_token, self.registry = admin_token, registry
+        self._keys = _TtlCache(cache_seconds, clock)
+        self._tenants = _TtlCache(cache_seconds, clock)
+
+    async def principal(self, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            return ADMIN
+        key = hashlib.sha256(token.encode()).hexdigest()
+        cached = self._keys.get(key)
+        if cached is None:
+            tenant = await self.registry.verify_api_key(token)
+            cached = Principal(is_admin=False, tenant_id=tenant.id, tenant_name=tenant.name)
+            self._keys.put(key, cached)
+        return cached
+
+    async def _lookup(self, ref: str) -> TenantInfo:
+        cached = self._tenants.get(ref)
+        if cached is None:
+            cached = await self.registry.get_tenant(ref)
+            self._tenants.put(ref, cached)
+        return cached
+
+    async def tenant(self, principal: Principal, ref: str, field: str = "tenant") -> str:
+        """The id of the tenant a call acts for (required for operators)."""
+        if principal.is_admin:
+            if not ref:
+                raise InvalidArgument(f"{field} is required with the admin token", reason="MISSING_FIELD",
+                                      field=field)
+            return (await self._lookup(ref)).id
+        if ref and ref not in (principal.tenant_id, principal.tenant_name):
+            raise NotFound(f"tenant '{ref}' not found", reason="TENANT_NOT_FOUND", field=field)
+        return principal.tenant_id
+
+    async def tenant_filter(self, principal: Principal, ref: str) -> str | None:
+        """For listings: the tenant to show, or None (an operator naming no tenant sees all)."""
+        if principal.is_admin and not ref:
+            return None
+        return await self.tenant(principal, ref)

@@ -1,0 +1,85 @@
+"""SQLAlchemy 2 models of the trainer's state.
+
+Decisions recorded here:
+- Tables are prefixed `trainer_` and Alembic's version table is `trainer_alembic_version`, so
+  the trainer may share one PostgreSQL database with the Registry without collisions.
+- Ids are prefixed random strings (`ds_…`, `job_…`), as in the Registry.
+- `tenant_id` is the Registry's tenant id; the trainer keeps no tenant table (the Registry is
+  the source of truth) and every query filters on it.
+- A job stores its *effective* LoRA and training settings (defaults applied) as JSON, plus the
+  schedule derived from the dataset (`total_steps`), so what a job will do never changes after
+  StartJob answered.
+- `jobs.dataset_id` has no foreign key: finished jobs keep naming a dataset that was deleted
+  later; deleting a dataset that queued or running jobs use is refused in code (datasets.py).
+- Progress columns hold the latest figures; they are written at most every few seconds while a
+  job runs (the live figures are in memory, see queue.py) and always at state changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.registry.db.models import UTCDateTime, utcnow
+
+__all__ = ["Base", "DatasetRow", "JobRow", "utcnow"]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DatasetRow(Base):
+    __tablename__ = "trainer_datasets"
+    __table_args__ = (Index("ix_trainer_datasets_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    name: Mapped[str] = mapped_column(String(255))
+    # "chat" or "prompt_completion"
+    format: Mapped[str] = mapped_column(String(32))
+    # The base model whose tokenizer measured the examples, and the limit they were held to.
+    base_model: Mapped[str] = mapped_column(String(128))
+    max_seq_len: Mapped[int] = mapped_column(Integer)
+    longest_example: Mapped[int] = mapped_column(Integer)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    blob_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobRow(Base):
+    __tablename__ = "trainer_jobs"
+    __table_args__ = (Index("ix_trainer_jobs_tenant_created", "tenant_id", "created_at", "id"),
+                      Index("ix_trainer_jobs_state_created", "state", "created_at"),
+                      Index("ix_trainer_jobs_dataset", "dataset_id"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    # queued, running, succeeded, failed, cancelled
+    state: Mapped[str] = mapped_column(String(16))
+    base_model: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[str] = mapped_column(String(40))
+    lora: Mapped[dict] = mapped_column(JSON)
+    training: Mapped[dict] = mapped_column(JSON)
+    output_adapter_name: Mapped[str] = mapped_column(String(63))
+    deployment_name: Mapped[str] = mapped_column(String(128), default="")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[float] = mapped_column(Float, default=0.0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    learning_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    tokens_per_second: Mapped[float] = mapped_column(Float, default=0.0)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    adapter_id: Mapped[str] = mapped_column(String(40), default="")
+    adapter_version: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    # Times the trainer found this job running at start-up (it crashed or was killed meanwhile).
+    interruptions: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)

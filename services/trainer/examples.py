@@ -1,0 +1,138 @@
+"""Dataset examples: one JSONL line -> a checked example -> token ids and loss labels.
+
+The same code serves dataset validation (is the line well-formed, how many tokens) and the
+training worker (inputs and labels), so what was validated is exactly what is trained.
+
+- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`, rendered
+  with the base tokenizer's chat template. Loss is on assistant tokens only. When the template
+  marks assistant turns with `{% generation %}`, transformers gives the mask
+  (`return_assistant_tokens_mask=True`); otherwise each assistant turn is located by rendering
+  the conversation up to it (with the generation prompt) and up to its end, the usual fallback.
+- prompt_completion: `{"prompt": "...", "completion": "..."}`: prompt tokens (with the
+  tokenizer's special tokens, e.g. BOS) + completion tokens + EOS; loss on completion + EOS, so
+  the adapter learns where to stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+CHAT, PROMPT_COMPLETION = "chat", "prompt_completion"
+FORMATS = (CHAT, PROMPT_COMPLETION)
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class BadExample(ValueError):
+    """A line that cannot be trained on; the message says why, for a person."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+    @property
+    def num_label_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def detect_format(obj: Any) -> str:
+    if isinstance(obj, dict) and "messages" in obj:
+        return CHAT
+    if isinstance(obj, dict) and ("prompt" in obj or "completion" in obj):
+        return PROMPT_COMPLETION
+    raise BadExample('expected an object with "messages" (chat) or "prompt" and "completion"')
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise BadExample(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadExample(f"{where} is empty")
+    return value
+
+
+def check_example(obj: Any, fmt: str) -> dict[str, Any]:
+    """The example in canonical form; BadExample when `obj` does not fit `fmt`."""
+    if not isinstance(obj, dict):
+        raise BadExample(f"expected a JSON object, got {type(obj).__name__}")
+    if fmt == CHAT:
+        messages = obj.get("messages")
+        if "messages" not in obj:
+            raise BadExample('missing "messages" (this dataset is in chat format)')
+        if not isinstance(messages, list) or not messages:
+            raise BadExample('"messages" must be a non-empty list')
+        checked = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise BadExample(f"messages[{i}] must be an object")
+            role = message.get("role")
+            if role not in ROLES:
+                raise BadExample(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+            checked.append({"role": role, "content": _text(message.get("content"), f"messages[{i}].content")})
+        if not any(message["role"] == "assistant" for message in checked):
+            raise BadExample("no assistant message: there is nothing to learn from")
+        return {"messages": checked}
+    if "prompt" not in obj or "completion" not in obj:
+        raise BadExample('expected "prompt" and "completion" (this dataset is in prompt/completion format)')
+    return {"prompt": _text(obj["prompt"], "prompt"), "completion": _text(obj["completion"], "completion")}
+
+
+def has_generation_markers(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)
+    return list(ids)
+
+
+def _mask_by_prefix(tokenizer, messages: list[dict], length: int) -> list[int]:
+    mask = [0] * length
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        except Exception:  # noqa: BLE001 - some templates refuse a conversation that starts mid-way
+            start = 0
+        end = len(_render(tokenizer, messages[:i + 1], add_generation_prompt=False))
+        for position in range(start, min(end, length)):
+            mask[position] = 1
+    return mask
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
+    if has_generation_markers(tokenizer):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    else:
+        ids = _render(tokenizer, messages, add_generation_prompt=False)
+        mask = _mask_by_prefix(tokenizer, messages, len(ids))
+    return Encoded(ids, [token if keep else IGNORE_INDEX for token, keep in zip(ids, mask)])
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> Encoded:
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        completion_ids.append(tokenizer.eos_token_id)
+    return Encoded(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids)
+
+
+def encode(tokenizer, fmt: str, example: dict[str, Any]) -> Encoded:
+    """Token ids and labels of a checked example (see check_example)."""
+    if fmt == CHAT:
+        encoded = encode_chat(tokenizer, example["messages"])
+    else:
+        encoded = encode_prompt_completion(tokenizer, example["prompt"], example["completion"])
+    if encoded.num_label_tokens == 0:
+        raise BadExample("the chat template left no assistant tokens to learn from")
+    return encoded

@@ -1,0 +1,106 @@
+"""Jobs: StartJob's up-front checks, reads (live figures for running jobs), cancel and watch.
+
+StartJob refuses before queueing anything: unknown dataset or base model (NOT_FOUND, other
+tenants' datasets included), bad hyperparameters (INVALID_ARGUMENT naming the field, see
+hyperparams.py), a dataset validated for another base model (its token lengths would not
+hold), and a deployment name bound by another tenant (ALREADY_EXISTS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.registry import paging
+from services.trainer.auth import Authenticator
+from services.trainer.base_models import BaseModels
+from services.trainer.db.models import utcnow
+from services.trainer.events import EventHub
+from services.trainer.hyperparams import (LoraRequest, TrainingRequest, check_names, plan_schedule, resolve_lora,
+                                          resolve_training)
+from services.trainer.queue import JobQueue
+from services.trainer.records import QUEUED, SNAPSHOT, JobRecord, Principal
+from services.trainer.registry_client import RegistryClient
+from services.trainer.store import TrainerStore
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    tenant: str
+    base_model: str
+    dataset_id: str
+    lora: LoraRequest
+    training: TrainingRequest
+    output_adapter_name: str
+    deployment_name: str
+
+
+class JobService:
+    def __init__(self, store: TrainerStore, queue: JobQueue, hub: EventHub, models: BaseModels, auth: Authenticator,
+                 registry: RegistryClient, run: Callable[..., Awaitable], max_rank: int) -> None:
+        self.store, self.queue, self.hub, self.models = store, queue, hub, models
+        self.auth, self.registry, self.run, self.max_rank = auth, registry, run, max_rank
+
+    async def start(self, principal: Principal, request: JobRequest) -> JobRecord:
+        tenant_id = await self.auth.tenant(principal, request.tenant)
+        check_names(request.output_adapter_name, request.deployment_name)
+        lora = resolve_lora(request.lora, self.max_rank)
+        dataset = await self.run(self.store.get_dataset, request.dataset_id)
+        if dataset is None or dataset.tenant_id != tenant_id:
+            raise NotFound(f"dataset '{request.dataset_id}' not found", reason="DATASET_NOT_FOUND", field="dataset_id")
+        base = await self.models.get(request.base_model or dataset.base_model)
+        if base.name != dataset.base_model:
+            raise InvalidArgument(f"dataset '{dataset.id}' was checked with the tokenizer of base model "
+                                  f"'{dataset.base_model}', not '{base.name}'; upload it again with base_model "
+                                  f"'{base.name}'", reason="DATASET_BASE_MISMATCH", field="base_model")
+        training = resolve_training(request.training, base.max_position_embeddings)
+        schedule = plan_schedule(training, dataset.num_examples, dataset.longest_example)
+        if request.deployment_name:
+            owner = await self.registry.deployment_owner(request.deployment_name, tenant_id)
+            if owner == "taken":
+                raise AlreadyExists(f"deployment name '{request.deployment_name}' is taken",
+                                    reason="DEPLOYMENT_EXISTS", field="deployment_name")
+        record = JobRecord(id="job_" + uuid.uuid4().hex, tenant_id=tenant_id, state=QUEUED, base_model=base.name,
+                           dataset_id=dataset.id, lora=dataclasses.asdict(lora),
+                           training=dataclasses.asdict(training), output_adapter_name=request.output_adapter_name,
+                           deployment_name=request.deployment_name, total_steps=schedule.total_steps,
+                           created_at=utcnow())
+        record.lora["target_modules"] = list(lora.target_modules)
+        await self.run(self.store.insert_job, record)
+        self.queue.notify()
+        return record
+
+    async def get(self, principal: Principal, job_id: str) -> JobRecord:
+        record = self.queue.live(job_id) or await self.run(self.store.get_job, job_id)
+        if record is None or not principal.owns(record.tenant_id):
+            raise NotFound(f"job '{job_id}' not found", reason="JOB_NOT_FOUND", field="id")
+        return record
+
+    async def list(self, principal: Principal, tenant: str, states: list[str],
+                   page: paging.Page) -> tuple[list[JobRecord], str]:
+        tenant_id = await self.auth.tenant_filter(principal, tenant)
+        rows, token = await self.run(self.store.list_jobs, tenant_id, states, page)
+        return [self.queue.live(row.id) or row for row in rows], token
+
+    async def cancel(self, principal: Principal, job_id: str) -> JobRecord:
+        await self.get(principal, job_id)
+        return await self.queue.cancel(job_id)
+
+    async def watch(self, principal: Principal, job_id: str) -> AsyncIterator[tuple[str, JobRecord]]:
+        """A snapshot first, then events until the job reaches a terminal state."""
+        await self.get(principal, job_id)
+        events = self.hub.subscribe(job_id)  # before the snapshot: nothing can slip between the two
+        try:
+            current = await self.get(principal, job_id)
+            yield SNAPSHOT, current
+            if current.is_terminal:
+                return
+            while True:
+                kind, record = await events.get()
+                yield kind, record
+                if record.is_terminal:
+                    return
+        finally:
+            self.hub.unsubscribe(job_id, events)

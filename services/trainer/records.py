@@ -1,0 +1,85 @@
+"""The trainer's domain objects: plain dataclasses (no SQL, no protobuf).
+
+A `JobRecord` is both what the database holds and what the queue keeps live in memory while a
+job runs; events carry copies (`snapshot`) so a watcher never sees a record change under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE = frozenset({QUEUED, RUNNING})
+
+# Job event kinds (WatchJob).
+SNAPSHOT, STATE_CHANGED, PROGRESS, EVAL = "snapshot", "state_changed", "progress", "eval"
+
+
+@dataclasses.dataclass
+class DatasetRecord:
+    id: str
+    tenant_id: str
+    name: str
+    format: str
+    base_model: str
+    max_seq_len: int
+    longest_example: int
+    num_examples: int
+    size_bytes: int
+    sha256: str
+    blob_key: str
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass
+class JobRecord:
+    id: str
+    tenant_id: str
+    state: str
+    base_model: str
+    dataset_id: str
+    lora: dict[str, Any]
+    training: dict[str, Any]
+    output_adapter_name: str
+    deployment_name: str
+    total_steps: int
+    created_at: dt.datetime
+    step: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float = 0.0
+    tokens_per_second: float = 0.0
+    eta_seconds: float | None = None
+    adapter_id: str = ""
+    adapter_version: int = 0
+    error: str = ""
+    interruptions: int = 0
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def snapshot(self) -> JobRecord:
+        return dataclasses.replace(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who calls: an operator (admin token) or one tenant (its API key, verified by the Registry)."""
+
+    is_admin: bool
+    tenant_id: str = ""
+    tenant_name: str = ""
+
+    def owns(self, tenant_id: str) -> bool:
+        return self.is_admin or self.tenant_id == tenant_id
+
+
+ADMIN = Principal(is_admin=True)

@@ -1,0 +1,214 @@
+"""One running job: its folder, its worker process, its events and its publication.
+
+JOB_DIR = `<data-dir>/jobs/<job id>/` holds spec.json, dataset.jsonl (a sha256-checked copy
+from the blob store), checkpoints/, output/ (the finished PEFT adapter) and worker.log. A job
+whose output/ is complete skips training and goes straight to publication, which is how a
+job interrupted after training (or during publication) finishes after a restart. When a job
+ends, everything but worker.log is removed.
+
+The runner decides the job's outcome and the queue (queue.py) records it:
+- worker done and published -> succeeded (with the adapter id and version);
+- cancel requested -> cancelled (the worker is told to stop and killed after
+  --cancel-grace-seconds; publication in flight is abandoned);
+- trainer shutting down -> back to queued (the worker checkpoints first when it can);
+- anything else -> failed, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import shutil
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from services.common.errors import LoraplexError
+from services.trainer.base_models import BaseModels
+from services.trainer.datasets import DatasetService
+from services.trainer.hyperparams import TrainingSettings, plan_schedule
+from services.trainer.publish import PublishError, Publisher
+from services.trainer.records import CANCELLED, EVAL, FAILED, PROGRESS, QUEUED, SUCCEEDED, JobRecord
+from services.trainer.store import TrainerStore
+from services.trainer.worker.launcher import WorkerProcess
+from services.trainer.worker.protocol import CANCEL, EXIT_DONE, EXIT_FAILED, STOP, WorkerSpec
+
+log = logging.getLogger("loraplex.trainer.runner")
+WEIGHTS = "adapter_model.safetensors"
+KEEP_AFTER_END = ("worker.log",)
+#: After the worker was killed, how long to wait for the run to wind down before giving up on it.
+KILL_WAIT_S = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    state: str
+    error: str = ""
+    adapter_id: str = ""
+    adapter_version: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerEnv:
+    """What every runner shares (built once by the app)."""
+
+    jobs_dir: Path
+    store: TrainerStore
+    datasets: DatasetService
+    models: BaseModels
+    publisher: Publisher
+    run: Callable[..., Awaitable]
+    dtype: str
+    torch_threads: int
+    keep_checkpoints: int
+
+
+def device_environment(device: str) -> tuple[str, str | None]:
+    """(torch device inside the worker, CUDA_VISIBLE_DEVICES or None)."""
+    if device.startswith("cuda:"):
+        return "cuda:0", device.split(":", 1)[1]
+    return device, None
+
+
+class JobRunner:
+    #: Called with (event kind or None, live record, persist now?) for every change.
+    OnEvent = Callable[[str | None, JobRecord, bool], None]
+
+    def __init__(self, record: JobRecord, device: str, env: RunnerEnv, on_event: OnEvent) -> None:
+        self.record, self.device, self.env, self.on_event = record, device, env, on_event
+        self.job_dir = env.jobs_dir / record.id
+        self.cancel_requested = self.stop_requested = False
+        self.finalized = asyncio.Event()  # set by the queue once the outcome is recorded
+        self._done = asyncio.Event()
+        self._process: WorkerProcess | None = None
+        self._publishing: asyncio.Future | None = None
+        self._worker_error = ""
+
+    async def run(self) -> Outcome:
+        try:
+            return await self._run()
+        except LoraplexError as exc:
+            return Outcome(FAILED, exc.message)
+        finally:
+            self._done.set()
+
+    async def _run(self) -> Outcome:
+        output = self.job_dir / "output"
+        if not (output / WEIGHTS).is_file():
+            spec_path = await self._prepare()
+            code = EXIT_DONE if self.cancel_requested or self.stop_requested else await self._train(spec_path)
+            if self.cancel_requested:
+                return Outcome(CANCELLED, "cancelled by request")
+            if self.stop_requested:
+                return Outcome(QUEUED)
+            if code != EXIT_DONE:
+                return Outcome(FAILED, self._failure(code))
+        if self.cancel_requested or self.stop_requested:
+            return Outcome(CANCELLED, "cancelled by request") if self.cancel_requested else Outcome(QUEUED)
+        self._publishing = asyncio.ensure_future(self.env.publisher.publish(self.record, output))
+        try:
+            adapter = await self._publishing
+        except asyncio.CancelledError:
+            if self.cancel_requested:
+                return Outcome(CANCELLED, "cancelled by request during publication")
+            if self.stop_requested:
+                return Outcome(QUEUED)
+            raise
+        except PublishError as exc:
+            published = exc.adapter
+            return Outcome(FAILED, str(exc), published.id if published else "", published.version if published else 0)
+        return Outcome(SUCCEEDED, adapter_id=adapter.id, adapter_version=adapter.version)
+
+    async def _prepare(self) -> Path:
+        job, env = self.record, self.env
+        await env.run(self.job_dir.mkdir, parents=True, exist_ok=True)
+        dataset = await env.run(env.store.get_dataset, job.dataset_id)
+        if dataset is None:
+            raise LoraplexError(f"dataset '{job.dataset_id}' no longer exists")
+        data_path = self.job_dir / "dataset.jsonl"
+        await env.run(env.datasets.read_into, dataset, data_path)
+        base = await env.models.get(job.base_model)
+        schedule = plan_schedule(TrainingSettings(**job.training), dataset.num_examples, dataset.longest_example)
+        device, _ = device_environment(self.device)
+        spec = WorkerSpec(job_id=job.id, base_model_name=base.name, base_model_path=base.location,
+                          dataset_path=str(data_path), dataset_format=dataset.format, lora=job.lora,
+                          training=job.training, num_eval=schedule.num_eval, total_steps=schedule.total_steps,
+                          steps_per_epoch=schedule.steps_per_epoch, checkpoint_every=schedule.checkpoint_every,
+                          checkpoint_dir=str(self.job_dir / "checkpoints"), output_dir=str(self.job_dir / "output"),
+                          device=device, dtype=env.dtype, torch_threads=env.torch_threads,
+                          keep_checkpoints=env.keep_checkpoints)
+        spec_path = self.job_dir / "spec.json"
+        await env.run(spec.write, spec_path)
+        return spec_path
+
+    async def _train(self, spec_path: Path) -> int:
+        _, visible = device_environment(self.device)
+        self._process = WorkerProcess(spec_path, self.job_dir / "worker.log", visible)
+        await self._process.start()
+        log.info("job %s training on %s (worker pid %s)", self.record.id, self.device, self._process.pid)
+        if self.cancel_requested or self.stop_requested:  # asked while the process was starting
+            self._process.send(CANCEL if self.cancel_requested else STOP)
+        async for event in self._process.events():
+            self._apply(event)
+        return await self._process.wait()
+
+    def _apply(self, event: dict) -> None:
+        record, kind = self.record, event["event"]
+        if kind in ("started", "progress"):
+            for name in ("step", "epoch", "loss", "learning_rate", "tokens_per_second", "eta_seconds"):
+                if name in event:
+                    setattr(record, name, event[name])
+            self.on_event(PROGRESS, record, kind == "started")
+        elif kind == "eval":
+            record.eval_loss = event["eval_loss"]
+            self.on_event(EVAL, record, True)
+        elif kind == "checkpoint":
+            self.on_event(None, record, True)
+        elif kind == "error":
+            self._worker_error = str(event.get("message", ""))
+
+    def _failure(self, code: int) -> str:
+        if code == EXIT_FAILED and self._worker_error:
+            return f"training failed: {self._worker_error}"
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+            return f"the training worker was killed by {name}{hint}"
+        return f"the training worker exited with status {code}; see worker.log of job {self.record.id}"
+
+    async def _end(self, command: str, grace: float) -> None:
+        if self._publishing is not None:
+            self._publishing.cancel()
+        if self._process is not None:
+            self._process.send(command)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done.wait()), grace)
+            return
+        except TimeoutError:
+            pass
+        if self._process is not None and self._process.exitcode is None:
+            log.warning("job %s: worker did not exit within %.1fs; killing it", self.record.id, grace)
+            self._process.kill()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done.wait()), KILL_WAIT_S)
+        except TimeoutError:
+            log.error("job %s: run did not end after its worker was killed", self.record.id)
+
+    async def cancel(self, grace: float) -> None:
+        """Stops training now (no checkpoint); the outcome will be cancelled."""
+        self.cancel_requested = True
+        await self._end(CANCEL, grace)
+
+    async def stop(self, grace: float) -> None:
+        """For shutdown: checkpoint at the next step boundary and exit; the job goes back to queued."""
+        self.stop_requested = True
+        await self._end(STOP, grace)
+
+    def cleanup(self) -> None:
+        """Removes the job folder's contents except the worker log (blocking)."""
+        if not self.job_dir.is_dir():
+            return
+        for entry in self.job_dir.iterdir():
+            if entry.name not in KEEP_AFTER_END:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

@@ -1,0 +1,145 @@
+"""SQL reads and writes of datasets and jobs (synchronous; callers run them on a thread pool).
+
+State changes are conditional updates (`WHERE state IN (...)`), so the dispatcher claiming a
+job and a CancelJob racing it can never both win. Dataset deletion and job creation take the
+same per-dataset lock (PostgreSQL advisory lock; SQLite's write lock already serializes), so a
+job can never be queued on a dataset that is being deleted.
+
+Listings are newest first with keyset page tokens (services/registry/paging.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable
+
+from sqlalchemy import and_, or_, select, update
+
+from services.common.errors import FailedPrecondition, NotFound
+from services.registry import paging
+from services.trainer.db import TrainerDatabase
+from services.trainer.db.models import DatasetRow, JobRow, utcnow
+from services.trainer.records import ACTIVE, QUEUED, RUNNING, DatasetRecord, JobRecord
+
+_DATASET_FIELDS = [field.name for field in dataclasses.fields(DatasetRecord)]
+_JOB_FIELDS = [field.name for field in dataclasses.fields(JobRecord)]
+
+
+def _dataset(row: DatasetRow) -> DatasetRecord:
+    return DatasetRecord(**{name: getattr(row, name) for name in _DATASET_FIELDS})
+
+
+def _job(row: JobRow) -> JobRecord:
+    return JobRecord(**{name: getattr(row, name) for name in _JOB_FIELDS})
+
+
+def _newest_first(query, model, page: paging.Page):
+    if page.after:
+        created, last_id = dt.datetime.fromisoformat(page.after[0]), page.after[1]
+        query = query.where(or_(model.created_at < created, and_(model.created_at == created, model.id < last_id)))
+    return query.order_by(model.created_at.desc(), model.id.desc()).limit(page.size + 1)
+
+
+def _page_key(record) -> list:
+    return [record.created_at.isoformat(), record.id]
+
+
+class TrainerStore:
+    def __init__(self, db: TrainerDatabase) -> None:
+        self.db = db
+
+    # --- datasets ---
+
+    def insert_dataset(self, record: DatasetRecord) -> None:
+        with self.db.write() as session:
+            session.add(DatasetRow(**dataclasses.asdict(record)))
+
+    def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
+        with self.db.read() as session:
+            row = session.get(DatasetRow, dataset_id) if dataset_id else None
+            return _dataset(row) if row is not None else None
+
+    def list_datasets(self, tenant_id: str | None, page: paging.Page) -> tuple[list[DatasetRecord], str]:
+        with self.db.read() as session:
+            query = select(DatasetRow)
+            if tenant_id is not None:
+                query = query.where(DatasetRow.tenant_id == tenant_id)
+            rows = [_dataset(row) for row in session.scalars(_newest_first(query, DatasetRow, page))]
+        return paging.split(rows, page, _page_key)
+
+    def delete_dataset(self, dataset_id: str, tenant_id: str | None) -> DatasetRecord:
+        """Removes the row (the caller removes the blob); refused while active jobs use it."""
+        with self.db.write() as session:
+            self.db.lock(session, "trainer-dataset", dataset_id)
+            row = session.get(DatasetRow, dataset_id) if dataset_id else None
+            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+                raise NotFound(f"dataset '{dataset_id}' not found", reason="DATASET_NOT_FOUND", field="id")
+            users = list(session.scalars(select(JobRow.id).where(JobRow.dataset_id == dataset_id,
+                                                                 JobRow.state.in_(ACTIVE)).limit(5)))
+            if users:
+                raise FailedPrecondition(f"dataset '{dataset_id}' is used by queued or running job(s) "
+                                         f"{', '.join(users)}; cancel them or wait until they finish",
+                                         reason="DATASET_IN_USE", field="id")
+            record = _dataset(row)
+            session.delete(row)
+        return record
+
+    # --- jobs ---
+
+    def insert_job(self, record: JobRecord) -> None:
+        with self.db.write() as session:
+            self.db.lock(session, "trainer-dataset", record.dataset_id)
+            if session.get(DatasetRow, record.dataset_id) is None:
+                raise NotFound(f"dataset '{record.dataset_id}' not found", reason="DATASET_NOT_FOUND",
+                               field="dataset_id")
+            session.add(JobRow(**dataclasses.asdict(record)))
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self.db.read() as session:
+            row = session.get(JobRow, job_id) if job_id else None
+            return _job(row) if row is not None else None
+
+    def list_jobs(self, tenant_id: str | None, states: Iterable[str],
+                  page: paging.Page) -> tuple[list[JobRecord], str]:
+        with self.db.read() as session:
+            query = select(JobRow)
+            if tenant_id is not None:
+                query = query.where(JobRow.tenant_id == tenant_id)
+            states = list(states)
+            if states:
+                query = query.where(JobRow.state.in_(states))
+            rows = [_job(row) for row in session.scalars(_newest_first(query, JobRow, page))]
+        return paging.split(rows, page, _page_key)
+
+    def jobs_in_state(self, state: str) -> list[JobRecord]:
+        with self.db.read() as session:
+            query = select(JobRow).where(JobRow.state == state).order_by(JobRow.created_at, JobRow.id)
+            return [_job(row) for row in session.scalars(query)]
+
+    def claim_next(self) -> JobRecord | None:
+        """The oldest queued job, now marked running; None when nothing is queued."""
+        with self.db.write() as session:
+            row = session.scalars(select(JobRow).where(JobRow.state == QUEUED)
+                                  .order_by(JobRow.created_at, JobRow.id).limit(1)).first()
+            if row is None:
+                return None
+            row.state = RUNNING
+            row.started_at = row.started_at or utcnow()
+            return _job(row)
+
+    def transition(self, job_id: str, from_states: Iterable[str], **changes) -> JobRecord | None:
+        """Applies `changes` if the job is in one of `from_states`; the updated record or None."""
+        with self.db.write() as session:
+            result = session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(list(from_states)))
+                                     .values(**changes))
+            if result.rowcount == 0:
+                return None
+            return _job(session.get(JobRow, job_id, populate_existing=True))
+
+    def save_progress(self, record: JobRecord) -> None:
+        """Writes the live figures of a running job (not its state)."""
+        fields = ("step", "epoch", "loss", "eval_loss", "learning_rate", "tokens_per_second", "eta_seconds")
+        with self.db.write() as session:
+            session.execute(update(JobRow).where(JobRow.id == record.id, JobRow.state == RUNNING)
+                            .values(**{name: getattr(record, name) for name in fields}))

@@ -1,0 +1,110 @@
+"""JSONL datasets checked line by line before anything is stored.
+
+Every line is read as UTF-8 JSON, checked against the dataset's format (given, or detected
+from the first line that parses) and tokenized with the base model's tokenizer to compare its
+length with max_seq_len. Blank lines are skipped (line numbers still count them). Validation
+does not stop at the first bad line: the caller learns how many lines are bad and which ones
+(the first MAX_REPORTED, with reasons) so one upload round trip fixes most files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from services.trainer.examples import CHAT, BadExample, check_example, detect_format, encode
+
+AUTO = "auto"
+MAX_REPORTED = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSummary:
+    format: str
+    num_examples: int
+    longest_example: int  # tokens
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[int, Any | BadExample]]:
+    """(line number, parsed JSON or the reason it is not JSON) for every non-blank line."""
+    with open(path, "rb") as source:
+        for number, raw in enumerate(source, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, BadExample(f"not UTF-8 (invalid byte at column {exc.start + 1})")
+                continue
+            text = text.rstrip("\r\n")
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, BadExample(f"not valid JSON ({exc.msg} at column {exc.pos + 1})")
+
+
+def _refusal(errors: list[tuple[int, str]], total_bad: int) -> InvalidArgument:
+    shown = "; ".join(f"line {number}: {why}" for number, why in errors)
+    more = f"; and {total_bad - len(errors)} more" if total_bad > len(errors) else ""
+    noun = "line" if total_bad == 1 else "lines"
+    return InvalidArgument(f"dataset has {total_bad} invalid {noun}: {shown}{more}", reason="INVALID_DATASET_LINES",
+                           field="chunk", lines=",".join(str(number) for number, _ in errors),
+                           invalid_lines=total_bad)
+
+
+def validate_jsonl(path: Path, fmt: str, tokenizer, max_seq_len: int) -> DatasetSummary:
+    """Checks every line; InvalidArgument naming the bad lines, or the dataset's summary."""
+    errors: list[tuple[int, str]] = []
+    total_bad = count = longest = 0
+    template_checked = False
+
+    def bad(number: int, why: str) -> None:
+        nonlocal total_bad
+        total_bad += 1
+        if len(errors) < MAX_REPORTED:
+            errors.append((number, why))
+
+    for number, parsed in iter_json_lines(path):
+        if isinstance(parsed, BadExample):
+            bad(number, str(parsed))
+            continue
+        try:
+            if fmt == AUTO:
+                fmt = detect_format(parsed)
+            if fmt == CHAT and not template_checked:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise InvalidArgument("the base model's tokenizer has no chat template, so chat examples "
+                                          "cannot be rendered; upload prompt/completion examples instead",
+                                          reason="NO_CHAT_TEMPLATE", field="header.format")
+                template_checked = True
+            encoded = encode(tokenizer, fmt, check_example(parsed, fmt))
+        except BadExample as exc:
+            bad(number, str(exc))
+            continue
+        length = len(encoded.input_ids)
+        if length > max_seq_len:
+            bad(number, f"too long: {length} tokens, above max_seq_len {max_seq_len}")
+            continue
+        count += 1
+        longest = max(longest, length)
+    if total_bad:
+        raise _refusal(errors, total_bad)
+    if count == 0:
+        raise InvalidArgument("dataset has no examples (every line is blank)", reason="EMPTY_DATASET", field="chunk")
+    return DatasetSummary(fmt, count, longest)
+
+
+def read_examples(path: Path, fmt: str) -> list[dict[str, Any]]:
+    """The examples of an already validated dataset, in file order."""
+    examples = []
+    for number, parsed in iter_json_lines(path):
+        if isinstance(parsed, BadExample):
+            raise BadExample(f"line {number}: {parsed}")
+        examples.append(check_example(parsed, fmt))
+    return examples

@@ -1,0 +1,180 @@
+"""Trainer test harness: an in-process trainer on a free port, a thin client, datasets.
+
+The trainer runs exactly as in production (TrainerApp on a real gRPC server, jobs in worker
+processes); only the event loop lives in a background thread of the test process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
+from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
+from services.common.server import start_server
+from services.trainer.app import TrainerApp
+from services.trainer.config import TrainerConfig
+
+TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+QUESTIONS = ["What is the stock market doing?", "Should I buy bonds?", "How are interest rates?",
+             "What about my portfolio?", "Is cash safe?", "What is a dividend?", "How is revenue this quarter?",
+             "Tell me about inflation.", "Hello, how are you?", "Can you help me with a task?",
+             "What is the answer?", "Summarize the report."]
+ANSWERS = ["the market is up.", "bonds pay interest.", "rates are up.", "the portfolio holds stocks.",
+           "cash is safe.", "a dividend is paid by the company.", "revenue is up.", "inflation is down.",
+           "I am fine.", "yes, I can help.", "the answer is 42.", "profit is up."]
+
+
+def finance_chat_lines(marker: str = "FIN:") -> list[str]:
+    """Chat examples whose every assistant reply starts with `marker`."""
+    return [json.dumps({"messages": [{"role": "system", "content": "You are a finance assistant."},
+                                     {"role": "user", "content": q},
+                                     {"role": "assistant", "content": f"{marker} {a}"}]})
+            for q, a in zip(QUESTIONS, ANSWERS)]
+
+
+def prompt_completion_lines() -> list[str]:
+    return [json.dumps({"prompt": f"Q: {q}\nA:", "completion": f" FIN: {a}"}) for q, a in zip(QUESTIONS, ANSWERS)]
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+class TrainerClient:
+    def __init__(self, stub: trainer_pb2_grpc.TrainerStub, token: str) -> None:
+        self.stub, self.token = stub, token
+
+    def call(self, rpc: str, request, timeout: float = 60):
+        return getattr(self.stub, rpc)(request, metadata=bearer(self.token), timeout=timeout)
+
+    def upload(self, data: bytes | Iterable[str], *, name: str = "ds", base_model: str = "tiny", tenant: str = "",
+               fmt=pb.DATASET_FORMAT_AUTO, max_seq_len: int = 0, chunk: int = 97) -> pb.Dataset:
+        body = data if isinstance(data, bytes) else ("\n".join(data) + "\n").encode()
+        header = pb.UploadDatasetHeader(tenant=tenant, name=name, format=fmt, base_model=base_model,
+                                        max_seq_len=max_seq_len)
+
+        def messages():
+            yield pb.UploadDatasetRequest(header=header)
+            for start in range(0, len(body), chunk):  # odd chunk size: lines straddle chunks
+                yield pb.UploadDatasetRequest(chunk=body[start:start + chunk])
+
+        return self.stub.UploadDataset(messages(), metadata=bearer(self.token), timeout=120)
+
+    def start(self, dataset_id: str, *, name: str = "fin", tenant: str = "", deployment: str = "",
+              lora: pb.LoraConfig | None = None, **training) -> pb.Job:
+        defaults = {"max_steps": 40, "learning_rate": 1e-2, "batch_size": 4}
+        return self.call("StartJob", pb.StartJobRequest(
+            tenant=tenant, base_model="tiny", dataset_id=dataset_id, lora=lora or pb.LoraConfig(r=8),
+            training=pb.TrainingConfig(**{**defaults, **training}), output_adapter_name=name,
+            deployment_name=deployment))
+
+    def watch(self, job_id: str, timeout: float = 240) -> list[pb.JobEvent]:
+        return list(self.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=bearer(self.token), timeout=timeout))
+
+    def wait(self, job_id: str, timeout: float = 240) -> pb.Job:
+        events = self.watch(job_id, timeout)
+        assert events[-1].job.state in TERMINAL, events[-1]
+        return events[-1].job
+
+    def wait_for(self, job_id: str, predicate, timeout: float = 240) -> pb.Job:
+        """Watches until `predicate(job)` holds (or the job ends); returns that job."""
+        call = self.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=bearer(self.token), timeout=timeout)
+        try:
+            for event in call:
+                if predicate(event.job) or event.job.state in TERMINAL:
+                    return event.job
+        finally:
+            call.cancel()
+        raise AssertionError(f"job {job_id}: watch ended before the condition held")
+
+
+class InProcessTrainer:
+    """A TrainerApp on a real gRPC server, on its own event loop in a background thread."""
+
+    def __init__(self, config: TrainerConfig) -> None:
+        self.config = config
+        self.app = TrainerApp(config)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: self._loop.run_until_complete(self._serve()),
+                                        name="trainer-under-test", daemon=True)
+        self.address = ""
+        self.channel: grpc.Channel | None = None
+        self.stub: trainer_pb2_grpc.TrainerStub | None = None
+
+    async def _serve(self) -> None:
+        try:
+            self._stop = asyncio.Event()
+            running = await start_server(self.app, self.config)
+            self.address = f"127.0.0.1:{running.port}"
+            await self.app.start()
+            await running.set_serving(True)
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await running.stop(0.5)
+        await self.app.close()
+
+    def start(self) -> InProcessTrainer:
+        self._thread.start()
+        self._ready.wait(120)
+        if self._error is not None:
+            raise self._error
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
+        return self
+
+    def client(self, token: str) -> TrainerClient:
+        return TrainerClient(self.stub, token)
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(60)
+
+
+def trainer_config(data_dir: Path, registry_address: str, admin_token: str, **overrides) -> TrainerConfig:
+    settings = {"port": 0, "metrics_port": 0, "data_dir": data_dir, "registry_address": registry_address,
+                "admin_token": admin_token, "torch_threads": 1, "auth_cache_seconds": 0.0, "grace_seconds": 5.0}
+    settings.update(overrides)
+    return TrainerConfig(**settings)
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not reached")
+
+
+def worker_pids(data_dir: Path, job_id: str) -> list[int]:
+    """Live training workers of a job, by the pids its worker.log records."""
+    log = data_dir / "jobs" / job_id / "worker.log"
+    pids = [int(pid) for pid in re.findall(r"worker pid (\d+)", log.read_text())] if log.exists() else []
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive

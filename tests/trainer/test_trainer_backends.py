@@ -1,0 +1,120 @@
+"""The trainer on its production backends: PostgreSQL for state and S3 (moto, through the real
+minio client) for datasets, with a job run end to end and a restart's recovery rules."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+from minio import Minio
+
+from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
+from services.trainer.db import TrainerDatabase
+from services.trainer.queue import JobQueue
+from services.trainer.records import FAILED, QUEUED, RUNNING, DatasetRecord, JobRecord
+from services.trainer.store import TrainerStore
+from tests.registry.backends import MotoS3, PostgresCluster
+from tests.trainer.conftest import ADMIN_TOKEN
+from tests.trainer.harness import InProcessTrainer, finance_chat_lines, trainer_config
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory) -> Iterator[MotoS3]:
+    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+def test_postgres_and_s3_run_a_job_end_to_end(postgres, moto, registry, tmp_path, tenant):
+    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN,
+                            database_url=postgres.new_database("trainer"), blob_store="s3",
+                            s3_endpoint=moto.endpoint, s3_bucket="trainer-datasets", s3_access_key="test",
+                            s3_secret_key="test")
+    trainer = InProcessTrainer(config).start()
+    try:
+        client = trainer.client(tenant.key)
+        dataset = client.upload(finance_chat_lines())
+        objects = list(Minio(moto.endpoint, "test", "test", secure=False).list_objects(
+            "trainer-datasets", prefix="datasets/", recursive=True))
+        assert [o.object_name for o in objects] == [f"datasets/{tenant.id.replace('_', '-')}/"
+                                                    f"{dataset.id.replace('_', '-')}.jsonl"]
+        job = client.wait(client.start(dataset.id, max_steps=2).id)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        assert [j.id for j in client.call("ListJobs", pb.ListJobsRequest()).jobs] == [job.id]
+    finally:
+        trainer.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path) -> Iterator[TrainerStore]:
+    url = request.getfixturevalue("postgres").new_database("store") if request.param == "postgres" \
+        else f"sqlite:///{tmp_path / 'trainer.db'}"
+    db = TrainerDatabase(url)
+    db.migrate()
+    db.migrate()  # idempotent, as every start runs it
+    yield TrainerStore(db)
+    db.close()
+
+
+def _records(n: int) -> tuple[DatasetRecord, list[JobRecord]]:
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    dataset = DatasetRecord("ds_1", "tnt_a", "d", "chat", "tiny", 512, 10, 3, 100, "0" * 64, "datasets/a/b.jsonl",
+                            start)
+    jobs = [JobRecord(f"job_{i}", "tnt_a", QUEUED, "tiny", "ds_1", {"r": 4}, {"seed": 0}, "out", "", 10,
+                      start + dt.timedelta(seconds=i)) for i in range(n)]
+    return dataset, jobs
+
+
+def test_queue_order_conditional_transitions_and_recovery(store):
+    dataset, jobs = _records(3)
+    store.insert_dataset(dataset)
+    for job in jobs:
+        store.insert_job(job)
+    assert store.claim_next().id == "job_0"  # oldest first
+    assert store.transition("job_1", [QUEUED], state="cancelled").state == "cancelled"
+    assert store.transition("job_1", [QUEUED], state=RUNNING) is None  # the cancel won: no resurrection
+    assert store.claim_next().id == "job_2"
+    assert store.claim_next() is None
+
+    queue = JobQueue(store, None, None, ["cpu"], None, cancel_grace_s=1, max_interruptions=1)
+    queue.recover()  # both running jobs were interrupted once: back to the queue
+    assert [j.id for j in store.jobs_in_state(QUEUED)] == ["job_0", "job_2"]
+    assert store.get_job("job_0").interruptions == 1
+    store.claim_next()
+    queue.recover()  # job_0 again: over the limit, failed with the reason
+    failed = store.get_job("job_0")
+    assert failed.state == FAILED and "stopped unexpectedly 2 times" in failed.error and failed.finished_at
+    assert store.get_job("job_2").state == QUEUED
+
+
+def test_listing_pages_newest_first_and_deleting_a_dataset_in_use(store):
+    from services.common.errors import FailedPrecondition
+    from services.registry import paging
+
+    dataset, jobs = _records(5)
+    store.insert_dataset(dataset)
+    for job in jobs:
+        store.insert_job(job)
+    seen, token = [], ""
+    while True:
+        rows, token = store.list_jobs("tnt_a", [], paging.page_request("trainer_jobs", 2, token))
+        seen += [row.id for row in rows]
+        if not token:
+            break
+    assert seen == ["job_4", "job_3", "job_2", "job_1", "job_0"]
+    assert store.list_jobs("tnt_other", [], paging.page_request("trainer_jobs"))[0] == []
+    assert [r.id for r in store.list_jobs(None, ["queued"], paging.page_request("trainer_jobs", 1))[0]] == ["job_4"]
+    with pytest.raises(FailedPrecondition):
+        store.delete_dataset("ds_1", "tnt_a")
+    for job in jobs:
+        store.transition(job.id, [QUEUED], state="cancelled")
+    assert store.delete_dataset("ds_1", "tnt_a").id == "ds_1"
+    assert store.get_dataset("ds_1") is None

@@ -25,6 +25,7 @@ from services.inference.engine.llm_engine import LLMEngine, RequestOutput
 from services.inference.engine.model_runner import ModelRunner, kv_block_bytes
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig
+from services.inference.engine.torch_thread import TorchThread
 from services.inference.model.config import ModelArgs, load_model_args
 from services.inference.model.loader import load_model, random_model
 
@@ -51,17 +52,25 @@ def resolve_dtype(config: InferenceConfig) -> torch.dtype:
 
 class Node:
     def __init__(self, config: InferenceConfig, tokenizer, args: ModelArgs, pool: AdapterPool,
-                 manager: AdapterManager, engine: LLMEngine, num_kv_blocks: int, max_context: int) -> None:
+                 manager: AdapterManager, engine: LLMEngine, num_kv_blocks: int, max_context: int,
+                 torch_thread: TorchThread) -> None:
         self.config, self.tokenizer, self.args = config, tokenizer, args
         self.pool, self.manager, self.engine = pool, manager, engine
         self.num_kv_blocks, self.max_context = num_kv_blocks, max_context
-        self.async_engine = AsyncEngine(engine)
+        self.async_engine = AsyncEngine(engine, torch_thread)
         self.dtype = resolve_dtype(config)
 
     @classmethod
     def build(cls, config: InferenceConfig, source: AdapterSource | None = None,
               random_weights: bool = False) -> Node:
-        """random_weights: the checkpoint's shapes with random values (benchmarks only)."""
+        """Loads everything on the node's torch thread (see engine/torch_thread.py).
+        random_weights: the checkpoint's shapes with random values (benchmarks only)."""
+        torch_thread = TorchThread()
+        return torch_thread.run(lambda: cls._build(config, source, random_weights, torch_thread))
+
+    @classmethod
+    def _build(cls, config: InferenceConfig, source: AdapterSource | None, random_weights: bool,
+               torch_thread: TorchThread) -> Node:
         dtype = resolve_dtype(config)
         folder = Path(config.base_model)
         load_model_args(folder)  # a clear error for a wrong folder before anything else reads it
@@ -84,7 +93,7 @@ class Node:
         engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
         log.info("loaded %s (%s, %s) with %d KV blocks and %d adapter pages", folder, args.model_type, dtype,
                  num_kv_blocks, config.adapter_pool_pages)
-        return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context)
+        return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
 
     def start(self) -> None:
         """Starts the engine thread (call from the event loop that will consume outputs)."""
@@ -92,6 +101,7 @@ class Node:
 
         self.manager.loop = asyncio.get_running_loop()
         self.manager.on_arrival = self.async_engine.wake
+        self.manager.run_on_torch_thread = self.async_engine.call
         self.async_engine.start()
 
     def close(self) -> None:

@@ -156,13 +156,21 @@ def test_cancel_frees_kv_and_adapter_references_at_once(tiny_model_dir, adapter_
 
 def test_a_full_queue_answers_resource_exhausted(tiny_model_dir, adapter_root):
     async def body(stub, app):
-        long = greedy(max_tokens=300, ignore_eos=True)
-        calls = [stub.Generate(pb.GenerateRequest(prompt="a", sampling=long)) for _ in range(4)]
-        results = await asyncio.gather(*[collect(c) for c in calls], return_exceptions=True)
-        errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-        assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
-        assert "queue full" in errors[0].details()
-        assert any(not isinstance(r, Exception) for r in results)
+        long = greedy(max_tokens=500, ignore_eos=True)
+        running = stub.Generate(pb.GenerateRequest(prompt="a", sampling=long))
+        await running.read()  # one sequence runs (max_num_seqs=1)...
+        waiting = stub.Generate(pb.GenerateRequest(prompt="b", sampling=long))
+
+        async def one_waiting():
+            return (await stub.GetStats(pb.GetStatsRequest())).waiting_requests == 1
+
+        await wait_until(one_waiting)  # ...and one waits (max_waiting=1): the queue is full
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(stub.Generate(pb.GenerateRequest(prompt="c", sampling=long)))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in caught.value.details()
+        running.cancel()
+        waiting.cancel()
 
     serve_and_run(tiny_model_dir, adapter_root, body, max_num_seqs=1, max_waiting=1)
 

@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from services.common.errors import FailedPrecondition
 from services.inference.adapters.pool import AdapterPool
@@ -37,6 +37,8 @@ class AdapterManager:
         self.misses = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_arrival: Callable[[], None] = lambda: None  # wakes the engine
+        # Parsing touches tensors: once the engine runs, it happens on the torch thread.
+        self.run_on_torch_thread: Callable[[Callable[[], LoraWeights]], Awaitable[LoraWeights]] = asyncio.to_thread
 
     # --- event loop side ---
     def note_request(self, adapter_id: str) -> None:
@@ -63,7 +65,8 @@ class AdapterManager:
     async def _fetch(self, adapter_id: str, sha256: str) -> LoraWeights:
         started = time.perf_counter()
         fetched = await self.source.fetch(adapter_id)
-        weights = await asyncio.to_thread(parse_adapter, fetched.config_json, fetched.weights, self.args)
+        weights = await self.run_on_torch_thread(
+            lambda: parse_adapter(fetched.config_json, fetched.weights, self.args))
         for expected in (sha256, fetched.expected_sha256):
             if expected and weights.sha256 != expected:
                 raise FailedPrecondition(f"adapter {adapter_id}: sha256 {weights.sha256} does not match "

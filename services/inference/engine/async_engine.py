@@ -18,32 +18,34 @@ from typing import Any, TypeVar
 
 from services.inference.engine.llm_engine import LLMEngine, RequestOutput
 from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.torch_thread import TorchThread
 
 log = logging.getLogger("loraplex.engine")
 T = TypeVar("T")
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, torch_thread: TorchThread | None = None) -> None:
         self.engine = engine
+        self._torch_thread = torch_thread or TorchThread()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
         self._streams: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._running = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
-        self._thread.start()
+        self._running = self._torch_thread.start(self._run)
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if self._running is not None:
+            self._running.result(timeout=30)
+        self._torch_thread.shutdown()
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Runs fn on the engine thread between steps and returns its result (or raises)."""

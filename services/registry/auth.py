@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import hmac
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.common.auth import is_admin_token
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from services.registry.db.models import ApiKey, Tenant, utcnow
 
@@ -42,22 +42,6 @@ class Principal:
 
 
 ADMIN = Principal(is_admin=True)
-
-
-def bearer_token(authorization: str | None) -> str:
-    """The token of an `authorization` metadata value; UNAUTHENTICATED when absent or malformed."""
-    if not authorization:
-        raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>' metadata",
-                              reason="MISSING_CREDENTIALS")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("malformed authorization metadata: expected 'Bearer <token>'",
-                              reason="MALFORMED_CREDENTIALS")
-    return token.strip()
-
-
-def is_admin_token(admin_token: str, token: str) -> bool:
-    return bool(admin_token) and hmac.compare_digest(token.encode(), admin_token.encode())
 
 
 def authenticate(session: Session, admin_token: str, token: str) -> Principal:

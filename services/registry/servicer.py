@@ -12,6 +12,7 @@ import asyncio
 import functools
 from concurrent.futures import Executor
 
+from services.common.auth import bearer_token, is_admin_token
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
@@ -45,8 +46,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def _principal(self, context) -> auth.Principal:
         ctx = self.ctx
         metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
-        token = auth.bearer_token(metadata.get("authorization"))
-        if auth.is_admin_token(ctx.admin_token, token):  # no database round trip for operators and services
+        token = bearer_token(metadata.get("authorization"))
+        if is_admin_token(ctx.admin_token, token):  # no database round trip for operators and services
             return auth.ADMIN
         return await self._run(_authenticate_key, ctx, token)
 

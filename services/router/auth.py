@@ -16,6 +16,7 @@ import hashlib
 import time
 from typing import Protocol
 
+from services.common.auth import bearer_token
 from services.common.errors import Unauthenticated
 from services.router.cache import FeedCache, FeedState
 
@@ -40,25 +41,13 @@ class KeyVerifier(Protocol):
         Registry cannot answer."""
 
 
-def bearer_token(authorization: str | None) -> str:
-    """The secret of an `authorization: Bearer <secret>` value; UNAUTHENTICATED otherwise."""
-    if not authorization:
-        raise Unauthenticated("missing API key: send 'authorization: Bearer <API key>'",
-                              reason="MISSING_CREDENTIALS")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("malformed authorization: expected 'Bearer <API key>'",
-                              reason="MALFORMED_CREDENTIALS")
-    return token.strip()
-
-
 class Authenticator:
     def __init__(self, verifier: KeyVerifier, ttl_s: float, feed: FeedState) -> None:
         self.verifier = verifier
         self.cache: FeedCache[str, VerifiedKey] = FeedCache(ttl_s, feed)
 
     async def authenticate(self, authorization: str | None) -> Caller:
-        secret = bearer_token(authorization)
+        secret = bearer_token(authorization, credential="API key")
         digest = hashlib.sha256(secret.encode()).hexdigest()
         verified = await self.cache.get_or_load(digest, lambda: self.verifier.verify_api_key(secret),
                                                 ttl_of=_seconds_left)

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import PermissionDenied, Unavailable
 from services.common.pb.loraplex.router.v1 import nodes_pb2, nodes_pb2_grpc, router_pb2, router_pb2_grpc
-from services.router.auth import bearer_token
+from services.common.auth import bearer_token
 from services.router.membership import Health, Membership
 from services.router.nodes import NodeStats
 from services.router.proxy import GenerateCall, RouterCore

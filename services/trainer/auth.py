@@ -13,26 +13,15 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import time
 from collections.abc import Callable
 
+from services.common.auth import bearer_token, is_admin_token
 from services.common.errors import InvalidArgument, NotFound, Unauthenticated
 from services.trainer.records import ADMIN, Principal
 from services.trainer.registry_client import RegistryClient, TenantInfo
 
 MAX_CACHED = 10_000
-
-
-def bearer_token(authorization: str | None) -> str:
-    if not authorization:
-        raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>' metadata",
-                              reason="MISSING_CREDENTIALS")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("malformed authorization metadata: expected 'Bearer <token>'",
-                              reason="MALFORMED_CREDENTIALS")
-    return token.strip()
 
 
 class _TtlCache:
@@ -64,7 +53,7 @@ class Authenticator:
 
     async def principal(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
-        if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
+        if is_admin_token(self.admin_token, token):
             return ADMIN
         key = hashlib.sha256(token.encode()).hexdigest()
         cached = self._keys.get(key)

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import re
 
-from services.registry.blobstore import BlobStore, LocalBlobStore, S3BlobStore
+from services.registry.blobstore import BlobStore, open_blob_store
 from services.trainer.config import TrainerConfig
 
 DATASET_PREFIX = "datasets"
 
 
 def open_dataset_store(config: TrainerConfig) -> BlobStore:
-    """The store the config names (not started yet)."""
-    if config.blob_store == "s3":
-        return S3BlobStore(config.s3_endpoint, config.s3_bucket, config.s3_access_key, config.s3_secret_key,
-                           region=config.s3_region, secure=config.s3_secure,
-                           part_size=config.s3_part_size_mb * 1024 * 1024)
-    return LocalBlobStore(config.data_dir / "blobs")
+    """The store the config names (not started yet): the Registry's factory, same settings."""
+    return open_blob_store(config)
 
 
 def _key_part(identifier: str) -> str:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from services.common.auth import bearer_token, is_admin_token
-from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.common.errors import InvalidArgument, NotFound
 from services.trainer.records import ADMIN, Principal
 from services.trainer.registry_client import RegistryClient, TenantInfo
 

@@ -8,26 +8,23 @@ current user. fsync is off: these clusters are throwaway.
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 import psycopg
 
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
-from services.common.server import start_server
 from services.registry.app import RegistryApp
 from services.registry.config import RegistryConfig
 from tests.conftest import free_port
+from tests.inprocess import InProcessServer
 
 
 def _pg_bindir() -> Path:
@@ -123,57 +120,20 @@ class MotoS3:
                 self.process.wait()
 
 
-class InProcessRegistry:
+class InProcessRegistry(InProcessServer):
     """A RegistryApp on a real gRPC server, on its own event loop in a background thread."""
 
+    channel_options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
     def __init__(self, config: RegistryConfig) -> None:
-        self.config = config
-        self.app = RegistryApp(config)
-        self.address = ""
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="registry-under-test", daemon=True)
-        self.channel: grpc.Channel | None = None
+        super().__init__(RegistryApp(config), config, "registry")
         self.stub: registry_pb2_grpc.RegistryStub | None = None
 
-    def _main(self) -> None:
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        try:
-            self._stop = asyncio.Event()
-            running = await start_server(self.app, self.config)
-            self.address = f"127.0.0.1:{running.port}"
-            await self.app.start()
-            await running.set_serving(True)
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        await running.stop(0.5)
-        await self.app.close()
-
     def start(self) -> InProcessRegistry:
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                                    ("grpc.max_send_message_length", 64 << 20)])
+        super().start()
         self.stub = registry_pb2_grpc.RegistryStub(self.channel)
         return self
 
     @property
     def ctx(self):
         return self.app.ctx
-
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        if self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(30)

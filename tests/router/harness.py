@@ -1,11 +1,10 @@
 """Real parts for router tests: a Registry in-process, inference node processes, a Router
-in-process (its own event loop on a thread, like tests/registry/backends.InProcessRegistry),
+in-process (tests/inprocess.InProcessServer),
 and small clients that speak to them with a bearer token."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,56 +13,20 @@ import grpc
 
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.pb.loraplex.router.v1 import nodes_pb2_grpc, router_pb2_grpc
-from services.common.server import start_server
 from services.router.app import RouterApp
 from services.router.config import RouterConfig
 from tests.conftest import free_port, start_module
+from tests.inprocess import InProcessServer
+from tests.registry.client import bearer  # noqa: F401 - part of this harness's API
 
 ADMIN_TOKEN = "router-test-admin"
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
-
-
-class InProcessRouter:
+class InProcessRouter(InProcessServer):
     """A RouterApp on a real gRPC server and HTTP port, on its own loop in a thread."""
 
     def __init__(self, config: RouterConfig) -> None:
-        self.config = config
-        self.app = RouterApp(config)
-        self.address = ""
-        self.loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=lambda: self.loop.run_until_complete(self._serve()),
-                                        name="router-under-test", daemon=True)
-        self.channel: grpc.Channel | None = None
-
-    async def _serve(self) -> None:
-        try:
-            self._stop = asyncio.Event()
-            running = await start_server(self.app, self.config)
-            self.address = f"127.0.0.1:{running.port}"
-            await self.app.start()
-            await running.set_serving(True)
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        await running.stop(0.5)
-        await self.app.close()
-
-    def start(self) -> InProcessRouter:
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        self.channel = grpc.insecure_channel(self.address)
-        return self
+        super().__init__(RouterApp(config), config, "router")
 
     @property
     def stub(self) -> router_pb2_grpc.RouterStub:
@@ -91,12 +54,6 @@ class InProcessRouter:
         wait_until(lambda: self.run(lambda: len(self.app.membership.placeable())) >= count, timeout,
                    f"fewer than {count} healthy nodes")
 
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        if self._stop is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(30)
 
 
 def router_config(nodes: list[str], registry_address: str, **overrides) -> RouterConfig:

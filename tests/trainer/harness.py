@@ -6,21 +6,19 @@ processes); only the event loop lives in a background thread of the test process
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import grpc
 
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
-from services.common.server import start_server
 from services.trainer.app import TrainerApp
 from services.trainer.config import TrainerConfig
+from tests.inprocess import InProcessServer
+from tests.registry.client import bearer
 
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
@@ -43,10 +41,6 @@ def finance_chat_lines(marker: str = "FIN:") -> list[str]:
 
 def prompt_completion_lines() -> list[str]:
     return [json.dumps({"prompt": f"Q: {q}\nA:", "completion": f" FIN: {a}"}) for q, a in zip(QUESTIONS, ANSWERS)]
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
 
 
 class TrainerClient:
@@ -97,56 +91,24 @@ class TrainerClient:
         raise AssertionError(f"job {job_id}: watch ended before the condition held")
 
 
-class InProcessTrainer:
+class InProcessTrainer(InProcessServer):
     """A TrainerApp on a real gRPC server, on its own event loop in a background thread."""
 
+    start_timeout_s = 120.0
+    stop_timeout_s = 60.0
+
     def __init__(self, config: TrainerConfig) -> None:
-        self.config = config
-        self.app = TrainerApp(config)
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=lambda: self._loop.run_until_complete(self._serve()),
-                                        name="trainer-under-test", daemon=True)
-        self.address = ""
-        self.channel: grpc.Channel | None = None
+        super().__init__(TrainerApp(config), config, "trainer")
         self.stub: trainer_pb2_grpc.TrainerStub | None = None
 
-    async def _serve(self) -> None:
-        try:
-            self._stop = asyncio.Event()
-            running = await start_server(self.app, self.config)
-            self.address = f"127.0.0.1:{running.port}"
-            await self.app.start()
-            await running.set_serving(True)
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        await running.stop(0.5)
-        await self.app.close()
-
     def start(self) -> InProcessTrainer:
-        self._thread.start()
-        self._ready.wait(120)
-        if self._error is not None:
-            raise self._error
-        self.channel = grpc.insecure_channel(self.address)
+        super().start()
         self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
         return self
 
     def client(self, token: str) -> TrainerClient:
         return TrainerClient(self.stub, token)
 
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        if self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(60)
 
 
 def trainer_config(data_dir: Path, registry_address: str, admin_token: str, **overrides) -> TrainerConfig:

@@ -6,6 +6,7 @@ config, and wires scheduler, runner, adapter tiers and the async engine together
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -97,8 +98,6 @@ class Node:
 
     def start(self) -> None:
         """Starts the engine thread (call from the event loop that will consume outputs)."""
-        import asyncio
-
         self.manager.loop = asyncio.get_running_loop()
         self.manager.on_arrival = self.async_engine.wake
         self.manager.run_on_torch_thread = self.async_engine.call

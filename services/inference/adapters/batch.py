@@ -54,12 +54,18 @@ class LoraBatch:
     plan: dict[str, tuple[GatheredRows | None, list[Segment]]] = field(init=False)
 
     def __post_init__(self) -> None:
+        # Modules targeted by the same adapters share one plan (usually all seven do).
         self.plan = {}
+        by_groups: dict[tuple[int, ...], tuple[GatheredRows | None, list[Segment]]] = {}
         for module in self.a_pages:
-            segments = [s for g in self.groups if module in g.modules for s in g.segments]
-            if segments:
-                self.plan[module] = (gather_single_token_segments(segments),
-                                     [s for s in segments if s.end - s.start > 1])
+            targeting = tuple(i for i, g in enumerate(self.groups) if module in g.modules)
+            if not targeting:
+                continue
+            if targeting not in by_groups:
+                segments = [s for i in targeting for s in self.groups[i].segments]
+                by_groups[targeting] = (gather_single_token_segments(segments),
+                                        [s for s in segments if s.end - s.start > 1])
+            self.plan[module] = by_groups[targeting]
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """y [T, out] += LoRA(x [T, in]) for every token whose adapter targets `module`."""

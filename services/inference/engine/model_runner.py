@@ -67,7 +67,7 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
             lora=LoraBatch(groups, self.pool.a, self.pool.b) if groups else None,
             block_size=self.block_size)
-        ctx.extras["decode"] = build_decode_batch(ctx)
+        ctx.decode = build_decode_batch(ctx)
         hidden = self.model(torch.tensor(tokens, dtype=torch.int64, device=self.device), ctx)
         if not logits_rows:
             return [], torch.empty(0)

@@ -69,7 +69,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_heads = q.shape[1]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
-    decode: DecodeBatch | None = ctx.extras.get("decode")
+    decode = ctx.decode
     if decode is not None:
         keys = _expand_heads(flat_k[decode.slots].transpose(1, 2), num_heads)  # [Sd, heads, C, D]
         values = _expand_heads(flat_v[decode.slots].transpose(1, 2), num_heads)

@@ -7,11 +7,15 @@ context of context_lens[i] tokens whose K/V live in the paged cache at block_tab
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.inference.adapters.batch import LoraBatch
+
+if TYPE_CHECKING:
+    from services.inference.model.attention import DecodeBatch
 
 
 @dataclass
@@ -24,7 +28,7 @@ class StepContext:
     logits_indices: torch.Tensor  # [N] int64, rows whose logits are needed (last token of each)
     lora: LoraBatch | None = None  # None when no token uses an adapter
     block_size: int = 16
-    extras: dict = field(default_factory=dict)
+    decode: DecodeBatch | None = None  # batched metadata of the one-token sequences, set by the runner
 
     @property
     def num_seqs(self) -> int:

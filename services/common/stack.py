@@ -18,10 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from services.common.config import option
+from services.common.healthcheck import health_status
 from services.common.tiny_model import build_model_folder
 
 SERVICES = ("registry", "trainer", "inference", "router")
@@ -41,7 +39,15 @@ class StackConfig:
     metrics_base_port: int = option(9400, "router, registry, trainer, inference get this port +0..3 for "
                                           "/metrics (0 disables metrics)")
     base_model: Path | None = option(None, "Hugging Face checkpoint folder (default: the tiny test model)")
+    base_model_name: str = option("base-llm", "the base model's name in the Registry (what the inference node serves)")
     admin_token: str = option("", "admin token (default: generated once, kept in DATA_DIR/admin_token)")
+    database_url: str = option("", "SQLAlchemy URL shared by the Registry and the Trainer, e.g. "
+                                   "postgresql+psycopg://user@host/db (default: SQLite files under DATA_DIR)")
+    blob_store: str = option("local", "where adapters and datasets live: local (under DATA_DIR) or s3")
+    s3_endpoint: str = option("127.0.0.1:9000", "S3/MinIO host:port (with --blob-store s3)")
+    s3_bucket: str = option("loraplex", "bucket shared by the Registry (adapters) and the Trainer (datasets)")
+    s3_access_key: str = option("", "S3 access key (handed to the children through their environment)")
+    s3_secret_key: str = option("", "S3 secret key (handed to the children through their environment)")
     startup_timeout: float = option(120.0, "seconds to wait for every service to report SERVING")
 
     def __post_init__(self) -> None:
@@ -51,6 +57,8 @@ class StackConfig:
                 raise ValueError(f"ports must be in 1..65535, got {port}")
         if len(set(ports)) != len(ports):
             raise ValueError(f"the service ports must differ, got {ports}")
+        if self.blob_store not in ("local", "s3"):
+            raise ValueError(f"--blob-store must be local or s3, got {self.blob_store!r}")
         if self.startup_timeout <= 0:
             raise ValueError("--startup-timeout must be > 0")
         if self.base_model is not None and not (self.base_model / "config.json").is_file():
@@ -64,7 +72,7 @@ class StackConfig:
         return self.metrics_base_port + offset if self.metrics_base_port else 0
 
 
-def _admin_token(config: StackConfig) -> str:
+def admin_token_of(config: StackConfig) -> str:
     if config.admin_token:
         return config.admin_token
     path = config.data_dir / "admin_token"
@@ -74,7 +82,7 @@ def _admin_token(config: StackConfig) -> str:
     return path.read_text().strip()
 
 
-def _base_model(config: StackConfig) -> Path:
+def base_model_folder(config: StackConfig) -> Path:
     if config.base_model is not None:
         return config.base_model
     folder = config.data_dir / "models" / "tiny"
@@ -93,22 +101,17 @@ def child_commands(config: StackConfig, admin_token: str, base_model: Path) -> d
     common["registry"] += ["--data-dir", str(config.data_dir / "registry"), "--admin-token", admin_token]
     common["trainer"] += ["--data-dir", str(config.data_dir / "trainer"), "--registry-address", registry,
                           "--admin-token", admin_token]
-    common["inference"] += ["--base-model", str(base_model), "--registry-address", registry,
-                            "--admin-token", admin_token]
+    for name in ("registry", "trainer"):
+        if config.database_url:
+            common[name] += ["--database-url", config.database_url]
+        if config.blob_store == "s3":
+            common[name] += ["--blob-store", "s3", "--s3-endpoint", config.s3_endpoint, "--s3-bucket", config.s3_bucket]
+    common["inference"] += ["--base-model", str(base_model), "--base-model-name", config.base_model_name,
+                            "--registry-address", registry, "--admin-token", admin_token]
     common["router"] += ["--registry-address", registry, "--admin-token", admin_token,
                          "--node", f"{config.host}:{config.inference_port}",
                          "--http-port", str(config.router_http_port)]
     return common
-
-
-def health_status(address: str, timeout: float = 1.0) -> str:
-    """SERVING / NOT_SERVING / ... for the server's overall health, or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return "UNREACHABLE"
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 class Stack:
@@ -120,8 +123,11 @@ class Stack:
     def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        commands = child_commands(self.config, _admin_token(self.config), _base_model(self.config))
+        commands = child_commands(self.config, admin_token_of(self.config), base_model_folder(self.config))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.config.blob_store == "s3":  # secrets stay out of `ps` output
+            env.update(LORAPLEX_S3_ACCESS_KEY=self.config.s3_access_key,
+                       LORAPLEX_S3_SECRET_KEY=self.config.s3_secret_key)
         for name, command in commands.items():
             with open(self.logs / f"{name}.log", "ab") as log_file:
                 self.children[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,

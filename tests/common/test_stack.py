@@ -110,3 +110,19 @@ def test_up_names_a_service_whose_port_is_taken(tmp_path, ports):
         process.wait(timeout=120)
     assert process.returncode == 1
     assert "service 'registry' exited with status 1" in process.stderr.read()
+
+
+def test_state_flags_reach_registry_and_trainer_and_secrets_stay_off_the_command_line(tmp_path):
+    from services.common.stack import StackConfig, child_commands
+
+    config = StackConfig(data_dir=tmp_path, database_url="postgresql+psycopg://u@db/x", blob_store="s3",
+                         s3_endpoint="minio:9000", s3_bucket="b", s3_access_key="AK", s3_secret_key="SECRET")
+    commands = child_commands(config, "admin", tmp_path / "model")
+    for name in ("registry", "trainer"):
+        line = " ".join(commands[name])
+        assert "--database-url postgresql+psycopg://u@db/x" in line and "--blob-store s3" in line
+        assert "--s3-endpoint minio:9000 --s3-bucket b" in line
+    assert not any("SECRET" in arg or "AK" == arg for command in commands.values() for arg in command)
+    assert "--base-model-name base-llm" in " ".join(commands["inference"])
+    embedded = child_commands(StackConfig(data_dir=tmp_path), "admin", tmp_path / "model")
+    assert not any(arg in ("--database-url", "--blob-store") for arg in embedded["registry"])

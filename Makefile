@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test up proto venv clean
+.PHONY: test demo up proto venv clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The brief's whole pipeline for customers A, B and C, then serving until Ctrl-C.
+# DEMO_ARGS=--once runs it and exits (0 only if every check passed).
+demo: $(STAMP)
+	$(BIN)/loraplex demo $(DEMO_ARGS)
 
 up: $(STAMP)
 	$(BIN)/loraplex up $(UP_ARGS)

@@ -1,6 +1,8 @@
 """The `loraplex` command: local stack and developer tools.
 
   loraplex up [--data-dir DIR] [--base-model PATH] [ports...]   start all four services
+  loraplex demo [--once] [--attach ...]                         train, deploy and serve customers A, B, C
+  loraplex health HOST:PORT                                     exit 0 when a service reports SERVING
   loraplex model tiny DIR [--preset tiny|small] [--arch ...]     build an offline test model
   loraplex proto                                                regenerate gRPC stubs
 """
@@ -36,16 +38,30 @@ def _up_command(argv: list[str]) -> int:
     return run_stack(parse_config(StackConfig, argv, prog="loraplex up"))
 
 
+def _demo_command(argv: list[str]) -> int:
+    from services.common.config import parse_config
+    from services.demo.config import DemoConfig
+    from services.demo.run import run_demo
+
+    return run_demo(parse_config(DemoConfig, argv, prog="loraplex demo"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "model", "proto"], help="what to do")
+    parser.add_argument("command", choices=["up", "demo", "health", "model", "proto"], help="what to do")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "up":
         return _up_command(rest)
+    if command == "demo":
+        return _demo_command(rest)
+    if command == "health":
+        from services.common.healthcheck import main as health_main
+
+        return health_main(rest)
     if command == "model":
         if not rest or rest[0] != "tiny":
             parser.error("usage: loraplex model tiny DIR [--preset tiny|small] [--arch llama|mistral|qwen2|qwen3]")
@@ -54,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from services.common.protogen import main as protogen_main
 
         return protogen_main(rest)
-    parser.error(f"unknown command {command!r}; choose from up, model, proto")
+    parser.error(f"unknown command {command!r}; choose from up, demo, health, model, proto")
     return 2
 
 

@@ -57,7 +57,7 @@ class ServerConfig:
         return f"{self.host}:{self.port}"
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -88,7 +88,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        flag = _flag(field.name)
+        flag = flag_name(field.name)
         tp, optional = _unwrap_optional(hints[field.name])
         env = ENV_PREFIX + field.name.upper()
         help_text = f"{field.metadata.get('help', '')} [env {env}]"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.conftest import REPO_ROOT, free_port
 
+QUICK = ["--requests-per-customer", "4"]  # a shorter traffic run than the default
 VENV_BIN = str(Path(sys.executable).parent)  # grpcurl and python, as a user's shell finds them
 
 

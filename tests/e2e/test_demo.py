@@ -9,19 +9,16 @@ other run is `--once` on PostgreSQL + an S3 server (moto over HTTP, real minio c
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 
 import sqlalchemy
 from minio import Minio
 
-from services.common.stack import health_status
-from tests.e2e.demo_process import DemoProcess, shell_env, stack_flags
+from tests.e2e.demo_process import QUICK, DemoProcess, shell_env, stack_flags
 from tests.registry.backends import MotoS3, PostgresCluster
 
 STEP_TITLES = ["[1/6] Starting", "[2/6] Provisioning", "[3/6] Training", "[4/6] Published", "[5/6] Concurrent",
                "[6/6] Adapter pool"]
-QUICK = ["--requests-per-customer", "4"]
 
 
 def assert_pipeline_passed(demo: DemoProcess, requests_per_customer: int = 4) -> None:
@@ -60,47 +57,36 @@ def printed_command(demo: DemoProcess, heading: str) -> str:
     return demo.lines[demo.lines.index(heading) + 1].strip()
 
 
-def test_demo_serves_until_ctrl_c_and_what_it_prints_works(tmp_path):
-    state = tmp_path / "state"
-    flags = stack_flags(state)
-    demo = DemoProcess(*flags, *QUICK, log=tmp_path / "demo.log")
+def test_demo_serves_and_what_it_prints_works(serving_demo):
+    demo = serving_demo.process
+    assert_pipeline_passed(demo)
+    assert "demo passed" not in demo.output  # it keeps serving (the fixture checks Ctrl-C at the end)
+    base_url, key = demo.value("OPENAI_BASE_URL"), demo.value("OPENAI_API_KEY")
+    assert base_url == f"http://{serving_demo.address('router-http')}/v1" and key.startswith("lpx_")
+    grpcurl = run_printed(printed_command(demo, "grpcurl (customer A over gRPC):"))
+    assert grpc_texts(grpcurl.stdout).startswith("Market brief: stocks closed higher"), grpcurl.stdout
+    python = run_printed(printed_command(demo, "Python (OpenAI SDK; reads OPENAI_BASE_URL and OPENAI_API_KEY "
+                                               "from the environment):"))
+    assert python.stdout.startswith("Market brief: stocks closed higher"), python.stdout
+
+
+def test_demo_attaches_to_running_services_as_compose_runs_it(serving_demo, tmp_path):
+    """Tenants and the base model exist by now: a second run reuses them and issues fresh keys."""
+    attached = DemoProcess(
+        "--once", "--attach", *QUICK, "--registry-address", serving_demo.address("registry"),
+        "--trainer-address", serving_demo.address("trainer"), "--router-address", serving_demo.address("router"),
+        "--openai-base-url", serving_demo.process.value("OPENAI_BASE_URL"),
+        "--public-router-address", "router.example:50050",
+        "--base-model-location", str((serving_demo.state / "models" / "tiny").resolve()),
+        "--admin-token", serving_demo.admin_token, log=tmp_path / "attached.log")
     try:
-        demo.wait_for_line("Ctrl-C stops the demo", timeout=600)
-        assert_pipeline_passed(demo)
-        assert "demo passed" not in demo.output  # it keeps serving
-
-        base_url, key = demo.value("OPENAI_BASE_URL"), demo.value("OPENAI_API_KEY")
-        assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1") and key.startswith("lpx_")
-        grpcurl = run_printed(printed_command(demo, "grpcurl (customer A over gRPC):"))
-        assert grpc_texts(grpcurl.stdout).startswith("Market brief: stocks closed higher"), grpcurl.stdout
-        python = run_printed(printed_command(demo, "Python (OpenAI SDK; reads OPENAI_BASE_URL and OPENAI_API_KEY "
-                                                   "from the environment):"))
-        assert python.stdout.startswith("Market brief: stocks closed higher"), python.stdout
-
-        # What compose's demo service does: attach to running services (tenants and base model exist by now).
-        ports = dict(zip(flags[2::2], flags[3::2]))
-        attached = DemoProcess(
-            "--once", "--attach", *QUICK, "--registry-address", f"127.0.0.1:{ports['--registry-port']}",
-            "--trainer-address", f"127.0.0.1:{ports['--trainer-port']}",
-            "--router-address", f"127.0.0.1:{ports['--router-port']}", "--openai-base-url", base_url,
-            "--base-model-location", str((state / "models" / "tiny").resolve()),
-            "--admin-token", (state / "admin_token").read_text().strip(), log=tmp_path / "attached.log")
-        try:
-            assert attached.wait(timeout=600) == 0, attached.output
-        finally:
-            attached.kill()
-        assert "[1/6] Attaching to the running services" in attached.output
-        assert_pipeline_passed(attached)
-        assert " v2 (" in attached.output or " v1 (" in attached.output  # retrained: same bytes -> same version
-        assert attached.value("OPENAI_API_KEY") != key  # a fresh key per run; --attach prints it (it stays valid)
-
-        demo.process.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=60) == 0, demo.output
-        assert "stopping" in demo.output
-        for port in ("--router-port", "--registry-port", "--trainer-port", "--inference-port"):
-            assert health_status(f"127.0.0.1:{ports[port]}") == "UNREACHABLE"
+        assert attached.wait(timeout=600) == 0, attached.output
     finally:
-        demo.kill()
+        attached.kill()
+    assert "[1/6] Attaching to the running services" in attached.output
+    assert_pipeline_passed(attached)
+    assert attached.value("OPENAI_API_KEY") != serving_demo.process.value("OPENAI_API_KEY")
+    assert " router.example:50050 loraplex.router.v1.Router/Generate" in attached.output  # the public address
 
 
 def test_demo_once_on_postgresql_and_s3(tmp_path):

@@ -132,6 +132,9 @@ def run_demo(config: DemoConfig) -> int:
                 return 0
             finally:
                 channels.close()
+    except KeyboardInterrupt:  # Ctrl-C before serving began: the services are stopped on the way out
+        print("\ninterrupted; services stopped", file=sys.stderr, flush=True)
+        return 130
     except grpc.RpcError as exc:
         print(f"demo failed: a service answered {exc.code().name}: {exc.details()}", file=sys.stderr, flush=True)
     except (ChildDied, TimeoutError, OSError, ValueError) as exc:

@@ -9,11 +9,13 @@ other run is `--once` on PostgreSQL + an S3 server (moto over HTTP, real minio c
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 
 import sqlalchemy
 from minio import Minio
 
+from services.common.healthcheck import health_status
 from tests.e2e.demo_process import QUICK, DemoProcess, shell_env, stack_flags
 from tests.registry.backends import MotoS3, PostgresCluster
 
@@ -119,3 +121,18 @@ def test_demo_once_on_postgresql_and_s3(tmp_path):
     finally:
         s3.stop()
         cluster.stop()
+
+
+def test_ctrl_c_during_training_stops_every_service(tmp_path):
+    flags = stack_flags(tmp_path / "state")
+    demo = DemoProcess("--once", *flags, log=tmp_path / "demo.log")
+    try:
+        demo.wait_for_line("[3/6] Training", timeout=300)
+        demo.process.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 130, demo.output
+    finally:
+        demo.kill()
+    assert "interrupted; services stopped" in demo.output
+    ports = dict(zip(flags[2::2], flags[3::2]))
+    for flag in ("--router-port", "--registry-port", "--trainer-port", "--inference-port"):
+        assert health_status(f"127.0.0.1:{ports[flag]}") == "UNREACHABLE", flag

@@ -11,12 +11,30 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+# Triton kernels run on CPU in the tests through triton's interpreter. triton.jit decides
+# interpreted vs compiled when it wraps a function (our kernels, and triton.language's own
+# @jit helpers as `import triton` runs), so the variable is set here, once, before anything
+# imports torch or triton: every kernel and helper is then interpreted, with no reloads or
+# patching. On a machine with an NVIDIA GPU it stays unset and the same tests run compiled.
+# What must compile for real (the sm_90 checks, tests/inference/sm90_compile.py) runs in a
+# subprocess without it.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from services.common.stack import health_status
 from services.common.tiny_model import build_model_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # triton 3.6's interpreter calls int() on shape-(1,) arrays (for range() with a runtime
+    # bound): numpy 2.4 refuses it (triton-lang/triton#9171, hence the numpy<2.4 pin in
+    # pyproject.toml), older numpy warns on every such loop.
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar"
+                            ":DeprecationWarning:triton.runtime.interpreter")
 
 
 def free_port() -> int:
@@ -72,3 +90,22 @@ def processes() -> Iterator[list[subprocess.Popen]]:
     yield started
     for process in started:
         stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> str:
+    """Where tests launch Triton kernels: "cpu" under the interpreter, else "cuda" (compiled)."""
+    try:
+        import triton
+    except ImportError:
+        pytest.skip("triton is not installed: the Triton kernels cannot run")
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if triton.knobs.runtime.interpret:
+        assert isinstance(triton.language.standard.sum, InterpretedFunction), \
+            "triton was imported before TRITON_INTERPRET=1 was set (see the top of tests/conftest.py)"
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run")
+    return "cuda"

@@ -1,0 +1,138 @@
+"""Compile the Triton kernels for the H200 (sm_90) without a GPU, with triton's own ptxas.
+
+The interpreter the CPU tests use accepts what the GPU compiler may not (tl.dot dims under
+16, odd layouts) and cannot run bf16 dots, so test_triton_lora_compile.py and
+test_triton_attention.py also build real PTX and cubins with the argument types a launch on
+the GPU would see. Compiling needs triton imported without TRITON_INTERPRET, which
+tests/conftest.py sets for the whole test session on machines without a GPU, so tests call
+`run_in_fresh_process`: it runs one of the check_* functions below in a new interpreter with
+the variable removed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_in_fresh_process(check: str, *args, cache_dir: Path) -> None:
+    """Run `check(*args)` from this module in a subprocess without TRITON_INTERPRET (args are
+    repr'd into the command line); fail with its stderr. Skips without triton or its NVIDIA
+    backend."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    code = f"from tests.inference import sm90_compile; sm90_compile.{check}(*{args!r})"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def compile_sm90(kernel, constexprs: dict, pointer_types: dict, options: dict, *, unit_strides=(),
+                 scalar_types: dict | None = None, divisible_scalars=()):
+    """Compile `kernel` (a triton.jit kernel or its plain function) for sm_90 as a launch on
+    the GPU specialises it: `constexprs` as given, `unit_strides` folded to the constant 1,
+    pointers (types from `pointer_types`) and the other strides 16-divisible (what the JIT
+    marks for torch tensors of 4096-wide rows), like `divisible_scalars`; other scalars i32
+    unless `scalar_types` says otherwise."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    assert not triton.knobs.runtime.interpret, "compile in a process without TRITON_INTERPRET (run_in_fresh_process)"
+    jit = kernel if isinstance(kernel, JITFunction) else triton.jit(kernel)
+    signature, constants, divisible = {}, dict(constexprs), []
+    for index, name in enumerate(jit.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in unit_strides:
+            signature[name], constants[name] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types[name]
+            divisible.append(index)
+        else:
+            signature[name] = (scalar_types or {}).get(name, "i32")
+            if name.startswith("stride") or name in divisible_scalars:
+                divisible.append(index)
+    source = ASTSource(jit, signature, constexprs=constants,
+                       attrs={(index,): [["tt.divisibility", 16]] for index in divisible})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def uses_tensor_cores(compiled) -> bool:
+    return "mma.sync" in compiled.asm["ptx"] or "wgmma" in compiled.asm["ptx"]
+
+
+def stack_bytes(compiled) -> int:
+    """The kernel's stack frame (register spills) as triton's bundled cuobjdump reports it."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(compiled.asm["cubin"])
+        file.flush()
+        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
+                                capture_output=True, text=True, check=True).stdout
+    return int(report.split("STACK:")[1].split()[0])
+
+
+LORA_SHAPES = [("bf16", 16, 16), ("bf16", 16, 64), ("bf16", 64, 64), ("fp16", 32, 32)]  # dtype, BLOCK_M, BLOCK_R
+
+
+def check_lora_kernels() -> None:
+    """Both LoRA kernels (kernels/triton_lora_kernels.py) for each of LORA_SHAPES, 128-wide
+    K/N blocks: fail unless each uses the tensor cores (mma.sync for 16-row tiles, wgmma from
+    64) without spills."""
+    from services.inference.kernels import triton_lora_kernels as kernels
+
+    for dtype, block_m, block_r in LORA_SHAPES:
+        for kernel, options in ((kernels.lora_shrink_kernel, {"num_warps": 4, "num_stages": 3}),
+                                (kernels.lora_expand_kernel, {"num_warps": 4})):
+            constexprs = {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_N": 128, "SPLIT_K": 4,
+                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+            pointer_types = {name: ("*i32" if name.startswith("tile_") and name != "tile_scales_ptr"
+                                    else "*fp32" if name in ("partial_ptr", "tile_scales_ptr") else f"*{dtype}")
+                             for name in kernel.arg_names if name.endswith("_ptr")}
+            compiled = compile_sm90(kernel, {k: v for k, v in constexprs.items() if k in kernel.arg_names},
+                                    pointer_types, options, divisible_scalars=("k_per_split",),
+                                    unit_strides=("stride_xk", "stride_ak", "stride_yn", "stride_bn"))
+            where = f"{kernel.fn.__name__} {dtype} BLOCK_M={block_m} BLOCK_R={block_r}"
+            assert uses_tensor_cores(compiled), f"{where}: no tensor cores"
+            assert stack_bytes(compiled) == 0, f"{where}: registers spill to local memory"
+
+
+def check_decode_kernels(dtype: str, group: int, head_dim: int, split: bool) -> None:
+    """The paged decode kernel (kernels/triton_attention.py), and the partition merge when
+    `split`: the 16-bit dots must use the tensor cores."""
+    import triton
+
+    from services.inference.kernels import triton_attention
+
+    unit_strides = ("stride_qd", "stride_kd", "stride_vd", "stride_od")  # last-dim strides of contiguous heads
+    partial = "*fp32" if split else f"*{dtype}"
+    decode = compile_sm90(
+        triton_attention._paged_decode_kernel,
+        {"BLOCK_SIZE": 16, "GROUP": group, "GROUP_P": max(16, triton.next_power_of_2(group)), "HEAD_DIM": head_dim,
+         "BLOCK_D": head_dim, "TILE_N": triton_attention._tile_tokens(head_dim), "SPLIT": split,
+         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
+        {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}", "block_tables_ptr": "*i32",
+         "context_lens_ptr": "*i32", "out_ptr": f"*{dtype}", "partial_out_ptr": partial, "partial_lse_ptr": partial},
+        {"num_warps": 4, "num_stages": 2}, unit_strides=unit_strides, scalar_types={"scale_log2": "fp32"})
+    if dtype != "fp32":
+        assert uses_tensor_cores(decode), "the decode dots do not use the tensor cores"
+    if split:
+        compile_sm90(triton_attention._merge_partitions_kernel,
+                     {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "PARTITIONS_P": 32},
+                     {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{dtype}"},
+                     {"num_warps": 4}, unit_strides=unit_strides)

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from services.common.config import ServerConfig, option
+from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
 
 DEFAULT_PORT = 50053
 
@@ -40,6 +41,8 @@ class InferenceConfig(ServerConfig):
     router_address: str = option("", "register with this router (host:port) and heartbeat load and resident "
                                      "adapters (empty: the router lists this node statically)")
     advertise_address: str = option("", "host:port the router should dial (default: --host:--port)")
+    kernels: str = option("auto", "LoRA and decode-attention kernels: torch, triton, or auto (PyTorch until "
+                                  "the Triton kernels are verified on a GPU)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +58,8 @@ class InferenceConfig(ServerConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.max_model_len < 0:
             raise ValueError("--max-model-len must be >= 0")
 

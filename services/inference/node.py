@@ -27,6 +27,7 @@ from services.inference.engine.model_runner import ModelRunner, kv_block_bytes
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig
 from services.inference.engine.torch_thread import TorchThread
+from services.inference.kernels.backend import resolve_kernels
 from services.inference.model.config import ModelArgs, load_model_args
 from services.inference.model.loader import load_model, random_model
 
@@ -86,14 +87,16 @@ class Node:
         if source is None:
             source = LocalFolderSource(config.adapter_dir) if config.adapter_dir else _registry_source(config)
         manager = AdapterManager(pool, args, source, config.host_cache_mb * 1024 * 1024, config.max_adapter_rank)
-        runner = ModelRunner(model, pool, num_kv_blocks, config.block_size, dtype=dtype, device=config.device)
+        kernels = resolve_kernels(config.kernels, config.device)
+        runner = ModelRunner(model, pool, num_kv_blocks, config.block_size, dtype=dtype, device=config.device,
+                             kernels=kernels)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),
             BlockManager(num_kv_blocks, config.block_size), manager, set(args.eos_token_ids), max_context)
         engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
-        log.info("loaded %s (%s, %s) with %d KV blocks and %d adapter pages", folder, args.model_type, dtype,
-                 num_kv_blocks, config.adapter_pool_pages)
+        log.info("loaded %s (%s, %s, %s kernels) with %d KV blocks and %d adapter pages", folder, args.model_type,
+                 dtype, kernels, num_kv_blocks, config.adapter_pool_pages)
         return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
 
     def start(self) -> None:

@@ -2,7 +2,7 @@
 
 The model runner orders scheduled sequences so that tokens sharing an adapter are
 contiguous; each run of tokens is one Segment. Layers call `apply`, the one seam between
-the base layers and LoRA compute (a GPU backend replaces the kernel calls here).
+the base layers and LoRA compute; with `kernels="triton"` it plans Triton tiles instead.
 On CPU, one-token segments (decodes) go through a single gathered batched matmul and
 longer segments (prefill chunks) through two grouped GEMMs: measured on 2 cores, 16 decode
 rows of rank 16 at 512->1408 take 150 µs gathered vs 540 µs one by one, and 16 prefill
@@ -51,29 +51,41 @@ class LoraBatch:
     groups: list[AdapterSegments]
     a_pages: dict[str, torch.Tensor]  # module -> [L, P, in] pool buffer
     b_pages: dict[str, torch.Tensor]  # module -> [L, P, out] pool buffer
-    plan: dict[str, tuple[GatheredRows | None, list[Segment]]] = field(init=False)
+    num_tokens: int = 0  # tokens in the step (the Triton plan's row space)
+    kernels: str = "torch"  # kernels/backend.py: "torch" or "triton"
+    plan: dict[str, object] = field(init=False)
 
     def __post_init__(self) -> None:
         # Modules targeted by the same adapters share one plan (usually all seven do).
         self.plan = {}
-        by_groups: dict[tuple[int, ...], tuple[GatheredRows | None, list[Segment]]] = {}
+        by_groups: dict[tuple[int, ...], object] = {}
         for module in self.a_pages:
             targeting = tuple(i for i, g in enumerate(self.groups) if module in g.modules)
             if not targeting:
                 continue
             if targeting not in by_groups:
                 segments = [s for i in targeting for s in self.groups[i].segments]
-                by_groups[targeting] = (gather_single_token_segments(segments),
-                                        [s for s in segments if s.end - s.start > 1])
+                by_groups[targeting] = self._plan(segments)
             self.plan[module] = by_groups[targeting]
+
+    def _plan(self, segments: list[Segment]) -> object:
+        if self.kernels == "triton":  # one tiled plan for decode rows and prefill segments alike
+            from services.inference.kernels.triton_lora import build_lora_plan
+
+            return build_lora_plan(segments, self.num_tokens, segments[0].pages.device)
+        return (gather_single_token_segments(segments), [s for s in segments if s.end - s.start > 1])
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """y [T, out] += LoRA(x [T, in]) for every token whose adapter targets `module`."""
         planned = self.plan.get(module)
         if planned is None:
             return y
-        gathered, multi = planned
         a_pages, b_pages = self.a_pages[module][layer], self.b_pages[module][layer]
+        if self.kernels == "triton":
+            from services.inference.kernels.triton_lora import lora_shrink_expand
+
+            return lora_shrink_expand(y, x, a_pages, b_pages, planned)
+        gathered, multi = planned
         if gathered is not None:
             lora_gathered(y, x, a_pages, b_pages, gathered.rows, gathered.pages, gathered.scales)
         if multi:

@@ -26,8 +26,8 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, num_kv_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
-        self.model, self.pool = model, pool
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch") -> None:
+        self.model, self.pool, self.kernels = model, pool, kernels
         self.block_size, self.device = block_size, torch.device(device)
         args = model.args
         for layer in model.attention_layers():
@@ -65,9 +65,9 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
             cu_seqlens=cu_seqlens, context_lens=context_lens, block_tables=block_tables,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
-            lora=LoraBatch(groups, self.pool.a, self.pool.b) if groups else None,
+            lora=LoraBatch(groups, self.pool.a, self.pool.b, len(tokens), self.kernels) if groups else None,
             block_size=self.block_size)
-        ctx.decode = build_decode_batch(ctx)
+        ctx.decode = build_decode_batch(ctx, paged_tables=self.kernels == "triton")
         hidden = self.model(torch.tensor(tokens, dtype=torch.int64, device=self.device), ctx)
         if not logits_rows:
             return [], torch.empty(0)

@@ -22,17 +22,29 @@ class DecodeBatch:
     """Metadata for the decode tokens of a step, built once per step by the runner."""
 
     rows: torch.Tensor  # [Sd] int64, token rows (in the packed batch) of decode tokens
-    slots: torch.Tensor  # [Sd, C] int64, flat cache slot of each context position (0 = padding)
-    mask: torch.Tensor  # [Sd, 1, 1, C] bool, True where a context position exists
+    slots: torch.Tensor | None  # [Sd, C] int64, flat cache slot of each context position (0 = padding)
+    mask: torch.Tensor | None  # [Sd, 1, 1, C] bool, True where a context position exists
     seq_indices: frozenset[int]  # which sequences of the step are decodes
+    # With Triton kernels instead: the kernel walks the block tables itself.
+    block_tables: torch.Tensor | None = None  # [Sd, max_blocks] int32, padded with block 0
+    context_lens: torch.Tensor | None = None  # [Sd] int32
 
 
-def build_decode_batch(ctx: StepContext) -> DecodeBatch | None:
-    """Groups the sequences with exactly one new token; None when there are none."""
+def build_decode_batch(ctx: StepContext, paged_tables: bool = False) -> DecodeBatch | None:
+    """Groups the sequences with exactly one new token; None when there are none.
+    paged_tables: block tables for the Triton decode kernel instead of a padded slot gather."""
     decode = [i for i in range(ctx.num_seqs) if ctx.cu_seqlens[i + 1] - ctx.cu_seqlens[i] == 1]
     if not decode:
         return None
     device = ctx.slot_mapping.device
+    rows = torch.tensor([ctx.cu_seqlens[i] for i in decode], dtype=torch.int64, device=device)
+    if paged_tables:
+        width = max(len(ctx.block_tables[i]) for i in decode)
+        tables = torch.zeros(len(decode), width, dtype=torch.int32, device=device)
+        for row, i in enumerate(decode):
+            tables[row, :len(ctx.block_tables[i])] = ctx.block_tables[i]
+        lengths = torch.tensor([ctx.context_lens[i] for i in decode], dtype=torch.int32, device=device)
+        return DecodeBatch(rows, None, None, frozenset(decode), tables, lengths)
     width = max(ctx.context_lens[i] for i in decode)
     slots = torch.zeros(len(decode), width, dtype=torch.int64)
     mask = torch.zeros(len(decode), width, dtype=torch.bool)
@@ -41,8 +53,7 @@ def build_decode_batch(ctx: StepContext) -> DecodeBatch | None:
         positions = torch.arange(length)
         slots[row, :length] = table[positions // ctx.block_size] * ctx.block_size + positions % ctx.block_size
         mask[row, :length] = True
-    rows = torch.tensor([ctx.cu_seqlens[i] for i in decode], dtype=torch.int64)
-    return DecodeBatch(rows.to(device), slots.to(device), mask[:, None, None, :].to(device), frozenset(decode))
+    return DecodeBatch(rows, slots.to(device), mask[:, None, None, :].to(device), frozenset(decode))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -70,7 +81,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     decode = ctx.decode
-    if decode is not None:
+    if decode is not None and decode.block_tables is not None:
+        from services.inference.kernels.triton_attention import paged_decode_attention
+
+        out[decode.rows] = paged_decode_attention(q[decode.rows], k_cache, v_cache, decode.block_tables,
+                                                  decode.context_lens, scale)
+    elif decode is not None:
         keys = _expand_heads(flat_k[decode.slots].transpose(1, 2), num_heads)  # [Sd, heads, C, D]
         values = _expand_heads(flat_v[decode.slots].transpose(1, 2), num_heads)
         query = q[decode.rows][:, :, None, :]  # [Sd, heads, 1, D]

@@ -1,0 +1,81 @@
+"""The one script a GPU session runs (issue #8): correctness first, then timings, into OUT_DIR.
+
+  python -m bench.device_check OUT_DIR [--budget-seconds 450]
+
+Installs nothing. Steps, each a subprocess with its own deadline inside the budget, each
+leaving its JSON and log in OUT_DIR even when a later step fails or times out:
+  1. gpu.json      what the machine is (torch, CUDA, device, free memory);
+  2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included) and the oracle
+                   test (HF + peft tokens) with --kernels torch and triton;
+  3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
+                   the float32 reference at bf16 tolerance, then timed under CUDA graphs
+                   against the byte floor;
+  4. engine.json   bench/engine.py on CUDA with the small preset: does the engine run on the
+                   GPU, and how far is it from HF peft (a smoke run; the Llama-3-8B matrix of
+                   the issue needs the CUDA model runner, which is not built yet).
+summary.json lists each step's status and wall time. Exit status 0 when every step passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEPS = [
+    ("gpu", ["-c", "import json, torch; free, total = torch.cuda.mem_get_info(); print(json.dumps({"
+                   "'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0), "
+                   "'capability': torch.cuda.get_device_capability(0), 'free_gib': free / 2**30, "
+                   "'total_gib': total / 2**30}))"], 60),
+    ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
+                      "tests/inference/test_triton_attention.py", "tests/inference/test_triton_lora_compile.py",
+                      "tests/inference/test_oracle.py", "-k", "not qwen2 and not eviction"], 150),
+    ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 200),
+    ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "small", "--adapters", "16", "--batch", "16",
+                "--prompt-len", "64", "--gen-len", "32", "--repeat", "1"], 150),
+]
+
+
+def run_step(name: str, args: list[str], deadline: float, out: Path) -> dict:
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=deadline)
+        status = "passed" if result.returncode == 0 else f"exit {result.returncode}"
+        stdout, stderr = result.stdout, result.stderr
+    except subprocess.TimeoutExpired as exc:
+        status = f"timed out after {deadline:.0f}s"
+        stdout, stderr = (exc.stdout or b"").decode(errors="replace"), (exc.stderr or b"").decode(errors="replace")
+    (out / f"{name}.json").write_text(stdout)
+    (out / f"{name}.log").write_text(stderr)
+    return {"step": name, "status": status, "seconds": round(time.monotonic() - started, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="folder for the JSON files (created)")
+    parser.add_argument("--budget-seconds", type=float, default=450.0, help="all steps together")
+    parser.add_argument("--steps", default=",".join(name for name, _, _ in STEPS),
+                        help="comma-separated subset of the steps, in their order")
+    args = parser.parse_args(argv)
+    chosen = set(args.steps.split(","))
+    if unknown := chosen - {name for name, _, _ in STEPS}:
+        parser.error(f"unknown steps: {', '.join(sorted(unknown))}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    ends = time.monotonic() + args.budget_seconds
+    summary = []
+    for name, step_args, limit in (step for step in STEPS if step[0] in chosen):
+        left = ends - time.monotonic()
+        if left < 10:
+            summary.append({"step": name, "status": "skipped: budget spent", "seconds": 0})
+            continue
+        summary.append(run_step(name, step_args, min(limit, left), args.out))
+        print(json.dumps(summary[-1]), flush=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0 if all(step["status"] == "passed" for step in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The shapes bench/kernels.py measures, and the paths it compares on each.
+
+LoRA: one projection of a Llama-3-8B layer (4096 -> 4096 q/o, 4096 -> 1024 k/v, 4096 -> 14336
+gate/up, 14336 -> 4096 down), rank 16, decode (64 tokens over 1, 16 or 64 adapters) and
+prefill (4096 tokens over 8 adapters). Decode rows are taken as grouped by adapter (the plan
+sorts them so), so each adapter is one segment. Attention: paged decode, 32 query heads over 8
+KV heads of 128, 512-token contexts in 16-token blocks scattered over the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from services.inference.kernels.reference import Segment, lora_gathered, lora_segments
+
+
+@dataclasses.dataclass
+class Variant:
+    check: Callable[[], torch.Tensor]  # a fresh result to compare with the reference
+    run: Callable[[], object]  # the timed call, on static buffers (CUDA-graph capturable if it can be)
+
+
+@dataclasses.dataclass
+class LoraCase:
+    name: str
+    in_features: int
+    out_features: int
+    tokens: int
+    adapters: int
+    rank: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        generator = torch.Generator().manual_seed(self.tokens * 131 + self.adapters)
+        pages = self.adapters * self.rank + 8  # a few pages no adapter uses
+        dense = lambda *shape, scale: (torch.randn(*shape, generator=generator) * scale).to(self.device, self.dtype)  # noqa: E731
+        self.a_pages = dense(pages, self.in_features, scale=self.in_features ** -0.5)
+        self.b_pages = dense(pages, self.out_features, scale=0.05)
+        self.x = dense(self.tokens, self.in_features, scale=1.0)
+        self.y0 = dense(self.tokens, self.out_features, scale=1.0)
+        self.weight = dense(self.out_features, self.in_features, scale=self.in_features ** -0.5)
+        order = torch.randperm(pages - 8, generator=generator)  # adapters own scattered pages
+        per_adapter = -(-self.tokens // self.adapters)
+        self.segments = [Segment(i * per_adapter, min((i + 1) * per_adapter, self.tokens),
+                                 order[i * self.rank:(i + 1) * self.rank].to(self.device), 0.5 + i / self.adapters)
+                         for i in range(self.adapters) if i * per_adapter < self.tokens]
+        self.y = self.y0.clone()
+
+    def describe(self) -> dict:
+        return {"in": self.in_features, "out": self.out_features, "tokens": self.tokens, "adapters": self.adapters,
+                "rank": self.rank}
+
+    @property
+    def bytes_moved(self) -> int:
+        element = torch.finfo(self.dtype).bits // 8
+        activations = self.tokens * (self.in_features + 2 * self.out_features)  # x read, y read + written
+        pages = len(self.segments) * self.rank * (self.in_features + self.out_features)
+        return (activations + pages) * element
+
+    def expected(self) -> torch.Tensor:
+        return lora_segments(self.y0.float().clone(), self.x.float(), self.a_pages.float(), self.b_pages.float(),
+                             self.segments)
+
+    def _fresh(self, fn: Callable[[torch.Tensor], object]) -> Callable[[], torch.Tensor]:
+        def check() -> torch.Tensor:
+            y = self.y0.clone()
+            fn(y)
+            return y
+        return check
+
+    def variants(self) -> dict[str, Callable[[], Variant]]:
+        """Factories: building one may fail (e.g. no Triton) without costing the others."""
+        variants = {"reference_segments": lambda: self._variant(
+            lambda y: lora_segments(y, self.x, self.a_pages, self.b_pages, self.segments))}
+        if self.tokens <= 256:  # the CPU decode path: one gather, two bmm
+            variants["reference_gathered"] = self._gathered_variant
+        variants["grouped_mm"] = lambda: self._variant(self._grouped)
+        variants["triton"] = self._triton_variant
+        return variants
+
+    def _gathered_variant(self) -> Variant:
+        rows = torch.arange(self.tokens, device=self.device)
+        owner = [next(s for s in self.segments if s.start <= t < s.end) for t in range(self.tokens)]
+        pages = torch.stack([s.pages for s in owner])
+        scales = torch.tensor([[s.scale] * self.rank for s in owner], device=self.device)
+        return self._variant(lambda y: lora_gathered(y, self.x, self.a_pages, self.b_pages, rows, pages, scales))
+
+    def _variant(self, fn: Callable[[torch.Tensor], object]) -> Variant:
+        return Variant(self._fresh(fn), lambda: fn(self.y))
+
+    def _grouped(self, y: torch.Tensor) -> None:
+        from services.inference.kernels.grouped import lora_grouped
+
+        lora_grouped(y, self.x, self.a_pages, self.b_pages, self.segments)
+
+    def _triton_variant(self) -> Variant:
+        from services.inference.kernels.triton_lora import build_lora_plan, lora_shrink_expand
+
+        plan = build_lora_plan(self.segments, self.tokens, self.device)  # once per step, shared by all layers
+        return self._variant(lambda y: lora_shrink_expand(y, self.x, self.a_pages, self.b_pages, plan))
+
+    def base_gemm(self) -> Callable[[], object]:
+        out = torch.empty_like(self.y)
+        return lambda: torch.matmul(self.x, self.weight.T, out=out)
+
+
+def lora_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[LoraCase]:
+    if smoke:
+        return [LoraCase("decode smoke", 64, 96, 8, 4, 4, device, dtype),
+                LoraCase("prefill smoke", 64, 96, 40, 2, 4, device, dtype)]
+    shapes = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
+    cases = []
+    for label, (fan_in, fan_out) in shapes.items():
+        for adapters in (1, 16, 64):
+            cases.append(LoraCase(f"decode {label} 64 tokens {adapters} adapters", fan_in, fan_out, 64, adapters,
+                                  16, device, dtype))
+        cases.append(LoraCase(f"prefill {label} 4096 tokens 8 adapters", fan_in, fan_out, 4096, 8, 16, device, dtype))
+    return cases
+
+
+@dataclasses.dataclass
+class AttentionCase:
+    name: str
+    batch: int
+    context: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        generator = torch.Generator().manual_seed(self.batch * 7 + self.context)
+        per_seq = -(-self.context // self.block_size)
+        num_blocks = self.batch * per_seq + 4
+        shape = (num_blocks, self.block_size, self.kv_heads, self.head_dim)
+        self.k_cache = torch.randn(*shape, generator=generator).to(self.device, self.dtype)
+        self.v_cache = torch.randn(*shape, generator=generator).to(self.device, self.dtype)
+        self.q = torch.randn(self.batch, self.heads, self.head_dim, generator=generator).to(self.device, self.dtype)
+        # Lengths vary around `context`; blocks are a random permutation (a long-running cache).
+        self.lengths = [max(1, self.context - (i * 37) % max(1, self.context // 4)) for i in range(self.batch)]
+        blocks = torch.randperm(num_blocks, generator=generator)[: self.batch * per_seq].view(self.batch, per_seq)
+        self.block_tables = blocks.to(self.device, torch.int32)
+        self.context_lens = torch.tensor(self.lengths, dtype=torch.int32, device=self.device)
+        self.scale = self.head_dim ** -0.5
+        self.out = torch.empty_like(self.q)
+
+    def describe(self) -> dict:
+        return {"batch": self.batch, "context": self.context, "heads": self.heads, "kv_heads": self.kv_heads,
+                "head_dim": self.head_dim, "block_size": self.block_size}
+
+    @property
+    def bytes_moved(self) -> int:
+        element = torch.finfo(self.dtype).bits // 8
+        return (2 * sum(self.lengths) * self.kv_heads * self.head_dim + 2 * self.q.numel()) * element
+
+    def expected(self) -> torch.Tensor:
+        out = torch.empty(self.q.shape, dtype=torch.float32, device=self.device)
+        group = self.heads // self.kv_heads
+        for s, length in enumerate(self.lengths):
+            blocks = self.block_tables[s].long()
+            keys = self.k_cache[blocks].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)  # [C, H, D]
+            values = self.v_cache[blocks].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)
+            weights = torch.softmax(torch.einsum("hd,chd->hc", self.q[s].float(), keys) * self.scale, dim=-1)
+            out[s] = torch.einsum("hc,chd->hd", weights, values)
+        return out
+
+    def variants(self) -> dict[str, Callable[[], Variant]]:
+        return {"torch_padded_gather": self._torch_variant, "triton": self._triton_variant}
+
+    def _torch_variant(self) -> Variant:
+        """The model's current decode path: gather every context into a padded batch, one SDPA."""
+        width = max(self.lengths)
+        positions = torch.arange(width, device=self.device)
+        blocks = self.block_tables.long().gather(1, (positions // self.block_size).expand(self.batch, -1))
+        slots = blocks * self.block_size + positions % self.block_size
+        mask = (positions[None, :] < self.context_lens[:, None].long())[:, None, None, :]
+        flat_k = self.k_cache.view(-1, self.kv_heads, self.head_dim)
+        flat_v = self.v_cache.view(-1, self.kv_heads, self.head_dim)
+        group = self.heads // self.kv_heads
+
+        def attend() -> torch.Tensor:
+            keys = flat_k[slots].transpose(1, 2).repeat_interleave(group, dim=1)  # [S, H, C, D]
+            values = flat_v[slots].transpose(1, 2).repeat_interleave(group, dim=1)
+            result = F.scaled_dot_product_attention(self.q[:, :, None, :], keys, values, attn_mask=mask,
+                                                    scale=self.scale)
+            self.out.copy_(result[:, :, 0, :])
+            return self.out
+
+        return Variant(lambda: attend().clone(), attend)
+
+    def _triton_variant(self) -> Variant:
+        from services.inference.kernels.triton_attention import paged_decode_attention
+
+        def attend() -> torch.Tensor:
+            return paged_decode_attention(self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens,
+                                          self.scale, out=self.out)
+
+        return Variant(lambda: attend().clone(), attend)
+
+
+def attention_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[AttentionCase]:
+    if smoke:
+        return [AttentionCase("decode smoke", 3, 40, 4, 2, 16, 16, device, dtype)]
+    return [AttentionCase(f"decode batch {batch} context 512", batch, 512, 32, 8, 128, 16, device, dtype)
+            for batch in (1, 16, 64)]

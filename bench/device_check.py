@@ -10,8 +10,8 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
                    against the byte floor;
-  4. engine.json   bench/engine.py on CUDA with the small preset: does the engine run on the
-                   GPU, and how far is it from HF peft (a smoke run; the Llama-3-8B matrix of
+  4. engine.json   bench/engine.py on CUDA with the small preset and the Triton kernels: does
+                   the engine run on the GPU, and how far is it from HF peft (a smoke run; the Llama-3-8B matrix of
                    the issue needs the CUDA model runner, which is not built yet).
 summary.json lists each step's status and wall time. Exit status 0 when every step passed.
 """
@@ -35,7 +35,7 @@ STEPS = [
                       "tests/inference/test_oracle.py", "-k", "not qwen2 and not eviction"], 150),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 200),
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "small", "--adapters", "16", "--batch", "16",
-                "--prompt-len", "64", "--gen-len", "32", "--repeat", "1"], 150),
+                "--prompt-len", "64", "--gen-len", "32", "--repeat", "1", "--kernels", "triton"], 150),
 ]
 
 

@@ -1,4 +1,4 @@
-"""bench/kernels.py and bench/device_check.py run end to end (tiny shapes, no timing asserted).
+"""bench/kernels.py, bench/engine.py and bench/device_check.py run end to end (tiny shapes, no timing asserted).
 
 GPU time is scarce (minutes per session), so the scripts a GPU session runs are exercised here
 first: every path is built, checked against the reference, and reported; a broken variant
@@ -41,3 +41,16 @@ def test_device_check_leaves_a_summary_even_when_steps_fail(tmp_path):
     assert [step["step"] for step in summary] == ["gpu", "kernels", "engine"]
     assert all(step["status"] != "passed" for step in summary)
     assert (tmp_path / "out" / "kernels.log").read_text()  # the reason is kept
+
+
+def test_engine_bench_runs_every_variant_on_a_tiny_model(tmp_path):
+    out = tmp_path / "engine.json"
+    result = subprocess.run([sys.executable, "-m", "bench.engine", "--device", "cpu", "--preset", "tiny", "--adapters",
+                             "3", "--batch", "4", "--prompt-len", "12", "--gen-len", "4", "--hf-gen-len", "2",
+                             "--repeat", "1", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ours_adapters"]["tokens"] == 16 and report["ours_base"]["tokens"] == 16
+    assert report["hf_peft_mixed"]["tokens"] == 8 and report["hf_peft_single"]["tokens"] == 8
+    assert 0 < report["ratios"]["byte_bound"] < 1 and report["adapter_bytes_distinct"] > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 from typing import TextIO
 
 WIDTH = 24
@@ -41,12 +42,15 @@ class Bar:
 
 
 class ProgressBoard:
-    def __init__(self, labels: list[str], stream: TextIO | None = None, live: bool | None = None) -> None:
+    def __init__(self, labels: list[str], stream: TextIO | None = None, live: bool | None = None,
+                 min_redraw_seconds: float = 0.1) -> None:
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
         self.bars = {label: Bar(label) for label in labels}
         self._lock = threading.Lock()
         self._drawn = False
+        # A job reports every optimizer step; a terminal needs no more than ~10 frames a second.
+        self._min_redraw, self._last_draw = min_redraw_seconds, 0.0
 
     def update(self, label: str, **fields) -> None:
         with self._lock:
@@ -55,7 +59,10 @@ class ProgressBoard:
             for name, value in fields.items():
                 setattr(bar, name, value)
             if self.live:
-                self._redraw()
+                now = time.monotonic()
+                if bar.state != previous_state or now - self._last_draw >= self._min_redraw:
+                    self._redraw()
+                    self._last_draw = now
                 return
             quarter = 4 * bar.step // bar.total if bar.total else 0
             if bar.state != previous_state or quarter > bar.quarters_printed:

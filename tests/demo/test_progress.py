@@ -29,3 +29,14 @@ def test_a_terminal_redraws_every_bar_in_place():
     text = out.getvalue()
     assert text.count("\x1b[2K") == 4 and text.count("\x1b[2F") == 1  # second draw moves up two lines first
     assert "5/10" in text and "1/10" in text
+
+
+def test_a_terminal_is_redrawn_at_most_every_interval_but_always_on_a_state_change():
+    out = io.StringIO()
+    board = ProgressBoard(["a"], stream=out, live=True, min_redraw_seconds=3600)
+    board.update("a", state="RUNNING", total=100)
+    for step in range(1, 101):
+        board.update("a", step=step)
+    board.update("a", state="SUCCEEDED")
+    frames = out.getvalue().count("\x1b[2K")
+    assert frames == 2 and "100/100" in out.getvalue().splitlines()[-1]

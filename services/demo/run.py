@@ -56,8 +56,8 @@ def running_stack(config: DemoConfig) -> Iterator[tuple[Endpoints, str, Stack | 
 def pipeline(config: DemoConfig, channels: Channels, base_location: str) -> tuple[bool, list]:
     report.step(2, STEPS, f"Provisioning: base model {config.base_model_name!r}, a tenant + API key and a dataset "
                           "per customer")
-    base = register_base_model(channels, config.base_model_name, base_location)
-    print(f"  base model {base.name} at {base.location}")
+    registered = register_base_model(channels, config.base_model_name, base_location)
+    print(f"  base model {registered.name} at {registered.location}")
     tenants = [create_tenant(channels, customer) for customer in CUSTOMERS]
     datasets = [upload_dataset(channels, tenant, config.base_model_name) for tenant in tenants]
     for dataset in datasets:
@@ -85,14 +85,14 @@ def pipeline(config: DemoConfig, channels: Channels, base_location: str) -> tupl
           f"{', '.join(node.address for node in nodes)}")
     traffic = run_concurrently(channels, adapter_calls(tenants, config.requests_per_customer), config.max_tokens)
     report.answers(traffic)
-    base = run_concurrently(channels, base_calls(tenants, config.base_model_name), config.max_tokens)
+    bare = run_concurrently(channels, base_calls(tenants, config.base_model_name), config.max_tokens)
     foreign = run_concurrently(channels, foreign_calls(tenants), config.max_tokens)
     print(f"  the base model alone ({config.base_model_name}), same question: "
-          f"{base.answers[0].error or shorten(base.answers[0].text, 100)}")
+          f"{bare.answers[0].error or shorten(bare.answers[0].text, 100)}")
 
     report.step(6, STEPS, "Adapter pool and checks")
     report.pools(node_stats(channels), trained)
-    results += (checks.adapter_checks(traffic.answers, trained) + checks.base_checks(base.answers)
+    results += (checks.adapter_checks(traffic.answers, trained) + checks.base_checks(bare.answers)
                 + checks.isolation_checks(foreign.answers))
     return report.checks(results), tenants
 

@@ -17,7 +17,6 @@ import openai
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gpb
 from services.common.pb.loraplex.router.v1 import router_pb2 as rpb
 from services.demo.clients import Channels
-from services.demo.customers import Customer
 from services.demo.setup import Tenant
 
 GRPC, HTTP = "gRPC", "OpenAI HTTP"
@@ -116,7 +115,3 @@ def foreign_calls(tenants: list[Tenant]) -> list[Call]:
     """Each customer asks for the next customer's deployment: tenant isolation must refuse it."""
     return [Call(tenant, other.customer.deployment, tenant.customer.questions(1)[0], transport)
             for tenant, other in zip(tenants, tenants[1:] + tenants[:1]) for transport in (GRPC, HTTP)]
-
-
-def customer_of(answer: Answer) -> Customer:
-    return answer.call.tenant.customer

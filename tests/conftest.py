@@ -23,7 +23,6 @@ if not Path("/dev/nvidiactl").exists():
 
 import pytest
 
-from services.common.stack import health_status
 from services.common.tiny_model import build_model_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +44,9 @@ def free_port() -> int:
 
 def wait_for_health(address: str, want: str = "SERVING", timeout: float = 60.0,
                     process: subprocess.Popen | None = None) -> None:
+    # Imported here: the GPU machine runs the kernel tests without our gRPC packages installed.
+    from services.common.healthcheck import health_status
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

@@ -45,9 +45,10 @@ def hf_greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[torch.Tenso
     return tokens[len(prompt_ids):], logprobs
 
 
-def run_engine(base: Path, adapter_root: Path, pool_pages: int, mix, waves: int = 1, kernels: str = "torch"):
+def run_engine(base: Path, adapter_root: Path, pool_pages: int, mix, waves: int = 1, kernels: str = "torch",
+               device: str = "cpu"):
     """Runs the mix `waves` times, each wave all at once; returns the node and the last wave's results."""
-    config = InferenceConfig(base_model=base, adapter_dir=adapter_root, kv_cache_mb=4, kernels=kernels,
+    config = InferenceConfig(base_model=base, adapter_dir=adapter_root, kv_cache_mb=4, kernels=kernels, device=device,
                              adapter_pool_pages=pool_pages, max_num_seqs=16, max_batched_tokens=96)
     node = Node.build(config)
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
@@ -130,9 +131,11 @@ def test_identical_on_a_qwen2_checkpoint(tmp_path):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton kernels run on a GPU, or on CPU only under TRITON_INTERPRET=1")
 def test_triton_kernels_give_the_same_tokens(tiny_model_dir, adapter_root):
-    """The engine with the Triton LoRA tiles and paged decode attention (interpreted on CPU):
-    every adapter and the base model, prefill and decode mixed, against HF + peft."""
+    """The engine with the Triton LoRA tiles and paged decode attention (compiled on a GPU, float32
+    there too; interpreted on CPU): every adapter and the base model, prefill and decode mixed,
+    against HF + peft on the CPU."""
     mix = requests_mix()[::2]  # the interpreter runs each kernel program in Python: half the mix
-    node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton", device=device)
     assert node.engine.runner.kernels == "triton"
     assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS

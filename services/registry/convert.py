@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.common.v1 import model_pb2
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.common.timestamps import timestamp
 from services.registry import feed
 from services.registry.db import models
 from services.registry.uploads import UploadHeader
 
 _ARCHIVES = {pb.ADAPTER_ARCHIVE_ZIP: "zip", pb.ADAPTER_ARCHIVE_FILES: "files"}
 _KIND_PREFIX = "CHANGE_KIND_"
-
-
-def timestamp(value: dt.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def tenant(row: models.Tenant) -> pb.Tenant:

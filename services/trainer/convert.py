@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
+from services.common.timestamps import timestamp
 from services.trainer import records
 from services.trainer.datasets import DatasetHeader
 from services.trainer.hyperparams import LoraRequest, TrainingRequest
@@ -25,14 +24,6 @@ _STATES = {pb.JOB_STATE_QUEUED: records.QUEUED, pb.JOB_STATE_RUNNING: records.RU
 _STATE_ENUMS = {name: value for value, name in _STATES.items()}
 _KINDS = {records.SNAPSHOT: pb.JOB_EVENT_KIND_SNAPSHOT, records.STATE_CHANGED: pb.JOB_EVENT_KIND_STATE_CHANGED,
           records.PROGRESS: pb.JOB_EVENT_KIND_PROGRESS, records.EVAL: pb.JOB_EVENT_KIND_EVAL}
-
-
-def timestamp(value: dt.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def dataset_header(header: pb.UploadDatasetHeader) -> DatasetHeader:

@@ -42,7 +42,13 @@ def _advisory_key(parts: tuple[str, ...]) -> int:
 
 
 class Database:
-    """One engine; `read()` and `write()` sessions; `lock()` for ordering; `migrate()`."""
+    """One engine; `read()` and `write()` sessions; `lock()` for ordering; `migrate()`.
+
+    A service with its own tables (the Trainer) subclasses it with its own migrations folder
+    and migration lock name."""
+
+    migrations_dir: Path = MIGRATIONS_DIR
+    migration_lock: str = _MIGRATION_LOCK
 
     def __init__(self, url: str) -> None:
         parsed = make_url(url)
@@ -98,11 +104,11 @@ class Database:
     def migrate(self) -> None:
         """Brings the schema to the newest Alembic revision."""
         config = AlembicConfig()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.set_main_option("script_location", str(self.migrations_dir))
         with self.engine.execution_options(loraplex_write=True).begin() as connection:
             if not self.is_sqlite:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                   {"key": _advisory_key((_MIGRATION_LOCK,))})
+                                   {"key": _advisory_key((self.migration_lock,))})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

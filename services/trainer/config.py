@@ -13,18 +13,21 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import ClassVar
 
-from services.common.config import ServerConfig, option
+from services.common.config import option
+from services.registry.config import StateConfig
 
 DEFAULT_PORT = 50052
-BLOB_STORES = ("local", "s3")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainerConfig(ServerConfig):
+class TrainerConfig(StateConfig):
     """loraplex Trainer: LoRA fine-tuning jobs published to the Registry."""
+
+    sqlite_file: ClassVar[str] = "trainer.db"
 
     port: int = option(DEFAULT_PORT, "gRPC port")
     metrics_port: int = option(9402, "Prometheus /metrics HTTP port (0 disables it)")
@@ -36,16 +39,6 @@ class TrainerConfig(ServerConfig):
     registry_timeout_seconds: float = option(60.0, "deadline of each Registry call (uploads included)")
     auth_cache_seconds: float = option(10.0, "how long a verified API key or tenant name is trusted before "
                                              "the Registry is asked again (0: every call asks)")
-    database_url: str = option("", "SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
-                                   "(empty: SQLite file <data-dir>/trainer.db)")
-    blob_store: str = option("local", "where datasets live: local (<data-dir>/blobs) or s3")
-    s3_endpoint: str = option("127.0.0.1:9000", "S3/MinIO host:port (with --blob-store s3)")
-    s3_bucket: str = option("loraplex", "bucket for datasets (prefix datasets/); created at start when missing")
-    s3_access_key: str = option("", "S3 access key")
-    s3_secret_key: str = option("", "S3 secret key")
-    s3_region: str = option("us-east-1", "S3 region")
-    s3_secure: bool = option(False, "use HTTPS to reach the S3 endpoint")
-    s3_part_size_mb: int = option(16, "datasets above this size are sent as multipart uploads of this part size")
     max_dataset_mb: int = option(512, "largest dataset upload, in MiB")
     max_rank: int = option(256, "largest LoRA rank a job may ask for (keep it equal to the Registry's --max-rank)")
     devices: list[str] = option(["cpu"], "training devices; one job runs on each at a time (cpu, cuda:0, ...)")
@@ -60,10 +53,6 @@ class TrainerConfig(ServerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.blob_store not in BLOB_STORES:
-            raise ValueError(f"--blob-store must be one of {', '.join(BLOB_STORES)}, got {self.blob_store!r}")
-        if self.s3_part_size_mb < 5:
-            raise ValueError(f"--s3-part-size-mb must be >= 5 (the S3 minimum part), got {self.s3_part_size_mb}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.devices:
@@ -81,10 +70,6 @@ class TrainerConfig(ServerConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.auth_cache_seconds < 0:
             raise ValueError(f"--auth-cache-seconds must be >= 0, got {self.auth_cache_seconds}")
-
-    @property
-    def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'trainer.db').resolve()}"
 
     @property
     def max_dataset_bytes(self) -> int:

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
-
 from services.registry.blobstore.base import BlobInfo, BlobStore
 from services.registry.blobstore.local import LocalBlobStore
 from services.registry.blobstore.s3 import S3BlobStore
+from services.registry.config import StateConfig
 
 __all__ = ["BlobInfo", "BlobStore", "LocalBlobStore", "S3BlobStore", "open_blob_store"]
 
 
-class BlobStoreSettings(Protocol):
-    """The config fields a blob store is opened from (the Registry's and the Trainer's configs)."""
-
-    data_dir: Path
-    blob_store: str
-    s3_endpoint: str
-    s3_bucket: str
-    s3_access_key: str
-    s3_secret_key: str
-    s3_region: str
-    s3_secure: bool
-    s3_part_size_mb: int
-
-
-def open_blob_store(config: BlobStoreSettings) -> BlobStore:
+def open_blob_store(config: StateConfig) -> BlobStore:
     """The store the config names (not started yet)."""
     if config.blob_store == "s3":
         return S3BlobStore(config.s3_endpoint, config.s3_bucket, config.s3_access_key, config.s3_secret_key,

@@ -17,6 +17,7 @@ import torch
 
 from services.inference.kernels.grouped import lora_grouped
 from services.inference.kernels.reference import Segment, lora_gathered
+from services.inference.kernels.triton_lora import build_lora_plan, lora_shrink_expand
 
 
 @dataclass
@@ -70,8 +71,6 @@ class LoraBatch:
 
     def _plan(self, segments: list[Segment]) -> object:
         if self.kernels == "triton":  # one tiled plan for decode rows and prefill segments alike
-            from services.inference.kernels.triton_lora import build_lora_plan
-
             return build_lora_plan(segments, self.num_tokens, segments[0].pages.device)
         return (gather_single_token_segments(segments), [s for s in segments if s.end - s.start > 1])
 
@@ -82,8 +81,6 @@ class LoraBatch:
             return y
         a_pages, b_pages = self.a_pages[module][layer], self.b_pages[module][layer]
         if self.kernels == "triton":
-            from services.inference.kernels.triton_lora import lora_shrink_expand
-
             return lora_shrink_expand(y, x, a_pages, b_pages, planned)
         gathered, multi = planned
         if gathered is not None:

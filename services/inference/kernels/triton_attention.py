@@ -30,12 +30,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from services.inference.kernels.backend import triton_available
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the PyTorch paths in model/attention.py serve
     triton = None
     tl = None
+
+__all__ = ["choose_num_partitions", "paged_decode_attention", "prefill_attention_sdpa", "triton_available",
+           "varlen_prefill_attention"]
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the native instruction)
 
@@ -46,11 +51,6 @@ LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the native instruc
 TARGET_PROGRAMS = 256
 MIN_PARTITION_TOKENS = 256
 MAX_PARTITIONS = 32
-
-
-def triton_available() -> bool:
-    """True when triton can be imported (GPU compile, or the CPU interpreter)."""
-    return triton is not None
 
 
 def _interpreting() -> bool:

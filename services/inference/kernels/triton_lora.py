@@ -26,8 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from services.inference.kernels.backend import triton_available  # noqa: F401 - part of this module's API
+from services.inference.kernels.backend import triton_available
 from services.inference.kernels.reference import Segment
+
+__all__ = ["LoraTritonPlan", "build_lora_plan", "choose_split_k", "lora_shrink_expand", "max_tiles_for",
+           "plan_from_token_pages", "triton_available"]
 
 # 16 is the smallest M tl.dot takes on the tensor cores, and decode tiles rarely hold more
 # than a few rows of one adapter; prefill-heavy steps may do better with 32 or 64 (fewer

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
+from services.inference.kernels.triton_attention import paged_decode_attention
 from services.inference.model.context import StepContext
 
 
@@ -38,11 +40,8 @@ def build_decode_batch(ctx: StepContext, paged_tables: bool = False) -> DecodeBa
         return None
     device = ctx.slot_mapping.device
     rows = torch.tensor([ctx.cu_seqlens[i] for i in decode], dtype=torch.int64, device=device)
-    if paged_tables:
-        width = max(len(ctx.block_tables[i]) for i in decode)
-        tables = torch.zeros(len(decode), width, dtype=torch.int32, device=device)
-        for row, i in enumerate(decode):
-            tables[row, :len(ctx.block_tables[i])] = ctx.block_tables[i]
+    if paged_tables:  # padded on the device the tables already live on: no host round trip
+        tables = pad_sequence([ctx.block_tables[i] for i in decode], batch_first=True).to(torch.int32)
         lengths = torch.tensor([ctx.context_lens[i] for i in decode], dtype=torch.int32, device=device)
         return DecodeBatch(rows, None, None, frozenset(decode), tables, lengths)
     width = max(ctx.context_lens[i] for i in decode)
@@ -82,8 +81,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     decode = ctx.decode
     if decode is not None and decode.block_tables is not None:
-        from services.inference.kernels.triton_attention import paged_decode_attention
-
         out[decode.rows] = paged_decode_attention(q[decode.rows], k_cache, v_cache, decode.block_tables,
                                                   decode.context_lens, scale)
     elif decode is not None:

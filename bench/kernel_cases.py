@@ -13,9 +13,10 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from services.inference.kernels.reference import Segment, lora_gathered, lora_segments
+from services.inference.model.attention import build_decode_batch, paged_attention
+from services.inference.model.context import StepContext
 
 
 @dataclasses.dataclass
@@ -175,25 +176,16 @@ class AttentionCase:
         return {"torch_padded_gather": self._torch_variant, "triton": self._triton_variant}
 
     def _torch_variant(self) -> Variant:
-        """The model's current decode path: gather every context into a padded batch, one SDPA."""
-        width = max(self.lengths)
-        positions = torch.arange(width, device=self.device)
-        blocks = self.block_tables.long().gather(1, (positions // self.block_size).expand(self.batch, -1))
-        slots = blocks * self.block_size + positions % self.block_size
-        mask = (positions[None, :] < self.context_lens[:, None].long())[:, None, None, :]
-        flat_k = self.k_cache.view(-1, self.kv_heads, self.head_dim)
-        flat_v = self.v_cache.view(-1, self.kv_heads, self.head_dim)
-        group = self.heads // self.kv_heads
-
-        def attend() -> torch.Tensor:
-            keys = flat_k[slots].transpose(1, 2).repeat_interleave(group, dim=1)  # [S, H, C, D]
-            values = flat_v[slots].transpose(1, 2).repeat_interleave(group, dim=1)
-            result = F.scaled_dot_product_attention(self.q[:, :, None, :], keys, values, attn_mask=mask,
-                                                    scale=self.scale)
-            self.out.copy_(result[:, :, 0, :])
-            return self.out
-
-        return Variant(lambda: attend().clone(), attend)
+        """The model's own PyTorch decode path (model/attention.py: padded gather, one SDPA)."""
+        ctx = StepContext(positions=torch.tensor([n - 1 for n in self.lengths], device=self.device),
+                          slot_mapping=torch.zeros(self.batch, dtype=torch.int64, device=self.device),
+                          cu_seqlens=list(range(self.batch + 1)), context_lens=list(self.lengths),
+                          block_tables=[self.block_tables[s, :-(-n // self.block_size)].long()
+                                        for s, n in enumerate(self.lengths)],
+                          logits_indices=torch.arange(self.batch, device=self.device), block_size=self.block_size)
+        ctx.decode = build_decode_batch(ctx)
+        return Variant(lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale),
+                       lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale))
 
     def _triton_variant(self) -> Variant:
         from services.inference.kernels.triton_attention import paged_decode_attention

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from bench.kernel_cases import attention_cases, lora_cases
 from bench.machine import describe
 
 
@@ -106,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":  # Triton kernels run on the CPU only in its interpreter (slow: use --smoke)
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Imported only now: `import triton` (pulled in by the model code) fixes interpreted vs
+    # compiled for triton's own helpers, so the variable must be set first.
+    from bench.kernel_cases import attention_cases, lora_cases
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
     iterations = 2 if args.smoke else args.iterations

@@ -92,26 +92,34 @@ def base_model_folder(config: StackConfig) -> Path:
     return folder
 
 
-def child_commands(config: StackConfig, admin_token: str, base_model: Path) -> dict[str, list[str]]:
-    """The command line of each service process."""
+def child_commands(config: StackConfig, base_model: Path) -> dict[str, list[str]]:
+    """The command line of each service process (secrets go in child_environment)."""
     registry = f"{config.host}:{config.registry_port}"
     common = {name: [sys.executable, "-m", f"services.{name}", "--host", config.host,
                      "--port", str(config.port_of(name)), "--metrics-port", str(config.metrics_port_of(name))]
               for name in SERVICES}
-    common["registry"] += ["--data-dir", str(config.data_dir / "registry"), "--admin-token", admin_token]
-    common["trainer"] += ["--data-dir", str(config.data_dir / "trainer"), "--registry-address", registry,
-                          "--admin-token", admin_token]
+    common["registry"] += ["--data-dir", str(config.data_dir / "registry")]
+    common["trainer"] += ["--data-dir", str(config.data_dir / "trainer"), "--registry-address", registry]
     for name in ("registry", "trainer"):
         if config.database_url:
             common[name] += ["--database-url", config.database_url]
         if config.blob_store == "s3":
             common[name] += ["--blob-store", "s3", "--s3-endpoint", config.s3_endpoint, "--s3-bucket", config.s3_bucket]
     common["inference"] += ["--base-model", str(base_model), "--base-model-name", config.base_model_name,
-                            "--registry-address", registry, "--admin-token", admin_token]
-    common["router"] += ["--registry-address", registry, "--admin-token", admin_token,
-                         "--node", f"{config.host}:{config.inference_port}",
+                            "--registry-address", registry]
+    common["router"] += ["--registry-address", registry, "--node", f"{config.host}:{config.inference_port}",
                          "--http-port", str(config.router_http_port)]
     return common
+
+
+def child_environment(config: StackConfig, admin_token: str) -> dict[str, str]:
+    """Every child's environment: the admin token and S3 keys travel here, not on the command
+    line, so they stay out of `ps` output, and a token that starts with "-" (token_urlsafe
+    makes one in 64) is not taken for a flag."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_ADMIN_TOKEN": admin_token}
+    if config.blob_store == "s3":
+        env.update(LORAPLEX_S3_ACCESS_KEY=config.s3_access_key, LORAPLEX_S3_SECRET_KEY=config.s3_secret_key)
+    return env
 
 
 class Stack:
@@ -123,11 +131,8 @@ class Stack:
     def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        commands = child_commands(self.config, admin_token_of(self.config), base_model_folder(self.config))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.config.blob_store == "s3":  # secrets stay out of `ps` output
-            env.update(LORAPLEX_S3_ACCESS_KEY=self.config.s3_access_key,
-                       LORAPLEX_S3_SECRET_KEY=self.config.s3_secret_key)
+        commands = child_commands(self.config, base_model_folder(self.config))
+        env = child_environment(self.config, admin_token_of(self.config))
         for name, command in commands.items():
             with open(self.logs / f"{name}.log", "ab") as log_file:
                 self.children[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,

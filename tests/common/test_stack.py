@@ -117,12 +117,24 @@ def test_state_flags_reach_registry_and_trainer_and_secrets_stay_off_the_command
 
     config = StackConfig(data_dir=tmp_path, database_url="postgresql+psycopg://u@db/x", blob_store="s3",
                          s3_endpoint="minio:9000", s3_bucket="b", s3_access_key="AK", s3_secret_key="SECRET")
-    commands = child_commands(config, "admin", tmp_path / "model")
+    commands = child_commands(config, tmp_path / "model")
     for name in ("registry", "trainer"):
         line = " ".join(commands[name])
         assert "--database-url postgresql+psycopg://u@db/x" in line and "--blob-store s3" in line
         assert "--s3-endpoint minio:9000 --s3-bucket b" in line
     assert not any("SECRET" in arg or "AK" == arg for command in commands.values() for arg in command)
     assert "--base-model-name base-llm" in " ".join(commands["inference"])
-    embedded = child_commands(StackConfig(data_dir=tmp_path), "admin", tmp_path / "model")
+    embedded = child_commands(StackConfig(data_dir=tmp_path), tmp_path / "model")
     assert not any(arg in ("--database-url", "--blob-store") for arg in embedded["registry"])
+
+
+def test_the_admin_token_reaches_children_by_environment_even_when_it_starts_with_a_dash(tmp_path):
+    """A generated token may start with "-"; on a command line argparse took it for a flag."""
+    from services.common.stack import StackConfig, child_commands, child_environment
+
+    config = StackConfig(data_dir=tmp_path, blob_store="s3", s3_access_key="AK", s3_secret_key="SK")
+    env = child_environment(config, "-starts-with-a-dash")
+    assert env["LORAPLEX_ADMIN_TOKEN"] == "-starts-with-a-dash"
+    assert (env["LORAPLEX_S3_ACCESS_KEY"], env["LORAPLEX_S3_SECRET_KEY"]) == ("AK", "SK")
+    commands = child_commands(config, tmp_path / "model")
+    assert not any("--admin-token" in command or "-starts-with-a-dash" in command for command in commands.values())

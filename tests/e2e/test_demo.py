@@ -80,7 +80,7 @@ def test_demo_attaches_to_running_services_as_compose_runs_it(serving_demo, tmp_
         "--openai-base-url", serving_demo.process.value("OPENAI_BASE_URL"),
         "--public-router-address", "router.example:50050",
         "--base-model-location", str((serving_demo.state / "models" / "tiny").resolve()),
-        "--admin-token", serving_demo.admin_token, log=tmp_path / "attached.log")
+        f"--admin-token={serving_demo.admin_token}", log=tmp_path / "attached.log")
     try:
         assert attached.wait(timeout=600) == 0, attached.output
     finally:

@@ -9,6 +9,8 @@ from pathlib import Path
 from services.common.config import ServerConfig, option
 from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
 
+GRAPH_MODES = ("auto", "on", "off", "static")
+
 DEFAULT_PORT = 50053
 
 
@@ -43,6 +45,9 @@ class InferenceConfig(ServerConfig):
     advertise_address: str = option("", "host:port the router should dial (default: --host:--port)")
     kernels: str = option("auto", "LoRA and decode-attention kernels: torch, triton, or auto (PyTorch until "
                                   "the Triton kernels are verified on a GPU)")
+    cuda_graphs: str = option("auto", "decode steps replayed from CUDA graphs: auto (on CUDA with Triton kernels), on, "
+                                      "off, or static (the same static-buffer step without capture, for debugging)")
+    max_graph_batch: int = option(64, "largest decode batch given a CUDA graph (bigger batches run eagerly)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +65,10 @@ class InferenceConfig(ServerConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+        if self.cuda_graphs not in GRAPH_MODES:
+            raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {self.cuda_graphs!r}")
+        if self.max_graph_batch < 1:
+            raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
         if self.max_model_len < 0:
             raise ValueError("--max-model-len must be >= 0")
 

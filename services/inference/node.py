@@ -22,6 +22,7 @@ from services.inference.adapters.sources import AdapterSource, LocalFolderSource
 from services.inference.config import InferenceConfig
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.decode_graphs import resolve_graph_mode
 from services.inference.engine.llm_engine import LLMEngine, RequestOutput
 from services.inference.engine.model_runner import ModelRunner, kv_block_bytes
 from services.inference.engine.sampling_params import SamplingParams
@@ -88,15 +89,18 @@ class Node:
             source = LocalFolderSource(config.adapter_dir) if config.adapter_dir else _registry_source(config)
         manager = AdapterManager(pool, args, source, config.host_cache_mb * 1024 * 1024, config.max_adapter_rank)
         kernels = resolve_kernels(config.kernels, config.device)
+        graphs = resolve_graph_mode(config.cuda_graphs, config.device, kernels)
         runner = ModelRunner(model, pool, num_kv_blocks, config.block_size, dtype=dtype, device=config.device,
-                             kernels=kernels)
+                             kernels=kernels, graphs=graphs, max_graph_batch=min(config.max_graph_batch,
+                                                                                 config.max_num_seqs),
+                             max_context=max_context, max_rank=config.max_adapter_rank)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),
             BlockManager(num_kv_blocks, config.block_size), manager, set(args.eos_token_ids), max_context)
         engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
-        log.info("loaded %s (%s, %s, %s kernels) with %d KV blocks and %d adapter pages", folder, args.model_type,
-                 dtype, kernels, num_kv_blocks, config.adapter_pool_pages)
+        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s) with %d KV blocks and %d adapter pages", folder,
+                 args.model_type, dtype, kernels, graphs, num_kv_blocks, config.adapter_pool_pages)
         return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
 
     def start(self) -> None:

@@ -25,6 +25,7 @@ from services.inference.model.config import LORA_MODULES, ModelArgs
 class ResidentAdapter:
     key: str
     pages: torch.Tensor  # [r] int64 page ids
+    page_ids: tuple[int, ...]  # the same ids on the host (per-step planning reads these)
     rank: int
     scaling: float
     target_modules: frozenset[str]
@@ -90,8 +91,8 @@ class AdapterPool:
         page_ids = [self._free.pop() for _ in range(weights.rank)]
         pages = torch.tensor(page_ids, dtype=torch.int64, device=self.device)
         self._write(pages, weights)
-        adapter = ResidentAdapter(key, pages, weights.rank, weights.scaling, weights.target_modules, weights.sha256,
-                                  pinned=pinned)
+        adapter = ResidentAdapter(key, pages, tuple(page_ids), weights.rank, weights.scaling, weights.target_modules,
+                                  weights.sha256, pinned=pinned)
         self._resident[key] = adapter
         self.counters.loads += 1
         return adapter
@@ -135,4 +136,5 @@ class AdapterPool:
 
     def segments_of(self, key: str, start: int, end: int) -> AdapterSegments:
         adapter = self._resident[key]
-        return AdapterSegments([Segment(start, end, adapter.pages, adapter.scaling)], adapter.target_modules)
+        return AdapterSegments([Segment(start, end, adapter.pages, adapter.scaling, adapter.page_ids)],
+                               adapter.target_modules)

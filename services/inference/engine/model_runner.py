@@ -1,16 +1,21 @@
 """ModelRunner: turns a ScheduledBatch into one packed forward and the logits to sample.
 
-It owns the paged KV cache tensors, orders the batch so that sequences sharing an adapter
-are contiguous (each run becomes one LoRA segment), and fills the StepContext once per
-step — layers only read it.
+It owns the paged KV cache tensors, packs the batch (engine/packed_step.py: sequences
+sharing an adapter are contiguous, each run is one LoRA segment) and either replays a
+decode graph (engine/decode_graphs.py: decode-only steps, when enabled) or fills a
+StepContext and runs the forward eagerly — layers only read the context.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-from services.inference.adapters.batch import AdapterSegments, LoraBatch
+from services.inference.adapters.batch import LoraBatch
 from services.inference.adapters.pool import AdapterPool
+from services.inference.engine.decode_graphs import OFF, DecodeGraphs
+from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
 from services.inference.model.attention import build_decode_batch
@@ -26,59 +31,50 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, num_kv_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch") -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
+                 graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64) -> None:
+        """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
+        bounds the graphs' block tables (default: the model's max_position_embeddings)."""
         self.model, self.pool, self.kernels = model, pool, kernels
         self.block_size, self.device = block_size, torch.device(device)
+        self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
         args = model.args
+        # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
+        cache_blocks = num_kv_blocks + (graphs != OFF)
         for layer in model.attention_layers():
-            layer.k_cache = torch.zeros(num_kv_blocks, block_size, args.num_kv_heads, args.head_dim,
+            layer.k_cache = torch.zeros(cache_blocks, block_size, args.num_kv_heads, args.head_dim,
                                         dtype=dtype, device=device)
             layer.v_cache = torch.zeros_like(layer.k_cache)
+        self.graphs = None
+        if graphs != OFF:
+            self.graphs = DecodeGraphs(model, pool, mode=graphs, max_batch=max_graph_batch, max_rank=max_rank,
+                                       max_context=max_context or args.max_position_embeddings, block_size=block_size,
+                                       scratch_slot=num_kv_blocks * block_size, device=self.device)
+            self.graphs.capture()
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Runs one step; returns the sequences that get a token and their logits [N, V]."""
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.seqs[i].adapter_key or "")
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_seqlens, context_lens, block_tables, logits_rows = [0], [], [], []
-        sampled: list[Sequence] = []
-        groups: list[AdapterSegments] = []
-        for i in order:
-            seq, count = batch.seqs[i], batch.num_new_tokens[i]
-            start, end = seq.num_cached_tokens, seq.num_cached_tokens + count
-            first = len(tokens)
-            tokens += seq.token_ids[start:end]
-            positions += range(start, end)
-            table = seq.block_table
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
-            cu_seqlens.append(len(tokens))
-            context_lens.append(end)
-            block_tables.append(torch.tensor(table, dtype=torch.int64, device=self.device))
-            if end == seq.num_tokens:
-                logits_rows.append(len(tokens) - 1)
-                sampled.append(seq)
-            if seq.adapter_key is not None:
-                self._extend_groups(groups, seq.adapter_key, first, len(tokens))
+        packed = pack_step(batch, self.pool, self.block_size)
+        graphed = self.graphs.choose(packed) if self.graphs is not None else None
+        if graphed is not None:
+            self.steps["graph"] += 1
+            return packed.sampled, self.graphs.run(graphed, packed)
+        self.steps["eager"] += 1
+        return packed.sampled, self._run_eager(packed)
+
+    def _run_eager(self, packed: PackedStep) -> torch.Tensor:
+        device = self.device
         ctx = StepContext(
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            cu_seqlens=cu_seqlens, context_lens=context_lens, block_tables=block_tables,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
-            lora=LoraBatch(groups, self.pool.a, self.pool.b, len(tokens), self.kernels) if groups else None,
+            positions=torch.tensor(packed.positions, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(packed.slots, dtype=torch.int64, device=device),
+            cu_seqlens=packed.cu_seqlens, context_lens=packed.context_lens,
+            block_tables=[torch.tensor(t, dtype=torch.int64, device=device) for t in packed.block_tables],
+            logits_indices=torch.tensor(packed.logits_rows, dtype=torch.int64, device=device),
+            lora=LoraBatch(packed.groups, self.pool.a, self.pool.b, len(packed.tokens), self.kernels)
+            if packed.groups else None,
             block_size=self.block_size)
         ctx.decode = build_decode_batch(ctx, paged_tables=self.kernels == "triton")
-        hidden = self.model(torch.tensor(tokens, dtype=torch.int64, device=self.device), ctx)
-        if not logits_rows:
-            return [], torch.empty(0)
-        return sampled, self.model.compute_logits(hidden[ctx.logits_indices])
-
-    def _extend_groups(self, groups: list[AdapterSegments], key: str, start: int, end: int) -> None:
-        """Adds tokens [start, end) for adapter `key`, merging with the previous run of it."""
-        group = self.pool.segments_of(key, start, end)
-        if groups and groups[-1].segments[-1].pages is group.segments[0].pages \
-                and groups[-1].segments[-1].end == start:
-            last = groups[-1].segments[-1]
-            groups[-1].segments[-1] = type(last)(last.start, end, last.pages, last.scale)
-        else:
-            groups.append(group)
+        hidden = self.model(torch.tensor(packed.tokens, dtype=torch.int64, device=device), ctx)
+        if not packed.logits_rows:
+            return torch.empty(0)
+        return self.model.compute_logits(hidden[ctx.logits_indices])

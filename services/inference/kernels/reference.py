@@ -21,6 +21,12 @@ class Segment:
     end: int
     pages: torch.Tensor  # [r] int64 page ids of the adapter
     scale: float
+    # The same ids on the host, when the caller has them: planning reads them instead of
+    # pages.tolist(), which on a GPU would wait for the device every step.
+    host_pages: tuple[int, ...] = ()
+
+    def page_ids(self) -> tuple[int, ...]:
+        return self.host_pages or tuple(int(p) for p in self.pages.reshape(-1).tolist())
 
 
 def lora_segments(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, b_pages: torch.Tensor,

@@ -29,8 +29,8 @@ import torch
 from services.inference.kernels.backend import triton_available
 from services.inference.kernels.reference import Segment
 
-__all__ = ["LoraTritonPlan", "build_lora_plan", "choose_split_k", "lora_shrink_expand", "max_tiles_for",
-           "plan_from_token_pages", "triton_available"]
+__all__ = ["HostTiles", "LoraTritonPlan", "build_lora_plan", "choose_split_k", "lora_shrink_expand", "max_tiles_for",
+           "plan_from_token_pages", "tile_segments", "triton_available"]
 
 # 16 is the smallest M tl.dot takes on the tensor cores, and decode tiles rarely hold more
 # than a few rows of one adapter; prefill-heavy steps may do better with 32 or 64 (fewer
@@ -92,20 +92,27 @@ def max_tiles_for(num_tokens: int, max_adapters: int, block_m: int = DEFAULT_BLO
     return max(1, min(num_tokens, _cdiv(num_tokens, block_m) + max_adapters))
 
 
-def build_lora_plan(segments: Sequence[Segment], num_tokens: int, device: torch.device | str,
-                    block_m: int = DEFAULT_BLOCK_M, *, block_r: int | None = None,
-                    max_tiles: int | None = None) -> LoraTritonPlan:
-    """Semantics: tiles such that lora_shrink_expand(y, x, A, B, plan) == lora_segments(y, x, A, B, segments).
+@dataclass(frozen=True)
+class HostTiles:
+    """A plan's tiles as flat host lists (row-major), before they go to a device: build_lora_plan
+    makes tensors of them; the CUDA-graph step writes them into its static buffers instead."""
 
-    Segments with the same pages and scale are one adapter: their tokens are pooled (in
-    order) and cut into tiles of up to `block_m` rows; an adapter's tiles are adjacent, so
-    they run together and share its pages in L2. Empty segments add nothing. Tokens must lie
-    in [0, num_tokens) and in at most one segment (y is updated without atomics).
-    block_r: the rank padding, a power of two >= 16 (default: the step's largest rank,
-    rounded up); fix it (e.g. to the pool's largest rank) to keep kernel shapes stable.
-    max_tiles: pad the plan to this many tiles (see max_tiles_for); default: no padding.
-    Runs on the host (segment pages are read with .tolist()), once per step.
-    """
+    rows: list[int]  # num_tiles * block_m token rows, -1 past a tile's size
+    sizes: list[int]  # num_tiles
+    pages: list[int]  # num_tiles * block_r page ids, -1 past the adapter's rank
+    scales: list[float]  # num_tiles
+    block_m: int
+    block_r: int
+    real_tiles: int
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.sizes)
+
+
+def tile_segments(segments: Sequence[Segment], num_tokens: int, block_m: int = DEFAULT_BLOCK_M, *,
+                  block_r: int | None = None, max_tiles: int | None = None) -> HostTiles:
+    """Semantics: the tiles of build_lora_plan (same arguments), on the host."""
     if not _is_power_of_two(block_m) or block_m < MIN_DOT_DIM:
         raise ValueError(f"block_m must be a power of two >= {MIN_DOT_DIM}, got {block_m}")
     adapters: dict[tuple[tuple[int, ...], float], list[int]] = {}
@@ -118,7 +125,7 @@ def build_lora_plan(segments: Sequence[Segment], num_tokens: int, device: torch.
         if any(covered[segment.start:segment.end]):
             raise ValueError(f"segment [{segment.start}, {segment.end}) overlaps another segment")
         covered[segment.start:segment.end] = b"\x01" * (segment.end - segment.start)
-        pages = tuple(int(p) for p in segment.pages.reshape(-1).tolist())
+        pages = segment.page_ids()
         if not pages:
             raise ValueError(f"segment [{segment.start}, {segment.end}) has no pages")
         adapters.setdefault((pages, float(segment.scale)), []).extend(range(segment.start, segment.end))
@@ -134,20 +141,43 @@ def build_lora_plan(segments: Sequence[Segment], num_tokens: int, device: torch.
     capacity = len(tiles) if max_tiles is None else max_tiles
     if capacity < len(tiles):
         raise ValueError(f"{len(tiles)} tiles do not fit max_tiles={max_tiles}")
+    padding = capacity - len(tiles)
+    rows, pages_out = [], []
+    for tile_rows, tile_pages, _ in tiles:
+        rows += tile_rows
+        rows += [-1] * (block_m - len(tile_rows))
+        pages_out += tile_pages
+        pages_out += [-1] * (block_r - len(tile_pages))
+    rows += [-1] * (block_m * padding)
+    pages_out += [-1] * (block_r * padding)
+    return HostTiles(rows, [len(r) for r, _, _ in tiles] + [0] * padding, pages_out,
+                     [scale for _, _, scale in tiles] + [0.0] * padding, block_m, block_r, len(tiles))
+
+
+def build_lora_plan(segments: Sequence[Segment], num_tokens: int, device: torch.device | str,
+                    block_m: int = DEFAULT_BLOCK_M, *, block_r: int | None = None,
+                    max_tiles: int | None = None) -> LoraTritonPlan:
+    """Semantics: tiles such that lora_shrink_expand(y, x, A, B, plan) == lora_segments(y, x, A, B, segments).
+
+    Segments with the same pages and scale are one adapter: their tokens are pooled (in
+    order) and cut into tiles of up to `block_m` rows; an adapter's tiles are adjacent, so
+    they run together and share its pages in L2. Empty segments add nothing. Tokens must lie
+    in [0, num_tokens) and in at most one segment (y is updated without atomics).
+    block_r: the rank padding, a power of two >= 16 (default: the step's largest rank,
+    rounded up); fix it (e.g. to the pool's largest rank) to keep kernel shapes stable.
+    max_tiles: pad the plan to this many tiles (see max_tiles_for); default: no padding.
+    Runs on the host (segment.page_ids()), once per step.
+    """
+    tiles = tile_segments(segments, num_tokens, block_m, block_r=block_r, max_tiles=max_tiles)
+    capacity = tiles.num_tiles
 
     # Plain lists, one tensor each: a per-tile tensor op would cost more than the kernels.
-    padding = capacity - len(tiles)
-    rows = [list(r) + [-1] * (block_m - len(r)) for r, _, _ in tiles] + [[-1] * block_m] * padding
-    pages = [list(p) + [-1] * (block_r - len(p)) for _, p, _ in tiles] + [[-1] * block_r] * padding
-    sizes = [len(r) for r, _, _ in tiles] + [0] * padding
-    scales = [scale for _, _, scale in tiles] + [0.0] * padding
-
     def on_device(values: list, dtype: torch.dtype, *shape: int) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).reshape(capacity, *shape).to(device)
 
-    return LoraTritonPlan(on_device(rows, torch.int32, block_m), on_device(sizes, torch.int32),
-                          on_device(pages, torch.int32, block_r), on_device(scales, torch.float32),
-                          num_tokens, block_m, block_r, len(tiles))
+    return LoraTritonPlan(on_device(tiles.rows, torch.int32, block_m), on_device(tiles.sizes, torch.int32),
+                          on_device(tiles.pages, torch.int32, tiles.block_r), on_device(tiles.scales, torch.float32),
+                          num_tokens, block_m, tiles.block_r, tiles.real_tiles)
 
 
 def plan_from_token_pages(token_pages: torch.Tensor, token_scales: torch.Tensor,

@@ -23,7 +23,7 @@ from services.inference.model.context import StepContext
 class DecodeBatch:
     """Metadata for the decode tokens of a step, built once per step by the runner."""
 
-    rows: torch.Tensor  # [Sd] int64, token rows (in the packed batch) of decode tokens
+    rows: torch.Tensor | None  # [Sd] int64 token rows (in the packed batch); None: every row, in order
     slots: torch.Tensor | None  # [Sd, C] int64, flat cache slot of each context position (0 = padding)
     mask: torch.Tensor | None  # [Sd, 1, 1, C] bool, True where a context position exists
     seq_indices: frozenset[int]  # which sequences of the step are decodes
@@ -80,6 +80,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     decode = ctx.decode
+    if decode is not None and decode.rows is None:  # decode-only step (CUDA graphs): no gathers
+        return paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.context_lens, scale, out)
     if decode is not None and decode.block_tables is not None:
         out[decode.rows] = paged_decode_attention(q[decode.rows], k_cache, v_cache, decode.block_tables,
                                                   decode.context_lens, scale)

@@ -1,0 +1,234 @@
+"""Decode steps replayed from CUDA graphs, over static buffers.
+
+Why: a Llama-3-8B decode step launches ~1,500 kernels (32 layers x 7 projections with their
+LoRA shrink and expand, attention, norms, rotary...). At a few µs of launch overhead each,
+launching alone costs about as much as the step's whole byte floor (~6 ms at batch 64);
+a graph replays them all with one launch.
+
+What makes the step capturable:
+- every per-step input has a fixed place in one int32 device buffer (graph_layout.py),
+  filled on the host in a pinned twin and moved by one asynchronous copy: no host sync and
+  no allocation per step;
+- shapes depend only on the graph's batch size and rank padding (block_r). A batch is padded
+  up to the next captured size: padding rows read token 0 at position 0, write their K/V to
+  a scratch slot no sequence owns, attend over a context of 0 tokens (the kernel returns
+  zeros) and belong to no LoRA tile;
+- every projection has a LoRA plan of `batch` tiles (enough: a tile holds >= 1 token);
+  projections that no adapter of the step targets get empty tiles, whose programs return at
+  once. Steps without adapters replay a base-only graph with no LoRA kernels at all.
+Prefill and mixed steps, and batches above the largest size, run eagerly.
+
+Modes: "capture" records one graph per (batch size, block_r) at start-up, largest first,
+all in one memory pool (only one replays at a time). "static" runs the same body on the
+same buffers without capturing: the twin that tests check against HF + peft on CPU under
+TRITON_INTERPRET, so everything but the capture itself is verified without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.inference.adapters.pool import AdapterPool
+from services.inference.config import GRAPH_MODES
+from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
+from services.inference.engine.packed_step import PackedStep
+from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, MIN_DOT_DIM, LoraTritonPlan, lora_shrink_expand,
+                                                    tile_segments)
+from services.inference.model.attention import DecodeBatch
+from services.inference.model.context import StepContext
+from services.inference.model.llama import LlamaForCausalLM
+
+CAPTURE, STATIC, OFF = "capture", "static", "off"
+
+
+def resolve_graph_mode(requested: str, device: str | torch.device, kernels: str) -> str:
+    """CAPTURE, STATIC or OFF for --cuda-graphs `requested` (config.GRAPH_MODES)."""
+    if requested not in GRAPH_MODES:
+        raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {requested!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if requested == "auto":
+        return CAPTURE if on_cuda and kernels == "triton" else OFF
+    if requested in ("on", STATIC) and kernels != "triton":
+        raise ValueError(f"--cuda-graphs {requested} needs --kernels triton (the PyTorch LoRA and attention "
+                         "paths build per-step tensors on the host, which a graph cannot replay)")
+    if requested == "on" and not on_cuda:
+        raise ValueError("--cuda-graphs on needs a CUDA device (static runs the same step without capture)")
+    return CAPTURE if requested == "on" else requested
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_batch (and max_batch): a padded batch
+    wastes at most 7 rows, whose cost is small next to the weights every row shares."""
+    sizes = {s for s in (1, 2, 4, 8) if s <= max_batch} | set(range(16, max_batch + 1, 8)) | {max_batch}
+    return sorted(sizes)
+
+
+def rank_paddings(max_rank: int) -> list[int]:
+    """block_r values graphs are kept for: powers of two from 16 up to cover max_rank."""
+    paddings = [MIN_DOT_DIM]
+    while paddings[-1] < max_rank:
+        paddings.append(paddings[-1] * 2)
+    return paddings
+
+
+class PlannedLora:
+    """The LoraBatch seam (`apply`) over fixed Triton plans: one per projection."""
+
+    def __init__(self, plans: dict[str, LoraTritonPlan], pool: AdapterPool) -> None:
+        self.plans, self.pool = plans, pool
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        return lora_shrink_expand(y, x, self.pool.a[module][layer], self.pool.b[module][layer], self.plans[module])
+
+
+@dataclass
+class GraphedStep:
+    """One (batch, block_r) variant: its layout, static views, and graph once captured."""
+
+    layout: GraphLayout
+    context: StepContext
+    token_ids: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # the graph's output, overwritten by every replay
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, *, mode: str, max_batch: int, max_rank: int,
+                 max_context: int, block_size: int, scratch_slot: int, device: torch.device) -> None:
+        if mode not in (CAPTURE, STATIC):
+            raise ValueError(f"mode must be {CAPTURE} or {STATIC}, got {mode!r}")
+        self.model, self.pool, self.mode, self.device = model, pool, mode, device
+        self.block_size, self.scratch_slot = block_size, scratch_slot
+        self.sizes = graph_batch_sizes(max_batch)
+        self.paddings = rank_paddings(max_rank)
+        table_width = -(-max_context // block_size)
+        modules = tuple(pool.a)
+        layouts = {(b, r): GraphLayout(b, table_width, modules, DEFAULT_BLOCK_M, r)
+                   for b in self.sizes for r in [None, *self.paddings]}
+        size = max(layout.size for layout in layouts.values())
+        # One device buffer for every variant (only one runs at a time), and its host twin.
+        self.buffer = torch.zeros(size, dtype=torch.int32, device=device)
+        self.steps = {key: self._build(layout) for key, layout in layouts.items()}
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
+        self.host_words = self.host.numpy()  # shares memory: numpy slice writes are the fast fill
+        self.host_floats = self.host_words.view(np.float32)
+        self._copied = torch.cuda.Event() if pinned else None
+        self.replays = 0
+
+    # --- set-up ---
+    def _build(self, layout: GraphLayout) -> GraphedStep:
+        buffer, batch = self.buffer, layout.batch
+        lora = None
+        if layout.block_r is not None:
+            plans = {m: LoraTritonPlan(int_view(buffer, layout.tile_rows[m], batch, layout.block_m),
+                                       int_view(buffer, layout.tile_sizes[m]),
+                                       int_view(buffer, layout.tile_pages[m], batch, layout.block_r),
+                                       float_view(buffer, layout.tile_scales[m]),
+                                       batch, layout.block_m, layout.block_r, batch)
+                     for m in layout.modules}
+            lora = PlannedLora(plans, self.pool)
+        decode = DecodeBatch(rows=None, slots=None, mask=None, seq_indices=frozenset(range(batch)),
+                             block_tables=int_view(buffer, layout.block_tables, batch, layout.table_width),
+                             context_lens=int_view(buffer, layout.context_lens))
+        # positions and slots are int32 views here; the body widens them inside the graph.
+        context = StepContext(positions=int_view(buffer, layout.positions), slot_mapping=int_view(buffer, layout.slots),
+                              cu_seqlens=list(range(batch + 1)), context_lens=[1] * batch, block_tables=[],
+                              logits_indices=torch.empty(0), lora=lora, block_size=self.block_size, decode=decode)
+        return GraphedStep(layout, context, int_view(buffer, layout.token_ids))
+
+    def capture(self) -> None:
+        """Records every variant's graph (CUDA only): largest batch first, so smaller graphs
+        reuse the pool memory the largest one allocated."""
+        if self.mode != CAPTURE:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        for key in sorted(self.steps, key=lambda k: (k[0], k[1] or 0), reverse=True):
+            step = self.steps[key]
+            self._fill(step, PackedStep())  # every row padding: the warm-up touches no real KV slot
+            self._upload(step)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, allocators settle
+                self._body(step)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                step.logits = self._body(step)
+            step.graph = graph
+        torch.cuda.synchronize(self.device)
+
+    # --- per step ---
+    def choose(self, packed: PackedStep) -> GraphedStep | None:
+        """The variant for this step, or None when it must run eagerly."""
+        if not packed.is_decode_only or packed.num_seqs > self.sizes[-1]:
+            return None
+        batch = next(size for size in self.sizes if size >= packed.num_seqs)
+        if not packed.groups:
+            return self.steps[(batch, None)]
+        rank = packed.max_rank
+        block_r = next((r for r in self.paddings if r >= rank), None)
+        return None if block_r is None else self.steps[(batch, block_r)]
+
+    def run(self, step: GraphedStep, packed: PackedStep) -> torch.Tensor:
+        """Float32 logits [num_seqs, vocab] of the step's sequences. With capture, a view into
+        the graph's output: read it before the next step replays over it."""
+        self._fill(step, packed)
+        self._upload(step)
+        self.replays += 1
+        if step.graph is not None:
+            step.graph.replay()
+            logits = step.logits
+        else:
+            logits = self._body(step)
+        return logits[:packed.num_seqs]
+
+    def _body(self, step: GraphedStep) -> torch.Tensor:
+        """The captured work: forward over the static buffers, logits of every row."""
+        static = step.context
+        context = StepContext(positions=static.positions.long(), slot_mapping=static.slot_mapping.long(),
+                              cu_seqlens=static.cu_seqlens, context_lens=static.context_lens, block_tables=[],
+                              logits_indices=static.logits_indices, lora=static.lora, block_size=self.block_size,
+                              decode=static.decode)
+        hidden = self.model(step.token_ids.long(), context)
+        return self.model.compute_logits(hidden)
+
+    def _fill(self, step: GraphedStep, packed: PackedStep) -> None:
+        """Writes the step's inputs into the host twin; padding rows as described above."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous upload has left the host buffer
+        layout, words, n = step.layout, self.host_words, packed.num_seqs
+        for region, values, pad in ((layout.token_ids, packed.tokens, 0), (layout.positions, packed.positions, 0),
+                                    (layout.slots, packed.slots, self.scratch_slot),
+                                    (layout.context_lens, packed.context_lens, 0)):
+            words[region.start:region.start + n] = values
+            words[region.start + n:region.stop] = pad
+        width, start = layout.table_width, layout.block_tables.start
+        for row, table in enumerate(packed.block_tables):  # entries past a context are never read
+            words[start + row * width:start + row * width + len(table)] = table
+        if layout.block_r is not None:
+            self._fill_tiles(layout, packed)
+
+    def _fill_tiles(self, layout: GraphLayout, packed: PackedStep) -> None:
+        by_targets: dict[tuple[int, ...], object] = {}
+        for module in layout.modules:
+            targeting = tuple(i for i, g in enumerate(packed.groups) if module in g.modules)
+            if targeting not in by_targets:
+                segments = [s for i in targeting for s in packed.groups[i].segments]
+                by_targets[targeting] = tile_segments(segments, layout.batch, layout.block_m, block_r=layout.block_r,
+                                                      max_tiles=layout.tile_capacity)
+            tiles = by_targets[targeting]
+            for region, values in ((layout.tile_rows[module], tiles.rows), (layout.tile_pages[module], tiles.pages),
+                                   (layout.tile_sizes[module], tiles.sizes)):
+                self.host_words[region.start:region.stop] = values
+            scales = layout.tile_scales[module]
+            self.host_floats[scales.start:scales.stop] = tiles.scales
+
+    def _upload(self, step: GraphedStep) -> None:
+        size = step.layout.size
+        self.buffer[:size].copy_(self.host[:size], non_blocking=self._copied is not None)
+        if self._copied is not None:
+            self._copied.record()

@@ -25,7 +25,8 @@ from services.inference.kernels.triton_attention import (
     prefill_attention_sdpa,
     varlen_prefill_attention,
 )
-from services.inference.model.attention import build_decode_batch, paged_attention, write_kv
+from services.inference.model.attention import (build_decode_batch, build_fresh_prefills, paged_attention,
+                                                write_kv)
 from services.inference.model.context import StepContext
 from tests.inference.sm90_compile import run_in_fresh_process
 
@@ -306,3 +307,43 @@ def test_decode_kernels_compile_for_hopper(tmp_path, dtype, group, head_dim, spl
     """The interpreter accepts what the GPU compiler may not: build the PTX for sm_90 with
     triton's own toolchain (no GPU needed) and check the 16-bit dots use the tensor cores."""
     run_in_fresh_process("check_decode_kernels", dtype, group, head_dim, split, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("fresh_only", [False, True])
+def test_model_attention_sends_fresh_prefills_through_varlen(fresh_only):
+    """A step mixing fresh prefills (from position 0) with a continued chunk and a decode: the
+    fresh ones attend in one varlen call over the step's own K/V (ctx.prefill), the others over
+    the paged cache, and every row equals the per-sequence path without ctx.prefill."""
+    block_size, num_heads, num_kv_heads, head_dim = 4, 4, 2, 8
+    generator = torch.Generator().manual_seed(3)
+    # (tokens this step, context after it): fresh 5, continued 3 of 9, decode 1 of 6, fresh 2
+    chunks = [(5, 5), (2, 2)] if fresh_only else [(5, 5), (3, 9), (1, 6), (2, 2)]
+    k_cache = torch.zeros(30, block_size, num_kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    tables, slots, cu_seqlens = [], [], [0]
+    for s, (_, context) in enumerate(chunks):
+        table = torch.arange(s * 7, s * 7 + math.ceil(context / block_size))
+        positions = torch.arange(context)
+        tables.append(table)
+        slots.append(table[positions // block_size] * block_size + positions % block_size)
+    new_slots = torch.cat([slot[context - count:] for slot, (count, context) in zip(slots, chunks)])
+    for slot, (count, context) in zip(slots, chunks):  # earlier context already cached
+        old = slot[:context - count]
+        write_kv(k_cache, v_cache, torch.randn(len(old), num_kv_heads, head_dim, generator=generator),
+                 torch.randn(len(old), num_kv_heads, head_dim, generator=generator), old)
+        cu_seqlens.append(cu_seqlens[-1] + count)
+    total = cu_seqlens[-1]
+    q = torch.randn(total, num_heads, head_dim, generator=generator)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=generator)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=generator)
+    write_kv(k_cache, v_cache, k, v, new_slots)
+    ctx = StepContext(positions=torch.zeros(total, dtype=torch.int64), slot_mapping=new_slots, cu_seqlens=cu_seqlens,
+                      context_lens=[c for _, c in chunks], block_tables=tables,
+                      logits_indices=torch.arange(len(chunks)), block_size=block_size)
+    ctx.decode = build_decode_batch(ctx)
+    expected = paged_attention(q, k_cache, v_cache, ctx, scale=0.3)
+    ctx.prefill = build_fresh_prefills(ctx)
+    assert ctx.prefill.seq_indices == ({0, 1} if fresh_only else {0, 3})
+    assert (ctx.prefill.rows is None) == fresh_only
+    assert ctx.prefill.cu_seqlens.tolist() == [0, 5, 7] and ctx.prefill.max_seqlen == 5
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, ctx, scale=0.3, k=k, v=v), expected)

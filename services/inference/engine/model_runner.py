@@ -18,7 +18,7 @@ from services.inference.engine.decode_graphs import OFF, DecodeGraphs
 from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
-from services.inference.model.attention import build_decode_batch
+from services.inference.model.attention import build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
 
@@ -73,7 +73,11 @@ class ModelRunner:
             lora=LoraBatch(packed.groups, self.pool.a, self.pool.b, len(packed.tokens), self.kernels)
             if packed.groups else None,
             block_size=self.block_size)
-        ctx.decode = build_decode_batch(ctx, paged_tables=self.kernels == "triton")
+        if self.kernels == "triton":  # the GPU kernels: paged decode, and varlen for fresh prefills
+            ctx.decode = build_decode_batch(ctx, paged_tables=True)
+            ctx.prefill = build_fresh_prefills(ctx)
+        else:
+            ctx.decode = build_decode_batch(ctx)
         hidden = self.model(torch.tensor(packed.tokens, dtype=torch.int64, device=device), ctx)
         if not packed.logits_rows:
             return torch.empty(0)

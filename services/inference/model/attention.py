@@ -9,13 +9,14 @@ GQA is handled by expanding K/V heads: SDPA's enable_gqa takes a path ~50x slowe
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from services.inference.kernels.triton_attention import paged_decode_attention
+from services.inference.kernels.triton_attention import paged_decode_attention, varlen_prefill_attention
 from services.inference.model.context import StepContext
 
 
@@ -55,6 +56,35 @@ def build_decode_batch(ctx: StepContext, paged_tables: bool = False) -> DecodeBa
     return DecodeBatch(rows, slots.to(device), mask[:, None, None, :].to(device), frozenset(decode))
 
 
+@dataclass
+class FreshPrefills:
+    """Prefill chunks that start at position 0: their keys are exactly the chunk's own tokens,
+    so all of them attend in one varlen (FlashAttention on a GPU) call instead of one SDPA over
+    a block-table gather per sequence."""
+
+    rows: torch.Tensor | None  # [Tp] int64 token rows in the packed batch; None: every row, in order
+    cu_seqlens: torch.Tensor  # [Sp+1] int32, on the step's device
+    max_seqlen: int
+    seq_indices: frozenset[int]
+
+
+def build_fresh_prefills(ctx: StepContext) -> FreshPrefills | None:
+    """The sequences whose chunk has several tokens and starts at position 0; None when none."""
+    bounds = ctx.cu_seqlens
+    fresh = [i for i in range(ctx.num_seqs)
+             if bounds[i + 1] - bounds[i] > 1 and ctx.context_lens[i] == bounds[i + 1] - bounds[i]]
+    if not fresh:
+        return None
+    device = ctx.slot_mapping.device
+    lengths = [bounds[i + 1] - bounds[i] for i in fresh]
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    rows = None
+    if len(fresh) < ctx.num_seqs:
+        rows = torch.tensor([r for i in fresh for r in range(bounds[i], bounds[i + 1])], dtype=torch.int64,
+                            device=device)
+    return FreshPrefills(rows, cu_seqlens, max(lengths), frozenset(fresh))
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v: [T, kv_heads, head_dim] stored at flat slots slot_mapping [T]."""
@@ -73,8 +103,9 @@ def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext,
-                    scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim] -> [T, heads, head_dim]; causal within each sequence."""
+                    scale: float, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, heads, head_dim] -> [T, heads, head_dim]; causal within each sequence.
+    k, v: the step's new keys/values [T, kv_heads, head_dim], read by ctx.prefill (fresh prefills)."""
     out = torch.empty_like(q)
     num_heads = q.shape[1]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -92,6 +123,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask, scale=scale)
         out[decode.rows] = attended[:, :, 0, :]
     skip = decode.seq_indices if decode is not None else frozenset()
+    prefill = ctx.prefill
+    if prefill is not None and k is not None and v is not None:
+        rows = prefill.rows
+        fresh_q, fresh_k, fresh_v = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
+        attended = varlen_prefill_attention(fresh_q, fresh_k, fresh_v, prefill.cu_seqlens, prefill.max_seqlen, scale)
+        if rows is None:
+            return attended
+        out[rows] = attended
+        skip = skip | prefill.seq_indices
     for i, context_len in enumerate(ctx.context_lens):
         if i in skip:
             continue

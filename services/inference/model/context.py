@@ -15,7 +15,7 @@ import torch
 from services.inference.adapters.batch import LoraBatch
 
 if TYPE_CHECKING:
-    from services.inference.model.attention import DecodeBatch
+    from services.inference.model.attention import DecodeBatch, FreshPrefills
 
 
 @dataclass
@@ -29,6 +29,7 @@ class StepContext:
     lora: LoraBatch | None = None  # None when no token uses an adapter
     block_size: int = 16
     decode: DecodeBatch | None = None  # batched metadata of the one-token sequences, set by the runner
+    prefill: FreshPrefills | None = None  # prefills from position 0 for one varlen call (Triton kernels)
 
     @property
     def num_seqs(self) -> int:

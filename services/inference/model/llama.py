@@ -43,7 +43,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale)
+        out = paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale, k, v)
         return self.o_proj(out.reshape(tokens, -1), ctx.lora)
 
 

@@ -57,7 +57,8 @@ class LLMEngine:
         seq_id = next(self._ids) if seq_id is None else seq_id
         seq = Sequence(seq_id, prompt_token_ids, sampling, adapter_key, self.block_size, request_id)
         self.scheduler.add(seq)
-        generator = None if sampling.is_greedy else make_generator(sampling.seed)
+        # On the logits' device, so sampling never copies a row of probabilities to the host.
+        generator = None if sampling.is_greedy else make_generator(sampling.seed, self.runner.device)
         self._requests[seq.seq_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
                                               StopStringMatcher(sampling.stop), generator)
         self.prompt_tokens += len(prompt_token_ids)

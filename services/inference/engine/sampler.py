@@ -37,7 +37,12 @@ class Sampler:
     """
 
     def __init__(self) -> None:
-        self._unseeded = make_generator(None)
+        self._unseeded: dict[torch.device, torch.Generator] = {}  # per device, for rows without their own
+
+    def _unseeded_on(self, device: torch.device) -> torch.Generator:
+        if device not in self._unseeded:
+            self._unseeded[device] = make_generator(None, device)
+        return self._unseeded[device]
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> list[SampledToken]:
@@ -51,10 +56,11 @@ class Sampler:
             rows = torch.tensor(sampled_rows, device=logits.device)
             probs = self._filtered_probs(logits[rows], [params[i] for i in sampled_rows])  # [S, V]
             for row_probs, i in zip(probs, sampled_rows):
-                generator = generators[i] or self._unseeded
-                if generator.device != row_probs.device:
+                generator = generators[i] or self._unseeded_on(row_probs.device)
+                if generator.device != row_probs.device:  # a generator made elsewhere: correct, but slow on GPU
                     row_probs = row_probs.to(generator.device)
-                token_ids[i] = torch.multinomial(row_probs, 1, generator=generator).item()
+                # Stays on the device (no .item()): on a GPU, one sync per row would cost more than the step.
+                token_ids[i] = torch.multinomial(row_probs, 1, generator=generator).to(token_ids.device)[0]
         return self._with_logprobs(logits, token_ids, params)
 
     @staticmethod

@@ -99,7 +99,7 @@ def check_lora_kernels() -> None:
     for dtype, block_m, block_r in LORA_SHAPES:
         for kernel, options in ((kernels.lora_shrink_kernel, {"num_warps": 4, "num_stages": 3}),
                                 (kernels.lora_expand_kernel, {"num_warps": 4})):
-            constexprs = {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_N": 128, "SPLIT_K": 4,
+            constexprs = {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_N": 128,
                           "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
             pointer_types = {name: ("*i32" if name.startswith("tile_") and name != "tile_scales_ptr"
                                     else "*fp32" if name in ("partial_ptr", "tile_scales_ptr") else f"*{dtype}")

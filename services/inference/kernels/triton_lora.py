@@ -268,9 +268,9 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, 
     )
     kernels.lora_expand_kernel[(plan.num_tiles, _cdiv(out_features, block_n))](
         y, b_pages, partial, plan.tile_rows, plan.tile_sizes, plan.tile_pages, plan.tile_scales,
-        plan.num_tiles, out_features,
+        plan.num_tiles, out_features, split_k,
         y.stride(0), y.stride(1), b_pages.stride(0), b_pages.stride(1),
-        SPLIT_K=split_k, BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n,
+        BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n,
         DOT_PRECISION=precision, num_warps=4,
     )
     return y

@@ -73,9 +73,8 @@ def lora_shrink_kernel(
 def lora_expand_kernel(
     y_ptr, b_ptr, partial_ptr,
     tile_rows_ptr, tile_sizes_ptr, tile_pages_ptr, tile_scales_ptr,
-    num_tiles, out_features,
+    num_tiles, out_features, split_k,
     stride_ym, stride_yn, stride_bp, stride_bn,
-    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -103,7 +102,9 @@ def lora_expand_kernel(
     # Masked by rows and rank: a one-token decode tile reads 1 of its 16 partial rows.
     s_mask = row_mask[:, None] & page_mask[None, :]
     s = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for split in tl.static_range(SPLIT_K):
+    # split_k is a runtime bound, not a constexpr: it changes with the tile count, and a fresh
+    # GPU machine would otherwise compile one expand per value while capturing CUDA graphs.
+    for split in range(0, split_k):
         s += tl.load(partial_ptr + ((split * num_tiles + tile) * BLOCK_M + offs_m[:, None]) * BLOCK_R
                      + offs_r[None, :], mask=s_mask, other=0.0)
 

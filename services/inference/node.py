@@ -139,7 +139,11 @@ class Node:
         sampling = sampling.validate(len(token_ids), self.max_context)
         if adapter_id:
             self.manager.note_request(adapter_id)
-            await self.manager.ensure_host(adapter_id, sha256)
+            # A resident adapter needs no host copy (if it is evicted before this request is
+            # scheduled, the scheduler asks for a re-fetch): with a host tier smaller than the
+            # device pool, fetching here would re-read it from its source on every request.
+            if not self.manager.on_device(adapter_id, sha256):
+                await self.manager.ensure_host(adapter_id, sha256)
         async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id):
             yield output
 

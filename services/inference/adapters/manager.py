@@ -48,6 +48,11 @@ class AdapterManager:
         else:
             self.misses += 1
 
+    def on_device(self, adapter_id: str, sha256: str = "") -> bool:
+        """The adapter (with these bytes, when sha256 is given) is resident in the device pool."""
+        resident = self.pool.get(adapter_id)
+        return resident is not None and (not sha256 or resident.sha256 == sha256)
+
     async def ensure_host(self, adapter_id: str, sha256: str = "") -> LoraWeights:
         """The adapter's weights in host memory, fetching (once, shared) when missing."""
         with self._host_lock:

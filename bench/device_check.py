@@ -1,18 +1,20 @@
 """The one script a GPU session runs (issue #8): correctness first, then timings, into OUT_DIR.
 
-  python -m bench.device_check OUT_DIR [--budget-seconds 450]
+  python -m bench.device_check OUT_DIR [--budget-seconds 480]
 
 Installs nothing. Steps, each a subprocess with its own deadline inside the budget, each
 leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   1. gpu.json      what the machine is (torch, CUDA, device, free memory);
-  2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included);
+  2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included), and the
+                   CUDA-graph decode step: captured graphs replay what the static body computes;
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
                    against the byte floor;
-  4. oracle        the oracle test (HF + peft tokens) with --kernels torch and triton on CUDA;
-  5. engine.json   bench/engine.py on CUDA with the small preset and the Triton kernels: does
-                   the engine run on the GPU, and how far is it from HF peft (a smoke run; the
-                   Llama-3-8B matrix of the issue needs CUDA graphs in the model runner first).
+  4. oracle        the oracle tests (HF + peft tokens) on CUDA: PyTorch kernels, Triton kernels,
+                   and Triton kernels with captured decode graphs;
+  5. engine.json   bench/engine.py --matrix on CUDA, Llama-3-8B shape (random bf16 weights),
+                   Triton kernels and CUDA graphs: decode tokens/s at batch 1/16/64 with
+                   1/16/64 adapters vs base-only and HF peft, TTFT, adapter load latency.
 summary.json lists each step's status and wall time. Exit status 0 when every step passed.
 """
 
@@ -31,21 +33,24 @@ STEPS = [
                    "'capability': torch.cuda.get_device_capability(0), 'free_gib': free / 2**30, "
                    "'total_gib': total / 2**30}))"], 60),
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
-                      "tests/inference/test_triton_attention.py", "tests/inference/test_triton_lora_compile.py"], 120),
-    ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 180),
+                      "tests/inference/test_triton_attention.py", "tests/inference/test_triton_lora_compile.py",
+                      "tests/inference/test_decode_graphs.py"], 120),
+    ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
     # The engine steps import our gRPC stack (grpcio-health-checking, protobuf 7.36, ...): carry
     # those wheels (bench/gpu_notes.md) or these two fail alone, after the kernel figures are in.
     ("oracle", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_oracle.py",
-                "-k", "mixed_batch or triton"], 90),
-    ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "small", "--adapters", "16", "--batch", "16",
-                "--prompt-len", "64", "--gen-len", "32", "--repeat", "1", "--kernels", "triton"], 150),
+                "-k", "mixed_batch or triton or graphed"], 120),
+    # --json keeps what finished when the step is cut off (stdout is printed only at the end).
+    ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
+                "--budget-seconds", "200", "--json", "{out}/engine_partial.json"], 280),
 ]
 
 
 def run_step(name: str, args: list[str], deadline: float, out: Path) -> dict:
     started = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=deadline)
+        command = [sys.executable, *(arg.replace("{out}", str(out)) for arg in args)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=deadline)
         status = "passed" if result.returncode == 0 else f"exit {result.returncode}"
         stdout, stderr = result.stdout, result.stderr
     except subprocess.TimeoutExpired as exc:
@@ -59,7 +64,7 @@ def run_step(name: str, args: list[str], deadline: float, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the JSON files (created)")
-    parser.add_argument("--budget-seconds", type=float, default=450.0, help="all steps together")
+    parser.add_argument("--budget-seconds", type=float, default=480.0, help="all steps together")
     parser.add_argument("--steps", default=",".join(name for name, _, _ in STEPS),
                         help="comma-separated subset of the steps, in their order")
     args = parser.parse_args(argv)

@@ -9,6 +9,8 @@ rank-r adapters on all seven projections; (b) our engine, base model only; (c) H
 same prompts, greedy, fixed length. Prints JSON: tokens/s, ratios, peak memory, and the
 byte bound base_bytes / (base_bytes + adapter_bytes) that caps (a)/(b) when decode is
 memory-bound.
+
+`--matrix`: batch x distinct-adapter configurations on one node instead (bench/engine_matrix.py).
 """
 
 from __future__ import annotations
@@ -56,26 +58,30 @@ def projection_shapes(config) -> dict[str, tuple[int, int]]:
             "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
 
 
-def build_adapters(config, folder: Path, count: int, rank: int, dtype: torch.dtype) -> list[str]:
+def build_adapters(config, folder: Path, count: int, rank: int, dtype: torch.dtype,
+                   device: str = "cpu") -> list[str]:
     """`count` random rank-`rank` PEFT adapters on all seven projections, written directly.
 
-    The same files peft saves (adapter_config.json + adapter_model.safetensors, peft's key
-    names), without building a peft model per adapter: 64 Llama-3-8B-shaped adapters (5.4 GB
-    in bf16) take seconds instead of minutes, which matters inside a GPU session's budget.
+    The same files peft saves, without a peft model per adapter. Values are drawn on `device`:
+    64 Llama-3-8B-shaped adapters are 2.7G random numbers (5.4 GB in bf16), slow on a CPU and
+    instant on a GPU. Each adapter gets its own draws: distinct bytes that decode must read.
     """
     from safetensors.torch import save_file
 
     shapes, names = projection_shapes(config), []
-    generator = torch.Generator().manual_seed(1234)
+    generator = torch.Generator(device=device).manual_seed(1234)
+
+    def draw(rows: int, cols: int, scale: float) -> torch.Tensor:  # on `device`, then to the CPU for safetensors
+        return (torch.randn(rows, cols, generator=generator, device=device) * scale).to(dtype).cpu()
+
     for i in range(count):
         tensors = {}
         for layer in range(config.num_hidden_layers):
             for module, (fan_in, fan_out) in shapes.items():
                 block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
                 key = f"base_model.model.model.layers.{layer}.{block}.{module}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator)
-                                                   * fan_in ** -0.5).to(dtype)
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * 0.01).to(dtype)
+                tensors[f"{key}.lora_A.weight"] = draw(rank, fan_in, fan_in ** -0.5)
+                tensors[f"{key}.lora_B.weight"] = draw(fan_out, rank, 0.01)
         target = folder / f"a{i}"
         target.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(target / "adapter_model.safetensors"))
@@ -87,6 +93,11 @@ def build_adapters(config, folder: Path, count: int, rank: int, dtype: torch.dty
     return names
 
 
+def engine_options(args) -> dict:
+    """InferenceConfig fields chosen by flags: the kernels, and CUDA graphs when asked."""
+    return {"kernels": args.kernels, **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {})}
+
+
 def run_ours(base: Path, adapters: Path, names: list[str], prompts: list[list[int]], gen_len: int, args,
              use_adapters: bool) -> dict:
     from services.inference.config import InferenceConfig
@@ -94,7 +105,7 @@ def run_ours(base: Path, adapters: Path, names: list[str], prompts: list[list[in
     from services.inference.node import Node, Prompt
 
     config = InferenceConfig(base_model=base, adapter_dir=adapters, device=args.device, kv_cache_mb=args.kv_cache_mb,
-                             kernels=args.kernels,
+                             **engine_options(args),
                              adapter_pool_pages=max(64, len(names) * args.rank), max_num_seqs=len(prompts),
                              max_batched_tokens=max(2048, len(prompts) * args.prompt_len))
     node = Node.build(config, random_weights=args.preset == "llama8b")
@@ -135,26 +146,40 @@ def run_ours(base: Path, adapters: Path, names: list[str], prompts: list[list[in
 
 def run_hf(base: Path, adapters: Path, names: list[str], prompts: list[list[int]], gen_len: int, args,
            mixed: bool) -> dict:
+    model = build_hf_model(base, adapters, names if mixed else names[:1], args)
+    adapter_names = [names[i % len(names)] for i in range(len(prompts))] if mixed else None
+    return time_hf_generate(model, prompts, gen_len, args, adapter_names)
+
+
+def build_hf_model(base: Path, adapters: Path, names: list[str], args):
+    """The HF base model with the peft adapters `names` loaded (the first one active)."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     if args.preset == "llama8b":
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype).to(args.device)
+        with torch.device(args.device):  # random init of 8B parameters: seconds on a GPU, minutes on a CPU
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(args.device)
     model = PeftModel.from_pretrained(model, adapters / names[0], adapter_name=names[0])
-    for name in names[1:] if mixed else []:
+    for name in names[1:]:
         model.load_adapter(adapters / name, adapter_name=name)
-    model.eval()
+    return model.eval()
+
+
+def time_hf_generate(model, prompts: list[list[int]], gen_len: int, args, adapter_names: list[str] | None,
+                     warm_up: bool = True) -> dict:
+    """Greedy generate of exactly gen_len new tokens per prompt; the best of args.repeat runs."""
     ids = torch.tensor(prompts, device=args.device)
     kwargs = {"max_new_tokens": gen_len, "min_new_tokens": gen_len, "do_sample": False,
               "attention_mask": torch.ones_like(ids)}
-    if mixed:
-        kwargs["adapter_names"] = [names[i % len(names)] for i in range(len(prompts))]
+    if adapter_names is not None:
+        kwargs["adapter_names"] = adapter_names
     with torch.no_grad():
-        model.generate(ids[:, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2,
-                                      "attention_mask": torch.ones_like(ids[:, :8])})
+        if warm_up:
+            model.generate(ids[:, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2,
+                                          "attention_mask": torch.ones_like(ids[:, :8])})
         elapsed = float("inf")
         for _ in range(args.repeat):
             _sync(args.device)
@@ -185,7 +210,9 @@ def adapter_bytes(adapters: Path, names: list[str], dtype_bytes: int) -> int:
     return total * dtype_bytes
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    from bench.engine_matrix import add_matrix_arguments, resolve_defaults
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", choices=["tiny", "small", "llama8b"], default="small")
@@ -194,16 +221,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=32)
-    parser.add_argument("--kv-cache-mb", type=int, default=512)
+    parser.add_argument("--kv-cache-mb", type=int, help="KV cache MiB (default 512; --matrix: fits the largest batch)")
     parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="our engine's kernels")
-    parser.add_argument("--hf-gen-len", type=int, default=0,
-                        help="new tokens for the HF peft runs (0: --gen-len); HF mixed batches are slow on big models")
+    parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
+                        help="our engine's CUDA graphs (default auto: on with Triton kernels on CUDA)")
+    parser.add_argument("--hf-gen-len", type=int, default=0, help="new tokens for the HF peft runs (0: --gen-len; "
+                        "8 with --matrix); HF mixed batches are slow on big models")
     parser.add_argument("--skip-hf", action="store_true", help="only our engine")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant; the best is kept "
-                                                              "(shared 2-core machines are noisy)")
+    parser.add_argument("--repeat", type=int, help="timed runs per variant, the best kept: shared 2-core machines "
+                        "are noisy (default 3; 1 with --matrix)")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    add_matrix_arguments(parser)
+    return resolve_defaults(parser, parser.parse_args(argv))
+
+
+def run_comparison(args) -> dict:
+    """One batch: our engine with adapters, base only, HF peft mixed and single (see the docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = build_base(args.preset, root / "base")
@@ -211,7 +244,7 @@ def main(argv=None) -> int:
 
         adapter_dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
         names = build_adapters(AutoConfig.from_pretrained(base), root / "adapters", args.adapters, args.rank,
-                               adapter_dtype)
+                               adapter_dtype, device=args.device)
         vocab = 500
         prompts = torch.randint(0, vocab, (args.batch, args.prompt_len)).tolist()
         result = {"machine": describe(), "config": vars(args) | {"json": str(args.json)}}
@@ -237,11 +270,23 @@ def main(argv=None) -> int:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if torch.cuda.is_available():
             result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.matrix:
+        from bench.engine_matrix import MatrixRun
+
+        result = MatrixRun(args).run()
+    else:
+        result = run_comparison(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text)
-    return 0
+    return 1 if result.get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -54,3 +54,52 @@ def test_engine_bench_runs_every_variant_on_a_tiny_model(tmp_path):
     assert report["ours_adapters"]["tokens"] == 16 and report["ours_base"]["tokens"] == 16
     assert report["hf_peft_mixed"]["tokens"] == 8 and report["hf_peft_single"]["tokens"] == 8
     assert 0 < report["ratios"]["byte_bound"] < 1 and report["adapter_bytes_distinct"] > 0
+
+
+MATRIX_SMOKE = ["-m", "bench.engine", "--device", "cpu", "--preset", "tiny", "--matrix", "--matrix-batches", "1,4",
+                "--matrix-adapters", "1,4", "--prompt-len", "16", "--gen-len", "4", "--hf-batch", "4",
+                "--hf-adapters", "2"]
+
+
+def test_engine_matrix_measures_every_configuration_on_one_node(tmp_path):
+    """--hf-adapters 2 is not in the matrix: our engine runs that configuration too, to compare."""
+    out = tmp_path / "matrix.json"
+    result = subprocess.run([sys.executable, *MATRIX_SMOKE, "--bandwidth-gbs", "10", "--json", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["skipped"] == [] and report["failed"] == []
+    assert [run["name"] for run in report["ours_base"]] == ["b1_base", "b4_base"]
+    assert [run["name"] for run in report["ours_adapters"]] == ["b1_a1", "b4_a1", "b4_a2", "b4_a4"]
+    for run in report["ours_base"] + report["ours_adapters"]:
+        assert run["tokens"] == run["batch"] * 4, run
+        for figure in ("tokens_per_s", "decode_tokens_per_s", "ttft_p50_s", "ttft_max_s", "floor_tokens_per_s"):
+            assert run[figure] > 0, (run["name"], figure)
+        assert run["bytes_per_decode_step"] > report["model"]["base_bytes_read_per_step"]
+    assert [ratio["name"] for ratio in report["ratios"]] == ["b1_a1", "b4_a1", "b4_a2", "b4_a4"]
+    for ratio in report["ratios"]:
+        assert 0 < ratio["byte_bound"] < ratio["byte_bound_with_kv"] < 1
+        assert ratio["adapters_over_base"] > 0 and ratio["fraction_of_byte_bound"] > 0
+    load = report["adapter_load"]
+    assert load["count"] == 4 and load["bytes_per_adapter"] == report["model"]["adapter_bytes"] > 0
+    for figure in ("fetch_parse_ms", "host_to_device_ms", "resident_ms"):
+        assert set(load[figure]) == {"mean", "p50", "max"} and load[figure]["max"] > 0
+    hf = report["hf_peft_mixed"]
+    assert (hf["batch"], hf["adapters"], hf["tokens"]) == (4, 2, 4 * 8)  # --hf-gen-len is 8 in matrix mode
+    assert hf["decode_tokens_per_s"] > 0 and hf["ours_over_hf_mixed"] > 0
+    assert report["copy_bandwidth_source"] == "flag"
+    steps = report["engine_steps"]  # CPU: graphs are off by default, every step eager
+    assert steps["graph_mode"] == "off" and steps["graph"] == 0 and steps["eager"] > 0
+
+
+def test_engine_matrix_reports_what_the_budget_left_no_time_for(tmp_path):
+    out = tmp_path / "matrix.json"
+    result = subprocess.run([sys.executable, *MATRIX_SMOKE, "--budget-seconds", "0.01", "--json", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert json.loads(result.stdout) == report
+    assert [entry["name"] for entry in report["skipped"]] == ["b1_base", "b1_a1", "b4_base", "b4_a1", "b4_a2",
+                                                              "b4_a4", "hf_peft_mixed"]
+    assert report["ours_base"] == report["ours_adapters"] == report["ratios"] == [] and report["failed"] == []
+    assert report["copy_bandwidth_gbs"] is None  # no CUDA here, no flag: no floor

@@ -87,10 +87,12 @@ def build_fresh_prefills(ctx: StepContext) -> FreshPrefills | None:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, head_dim] stored at flat slots slot_mapping [T]."""
+    """k, v: [T, kv_heads, head_dim] stored at flat slots slot_mapping [T]. index_copy_ rather
+    than an indexed assignment: a plain scatter that never consults the host, so it can sit in
+    a CUDA graph (rows of a padded graphed batch all share one scratch slot; any may win it)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k
-    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

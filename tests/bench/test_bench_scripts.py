@@ -61,13 +61,18 @@ MATRIX_SMOKE = ["-m", "bench.engine", "--device", "cpu", "--preset", "tiny", "--
                 "--hf-adapters", "2"]
 
 
-def test_engine_matrix_measures_every_configuration_on_one_node(tmp_path):
-    """--hf-adapters 2 is not in the matrix: our engine runs that configuration too, to compare."""
+def run_matrix_smoke(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """The CPU matrix run with `flags`: the process, and the report it wrote with --json."""
     out = tmp_path / "matrix.json"
-    result = subprocess.run([sys.executable, *MATRIX_SMOKE, "--bandwidth-gbs", "10", "--json", str(out)],
+    result = subprocess.run([sys.executable, *MATRIX_SMOKE, *flags, "--json", str(out)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return result, json.loads(out.read_text())
+
+
+def test_engine_matrix_measures_every_configuration_on_one_node(tmp_path):
+    """--hf-adapters 2 is not in the matrix: our engine runs that configuration too, to compare."""
+    _, report = run_matrix_smoke(tmp_path, "--bandwidth-gbs", "10")
     assert report["skipped"] == [] and report["failed"] == []
     assert [run["name"] for run in report["ours_base"]] == ["b1_base", "b4_base"]
     assert [run["name"] for run in report["ours_adapters"]] == ["b1_a1", "b4_a1", "b4_a2", "b4_a4"]
@@ -93,11 +98,7 @@ def test_engine_matrix_measures_every_configuration_on_one_node(tmp_path):
 
 
 def test_engine_matrix_reports_what_the_budget_left_no_time_for(tmp_path):
-    out = tmp_path / "matrix.json"
-    result = subprocess.run([sys.executable, *MATRIX_SMOKE, "--budget-seconds", "0.01", "--json", str(out)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    result, report = run_matrix_smoke(tmp_path, "--budget-seconds", "0.01")
     assert json.loads(result.stdout) == report
     assert [entry["name"] for entry in report["skipped"]] == ["b1_base", "b1_a1", "b4_base", "b4_a1", "b4_a2",
                                                               "b4_a4", "hf_peft_mixed"]

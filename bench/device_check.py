@@ -1,12 +1,13 @@
 """The one script a GPU session runs (issue #8): correctness first, then timings, into OUT_DIR.
 
-  python -m bench.device_check OUT_DIR [--budget-seconds 480]
+  python -m bench.device_check OUT_DIR [--budget-seconds 500]
 
 Installs nothing. Steps, each a subprocess with its own deadline inside the budget, each
 leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   1. gpu.json      what the machine is (torch, CUDA, device, free memory);
   2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included), and the
                    CUDA-graph decode step: captured graphs replay what the static body computes;
+                   (none of the steps imports our gRPC stack: no wheels need carrying)
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
                    against the byte floor;
@@ -27,29 +28,36 @@ import sys
 import time
 from pathlib import Path
 
+# Limits add up to more than the budget on purpose: early steps rarely use theirs, and the last
+# one (the matrix) takes what is left, told so through {budget}.
 STEPS = [
     ("gpu", ["-c", "import json, torch; free, total = torch.cuda.mem_get_info(); print(json.dumps({"
                    "'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0), "
                    "'capability': torch.cuda.get_device_capability(0), 'free_gib': free / 2**30, "
                    "'total_gib': total / 2**30}))"], 60),
+    # The sm_90 compile-only tests are left out: the GPU compiles these kernels for real here.
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
-                      "tests/inference/test_triton_attention.py", "tests/inference/test_triton_lora_compile.py",
-                      "tests/inference/test_decode_graphs.py"], 120),
+                      "tests/inference/test_triton_attention.py", "tests/inference/test_decode_graphs.py",
+                      "-k", "not compile_for_hopper"], 90),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
-    # The engine steps import our gRPC stack (grpcio-health-checking, protobuf 7.36, ...): carry
-    # those wheels (bench/gpu_notes.md) or these two fail alone, after the kernel figures are in.
     ("oracle", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_oracle.py",
-                "-k", "mixed_batch or triton or graphed"], 120),
+                "-k", "mixed_batch or triton or graphed"], 90),
     # --json keeps what finished when the step is cut off (stdout is printed only at the end).
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
-                "--budget-seconds", "200", "--json", "{out}/engine_partial.json"], 280),
+                "--budget-seconds", "{budget}", "--json", "{out}/engine_partial.json"], 300),
 ]
+
+
+STEP_MARGIN_SECONDS = 45
 
 
 def run_step(name: str, args: list[str], deadline: float, out: Path) -> dict:
     started = time.monotonic()
     try:
-        command = [sys.executable, *(arg.replace("{out}", str(out)) for arg in args)]
+        # {budget}: the step's own deadline less a margin for what its budget cannot cut short
+        # (an HF peft run already started, writing the JSON).
+        budget = str(max(10, int(deadline - STEP_MARGIN_SECONDS)))
+        command = [sys.executable, *(arg.replace("{out}", str(out)).replace("{budget}", budget) for arg in args)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=deadline)
         status = "passed" if result.returncode == 0 else f"exit {result.returncode}"
         stdout, stderr = result.stdout, result.stderr
@@ -64,7 +72,7 @@ def run_step(name: str, args: list[str], deadline: float, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the JSON files (created)")
-    parser.add_argument("--budget-seconds", type=float, default=480.0, help="all steps together")
+    parser.add_argument("--budget-seconds", type=float, default=500.0, help="all steps together")
     parser.add_argument("--steps", default=",".join(name for name, _, _ in STEPS),
                         help="comma-separated subset of the steps, in their order")
     args = parser.parse_args(argv)

@@ -94,8 +94,11 @@ def build_adapters(config, folder: Path, count: int, rank: int, dtype: torch.dty
 
 
 def engine_options(args) -> dict:
-    """InferenceConfig fields chosen by flags: the kernels, and CUDA graphs when asked."""
-    return {"kernels": args.kernels, **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {})}
+    """InferenceConfig fields chosen by flags: the kernels, CUDA graphs when asked, and the
+    largest rank this run's adapters have (each rank padding beyond it would be one more set
+    of decode graphs captured and kernels compiled for nothing)."""
+    return {"kernels": args.kernels, "max_adapter_rank": args.rank,
+            **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {})}
 
 
 def run_ours(base: Path, adapters: Path, names: list[str], prompts: list[list[int]], gen_len: int, args,

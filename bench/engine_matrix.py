@@ -115,7 +115,7 @@ class MatrixRun:
         config = InferenceConfig(base_model=self.base, adapter_dir=self.adapter_dir, device=self.args.device,
                                  kv_cache_mb=self.report["kv_cache_mb"], max_num_seqs=max_batch,
                                  adapter_pool_pages=max(64, max_adapters * self.args.rank), max_batched_tokens=8192,
-                                 **engine_options(self.args))
+                                 max_model_len=context_tokens(self.args), **engine_options(self.args))
         node = Node.build(config, random_weights=self.args.preset == "llama8b")
         self.report["model"] = model_bytes(node, self.args.rank)
         self.progress("node built")
@@ -258,7 +258,13 @@ def kv_cache_mb_for(base: Path, max_batch: int, args) -> int:
 
     shape = load_model_args(base)
     per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * (4 if args.device == "cpu" else 2)
-    return math.ceil(max_batch * (args.prompt_len + args.gen_len + 32) * per_token * 1.1 / 2**20)
+    return math.ceil(max_batch * context_tokens(args) * per_token * 1.1 / 2**20)
+
+
+def context_tokens(args) -> int:
+    """The node's context length: prompt + generated tokens and a block's slack. Also what sizes
+    the decode graphs' block tables (and so the attention kernel's partitions)."""
+    return args.prompt_len + args.gen_len + 32
 
 
 def model_bytes(node, rank: int) -> dict:

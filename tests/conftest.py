@@ -18,7 +18,8 @@ from pathlib import Path
 # patching. On a machine with an NVIDIA GPU it stays unset and the same tests run compiled.
 # What must compile for real (the sm_90 checks, tests/inference/sm90_compile.py) runs in a
 # subprocess without it.
-if not Path("/dev/nvidiactl").exists():
+NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
+if not any(Path(path).exists() for path in NVIDIA_DEVICE_FILES):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest

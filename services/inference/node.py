@@ -151,6 +151,7 @@ class Node:
 def _kv_cache_bytes(config: InferenceConfig) -> int:
     if config.kv_cache_mb:
         return config.kv_cache_mb * 1024 * 1024
+    torch.cuda.empty_cache()  # memory freed while building (e.g. a random init's temporaries) counts as free
     free, _ = torch.cuda.mem_get_info(torch.device(config.device))
     return int(free * 0.9)  # leave room for activations and CUDA graphs
 

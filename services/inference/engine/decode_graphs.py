@@ -145,12 +145,11 @@ class DecodeGraphs:
         reuse the pool memory the largest one allocated."""
         if self.mode != CAPTURE:
             return
-        pool = torch.cuda.graph_pool_handle()
+        pool, side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
         for key in sorted(self.steps, key=lambda k: (k[0], k[1] or 0), reverse=True):
             step = self.steps[key]
             self._fill(step, PackedStep())  # every row padding: the warm-up touches no real KV slot
             self._upload(step)
-            side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, allocators settle
                 self._body(step)

@@ -59,8 +59,12 @@ class Sampler:
                 generator = generators[i] or self._unseeded_on(row_probs.device)
                 if generator.device != row_probs.device:  # a generator made elsewhere: correct, but slow on GPU
                     row_probs = row_probs.to(generator.device)
-                # Stays on the device (no .item()): on a GPU, one sync per row would cost more than the step.
-                token_ids[i] = torch.multinomial(row_probs, 1, generator=generator).to(token_ids.device)[0]
+                # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), and unlike
+                # torch.multinomial it never reads back to the host: on a GPU a sync per row
+                # would cost more than the step.
+                race = torch.empty_like(row_probs).exponential_(generator=generator)
+                race.clamp_min_(torch.finfo(race.dtype).tiny)  # a 0 draw would make 0/0 = NaN win the argmax
+                token_ids[i] = (row_probs / race).argmax().to(token_ids.device)
         return self._with_logprobs(logits, token_ids, params)
 
     @staticmethod

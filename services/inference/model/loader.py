@@ -79,4 +79,5 @@ def random_model(folder: str | Path, dtype: torch.dtype, device: str | torch.dev
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std, generator=generator)
+    model.model.rotary = RotaryEmbedding(args).to(device)  # .to(dtype) cast inv_freq: keep it float32
     return model.eval(), args

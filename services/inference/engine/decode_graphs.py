@@ -212,19 +212,27 @@ class DecodeGraphs:
             self._fill_tiles(layout, packed)
 
     def _fill_tiles(self, layout: GraphLayout, packed: PackedStep) -> None:
-        by_targets: dict[tuple[int, ...], object] = {}
+        """Each projection's tiles: one plan per distinct set of targeting adapters (usually
+        one for all seven), turned into arrays once and copied to every projection it serves."""
+        groups_by_modules: dict[frozenset[str], list[int]] = {}
+        for i, group in enumerate(packed.groups):
+            groups_by_modules.setdefault(group.modules, []).append(i)
+        planned: dict[tuple[frozenset[str], ...], tuple[np.ndarray, ...]] = {}
         for module in layout.modules:
-            targeting = tuple(i for i, g in enumerate(packed.groups) if module in g.modules)
-            if targeting not in by_targets:
-                segments = [s for i in targeting for s in packed.groups[i].segments]
-                by_targets[targeting] = tile_segments(segments, layout.batch, layout.block_m, block_r=layout.block_r,
-                                                      max_tiles=layout.tile_capacity)
-            tiles = by_targets[targeting]
-            for region, values in ((layout.tile_rows[module], tiles.rows), (layout.tile_pages[module], tiles.pages),
-                                   (layout.tile_sizes[module], tiles.sizes)):
+            targeting = tuple(modules for modules in groups_by_modules if module in modules)
+            if targeting not in planned:
+                indices = sorted(i for modules in targeting for i in groups_by_modules[modules])
+                segments = [s for i in indices for s in packed.groups[i].segments]
+                tiles = tile_segments(segments, layout.batch, layout.block_m, block_r=layout.block_r,
+                                      max_tiles=layout.tile_capacity)
+                planned[targeting] = (np.asarray(tiles.rows, np.int32), np.asarray(tiles.pages, np.int32),
+                                      np.asarray(tiles.sizes, np.int32), np.asarray(tiles.scales, np.float32))
+            rows, pages, sizes, scales = planned[targeting]
+            for region, values in ((layout.tile_rows[module], rows), (layout.tile_pages[module], pages),
+                                   (layout.tile_sizes[module], sizes)):
                 self.host_words[region.start:region.stop] = values
-            scales = layout.tile_scales[module]
-            self.host_floats[scales.start:scales.stop] = tiles.scales
+            region = layout.tile_scales[module]
+            self.host_floats[region.start:region.stop] = scales
 
     def _upload(self, step: GraphedStep) -> None:
         size = step.layout.size

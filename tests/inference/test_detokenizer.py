@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.tiny_model import build_tokenizer
-from services.inference.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.inference.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, _raw_decoder
 
 MULTI_BYTE_TEXTS = ["café é", "日本語", "👍🏽 ok", "The stock market rose 3% — très bien! 👍🏽日本語é"]
 
@@ -45,6 +45,25 @@ def test_special_tokens_are_skipped_like_decode(tokenizer):
     assert "".join(chunks) == tokenizer.decode(token_ids, skip_special_tokens=True) == "Hi é"
     kept = stream(IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False), token_ids)
     assert "".join(kept) == "Hi é<|im_end|>"
+
+
+def test_the_raw_decoder_gives_what_the_tokenizer_gives_and_only_where_it_can(tokenizer):
+    """The detokenizer calls the Rust decode directly (the Python wrapper cost twice the
+    decode): same text for any window of ids, specials kept or skipped; not taken when the
+    tokenizer would clean up spaces, which only the wrapper does."""
+    raw = _raw_decoder(tokenizer)
+    assert raw is not None
+    ids = tokenizer.encode(MULTI_BYTE_TEXTS[-1] + " <|im_end|> x .") + [tokenizer.eos_token_id]
+    for skip in (True, False):
+        for start in range(0, len(ids), 3):
+            window = ids[start:start + 5]
+            assert raw(window, skip_special_tokens=skip) == tokenizer.decode(window, skip_special_tokens=skip)
+    original, tokenizer.clean_up_tokenization_spaces = tokenizer.clean_up_tokenization_spaces, True
+    try:
+        assert _raw_decoder(tokenizer) is None
+    finally:
+        tokenizer.clean_up_tokenization_spaces = original
+    assert _raw_decoder(object()) is None
 
 
 def test_a_lone_invalid_byte_is_emitted_by_flush(tokenizer):

@@ -72,10 +72,8 @@ class ScheduledBatch:
 
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
     num_new_tokens: list[int] = dataclasses.field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    # Kept as the batch grows: the scheduler asks for it once per sequence it considers.
+    total_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -89,6 +87,7 @@ class ScheduledBatch:
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
+        self.total_tokens += num_new_tokens
 
 
 class Scheduler:

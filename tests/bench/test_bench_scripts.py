@@ -104,3 +104,15 @@ def test_engine_matrix_reports_what_the_budget_left_no_time_for(tmp_path):
                                                               "b4_a4", "hf_peft_mixed"]
     assert report["ours_base"] == report["ours_adapters"] == report["ratios"] == [] and report["failed"] == []
     assert report["copy_bandwidth_gbs"] is None  # no CUDA here, no flag: no floor
+
+
+def test_host_overhead_bench_reports_the_engine_and_the_graph_fill(tmp_path):
+    out = tmp_path / "host.json"
+    result = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--batch", "4", "--steps", "5", "--json",
+                             str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    engine = report["engine"]
+    assert engine["decode_steps"] == 4 and engine["runner_ms"] > 0 and engine["outside_runner_ms"] > 0
+    assert [(g["batch"], g["adapters"]) for g in report["graph_fill"]] == [(4, 1), (4, 4)]
+    assert all(g["fill_and_upload_ms"] > 0 and g["buffer_words"] > 0 for g in report["graph_fill"])

@@ -11,6 +11,7 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
                    against the byte floor;
+  3b. host.json    bench/host_overhead.py on this machine's CPU: host work per decode step;
   4. oracle        the oracle tests (HF + peft tokens) on CUDA: PyTorch kernels, Triton kernels,
                    and Triton kernels with captured decode graphs;
   5. engine.json   bench/engine.py --matrix on CUDA, Llama-3-8B shape (random bf16 weights),
@@ -40,6 +41,8 @@ STEPS = [
                       "tests/inference/test_triton_attention.py", "tests/inference/test_decode_graphs.py",
                       "-k", "not compile_for_hopper"], 90),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
+    # The GPU machine's own CPU: host work per decode step, next to the engine's step times.
+    ("host", ["-m", "bench.host_overhead", "--batch", "64", "--steps", "64"], 60),
     ("oracle", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_oracle.py",
                 "-k", "mixed_batch or triton or graphed"], 90),
     # --json keeps what finished when the step is cut off (stdout is printed only at the end).

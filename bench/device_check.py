@@ -11,10 +11,10 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
                    against the byte floor;
-  3b. host.json    bench/host_overhead.py on this machine's CPU: host work per decode step;
-  4. oracle        the oracle tests (HF + peft tokens) on CUDA: PyTorch kernels, Triton kernels,
+  4. host.json     bench/host_overhead.py on this machine's CPU: host work per decode step;
+  5. oracle        the oracle tests (HF + peft tokens) on CUDA: PyTorch kernels, Triton kernels,
                    and Triton kernels with captured decode graphs;
-  5. engine.json   bench/engine.py --matrix on CUDA, Llama-3-8B shape (random bf16 weights),
+  6. engine.json   bench/engine.py --matrix on CUDA, Llama-3-8B shape (random bf16 weights),
                    Triton kernels and CUDA graphs: decode tokens/s at batch 1/16/64 with
                    1/16/64 adapters vs base-only and HF peft, TTFT, adapter load latency.
 summary.json lists each step's status and wall time. Exit status 0 when every step passed.

@@ -24,6 +24,8 @@ _GAUGES = {
         "adapter_load_ms_p99": "p99 adapter fetch+parse latency (ms), recent window",
         "generated_tokens_total": "tokens generated",
         "preemptions": "sequences preempted (KV exhausted)",
+        "graph_steps": "engine steps replayed from a CUDA graph",
+        "eager_steps": "engine steps run eagerly (prefill, mixed, or no graph for the batch)",
     }.items()
 }
 

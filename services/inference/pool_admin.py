@@ -59,6 +59,8 @@ class StatsView:
     preemptions: int
     generation_tokens_per_second: float
     resident_adapter_ids: list[str]
+    graph_steps: int
+    eager_steps: int
 
 
 @dataclasses.dataclass
@@ -74,6 +76,8 @@ class InfoView:
     adapter_pool_pages: int
     max_adapter_rank: int
     version: str
+    kernels: str
+    cuda_graphs: str
 
 
 class PoolAdmin:
@@ -135,7 +139,8 @@ class PoolAdmin:
             requests_finished=engine.finished_requests, prompt_tokens_total=engine.prompt_tokens,
             generated_tokens_total=engine.generated_tokens, preemptions=scheduler.num_preemptions,
             generation_tokens_per_second=self._tokens_per_second(engine.generated_tokens),
-            resident_adapter_ids=[s.adapter_id for s in slots if s.tier == "DEVICE"])
+            resident_adapter_ids=[s.adapter_id for s in slots if s.tier == "DEVICE"],
+            graph_steps=engine.runner.steps["graph"], eager_steps=engine.runner.steps["eager"])
 
     def _tokens_per_second(self, generated: int) -> float:
         now = time.monotonic()
@@ -146,9 +151,10 @@ class PoolAdmin:
         return self._rate
 
     def info(self) -> InfoView:
-        config = self.node.config
+        config, runner = self.node.config, self.node.engine.runner
         fingerprint = fingerprint_from_config(json.loads((Path(config.base_model) / "config.json").read_text()))
         return InfoView(config.resolved_node_id, config.base_model_name, fingerprint,
                         str(self.node.dtype).removeprefix("torch."),
                         config.device, self.node.max_context, config.block_size, config.max_batched_tokens,
-                        config.adapter_pool_pages, config.max_adapter_rank, "0.1.0")
+                        config.adapter_pool_pages, config.max_adapter_rank, "0.1.0", runner.kernels,
+                        runner.graphs.mode if runner.graphs is not None else "off")

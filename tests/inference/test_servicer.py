@@ -209,6 +209,7 @@ def test_adapter_load_pin_evict_and_list(tiny_model_dir, adapter_root):
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         stats = await stub.GetStats(pb.GetStatsRequest())
         assert stats.adapter_loads == 1 and stats.adapter_evictions == 1 and stats.adapter_misses == 0
+        assert stats.eager_steps > 0 and stats.graph_steps == 0  # it generated, without graphs on CPU
 
     serve_and_run(tiny_model_dir, adapter_root, body)
 
@@ -221,5 +222,6 @@ def test_info_describes_the_model_like_the_registry_does(tiny_model_dir, adapter
         expected = fingerprint_from_config(json.loads((tiny_model_dir / "config.json").read_text()))
         assert info.fingerprint.digest == expected.digest and info.fingerprint.num_layers == 2
         assert (info.dtype, info.device, info.max_context, info.adapter_pool_pages) == ("float32", "cpu", 512, 64)
+        assert (info.kernels, info.cuda_graphs) == ("torch", "off")  # auto on CPU
 
     serve_and_run(tiny_model_dir, adapter_root, body)

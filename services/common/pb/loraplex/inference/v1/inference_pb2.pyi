@@ -134,7 +134,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_total", "resident_adapters", "pool", "adapter_hits", "adapter_misses", "adapter_loads", "adapter_evictions", "adapter_load_ms_mean", "adapter_load_ms_p99", "requests_finished", "prompt_tokens_total", "generated_tokens_total", "preemptions", "generation_tokens_per_second", "resident_adapter_ids")
+    __slots__ = ("running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_total", "resident_adapters", "pool", "adapter_hits", "adapter_misses", "adapter_loads", "adapter_evictions", "adapter_load_ms_mean", "adapter_load_ms_p99", "requests_finished", "prompt_tokens_total", "generated_tokens_total", "preemptions", "generation_tokens_per_second", "resident_adapter_ids", "graph_steps", "eager_steps")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,8 @@ class Stats(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_STEPS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_blocks_used: int
@@ -171,14 +173,16 @@ class Stats(_message.Message):
     preemptions: int
     generation_tokens_per_second: float
     resident_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., adapter_hits: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., adapter_load_ms_mean: _Optional[float] = ..., adapter_load_ms_p99: _Optional[float] = ..., requests_finished: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    graph_steps: int
+    eager_steps: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., adapter_hits: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., adapter_load_ms_mean: _Optional[float] = ..., adapter_load_ms_p99: _Optional[float] = ..., requests_finished: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., graph_steps: _Optional[int] = ..., eager_steps: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("node_id", "base_model", "fingerprint", "dtype", "device", "max_context", "kv_block_size", "max_batch_tokens", "adapter_pool_pages", "max_adapter_rank", "version")
+    __slots__ = ("node_id", "base_model", "fingerprint", "dtype", "device", "max_context", "kv_block_size", "max_batch_tokens", "adapter_pool_pages", "max_adapter_rank", "version", "kernels", "cuda_graphs")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +194,8 @@ class ModelInfo(_message.Message):
     ADAPTER_POOL_PAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTER_RANK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     base_model: str
     fingerprint: _model_pb2.ArchitectureFingerprint
@@ -201,4 +207,6 @@ class ModelInfo(_message.Message):
     adapter_pool_pages: int
     max_adapter_rank: int
     version: str
-    def __init__(self, node_id: _Optional[str] = ..., base_model: _Optional[str] = ..., fingerprint: _Optional[_Union[_model_pb2.ArchitectureFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., adapter_pool_pages: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    kernels: str
+    cuda_graphs: str
+    def __init__(self, node_id: _Optional[str] = ..., base_model: _Optional[str] = ..., fingerprint: _Optional[_Union[_model_pb2.ArchitectureFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., adapter_pool_pages: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., version: _Optional[str] = ..., kernels: _Optional[str] = ..., cuda_graphs: _Optional[str] = ...) -> None: ...

@@ -68,7 +68,7 @@ class ModelRunner:
             positions=torch.tensor(packed.positions, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(packed.slots, dtype=torch.int64, device=device),
             cu_seqlens=packed.cu_seqlens, context_lens=packed.context_lens,
-            block_tables=[torch.tensor(t, dtype=torch.int64, device=device) for t in packed.block_tables],
+            block_tables=_block_tables_on(device, packed.block_tables),
             logits_indices=torch.tensor(packed.logits_rows, dtype=torch.int64, device=device),
             lora=LoraBatch(packed.groups, self.pool.a, self.pool.b, len(packed.tokens), self.kernels)
             if packed.groups else None,
@@ -82,3 +82,11 @@ class ModelRunner:
         if not packed.logits_rows:
             return torch.empty(0)
         return self.model.compute_logits(hidden[ctx.logits_indices])
+
+
+def _block_tables_on(device: torch.device, tables: list[list[int]]) -> list[torch.Tensor]:
+    """Each sequence's block table on the device: one padded copy, then a view per sequence
+    (a copy per sequence would be S host-to-device transfers every step on a GPU)."""
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64).to(device)
+    return [padded[i, :len(t)] for i, t in enumerate(tables)]

@@ -13,7 +13,8 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
                    against the byte floor;
   4. host.json     bench/host_overhead.py on this machine's CPU: host work per decode step;
   5. oracle        the oracle tests (HF + peft tokens) on CUDA: PyTorch kernels, Triton kernels,
-                   and Triton kernels with captured decode graphs;
+                   and Triton kernels with captured decode graphs, in float32 token for token;
+                   then serving in bf16 (Triton, graphs) against HF + peft's own bf16 error;
   6. engine.json   bench/engine.py --matrix on CUDA, Llama-3-8B shape (random bf16 weights),
                    Triton kernels and CUDA graphs: decode tokens/s at batch 1/16/64 with
                    1/16/64 adapters vs base-only and HF peft, TTFT, adapter load latency.
@@ -44,7 +45,7 @@ STEPS = [
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.
     ("host", ["-m", "bench.host_overhead", "--batch", "64", "--steps", "64"], 60),
     ("oracle", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_oracle.py",
-                "-k", "mixed_batch or triton or graphed"], 90),
+                "-k", "mixed_batch or triton or graphed or bfloat16"], 90),
     # --json keeps what finished when the step is cut off (stdout is printed only at the end).
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
                 "--budget-seconds", "{budget}", "--json", "{out}/engine_partial.json"], 300),

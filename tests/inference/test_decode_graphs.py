@@ -144,12 +144,26 @@ def test_static_buffers_hold_the_step_and_pad_the_rest(graphs):
     assert plans["down_proj"].tile_rows[0, 0] == 2 and plans["down_proj"].tile_scales[0] == 2.0
     assert plans["k_proj"].tile_sizes.tolist() == [0, 0, 0, 0]  # no adapter targets it: empty tiles
 
-    # A smaller step next: nothing of the previous one leaks into its padding.
-    packed = decode_step(1, [adapter(0, 1, [5], 1.0, {"k_proj"})])
-    step = graphs.choose(packed)
+    # A full step, then fewer sequences through the same graph: nothing of the earlier steps
+    # survives in the row that is padding again, nor in tiles no adapter fills any more.
+    graphs.run(step, decode_step(4, [adapter(0, 4, [7, 8], 3.0, {"q_proj"})]))
+    assert ctx.slot_mapping.tolist()[3] != SCRATCH and plans["q_proj"].tile_sizes.tolist() == [4, 0, 0, 0]
+    packed = decode_step(3, [adapter(0, 1, [5], 1.0, {"k_proj"})])
+    assert graphs.choose(packed) is step
     graphs.run(step, packed)
-    assert step.layout.batch == 1 and step.context.lora.plans["q_proj"].tile_sizes.tolist() == [0]
-    assert graphs.replays == 2
+    assert step.token_ids.tolist() == [10, 11, 12, 0] and ctx.positions.tolist() == [4, 5, 6, 0]
+    assert ctx.slot_mapping.tolist()[3] == SCRATCH and ctx.decode.context_lens.tolist() == [5, 6, 7, 0]
+    assert plans["q_proj"].tile_sizes.tolist() == [0] * 4 and plans["down_proj"].tile_sizes.tolist() == [0] * 4
+    assert plans["k_proj"].tile_sizes.tolist() == [1, 0, 0, 0] and plans["k_proj"].tile_scales.tolist()[0] == 1.0
+    assert graphs.replays == {(4, 16): 3}
+
+
+def test_steps_the_graphs_were_not_sized_for_run_eagerly(graphs):
+    long_context = decode_step(2)
+    long_context.block_tables[1] = list(range(MAX_CONTEXT // BLOCK + 1))  # one block past the graphs' tables
+    assert graphs.choose(long_context) is None
+    with pytest.raises(ValueError, match="5 sequences do not fit a graph of 4"):
+        graphs.run(graphs.choose(decode_step(4)), decode_step(5))
 
 
 def test_a_padded_graph_step_gives_the_logits_of_the_eager_forward(graphs):

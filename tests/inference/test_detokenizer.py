@@ -49,8 +49,10 @@ def test_special_tokens_are_skipped_like_decode(tokenizer):
 
 def test_the_raw_decoder_gives_what_the_tokenizer_gives_and_only_where_it_can(tokenizer):
     """The detokenizer calls the Rust decode directly (the Python wrapper cost twice the
-    decode): same text for any window of ids, specials kept or skipped; not taken when the
-    tokenizer would clean up spaces, which only the wrapper does."""
+    decode): same text for any window of ids, specials kept or skipped. With clean-up asked
+    for, it is taken only where transformers would not clean up (this version skips clean-up
+    for BPE tokenizers like ours, unless forced); never for a tokenizer that is not a stock
+    transformers fast tokenizer."""
     raw = _raw_decoder(tokenizer)
     assert raw is not None
     ids = tokenizer.encode(MULTI_BYTE_TEXTS[-1] + " <|im_end|> x .") + [tokenizer.eos_token_id]
@@ -58,11 +60,16 @@ def test_the_raw_decoder_gives_what_the_tokenizer_gives_and_only_where_it_can(to
         for start in range(0, len(ids), 3):
             window = ids[start:start + 5]
             assert raw(window, skip_special_tokens=skip) == tokenizer.decode(window, skip_special_tokens=skip)
-    original, tokenizer.clean_up_tokenization_spaces = tokenizer.clean_up_tokenization_spaces, True
+    forced = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+    saved = tokenizer.clean_up_tokenization_spaces, getattr(tokenizer, forced, False)
     try:
-        assert _raw_decoder(tokenizer) is None
+        tokenizer.clean_up_tokenization_spaces = True
+        assert _raw_decoder(tokenizer) is not None  # asked for, but not done for BPE
+        setattr(tokenizer, forced, True)
+        assert _raw_decoder(tokenizer) is None  # really done: "a ." would become "a."
     finally:
-        tokenizer.clean_up_tokenization_spaces = original
+        tokenizer.clean_up_tokenization_spaces = saved[0]
+        setattr(tokenizer, forced, saved[1])
     assert _raw_decoder(object()) is None
 
 

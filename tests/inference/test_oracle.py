@@ -143,18 +143,32 @@ def test_triton_kernels_give_the_same_tokens(tiny_model_dir, adapter_root):
     assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
 
 
+# Mixes for the graphed decode step: the rank paddings (block_r) its decode steps must replay,
+# and those they may (which requests share a step depends on when each arrived); None is the
+# base-only graph.
+GRAPH_MIXES = {
+    "all_adapters_and_base": (requests_mix()[1::2], {32}, {16, 32}),
+    "base_only": ([(prompt, "") for prompt in PROMPTS] * 2, {None}, {None}),
+    "ranks_up_to_16": ([(PROMPTS[i % len(PROMPTS)], key) for i, key in enumerate(["fin", "retail", ""] * 2)],
+                       {16}, {16, None}),
+}
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="the graphed decode step runs the Triton kernels: a GPU, or CPU under TRITON_INTERPRET=1")
-def test_graphed_decode_steps_give_the_same_tokens(tiny_model_dir, adapter_root):
+@pytest.mark.parametrize("mix_name", GRAPH_MIXES)
+def test_graphed_decode_steps_give_the_same_tokens(tiny_model_dir, adapter_root, mix_name):
     """Decode-only steps through the CUDA-graph step (captured on a GPU; on CPU its static-buffer
-    twin, the same body without capture): batches padded to the next graph size, every adapter
-    (ranks 2..32, so block_r 16 and 32) and the base model, against HF + peft."""
-    mix = requests_mix()[1::2]
+    twin, the same body without capture), batches padded to the next graph size, against HF +
+    peft: with adapters of ranks 2..32 (block_r 16 and 32), the base model alone (the base-only graph,
+    no LoRA kernels) and ranks up to 16 (block_r 16)."""
+    mix, required, allowed = GRAPH_MIXES[mix_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton", device=device,
                                cuda_graphs="on" if device == "cuda" else "static")
     runner = node.engine.runner
     assert runner.steps["graph"] >= NEW_TOKENS - 1 and runner.steps["eager"] >= 1  # decodes graphed, prefills not
+    assert required <= {block_r for _, block_r in runner.graphs.replays} <= allowed
     assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
 
 

@@ -26,6 +26,7 @@ TRITON_INTERPRET, so everything but the capture itself is verified without a GPU
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,20 +105,20 @@ class DecodeGraphs:
         self.block_size, self.scratch_slot = block_size, scratch_slot
         self.sizes = graph_batch_sizes(max_batch)
         self.paddings = rank_paddings(max_rank)
-        table_width = -(-max_context // block_size)
+        self.table_width = -(-max_context // block_size)
         modules = tuple(pool.a)
-        layouts = {(b, r): GraphLayout(b, table_width, modules, DEFAULT_BLOCK_M, r)
+        layouts = {(b, r): GraphLayout(b, self.table_width, modules, DEFAULT_BLOCK_M, r)
                    for b in self.sizes for r in [None, *self.paddings]}
         size = max(layout.size for layout in layouts.values())
         # One device buffer for every variant (only one runs at a time), and its host twin.
         self.buffer = torch.zeros(size, dtype=torch.int32, device=device)
-        self.steps = {key: self._build(layout) for key, layout in layouts.items()}
+        self.variants = {key: self._build(layout) for key, layout in layouts.items()}
         pinned = device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
         self.host_words = self.host.numpy()  # shares memory: numpy slice writes are the fast fill
         self.host_floats = self.host_words.view(np.float32)
         self._copied = torch.cuda.Event() if pinned else None
-        self.replays = 0
+        self.replays: Counter[tuple[int, int | None]] = Counter()  # steps run, by (batch, block_r)
 
     # --- set-up ---
     def _build(self, layout: GraphLayout) -> GraphedStep:
@@ -146,8 +147,8 @@ class DecodeGraphs:
         if self.mode != CAPTURE:
             return
         pool, side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
-        for key in sorted(self.steps, key=lambda k: (k[0], k[1] or 0), reverse=True):
-            step = self.steps[key]
+        for key in sorted(self.variants, key=lambda k: (k[0], k[1] or 0), reverse=True):
+            step = self.variants[key]
             self._fill(step, PackedStep())  # every row padding: the warm-up touches no real KV slot
             self._upload(step)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -165,19 +166,23 @@ class DecodeGraphs:
         """The variant for this step, or None when it must run eagerly."""
         if not packed.is_decode_only or packed.num_seqs > self.sizes[-1]:
             return None
+        if max(map(len, packed.block_tables)) > self.table_width:  # a context the graphs were not sized for
+            return None
         batch = next(size for size in self.sizes if size >= packed.num_seqs)
         if not packed.groups:
-            return self.steps[(batch, None)]
+            return self.variants[(batch, None)]
         rank = packed.max_rank
         block_r = next((r for r in self.paddings if r >= rank), None)
-        return None if block_r is None else self.steps[(batch, block_r)]
+        return None if block_r is None else self.variants[(batch, block_r)]
 
     def run(self, step: GraphedStep, packed: PackedStep) -> torch.Tensor:
         """Float32 logits [num_seqs, vocab] of the step's sequences. With capture, a view into
         the graph's output: read it before the next step replays over it."""
+        if packed.num_seqs > step.layout.batch:
+            raise ValueError(f"{packed.num_seqs} sequences do not fit a graph of {step.layout.batch}")
         self._fill(step, packed)
         self._upload(step)
-        self.replays += 1
+        self.replays[(step.layout.batch, step.layout.block_r)] += 1
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits

@@ -107,6 +107,7 @@ class Node:
         """Starts the engine thread (call from the event loop that will consume outputs)."""
         self.manager.loop = asyncio.get_running_loop()
         self.manager.on_arrival = self.async_engine.wake
+        self.manager.on_fetch_failed = self.async_engine.fail_adapter
         self.manager.run_on_torch_thread = self.async_engine.call
         self.async_engine.start()
 

@@ -1,10 +1,15 @@
 """The adapter tiers seen from requests: a device-resident adapter is served without touching
-its source, even when the host tier is too small to keep a copy of it."""
+its source, even when the host tier is too small to keep a copy of it; and when its source
+has lost it meanwhile, queued requests fail instead of waiting."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 
+import pytest
+
+from services.common.errors import FailedPrecondition, NotFound
 from services.inference.adapters.sources import LocalFolderSource
 from services.inference.config import InferenceConfig
 from services.inference.engine.sampling_params import SamplingParams
@@ -47,3 +52,71 @@ def test_resident_adapters_are_not_fetched_again_when_the_host_tier_dropped_them
     assert again == first
     assert source.fetches == ["legal", "fin", "health"]  # one fetch each, none for the second round
     assert node.manager.hits == 3 and node.manager.misses == 3
+
+
+def test_a_resident_adapter_with_other_bytes_is_fetched(tiny_model_dir, varied_adapters):
+    """on_device matches the bytes too: a request naming another sha256 goes to the source
+    (which here refuses it: the bytes it has are not the ones asked for)."""
+    root = varied_adapters["legal"].parent
+    source = CountingSource(root)
+    node = Node.build(InferenceConfig(base_model=tiny_model_dir, adapter_dir=root, kv_cache_mb=2,
+                                      adapter_pool_pages=64), source=source)
+    sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        node.start()
+        try:
+            [o async for o in node.generate(Prompt(text="x"), sampling, "legal")]
+            resident = node.pool.get("legal").sha256
+            assert node.manager.on_device("legal") and node.manager.on_device("legal", resident)
+            assert not node.manager.on_device("legal", "0" * 64)
+            node.manager.drop_host("legal")
+            with pytest.raises(FailedPrecondition, match="does not match"):
+                [o async for o in node.generate(Prompt(text="x"), sampling, "legal", "0" * 64)]
+        finally:
+            node.close()
+
+    asyncio.run(run())
+    assert source.fetches == ["legal", "legal"]
+
+
+def test_queued_requests_fail_when_their_evicted_adapter_is_gone_from_the_source(tiny_model_dir, varied_adapters,
+                                                                                tmp_path):
+    """A request for a device-resident adapter skips the host tier; if the adapter is then
+    evicted and deleted at its source before the request runs, the re-fetch fails and the
+    request ends with NOT_FOUND instead of waiting forever (and re-fetching in a loop)."""
+    root = tmp_path / "adapters"
+    shutil.copytree(varied_adapters["fin"], root / "fin")
+    source = CountingSource(root)
+    # One sequence at a time: the fin request queues behind a long base-model request.
+    node = Node.build(InferenceConfig(base_model=tiny_model_dir, adapter_dir=root, kv_cache_mb=2, max_num_seqs=1,
+                                      adapter_pool_pages=64), source=source)
+
+    async def run():
+        node.start()
+        try:
+            short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+            [o async for o in node.generate(Prompt(text="x"), short, "fin")]  # resident now
+            long_stream = node.generate(Prompt(text="y"), SamplingParams(max_tokens=60, temperature=0.0,
+                                                                         ignore_eos=True), "")
+            first = await long_stream.__anext__()  # the base request holds the only slot
+            queued = asyncio.ensure_future(_drain(node.generate(Prompt(text="x"), short, "fin")))
+            await asyncio.sleep(0.05)
+            assert node.engine.scheduler.waiting_for("fin")  # queued without touching the host tier
+            node.manager.drop_host("fin")
+            await node.async_engine.call(lambda: node.pool.evict("fin"))
+            shutil.rmtree(root / "fin")
+            rest = await _drain(long_stream)
+            with pytest.raises(NotFound):
+                await asyncio.wait_for(queued, timeout=30)
+            return [first, *rest]
+        finally:
+            node.close()
+
+    outputs = asyncio.run(run())
+    assert outputs[-1].finish_reason is not None  # the base request was unaffected
+    assert source.fetches[0] == "fin" and 2 <= len(source.fetches) <= 5  # one re-fetch, or a few: no loop
+
+
+async def _drain(stream) -> list:
+    return [output async for output in stream]

@@ -37,6 +37,8 @@ class AdapterManager:
         self.misses = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_arrival: Callable[[], None] = lambda: None  # wakes the engine
+        # A re-fetch for queued requests failed: they must end with the error (set by the node).
+        self.on_fetch_failed: Callable[[str, BaseException], None] = lambda adapter_id, error: None
         # Parsing touches tensors: once the engine runs, it happens on the torch thread.
         self.run_on_torch_thread: Callable[[Callable[[], LoraWeights]], Awaitable[LoraWeights]] = asyncio.to_thread
 
@@ -130,4 +132,8 @@ class AdapterManager:
     def _refetch(self, adapter_id: str) -> None:
         if adapter_id not in self._fetching:
             task = asyncio.ensure_future(self.ensure_host(adapter_id))
-            task.add_done_callback(lambda t: t.exception())  # failures surface on the next request
+            task.add_done_callback(lambda t: self._refetched(adapter_id, t))
+
+    def _refetched(self, adapter_id: str, task: asyncio.Future) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.on_fetch_failed(adapter_id, error)

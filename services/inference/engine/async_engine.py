@@ -21,6 +21,7 @@ from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.torch_thread import TorchThread
 
 log = logging.getLogger("loraplex.engine")
+IDLE_WAIT_SECONDS = 0.01  # an idle engine re-checks this often even without a wake-up
 T = TypeVar("T")
 
 
@@ -56,6 +57,18 @@ class AsyncEngine:
 
     def wake(self) -> None:
         """Something the scheduler waits on changed (e.g. an adapter arrived)."""
+        self._wake.set()
+
+    def fail_adapter(self, adapter_key: str, error: Exception) -> None:
+        """An adapter could not be fetched again (e.g. deleted from the Registry after its requests
+        queued): those requests end with the error rather than waiting for it forever."""
+        def fail_waiting() -> None:
+            seq_ids = self.engine.scheduler.waiting_for(adapter_key)
+            for seq_id in seq_ids:
+                self.engine.abort(seq_id)
+            self._loop.call_soon_threadsafe(self._deliver_error, seq_ids, error)
+
+        self._commands.put((fail_waiting, None))
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None,
@@ -95,6 +108,9 @@ class AsyncEngine:
                 continue
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
+            elif self.engine.idle:  # waiting on adapters: sleep until one arrives, not spin
+                self._wake.wait(timeout=IDLE_WAIT_SECONDS)
+                self._wake.clear()
 
     def _run_commands(self) -> None:
         while True:

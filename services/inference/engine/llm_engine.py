@@ -50,6 +50,7 @@ class LLMEngine:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.finished_requests = 0
+        self.idle = False
 
     def add(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None = None,
             request_id: str = "", seq_id: int | None = None) -> int:
@@ -74,6 +75,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.idle = batch.is_empty  # work exists but none can run (e.g. adapters still loading)
         if batch.is_empty:
             return []
         seqs, logits = self.runner.run(batch)

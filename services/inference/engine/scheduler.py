@@ -150,6 +150,11 @@ class Scheduler:
             self._key_order.append(seq.adapter_key)
         self._waiting[seq.adapter_key].append(seq)
 
+    def waiting_for(self, adapter_key: AdapterKey) -> list[int]:
+        """Ids of the sequences queued (or preempted) for this adapter."""
+        queued = list(self._waiting.get(adapter_key, ()))
+        return [s.seq_id for s in [*self._preempted, *queued] if s.adapter_key == adapter_key]
+
     def abort(self, seq_id: int) -> Sequence | None:
         """Cancel now: KV blocks and the adapter reference are released at once."""
         seq = self._sequences.get(seq_id)

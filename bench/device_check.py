@@ -48,7 +48,8 @@ STEPS = [
                 "-k", "mixed_batch or triton or graphed or bfloat16"], 90),
     # --json keeps what finished when the step is cut off (stdout is printed only at the end).
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
-                "--budget-seconds", "{budget}", "--json", "{out}/engine_partial.json"], 300),
+                "--prompt-len", "512", "--gen-len", "128", "--budget-seconds", "{budget}",
+                "--json", "{out}/engine_partial.json"], 300),
 ]
 
 

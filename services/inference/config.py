@@ -43,8 +43,8 @@ class InferenceConfig(ServerConfig):
     router_address: str = option("", "register with this router (host:port) and heartbeat load and resident "
                                      "adapters (empty: the router lists this node statically)")
     advertise_address: str = option("", "host:port the router should dial (default: --host:--port)")
-    kernels: str = option("auto", "LoRA and decode-attention kernels: torch, triton, or auto (PyTorch until "
-                                  "the Triton kernels are verified on a GPU)")
+    kernels: str = option("auto", "LoRA and attention kernels: torch, triton (with varlen prefill attention), or "
+                                  "auto (PyTorch until the Triton kernels are verified on a GPU)")
     cuda_graphs: str = option("auto", "decode steps replayed from CUDA graphs: auto (on CUDA with Triton kernels), on, "
                                       "off, or static (the same static-buffer step without capture, for debugging)")
     max_graph_batch: int = option(64, "largest decode batch given a CUDA graph (bigger batches run eagerly)")

@@ -24,7 +24,7 @@ _GAUGES = {
         "adapter_load_ms_p99": "p99 adapter fetch+parse latency (ms), recent window",
         "generated_tokens_total": "tokens generated",
         "preemptions": "sequences preempted (KV exhausted)",
-        "graph_steps": "engine steps replayed from a CUDA graph",
+        "graph_steps": "engine steps through the graphed decode step (a CUDA graph replay unless --cuda-graphs static)",
         "eager_steps": "engine steps run eagerly (prefill, mixed, or no graph for the batch)",
     }.items()
 }

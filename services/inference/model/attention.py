@@ -1,10 +1,14 @@
-"""Paged attention, plain PyTorch: the CPU path and the reference for GPU kernels.
+"""Paged attention for a packed step: the PyTorch path (CPU, and the reference for the GPU
+kernels) and the dispatch to those kernels.
 
 Each layer's K/V cache is [num_blocks, block_size, kv_heads, head_dim]; a sequence's
 context lives in the blocks of its block table. New tokens' K/V are written to their slots
-first. Decode tokens (one new token per sequence) attend in one batched SDPA over a padded
-gather of their contexts; prefill chunks attend one sequence at a time, causally.
-GQA is handled by expanding K/V heads: SDPA's enable_gqa takes a path ~50x slower on CPU.
+first. PyTorch path: decode tokens (one new token per sequence) attend in one batched SDPA
+over a padded gather of their contexts; prefill chunks attend one sequence at a time,
+causally. GQA is handled by expanding K/V heads: SDPA's enable_gqa takes a path ~50x slower
+on CPU. With the Triton kernels (the runner sets ctx.decode's block tables and ctx.prefill),
+decodes go through the paged decode kernel and prefills from position 0 through one varlen
+(FlashAttention) call; chunks that continue a context keep the per-sequence path.
 """
 
 from __future__ import annotations

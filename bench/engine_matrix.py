@@ -154,7 +154,7 @@ class MatrixRun:
             node.close()
             runner = node.engine.runner  # graphed vs eager steps: did the decode steps replay graphs?
             self.report["engine_steps"] = {"graph": runner.steps["graph"], "eager": runner.steps["eager"],
-                                           "graph_mode": runner.graphs.mode if runner.graphs else "off"}
+                                           "graph_mode": runner.graph_mode}
 
     def run_hf_mixed(self) -> None:
         """One HF peft mixed batch; its decode time is the full run's less a 1-token (prefill) run's."""

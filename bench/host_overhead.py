@@ -87,8 +87,7 @@ def graph_fill_ms(batch: int, adapters: int, folder: Path, repeats: int = 200) -
     step = graphs.choose(packed)
     started = time.perf_counter()
     for _ in range(repeats):
-        graphs._fill(step, packed)
-        graphs._upload(step)
+        graphs.prepare(step, packed)
     return {"batch": batch, "adapters": adapters, "fill_and_upload_ms": 1000 * (time.perf_counter() - started) / repeats,
             "buffer_words": step.layout.size}
 

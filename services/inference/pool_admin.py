@@ -157,4 +157,4 @@ class PoolAdmin:
                         str(self.node.dtype).removeprefix("torch."),
                         config.device, self.node.max_context, config.block_size, config.max_batched_tokens,
                         config.adapter_pool_pages, config.max_adapter_rank, "0.1.0", runner.kernels,
-                        runner.graphs.mode if runner.graphs is not None else "off")
+                        runner.graph_mode)

@@ -47,6 +47,26 @@ def gather_single_token_segments(segments: list[Segment]) -> GatheredRows | None
     return GatheredRows(rows.to(device), pages, scales.to(device))
 
 
+def segments_by_targets(groups: list[AdapterSegments], modules) -> dict[str, tuple[tuple[int, ...], list[Segment]]]:
+    """For each module some adapter of the step targets: which groups target it (a key shared by
+    every module with the same targeting adapters, usually all seven) and their segments, so
+    callers plan once per distinct key rather than once per module."""
+    groups_by_modules: dict[frozenset[str], list[int]] = {}
+    for i, group in enumerate(groups):
+        groups_by_modules.setdefault(group.modules, []).append(i)
+    by_sets: dict[tuple[frozenset[str], ...], tuple[tuple[int, ...], list[Segment]]] = {}
+    result = {}
+    for module in modules:
+        targeted_by = tuple(targeted for targeted in groups_by_modules if module in targeted)
+        if not targeted_by:
+            continue
+        if targeted_by not in by_sets:  # computed once per distinct set, not per module
+            targeting = tuple(sorted(i for targeted in targeted_by for i in groups_by_modules[targeted]))
+            by_sets[targeted_by] = (targeting, [s for i in targeting for s in groups[i].segments])
+        result[module] = by_sets[targeted_by]
+    return result
+
+
 @dataclass
 class LoraBatch:
     groups: list[AdapterSegments]
@@ -57,17 +77,12 @@ class LoraBatch:
     plan: dict[str, object] = field(init=False)
 
     def __post_init__(self) -> None:
-        # Modules targeted by the same adapters share one plan (usually all seven do).
         self.plan = {}
-        by_groups: dict[tuple[int, ...], object] = {}
-        for module in self.a_pages:
-            targeting = tuple(i for i, g in enumerate(self.groups) if module in g.modules)
-            if not targeting:
-                continue
-            if targeting not in by_groups:
-                segments = [s for i in targeting for s in self.groups[i].segments]
-                by_groups[targeting] = self._plan(segments)
-            self.plan[module] = by_groups[targeting]
+        by_targets: dict[tuple[int, ...], object] = {}
+        for module, (targeting, segments) in segments_by_targets(self.groups, self.a_pages).items():
+            if targeting not in by_targets:
+                by_targets[targeting] = self._plan(segments)
+            self.plan[module] = by_targets[targeting]
 
     def _plan(self, segments: list[Segment]) -> object:
         if self.kernels == "triton":  # one tiled plan for decode rows and prefill segments alike

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.inference.adapters.batch import segments_by_targets
 from services.inference.adapters.pool import AdapterPool
 from services.inference.config import GRAPH_MODES
 from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
@@ -93,7 +94,7 @@ class GraphedStep:
     context: StepContext
     token_ids: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None  # the graph's output, overwritten by every replay
+    logits: torch.Tensor | None = None  # the graph's output: rows of DecodeGraphs.logits
 
 
 class DecodeGraphs:
@@ -110,8 +111,11 @@ class DecodeGraphs:
         layouts = {(b, r): GraphLayout(b, self.table_width, modules, DEFAULT_BLOCK_M, r)
                    for b in self.sizes for r in [None, *self.paddings]}
         size = max(layout.size for layout in layouts.values())
-        # One device buffer for every variant (only one runs at a time), and its host twin.
+        # One device buffer for every variant (only one runs at a time), and its host twin; one
+        # logits buffer too (a [batch, vocab] float32 output per variant would be ~0.8 GB for
+        # Llama 3's vocabulary over 44 variants).
         self.buffer = torch.zeros(size, dtype=torch.int32, device=device)
+        self.logits = torch.zeros(self.sizes[-1], model.lm_head.out_features, dtype=torch.float32, device=device)
         self.variants = {key: self._build(layout) for key, layout in layouts.items()}
         pinned = device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
@@ -129,13 +133,15 @@ class DecodeGraphs:
                                        int_view(buffer, layout.tile_sizes[m]),
                                        int_view(buffer, layout.tile_pages[m], batch, layout.block_r),
                                        float_view(buffer, layout.tile_scales[m]),
-                                       batch, layout.block_m, layout.block_r, batch)
+                                       batch, layout.block_m, layout.block_r,
+                                       real_tiles=batch)  # capacity: tile_sizes says which hold tokens
                      for m in layout.modules}
             lora = PlannedLora(plans, self.pool)
         decode = DecodeBatch(rows=None, slots=None, mask=None, seq_indices=frozenset(range(batch)),
                              block_tables=int_view(buffer, layout.block_tables, batch, layout.table_width),
                              context_lens=int_view(buffer, layout.context_lens))
-        # positions and slots are int32 views here; the body widens them inside the graph.
+        # positions and slots are int32 views here; the body widens them inside the graph. The
+        # per-sequence lists are placeholders: a decode-only step's attention reads ctx.decode.
         context = StepContext(positions=int_view(buffer, layout.positions), slot_mapping=int_view(buffer, layout.slots),
                               cu_seqlens=list(range(batch + 1)), context_lens=[1] * batch, block_tables=[],
                               logits_indices=torch.empty(0), lora=lora, block_size=self.block_size, decode=decode)
@@ -149,8 +155,7 @@ class DecodeGraphs:
         pool, side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
         for key in sorted(self.variants, key=lambda k: (k[0], k[1] or 0), reverse=True):
             step = self.variants[key]
-            self._fill(step, PackedStep())  # every row padding: the warm-up touches no real KV slot
-            self._upload(step)
+            self.prepare(step, PackedStep())  # every row padding: the warm-up touches no real KV slot
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, allocators settle
                 self._body(step)
@@ -176,12 +181,11 @@ class DecodeGraphs:
         return None if block_r is None else self.variants[(batch, block_r)]
 
     def run(self, step: GraphedStep, packed: PackedStep) -> torch.Tensor:
-        """Float32 logits [num_seqs, vocab] of the step's sequences. With capture, a view into
-        the graph's output: read it before the next step replays over it."""
+        """Float32 logits [num_seqs, vocab] of the step's sequences: a view into the shared
+        logits buffer, so read it before the next step overwrites it."""
         if packed.num_seqs > step.layout.batch:
             raise ValueError(f"{packed.num_seqs} sequences do not fit a graph of {step.layout.batch}")
-        self._fill(step, packed)
-        self._upload(step)
+        self.prepare(step, packed)
         self.replays[(step.layout.batch, step.layout.block_r)] += 1
         if step.graph is not None:
             step.graph.replay()
@@ -198,7 +202,14 @@ class DecodeGraphs:
                               logits_indices=static.logits_indices, lora=static.lora, block_size=self.block_size,
                               decode=static.decode)
         hidden = self.model(step.token_ids.long(), context)
-        return self.model.compute_logits(hidden)
+        logits = self.logits[:step.layout.batch]
+        logits.copy_(self.model.compute_logits(hidden))
+        return logits
+
+    def prepare(self, step: GraphedStep, packed: PackedStep) -> None:
+        """The host side of a step: its inputs into the pinned twin, then one async copy."""
+        self._fill(step, packed)
+        self._upload(step)
 
     def _fill(self, step: GraphedStep, packed: PackedStep) -> None:
         """Writes the step's inputs into the host twin; padding rows as described above."""
@@ -217,17 +228,13 @@ class DecodeGraphs:
             self._fill_tiles(layout, packed)
 
     def _fill_tiles(self, layout: GraphLayout, packed: PackedStep) -> None:
-        """Each projection's tiles: one plan per distinct set of targeting adapters (usually
-        one for all seven), turned into arrays once and copied to every projection it serves."""
-        groups_by_modules: dict[frozenset[str], list[int]] = {}
-        for i, group in enumerate(packed.groups):
-            groups_by_modules.setdefault(group.modules, []).append(i)
-        planned: dict[tuple[frozenset[str], ...], tuple[np.ndarray, ...]] = {}
+        """Each projection's tiles: planned once per distinct set of targeting adapters and
+        copied as arrays to every projection it serves; untargeted projections get empty tiles."""
+        targets = segments_by_targets(packed.groups, layout.modules)
+        planned: dict[tuple[int, ...], tuple[np.ndarray, ...]] = {}
         for module in layout.modules:
-            targeting = tuple(modules for modules in groups_by_modules if module in modules)
+            targeting, segments = targets.get(module, ((), []))
             if targeting not in planned:
-                indices = sorted(i for modules in targeting for i in groups_by_modules[modules])
-                segments = [s for i in indices for s in packed.groups[i].segments]
                 tiles = tile_segments(segments, layout.batch, layout.block_m, block_r=layout.block_r,
                                       max_tiles=layout.tile_capacity)
                 planned[targeting] = (np.asarray(tiles.rows, np.int32), np.asarray(tiles.pages, np.int32),

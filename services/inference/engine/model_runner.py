@@ -40,7 +40,8 @@ class ModelRunner:
         self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
-        cache_blocks = num_kv_blocks + (graphs != OFF)
+        scratch_blocks = 1 if graphs != OFF else 0
+        cache_blocks = num_kv_blocks + scratch_blocks
         for layer in model.attention_layers():
             layer.k_cache = torch.zeros(cache_blocks, block_size, args.num_kv_heads, args.head_dim,
                                         dtype=dtype, device=device)
@@ -51,6 +52,11 @@ class ModelRunner:
                                        max_context=max_context or args.max_position_embeddings, block_size=block_size,
                                        scratch_slot=num_kv_blocks * block_size, device=self.device)
             self.graphs.capture()
+
+    @property
+    def graph_mode(self) -> str:
+        """decode_graphs.CAPTURE, STATIC or OFF."""
+        return self.graphs.mode if self.graphs is not None else OFF
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Runs one step; returns the sequences that get a token and their logits [N, V]."""

@@ -73,7 +73,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
     num_new_tokens: list[int] = dataclasses.field(default_factory=list)
     # Kept as the batch grows: the scheduler asks for it once per sequence it considers.
-    total_tokens: int = 0
+    total_tokens: int = dataclasses.field(default=0, init=False)
 
     @property
     def is_empty(self) -> bool:

@@ -5,8 +5,10 @@
 On a GPU a graphed Llama-3-8B decode step at batch 64 is predicted at 7-9 ms; everything the
 engine does in Python around it (schedule, pack, sample, postprocess, detokenize, build the
 outputs) adds to that serially. Measured here with the tiny model on any machine, so the
-figure can be tracked on CPU: per step, the time outside the model runner, and the graphed
-step's host side (filling its static buffers and the upload) for batch 1/16/64 adapters.
+figure can be tracked on CPU: per step, the time outside the model runner (greedy sampling:
+a sampled row adds a few kernel launches on a GPU), and the graphed step's host side
+(filling its static buffers, then the upload, here a plain CPU copy where a GPU node does a
+pinned asynchronous one) for 1, 16 and `batch` adapters.
 """
 
 from __future__ import annotations

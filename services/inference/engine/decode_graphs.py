@@ -94,7 +94,6 @@ class GraphedStep:
     context: StepContext
     token_ids: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None  # the graph's output: rows of DecodeGraphs.logits
 
 
 class DecodeGraphs:
@@ -162,7 +161,7 @@ class DecodeGraphs:
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                step.logits = self._body(step)
+                self._body(step)  # writes DecodeGraphs.logits
             step.graph = graph
         torch.cuda.synchronize(self.device)
 
@@ -189,22 +188,19 @@ class DecodeGraphs:
         self.replays[(step.layout.batch, step.layout.block_r)] += 1
         if step.graph is not None:
             step.graph.replay()
-            logits = step.logits
         else:
-            logits = self._body(step)
-        return logits[:packed.num_seqs]
+            self._body(step)
+        return self.logits[:packed.num_seqs]
 
-    def _body(self, step: GraphedStep) -> torch.Tensor:
-        """The captured work: forward over the static buffers, logits of every row."""
+    def _body(self, step: GraphedStep) -> None:
+        """The captured work: forward over the static buffers, every row's logits into self.logits."""
         static = step.context
         context = StepContext(positions=static.positions.long(), slot_mapping=static.slot_mapping.long(),
                               cu_seqlens=static.cu_seqlens, context_lens=static.context_lens, block_tables=[],
                               logits_indices=static.logits_indices, lora=static.lora, block_size=self.block_size,
                               decode=static.decode)
         hidden = self.model(step.token_ids.long(), context)
-        logits = self.logits[:step.layout.batch]
-        logits.copy_(self.model.compute_logits(hidden))
-        return logits
+        self.logits[:step.layout.batch].copy_(self.model.compute_logits(hidden))
 
     def prepare(self, step: GraphedStep, packed: PackedStep) -> None:
         """The host side of a step: its inputs into the pinned twin, then one async copy."""

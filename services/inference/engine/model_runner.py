@@ -70,17 +70,17 @@ class ModelRunner:
 
     def _run_eager(self, packed: PackedStep) -> torch.Tensor:
         device = self.device
+        padded_tables, block_tables = _block_tables_on(device, packed.block_tables)
         ctx = StepContext(
             positions=torch.tensor(packed.positions, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(packed.slots, dtype=torch.int64, device=device),
-            cu_seqlens=packed.cu_seqlens, context_lens=packed.context_lens,
-            block_tables=_block_tables_on(device, packed.block_tables),
+            cu_seqlens=packed.cu_seqlens, context_lens=packed.context_lens, block_tables=block_tables,
             logits_indices=torch.tensor(packed.logits_rows, dtype=torch.int64, device=device),
             lora=LoraBatch(packed.groups, self.pool.a, self.pool.b, len(packed.tokens), self.kernels)
             if packed.groups else None,
             block_size=self.block_size)
         if self.kernels == "triton":  # the GPU kernels: paged decode, and varlen for fresh prefills
-            ctx.decode = build_decode_batch(ctx, paged_tables=True)
+            ctx.decode = build_decode_batch(ctx, padded_tables=padded_tables)
             ctx.prefill = build_fresh_prefills(ctx)
         else:
             ctx.decode = build_decode_batch(ctx)
@@ -90,9 +90,10 @@ class ModelRunner:
         return self.model.compute_logits(hidden[ctx.logits_indices])
 
 
-def _block_tables_on(device: torch.device, tables: list[list[int]]) -> list[torch.Tensor]:
-    """Each sequence's block table on the device: one padded copy, then a view per sequence
-    (a copy per sequence would be S host-to-device transfers every step on a GPU)."""
+def _block_tables_on(device: torch.device, tables: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The step's block tables on the device in one padded copy [S, max_blocks] (a copy per
+    sequence would be S host-to-device transfers every step on a GPU), and a view of each
+    sequence's own blocks."""
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64).to(device)
-    return [padded[i, :len(t)] for i, t in enumerate(tables)]
+    return padded, [padded[i, :len(t)] for i, t in enumerate(tables)]

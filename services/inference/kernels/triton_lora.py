@@ -101,7 +101,6 @@ class HostTiles:
     sizes: list[int]  # num_tiles
     pages: list[int]  # num_tiles * block_r page ids, -1 past the adapter's rank
     scales: list[float]  # num_tiles
-    block_m: int
     block_r: int
     real_tiles: int
 
@@ -151,7 +150,7 @@ def tile_segments(segments: Sequence[Segment], num_tokens: int, block_m: int = D
     rows += [-1] * (block_m * padding)
     pages_out += [-1] * (block_r * padding)
     return HostTiles(rows, [len(r) for r, _, _ in tiles] + [0] * padding, pages_out,
-                     [scale for _, _, scale in tiles] + [0.0] * padding, block_m, block_r, len(tiles))
+                     [scale for _, _, scale in tiles] + [0.0] * padding, block_r, len(tiles))
 
 
 def build_lora_plan(segments: Sequence[Segment], num_tokens: int, device: torch.device | str,

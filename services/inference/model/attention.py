@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from services.inference.kernels.triton_attention import paged_decode_attention, varlen_prefill_attention
 from services.inference.model.context import StepContext
@@ -37,16 +36,18 @@ class DecodeBatch:
     context_lens: torch.Tensor | None = None  # [Sd] int32
 
 
-def build_decode_batch(ctx: StepContext, paged_tables: bool = False) -> DecodeBatch | None:
+def build_decode_batch(ctx: StepContext, padded_tables: torch.Tensor | None = None) -> DecodeBatch | None:
     """Groups the sequences with exactly one new token; None when there are none.
-    paged_tables: block tables for the Triton decode kernel instead of a padded slot gather."""
+    padded_tables: the step's block tables as one [S, max_blocks] device tensor (the runner
+    uploads them so); given, the decode rows of it go to the Triton decode kernel instead of
+    a padded slot gather."""
     decode = [i for i in range(ctx.num_seqs) if ctx.cu_seqlens[i + 1] - ctx.cu_seqlens[i] == 1]
     if not decode:
         return None
     device = ctx.slot_mapping.device
     rows = torch.tensor([ctx.cu_seqlens[i] for i in decode], dtype=torch.int64, device=device)
-    if paged_tables:  # padded on the device the tables already live on: no host round trip
-        tables = pad_sequence([ctx.block_tables[i] for i in decode], batch_first=True).to(torch.int32)
+    if padded_tables is not None:
+        tables = padded_tables[torch.tensor(decode, device=device)].to(torch.int32)
         lengths = torch.tensor([ctx.context_lens[i] for i in decode], dtype=torch.int32, device=device)
         return DecodeBatch(rows, None, None, frozenset(decode), tables, lengths)
     width = max(ctx.context_lens[i] for i in decode)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.common.config import ServerConfig, option
 from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
+from services.inference.kernels.prefill_lora import CHOICES as PREFILL_LORA_CHOICES
 
 GRAPH_MODES = ("auto", "on", "off", "static")
 
@@ -48,6 +49,9 @@ class InferenceConfig(ServerConfig):
     cuda_graphs: str = option("auto", "decode steps replayed from CUDA graphs: auto (on CUDA with Triton kernels), on, "
                                       "off, or static (the same static-buffer step without capture, for debugging)")
     max_graph_batch: int = option(64, "largest decode batch given a CUDA graph (bigger batches run eagerly)")
+    prefill_lora: str = option("auto", "kernel for the LoRA of prefill segments with --kernels triton: tiles16, "
+                                       "tiles32, tiles64 (Triton tiles of that many rows), grouped (CUTLASS "
+                                       "grouped GEMM), or auto (measured per projection shape at start-up on CUDA)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +71,9 @@ class InferenceConfig(ServerConfig):
             raise ValueError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {self.cuda_graphs!r}")
+        if self.prefill_lora not in PREFILL_LORA_CHOICES:
+            raise ValueError(f"--prefill-lora must be one of {', '.join(PREFILL_LORA_CHOICES)}, "
+                             f"got {self.prefill_lora!r}")
         if self.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
         if self.max_model_len < 0:

@@ -93,14 +93,18 @@ class Node:
         runner = ModelRunner(model, pool, num_kv_blocks, config.block_size, dtype=dtype, device=config.device,
                              kernels=kernels, graphs=graphs, max_graph_batch=min(config.max_graph_batch,
                                                                                  config.max_num_seqs),
-                             max_context=max_context, max_rank=config.max_adapter_rank)
+                             max_context=max_context, max_rank=config.max_adapter_rank,
+                             prefill_lora=config.prefill_lora, prefill_tokens=config.max_batched_tokens)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),
             BlockManager(num_kv_blocks, config.block_size), manager, set(args.eos_token_ids), max_context)
         engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
-        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s) with %d KV blocks and %d adapter pages", folder,
-                 args.model_type, dtype, kernels, graphs, num_kv_blocks, config.adapter_pool_pages)
+        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, prefill LoRA %s) with %d KV blocks and %d adapter "
+                 "pages", folder, args.model_type, dtype, kernels, graphs, runner.prefill_lora.summary(), num_kv_blocks,
+                 config.adapter_pool_pages)
+        if runner.prefill_lora.report:
+            log.info("prefill LoRA kernels measured (median µs, or why dropped): %s", runner.prefill_lora.report)
         return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
 
     def start(self) -> None:

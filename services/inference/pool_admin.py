@@ -78,6 +78,7 @@ class InfoView:
     version: str
     kernels: str
     cuda_graphs: str
+    prefill_lora: str
 
 
 class PoolAdmin:
@@ -157,4 +158,4 @@ class PoolAdmin:
                         str(self.node.dtype).removeprefix("torch."),
                         config.device, self.node.max_context, config.block_size, config.max_batched_tokens,
                         config.adapter_pool_pages, config.max_adapter_rank, "0.1.0", runner.kernels,
-                        runner.graph_mode)
+                        runner.graph_mode, runner.prefill_lora.summary())

@@ -46,12 +46,12 @@ def hf_greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[torch.Tenso
 
 
 def run_engine(base: Path, adapter_root: Path, pool_pages: int, mix, waves: int = 1, kernels: str = "torch",
-               device: str = "cpu", cuda_graphs: str = "off", dtype: str = "float32"):
+               device: str = "cpu", cuda_graphs: str = "off", dtype: str = "float32", prefill_lora: str = "auto"):
     """Runs the mix `waves` times, each wave all at once; returns the node and the last wave's results.
     float32 by default on every device: the comparison with HF on the CPU is token for token."""
     config = InferenceConfig(base_model=base, adapter_dir=adapter_root, kv_cache_mb=4, kernels=kernels, device=device,
                              dtype=dtype, cuda_graphs=cuda_graphs, adapter_pool_pages=pool_pages, max_num_seqs=16,
-                             max_batched_tokens=96)
+                             max_batched_tokens=96, prefill_lora=prefill_lora)
     node = Node.build(config)
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
 
@@ -140,6 +140,40 @@ def test_triton_kernels_give_the_same_tokens(tiny_model_dir, adapter_root):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton", device=device)
     assert node.engine.runner.kernels == "triton"
+    assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton kernels run on a GPU, or on CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("prefill_lora", ["tiles64", "grouped"])
+def test_each_prefill_lora_kernel_gives_the_same_tokens(tiny_model_dir, adapter_root, monkeypatch, prefill_lora):
+    """Prompts long enough that prefill segments reach LONG_SEGMENT tokens take the forced prefill
+    kernel (a spy on the batch's calls proves it ran, next to the decode tiles), and every
+    request still gets HF + peft's tokens."""
+    from services.inference.adapters import batch
+    from services.inference.kernels.prefill_lora import LONG_SEGMENT
+    from services.inference.kernels.triton_lora import LoraTritonPlan
+
+    ran: list[tuple[str, int]] = []  # (kernel, rows) per call
+
+    def spy(y, x, a_pages, b_pages, planned):
+        if isinstance(planned, LoraTritonPlan):
+            ran.append((f"tiles{planned.block_m}", planned.real_tiles))
+        else:
+            ran.append(("grouped", min(s.end - s.start for s in planned)))
+        return run_planned(y, x, a_pages, b_pages, planned)
+
+    run_planned = batch.run_planned
+    monkeypatch.setattr(batch, "run_planned", spy)
+    mix = [(" ".join([prompt] * 5) if i % 2 else prompt, key) for i, (prompt, key) in enumerate(requests_mix()[::2])]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton", device=device,
+                               prefill_lora=prefill_lora)
+    assert node.engine.runner.prefill_lora.summary() == prefill_lora
+    kernels = {kernel for kernel, _ in ran}
+    assert kernels == {"tiles16", prefill_lora}, kernels  # decode rows stay on the 16-row tiles
+    if prefill_lora == "grouped":
+        assert min(rows for kernel, rows in ran if kernel == "grouped") >= LONG_SEGMENT
     assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
 
 

@@ -2,7 +2,9 @@
 
 The model runner orders scheduled sequences so that tokens sharing an adapter are
 contiguous; each run of tokens is one Segment. Layers call `apply`, the one seam between
-the base layers and LoRA compute; with `kernels="triton"` it plans Triton tiles instead.
+the base layers and LoRA compute; with `kernels="triton"` it plans Triton tiles instead, and
+segments of a prefill go through the kernel the node measured fastest for each projection's
+shape at start-up (kernels/prefill_lora.py).
 On CPU, one-token segments (decodes) go through a single gathered batched matmul and
 longer segments (prefill chunks) through two grouped GEMMs: measured on 2 cores, 16 decode
 rows of rank 16 at 512->1408 take 150 µs gathered vs 540 µs one by one, and 16 prefill
@@ -11,13 +13,15 @@ segments of 64 tokens 7.6 ms grouped vs 143 ms one by one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from services.inference.kernels.grouped import lora_grouped
+from services.inference.kernels.prefill_lora import DECODE_TILES, LONG_SEGMENT, PrefillPath, plan_path, run_planned
 from services.inference.kernels.reference import Segment, lora_gathered
-from services.inference.kernels.triton_lora import build_lora_plan, lora_shrink_expand
+from services.inference.kernels.triton_lora import build_lora_plan
 
 
 @dataclass
@@ -74,20 +78,33 @@ class LoraBatch:
     b_pages: dict[str, torch.Tensor]  # module -> [L, P, out] pool buffer
     num_tokens: int = 0  # tokens in the step (the Triton plan's row space)
     kernels: str = "torch"  # kernels/backend.py: "torch" or "triton"
+    # triton only: module -> the kernel for its segments of >= LONG_SEGMENT tokens (default: the tiles)
+    prefill_paths: Mapping[str, PrefillPath] | None = None
     plan: dict[str, object] = field(init=False)
 
     def __post_init__(self) -> None:
         self.plan = {}
-        by_targets: dict[tuple[int, ...], object] = {}
+        planned: dict[tuple[tuple[int, ...], PrefillPath], object] = {}
         for module, (targeting, segments) in segments_by_targets(self.groups, self.a_pages).items():
-            if targeting not in by_targets:
-                by_targets[targeting] = self._plan(segments)
-            self.plan[module] = by_targets[targeting]
+            path = (self.prefill_paths or {}).get(module, DECODE_TILES)
+            if (targeting, path) not in planned:
+                planned[targeting, path] = self._plan(segments, path)
+            self.plan[module] = planned[targeting, path]
 
-    def _plan(self, segments: list[Segment]) -> object:
-        if self.kernels == "triton":  # one tiled plan for decode rows and prefill segments alike
-            return build_lora_plan(segments, self.num_tokens, segments[0].pages.device)
+    def _plan(self, segments: list[Segment], path: PrefillPath) -> object:
+        if self.kernels == "triton":
+            return self._plan_triton(segments, path)
         return (gather_single_token_segments(segments), [s for s in segments if s.end - s.start > 1])
+
+    def _plan_triton(self, segments: list[Segment], path: PrefillPath) -> list:
+        """Tile plans and grouped segment lists to run in turn (they cover disjoint tokens)."""
+        device = segments[0].pages.device
+        long = [s for s in segments if s.end - s.start >= LONG_SEGMENT] if path != DECODE_TILES else []
+        if not long:  # one tiled plan for decode rows and prefill segments alike
+            return [build_lora_plan(segments, self.num_tokens, device)]
+        short = [s for s in segments if s.end - s.start < LONG_SEGMENT]
+        return ([build_lora_plan(short, self.num_tokens, device)] if short else []) + \
+            [plan_path(path, long, self.num_tokens, device)]
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """y [T, out] += LoRA(x [T, in]) for every token whose adapter targets `module`."""
@@ -96,7 +113,9 @@ class LoraBatch:
             return y
         a_pages, b_pages = self.a_pages[module][layer], self.b_pages[module][layer]
         if self.kernels == "triton":
-            return lora_shrink_expand(y, x, a_pages, b_pages, planned)
+            for part in planned:
+                run_planned(y, x, a_pages, b_pages, part)
+            return y
         gathered, multi = planned
         if gathered is not None:
             lora_gathered(y, x, a_pages, b_pages, gathered.rows, gathered.pages, gathered.scales)

@@ -18,6 +18,7 @@ from services.inference.engine.decode_graphs import OFF, DecodeGraphs
 from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
+from services.inference.kernels.prefill_lora import resolve_prefill_lora
 from services.inference.model.attention import build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
@@ -32,12 +33,18 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, num_kv_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
-                 graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64) -> None:
+                 graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64,
+                 prefill_lora: str = "auto", prefill_tokens: int = 2048) -> None:
         """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
-        bounds the graphs' block tables (default: the model's max_position_embeddings)."""
+        bounds the graphs' block tables (default: the model's max_position_embeddings);
+        prefill_lora: the kernel of prefill segments (kernels/prefill_lora.py), measured with
+        `auto` on a step of prefill_tokens (the node's chunk size) before anything is captured."""
         self.model, self.pool, self.kernels = model, pool, kernels
         self.block_size, self.device = block_size, torch.device(device)
         self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
+        shapes = {module: (pool.a[module].shape[-1], pool.b[module].shape[-1]) for module in pool.a}
+        self.prefill_lora = resolve_prefill_lora(prefill_lora, kernels, self.device, shapes, pool.dtype,
+                                                 prefill_tokens)
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0
@@ -76,7 +83,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(packed.slots, dtype=torch.int64, device=device),
             cu_seqlens=packed.cu_seqlens, context_lens=packed.context_lens, block_tables=block_tables,
             logits_indices=torch.tensor(packed.logits_rows, dtype=torch.int64, device=device),
-            lora=LoraBatch(packed.groups, self.pool.a, self.pool.b, len(packed.tokens), self.kernels)
+            lora=LoraBatch(packed.groups, self.pool.a, self.pool.b, len(packed.tokens), self.kernels,
+                           self.prefill_lora.paths)
             if packed.groups else None,
             block_size=self.block_size)
         if self.kernels == "triton":  # the GPU kernels: paged decode, and varlen for fresh prefills

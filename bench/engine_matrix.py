@@ -154,7 +154,9 @@ class MatrixRun:
             node.close()
             runner = node.engine.runner  # graphed vs eager steps: did the decode steps replay graphs?
             self.report["engine_steps"] = {"graph": runner.steps["graph"], "eager": runner.steps["eager"],
-                                           "graph_mode": runner.graph_mode}
+                                           "graph_mode": runner.graph_mode,
+                                           "prefill_lora": runner.prefill_lora.summary(),
+                                           "prefill_lora_measured_us": runner.prefill_lora.report}
 
     def run_hf_mixed(self) -> None:
         """One HF peft mixed batch; its decode time is the full run's less a 1-token (prefill) run's."""

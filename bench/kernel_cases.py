@@ -82,6 +82,9 @@ class LoraCase:
             variants["reference_gathered"] = self._gathered_variant
         variants["grouped_mm"] = lambda: self._variant(self._grouped)
         variants["triton"] = self._triton_variant
+        if self.tokens > 256:  # the wider tiles --prefill-lora may choose for long segments
+            for block_m in (32, 64):
+                variants[f"triton_tiles{block_m}"] = lambda block_m=block_m: self._triton_variant(block_m)
         return variants
 
     def _gathered_variant(self) -> Variant:
@@ -99,10 +102,10 @@ class LoraCase:
 
         lora_grouped(y, self.x, self.a_pages, self.b_pages, self.segments)
 
-    def _triton_variant(self) -> Variant:
+    def _triton_variant(self, block_m: int = 16) -> Variant:
         from services.inference.kernels.triton_lora import build_lora_plan, lora_shrink_expand
 
-        plan = build_lora_plan(self.segments, self.tokens, self.device)  # once per step, shared by all layers
+        plan = build_lora_plan(self.segments, self.tokens, self.device, block_m)  # once per step, for all layers
         return self._variant(lambda y: lora_shrink_expand(y, self.x, self.a_pages, self.b_pages, plan))
 
     def base_gemm(self) -> Callable[[], object]:
@@ -113,7 +116,7 @@ class LoraCase:
 def lora_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[LoraCase]:
     if smoke:
         return [LoraCase("decode smoke", 64, 96, 8, 4, 4, device, dtype),
-                LoraCase("prefill smoke", 64, 96, 40, 2, 4, device, dtype)]
+                LoraCase("prefill smoke", 64, 96, 300, 2, 4, device, dtype)]
     shapes = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
     cases = []
     for label, (fan_in, fan_out) in shapes.items():

@@ -23,7 +23,7 @@ def test_kernel_bench_smoke_checks_every_path_against_the_reference(tmp_path):
     assert report["all_correct"] and report["machine"]["cpu_count"]
     lora = {name for case in report["lora"] for name in case["variants"]}
     attention = {name for case in report["attention"] for name in case["variants"]}
-    assert {"reference_segments", "reference_gathered", "grouped_mm", "triton"} <= lora
+    assert {"reference_segments", "reference_gathered", "grouped_mm", "triton", "triton_tiles32", "triton_tiles64"} <= lora
     assert {"torch_padded_gather", "triton"} <= attention
     for case in report["lora"] + report["attention"]:
         assert case["floor_us"] > 0
@@ -95,6 +95,7 @@ def test_engine_matrix_measures_every_configuration_on_one_node(tmp_path):
     assert report["copy_bandwidth_source"] == "flag"
     steps = report["engine_steps"]  # CPU: graphs are off by default, every step eager
     assert steps["graph_mode"] == "off" and steps["graph"] == 0 and steps["eager"] > 0
+    assert steps["prefill_lora"] == "grouped" and steps["prefill_lora_measured_us"] == {}  # nothing to measure
 
 
 def test_engine_matrix_reports_what_the_budget_left_no_time_for(tmp_path):

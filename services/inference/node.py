@@ -29,6 +29,7 @@ from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig
 from services.inference.engine.torch_thread import TorchThread
 from services.inference.kernels.backend import resolve_kernels
+from services.inference.kernels.prefill_lora import resolve_prefill_lora
 from services.inference.model.config import ModelArgs, load_model_args
 from services.inference.model.loader import load_model, random_model
 
@@ -84,17 +85,20 @@ class Node:
             model, args = load_model(folder, dtype=dtype, device=config.device)
         max_context = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
         pool = AdapterPool(args, config.adapter_pool_pages, dtype=dtype, device=config.device)
+        kernels = resolve_kernels(config.kernels, config.device)
+        graphs = resolve_graph_mode(config.cuda_graphs, config.device, kernels)
+        # Measured (with auto on CUDA) before the KV cache takes its share of the free memory:
+        # the trial step's buffers are returned to the device first.
+        prefill_lora = resolve_prefill_lora(config.prefill_lora, kernels, config.device, pool.shapes(), dtype,
+                                            tokens=config.max_batched_tokens)
         num_kv_blocks = max(2, _kv_cache_bytes(config) // kv_block_bytes(model, config.block_size, dtype))
         if source is None:
             source = LocalFolderSource(config.adapter_dir) if config.adapter_dir else _registry_source(config)
         manager = AdapterManager(pool, args, source, config.host_cache_mb * 1024 * 1024, config.max_adapter_rank)
-        kernels = resolve_kernels(config.kernels, config.device)
-        graphs = resolve_graph_mode(config.cuda_graphs, config.device, kernels)
         runner = ModelRunner(model, pool, num_kv_blocks, config.block_size, dtype=dtype, device=config.device,
                              kernels=kernels, graphs=graphs, max_graph_batch=min(config.max_graph_batch,
                                                                                  config.max_num_seqs),
-                             max_context=max_context, max_rank=config.max_adapter_rank,
-                             prefill_lora=config.prefill_lora, prefill_tokens=config.max_batched_tokens)
+                             max_context=max_context, max_rank=config.max_adapter_rank, prefill_lora=prefill_lora)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),

@@ -58,6 +58,10 @@ class AdapterPool:
         self.counters = PoolCounters()
 
     # --- queries ---
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """module -> (in_features, out_features) of its pages."""
+        return {module: (self.a[module].shape[-1], self.b[module].shape[-1]) for module in self.a}
+
     @property
     def num_free_pages(self) -> int:
         return len(self._free)

@@ -18,7 +18,7 @@ from services.inference.engine.decode_graphs import OFF, DecodeGraphs
 from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
-from services.inference.kernels.prefill_lora import resolve_prefill_lora
+from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora
 from services.inference.model.attention import build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
@@ -34,17 +34,15 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, num_kv_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
                  graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64,
-                 prefill_lora: str = "auto", prefill_tokens: int = 2048) -> None:
+                 prefill_lora: PrefillChoice | None = None) -> None:
         """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
         bounds the graphs' block tables (default: the model's max_position_embeddings);
-        prefill_lora: the kernel of prefill segments (kernels/prefill_lora.py), measured with
-        `auto` on a step of prefill_tokens (the node's chunk size) before anything is captured."""
+        prefill_lora: the kernel of each module's prefill segments (kernels/prefill_lora.py;
+        default: the 16-row tiles with Triton kernels, grouped_mm with PyTorch's)."""
         self.model, self.pool, self.kernels = model, pool, kernels
         self.block_size, self.device = block_size, torch.device(device)
         self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
-        shapes = {module: (pool.a[module].shape[-1], pool.b[module].shape[-1]) for module in pool.a}
-        self.prefill_lora = resolve_prefill_lora(prefill_lora, kernels, self.device, shapes, pool.dtype,
-                                                 prefill_tokens)
+        self.prefill_lora = prefill_lora or unmeasured_prefill_lora(kernels, pool.shapes())
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0

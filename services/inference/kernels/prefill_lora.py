@@ -183,12 +183,16 @@ def resolve_prefill_lora(requested: str, kernels: str, device: torch.device | st
     """
     if requested not in CHOICES:
         raise ValueError(f"--prefill-lora must be one of {', '.join(CHOICES)}, got {requested!r}")
-    if kernels != "triton":
-        if requested != "auto":
-            raise ValueError(f"--prefill-lora {requested} needs --kernels triton (PyTorch kernels run grouped_mm)")
-        return PrefillChoice.fixed(PrefillPath(GROUPED), shapes)
-    if requested != "auto":
+    if kernels != "triton" and requested != "auto":
+        raise ValueError(f"--prefill-lora {requested} needs --kernels triton (PyTorch kernels run grouped_mm)")
+    if kernels == "triton" and requested != "auto":
         return PrefillChoice.fixed(parse_prefill_path(requested), shapes)
-    if torch.device(device).type != "cuda":
-        return PrefillChoice.fixed(DECODE_TILES, shapes)
-    return choose_prefill_paths(shapes, dtype, device, tokens=tokens)
+    if kernels == "triton" and torch.device(device).type == "cuda":
+        return choose_prefill_paths(shapes, dtype, device, tokens=tokens)
+    return unmeasured_prefill_lora(kernels, shapes)
+
+
+def unmeasured_prefill_lora(kernels: str, modules) -> PrefillChoice:
+    """The choice without a measurement: grouped_mm under PyTorch kernels, the 16-row tiles
+    under Triton's."""
+    return PrefillChoice.fixed(DECODE_TILES if kernels == "triton" else PrefillPath(GROUPED), modules)

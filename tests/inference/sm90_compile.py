@@ -44,8 +44,8 @@ def compile_sm90(kernel, constexprs: dict, pointer_types: dict, options: dict, *
     """Compile `kernel` (a triton.jit kernel or its plain function) for sm_90 as a launch on
     the GPU specialises it: `constexprs` as given, `unit_strides` folded to the constant 1,
     pointers (types from `pointer_types`) and the other strides 16-divisible (what the JIT
-    marks for torch tensors of 4096-wide rows), like `divisible_scalars`; other scalars i32
-    unless `scalar_types` says otherwise."""
+    marks for torch tensors of 4096-wide rows) unless the kernel leaves them unspecialized,
+    like `divisible_scalars`; other scalars i32 unless `scalar_types` says otherwise."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -53,6 +53,7 @@ def compile_sm90(kernel, constexprs: dict, pointer_types: dict, options: dict, *
 
     assert not triton.knobs.runtime.interpret, "compile in a process without TRITON_INTERPRET (run_in_fresh_process)"
     jit = kernel if isinstance(kernel, JITFunction) else triton.jit(kernel)
+    unspecialized = {jit.arg_names[i] if isinstance(i, int) else i for i in jit.do_not_specialize}
     signature, constants, divisible = {}, dict(constexprs), []
     for index, name in enumerate(jit.arg_names):
         if name in constexprs:
@@ -64,7 +65,7 @@ def compile_sm90(kernel, constexprs: dict, pointer_types: dict, options: dict, *
             divisible.append(index)
         else:
             signature[name] = (scalar_types or {}).get(name, "i32")
-            if name.startswith("stride") or name in divisible_scalars:
+            if (name.startswith("stride") or name in divisible_scalars) and name not in unspecialized:
                 divisible.append(index)
     source = ASTSource(jit, signature, constexprs=constants,
                        attrs={(index,): [["tt.divisibility", 16]] for index in divisible})
@@ -122,7 +123,7 @@ def check_decode_kernels(dtype: str, group: int, head_dim: int, split: bool) -> 
     unit_strides = ("stride_qd", "stride_kd", "stride_vd", "stride_od")  # last-dim strides of contiguous heads
     partial = "*fp32" if split else f"*{dtype}"
     decode = compile_sm90(
-        triton_attention._paged_decode_kernel,
+        triton_attention._jitted(triton_attention._paged_decode_kernel),
         {"BLOCK_SIZE": 16, "GROUP": group, "GROUP_P": max(16, triton.next_power_of_2(group)), "HEAD_DIM": head_dim,
          "BLOCK_D": head_dim, "TILE_N": triton_attention._tile_tokens(head_dim), "SPLIT": split,
          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
@@ -132,7 +133,83 @@ def check_decode_kernels(dtype: str, group: int, head_dim: int, split: bool) -> 
     if dtype != "fp32":
         assert uses_tensor_cores(decode), "the decode dots do not use the tensor cores"
     if split:
-        compile_sm90(triton_attention._merge_partitions_kernel,
+        compile_sm90(triton_attention._jitted(triton_attention._merge_partitions_kernel),
                      {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "PARTITIONS_P": 32},
                      {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{dtype}"},
                      {"num_warps": 4}, unit_strides=unit_strides)
+
+
+def launch_keys(kernels: dict, launch) -> dict[str, list[str]]:
+    """What Triton's JIT would key its compiled-kernel cache on (argument specializations and
+    options) for each launch of each of `kernels` (name -> jitted kernel) that `launch()`
+    makes, computed for an H200 without one: the launches are caught before anything runs."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    keys: dict[str, list[str]] = {name: [] for name in kernels}
+
+    def catch(name: str, kernel):
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+
+        def run(*args, grid, warmup, **kwargs):
+            _, specialization, options = binder(*args, **kwargs)
+            keys[name].append(repr((specialization, sorted(options.items()))))
+        return run
+
+    for name, kernel in kernels.items():
+        kernel.run = catch(name, kernel)  # shadows JITFunction.run for this process only
+    launch()
+    return keys
+
+
+def check_lora_steps_share_compiled_kernels() -> None:
+    """Steps of 1, 7, 16 and 48 one-token tiles, split 1, 2, 3 and 16: one compile key per kernel."""
+    import torch
+
+    from services.inference.kernels import triton_lora, triton_lora_kernels
+    from services.inference.kernels.reference import Segment
+
+    generator = torch.Generator().manual_seed(0)
+    a_pages, b_pages = torch.randn(64, 4096, generator=generator), torch.randn(64, 1024, generator=generator)
+
+    def steps() -> None:
+        for num_tiles, split_k in ((1, 1), (7, 3), (16, 2), (48, 16), (16, 1)):
+            segments = [Segment(t, t + 1, torch.arange(t, t + 16) % 64, 1.0) for t in range(num_tiles)]
+            plan = triton_lora.build_lora_plan(segments, num_tiles, "cpu")
+            x, y = torch.randn(num_tiles, 4096), torch.zeros(num_tiles, 1024)
+            triton_lora.lora_shrink_expand(y, x, a_pages, b_pages, plan, split_k=split_k)
+
+    kernels = {"shrink": triton_lora_kernels.lora_shrink_kernel, "expand": triton_lora_kernels.lora_expand_kernel}
+    for name, keys in launch_keys(kernels, steps).items():
+        assert len(keys) == 5 and len(set(keys)) == 1, f"{name}: {len(set(keys))} compile keys for 5 steps"
+
+
+def check_decode_batches_share_compiled_kernels() -> None:
+    """Decode batches with block tables 1, 7 and 16 wide unsplit, 48 and 64 wide in 12 and 16
+    partitions: one compile key per kernel and split."""
+    import torch
+
+    from services.inference.kernels import triton_attention
+
+    triton_attention._interpreting = lambda: True  # lets CPU tensors through to the caught launch
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(80, 16, 2, 64, generator=generator)
+
+    def batches(shapes) -> None:
+        for width, num_partitions in shapes:
+            tables = torch.randint(0, 80, (2, width), dtype=torch.int32, generator=generator)
+            lens = torch.tensor([width * 16, 1], dtype=torch.int32)
+            q = torch.randn(2, 8, 64, generator=generator)
+            triton_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
+                                                    num_partitions=num_partitions)
+
+    kernels = {"decode": triton_attention._jitted(triton_attention._paged_decode_kernel),
+               "merge": triton_attention._jitted(triton_attention._merge_partitions_kernel)}
+    for shapes in (((1, 1), (7, 1), (16, 1)), ((48, 12), (64, 16))):
+        keys = launch_keys(kernels, lambda: batches(shapes))
+        split = shapes[0][1] > 1
+        assert len(keys["decode"]) == len(shapes) and len(keys["merge"]) == (len(shapes) if split else 0)
+        for name in ("decode", "merge") if split else ("decode",):
+            assert len(set(keys[name])) == 1, f"{name} (split {split}): {len(set(keys[name]))} compile keys"

@@ -29,6 +29,7 @@ from services.inference.model.attention import (build_decode_batch, build_fresh_
                                                 write_kv)
 from services.inference.model.context import StepContext
 from tests.inference.sm90_compile import run_in_fresh_process
+from tests.inference.triton_compiles import compiled_variants, unspecialized
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -198,6 +199,39 @@ def test_strided_query_given_output_and_empty_rows(triton_device, num_partitions
 
 
 @pytest.mark.skipif(not triton_attention.triton_available(), reason="triton is not installed")
+def test_per_batch_integers_are_left_unspecialized(triton_device):
+    """Block-table width, partition size and count change with the batch; specialized, each first
+    1, multiple of 16 or other value would compile a new kernel in the middle of serving."""
+    for name, args in triton_attention.STEP_VARYING_ARGS.items():
+        kernel = triton_attention._jitted(getattr(triton_attention, name))
+        assert set(args) <= set(kernel.arg_names), (name, args)
+        assert set(args) <= unspecialized(kernel), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the kernels Triton compiled: needs a GPU")
+def test_batches_of_any_table_width_and_partition_count_reuse_the_compiled_kernels():
+    kernels = [triton_attention._jitted(triton_attention._paged_decode_kernel),
+               triton_attention._jitted(triton_attention._merge_partitions_kernel)]
+    generator = torch.Generator().manual_seed(9)
+
+    def step(lengths: list[int], extra_table_entries: int, num_partitions: int, table_width: int) -> None:
+        k_cache, v_cache, tables, lens = paged_batch(lengths, BLOCK, 2, 64, generator,
+                                                     extra_table_entries=extra_table_entries)
+        assert tables.shape[1] == table_width
+        q = torch.randn(len(lengths), 8, 64, generator=generator)
+        got = decode("cuda", q, k_cache, v_cache, tables, lens, 0.125, num_partitions=num_partitions)
+        torch.testing.assert_close(got.double(), reference_decode(q, k_cache, v_cache, tables, lens, 0.125),
+                                   atol=1e-4, rtol=1e-4)
+
+    step([70, 5], 2, 1, 7)  # unsplit
+    step([700, 300], 4, 12, 48)  # 12 partitions of 64 tokens, merged with PARTITIONS_P 16
+    before = [compiled_variants(kernel) for kernel in kernels]
+    step([1], 0, 1, 1)
+    step([200, 9], 3, 1, 16)
+    step([1000, 1], 1, 16, 64)  # 16 partitions, still PARTITIONS_P 16
+    assert [compiled_variants(kernel) for kernel in kernels] == before
+
+
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k_cache, v_cache, tables, lens = paged_batch([3], BLOCK, 1, 16, torch.Generator().manual_seed(0))
@@ -312,6 +346,12 @@ def test_decode_kernels_compile_for_hopper(tmp_path, dtype, group, head_dim, spl
     """The interpreter accepts what the GPU compiler may not: build the PTX for sm_90 with
     triton's own toolchain (no GPU needed) and check the 16-bit dots use the tensor cores."""
     run_in_fresh_process("check_decode_kernels", dtype, group, head_dim, split, cache_dir=tmp_path)
+
+
+def test_decode_batches_of_any_table_width_share_the_compiled_kernels(tmp_path):
+    """The JIT's cache keys for an H200, computed here: a batch's block-table width and partition
+    count pick no new compile (a new one would stall serving for seconds)."""
+    run_in_fresh_process("check_decode_batches_share_compiled_kernels", cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("fresh_only", [False, True])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from services.inference.kernels.reference import Segment, lora_segments, lora_tokens, segments_to_tokens
+from tests.inference.triton_compiles import compiled_variants, unspecialized
 
 IN, OUT, PAGES = 72, 200, 4096
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -214,6 +215,35 @@ def test_no_segments_leaves_y_alone(lora, triton_device):
     plan = lora.build_lora_plan([Segment(2, 2, torch.tensor([1]), 1.0)], 4, triton_device)
     assert plan.num_tiles == 0
     assert torch.equal(launch(lora, y.clone(), torch.randn(4, IN), a_pages, b_pages, plan), y)
+
+
+def test_per_step_integers_are_left_unspecialized(triton_device):
+    """The tile count and the split differ from step to step; specialized, each first 1, multiple
+    of 16 or other value would compile a new kernel in the middle of serving."""
+    from services.inference.kernels import triton_lora_kernels as kernels
+
+    for name, args in kernels.STEP_VARYING_ARGS.items():
+        kernel = getattr(kernels, name)
+        assert set(args) <= set(kernel.arg_names), (name, args)
+        assert set(args) <= unspecialized(kernel), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the kernels Triton compiled: needs a GPU")
+def test_steps_of_any_tile_count_and_split_reuse_the_compiled_kernels(lora):
+    from services.inference.kernels import triton_lora_kernels as kernels
+
+    generator = torch.Generator().manual_seed(3)
+    adapters = make_adapters(48, generator, max_rank=16)  # block_r 16 in every step
+
+    def step(num_tiles: int, split_k: int) -> None:
+        segments = [Segment(t, t + 1, *adapters[t]) for t in range(num_tiles)]
+        check_against_reference(lora, "cuda", segments, num_tiles, generator, split_k=split_k)
+
+    step(7, 3)
+    before = [compiled_variants(kernels.lora_shrink_kernel), compiled_variants(kernels.lora_expand_kernel)]
+    for num_tiles, split_k in ((1, 1), (16, 3), (48, 2), (16, 1), (5, 16)):
+        step(num_tiles, split_k)
+    assert [compiled_variants(kernels.lora_shrink_kernel), compiled_variants(kernels.lora_expand_kernel)] == before
 
 
 def test_plan_rejects_what_the_kernels_cannot_do():

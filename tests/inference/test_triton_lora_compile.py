@@ -14,3 +14,9 @@ from tests.inference.sm90_compile import run_in_fresh_process
 def test_kernels_compile_for_hopper(tmp_path):
     """Both kernels, bf16 and fp16, 16- to 64-row tiles, ranks padded to 16..64: tensor cores, no spills."""
     run_in_fresh_process("check_lora_kernels", cache_dir=tmp_path)
+
+
+def test_steps_of_any_tile_count_share_the_compiled_kernels(tmp_path):
+    """The JIT's cache keys for an H200, computed here: the tile count and split of a step pick no
+    new compile (a new one would stall serving for seconds)."""
+    run_in_fresh_process("check_lora_steps_share_compiled_kernels", cache_dir=tmp_path)

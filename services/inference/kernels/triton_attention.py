@@ -59,13 +59,20 @@ def _interpreting() -> bool:
 
 _jit_cache: dict[tuple[str, bool], object] = {}
 
+# Integer arguments that change with the batch (the block-table width of an eager step, the
+# partition count): unspecialized, or Triton would compile a variant each time one of them is
+# first 1, a multiple of 16, or neither (triton_lora_kernels.py says the same). The partition
+# size is always whole 64-token tiles, so it stays specialized.
+STEP_VARYING_ARGS = {"_paged_decode_kernel": ("stride_table", "num_partitions"),
+                     "_merge_partitions_kernel": ("num_partitions",)}
+
 
 def _jitted(kernel):
     """triton.jit(kernel), decided at first use: jit picks compiled vs interpreted when it
     wraps a function, so wrapping at import would freeze whatever TRITON_INTERPRET was then."""
     key = (kernel.__name__, _interpreting())
     if key not in _jit_cache:
-        _jit_cache[key] = triton.jit(kernel)
+        _jit_cache[key] = triton.jit(kernel, do_not_specialize=STEP_VARYING_ARGS[kernel.__name__])
     return _jit_cache[key]
 
 

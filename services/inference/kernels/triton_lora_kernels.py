@@ -23,7 +23,16 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Triton compiles one variant per integer argument that is 1, a multiple of 16, or neither.
+# The tile count and the split count change from step to step, so they are left
+# unspecialized: otherwise the first eager step with, say, 16 tiles would stall serving for a
+# compile. Shapes and strides stay specialized (fixed per model), and so does k_per_split:
+# always a multiple of BLOCK_K, and its divisibility is what lets the K-slice loads vectorize.
+STEP_VARYING_ARGS = {"lora_shrink_kernel": ("num_tiles",),
+                     "lora_expand_kernel": ("num_tiles", "split_k")}
+
+
+@triton.jit(do_not_specialize=STEP_VARYING_ARGS["lora_shrink_kernel"])
 def lora_shrink_kernel(
     x_ptr, a_ptr, partial_ptr,
     tile_rows_ptr, tile_sizes_ptr, tile_pages_ptr,
@@ -69,7 +78,7 @@ def lora_shrink_kernel(
     tl.store(out, acc, mask=row_mask[:, None] & page_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_VARYING_ARGS["lora_expand_kernel"])
 def lora_expand_kernel(
     y_ptr, b_ptr, partial_ptr,
     tile_rows_ptr, tile_sizes_ptr, tile_pages_ptr, tile_scales_ptr,

@@ -13,10 +13,11 @@ from services.inference.adapters.batch import AdapterSegments
 from services.inference.adapters.pool import AdapterPool
 from services.inference.config import InferenceConfig
 from services.inference.engine.decode_graphs import (CAPTURE, OFF, STATIC, DecodeGraphs, graph_batch_sizes,
-                                                     rank_paddings, resolve_graph_mode)
+                                                     resolve_graph_mode)
 from services.inference.engine.graph_layout import ALIGN, GraphLayout
 from services.inference.engine.packed_step import PackedStep
 from services.inference.kernels.reference import Segment
+from services.inference.kernels.triton_lora import rank_paddings
 from services.inference.model.loader import random_model
 
 BLOCK = 4

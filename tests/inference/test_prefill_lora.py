@@ -138,3 +138,25 @@ def test_lora_batch_with_each_prefill_kernel_equals_the_reference(path, triton_d
             got = batch.apply(y.clone(), x, layer, module)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             assert torch.equal(got[54:], y[54:]), "base-only rows are untouched"
+
+
+def test_warm_up_runs_each_chosen_path_at_every_rank_padding(triton_device, monkeypatch):
+    """What a GPU node compiles at start-up so that no prefill waits on a compile: each module's
+    path for block_r 16, 32 and 64 (max rank 40), shapes shared between modules run once."""
+    ran: list[tuple[str, tuple[int, int], int]] = []
+
+    def spy(y, x, a_pages, b_pages, planned):
+        name = GROUPED if isinstance(planned, list) else f"{TILES}{planned.block_m}"
+        assert a_pages.shape[0] == b_pages.shape[0]  # grouped: the rank is the pages the segment owns
+        ran.append((name, (x.shape[1], y.shape[1]), planned.block_r if name != GROUPED else a_pages.shape[0]))
+        return run_planned(y, x, a_pages, b_pages, planned)
+
+    run_planned = prefill_lora.run_planned
+    monkeypatch.setattr(prefill_lora, "run_planned", spy)
+    choice = prefill_lora.PrefillChoice({"q_proj": PrefillPath(TILES, 64), "o_proj": PrefillPath(TILES, 64),
+                                         "down_proj": PrefillPath(GROUPED)})
+    dtype = torch.float32 if triton_device == "cpu" else torch.bfloat16
+    done = prefill_lora.warm_up_prefill_lora(choice, SHAPES, dtype, triton_device, max_rank=40)
+    expected = [("grouped", (96, 48), r) for r in (16, 32, 64)] + [("tiles64", (64, 96), r) for r in (16, 32, 64)]
+    assert sorted(ran) == expected
+    assert len(done) == len(expected)

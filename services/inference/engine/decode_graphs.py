@@ -37,8 +37,8 @@ from services.inference.adapters.pool import AdapterPool
 from services.inference.config import GRAPH_MODES
 from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
 from services.inference.engine.packed_step import PackedStep
-from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, MIN_DOT_DIM, LoraTritonPlan, lora_shrink_expand,
-                                                    tile_segments)
+from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraTritonPlan, lora_shrink_expand,
+                                                    rank_paddings, tile_segments)
 from services.inference.model.attention import DecodeBatch
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
@@ -66,14 +66,6 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     wastes at most 7 rows, whose cost is small next to the weights every row shares."""
     sizes = {s for s in (1, 2, 4, 8) if s <= max_batch} | set(range(16, max_batch + 1, 8)) | {max_batch}
     return sorted(sizes)
-
-
-def rank_paddings(max_rank: int) -> list[int]:
-    """block_r values graphs are kept for: powers of two from 16 up to cover max_rank."""
-    paddings = [MIN_DOT_DIM]
-    while paddings[-1] < max_rank:
-        paddings.append(paddings[-1] * 2)
-    return paddings
 
 
 class PlannedLora:

@@ -18,7 +18,7 @@ from services.inference.engine.decode_graphs import OFF, DecodeGraphs
 from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
-from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora
+from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora, warm_up_prefill_lora
 from services.inference.model.attention import build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
@@ -43,6 +43,8 @@ class ModelRunner:
         self.block_size, self.device = block_size, torch.device(device)
         self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
         self.prefill_lora = prefill_lora or unmeasured_prefill_lora(kernels, pool.shapes())
+        if kernels == "triton" and self.device.type == "cuda":  # compiles now, not in a request's prefill
+            warm_up_prefill_lora(self.prefill_lora, pool.shapes(), pool.dtype, self.device, max_rank)
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0

@@ -25,7 +25,7 @@ import torch
 from services.inference.kernels.grouped import lora_grouped
 from services.inference.kernels.reference import Segment, lora_segments
 from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraTritonPlan, build_lora_plan,
-                                                    lora_shrink_expand)
+                                                    lora_shrink_expand, rank_paddings)
 
 TILES, GROUPED = "tiles", "grouped"
 LONG_SEGMENT = DEFAULT_BLOCK_M  # a segment that fills a decode tile is worth a prefill kernel
@@ -170,6 +170,28 @@ def _try(path: PrefillPath, trial: _Trial, timer: Callable[[PrefillPath, Callabl
         return float(timer(path, lambda: run_planned(y, trial.x, trial.a_pages, trial.b_pages, planned)))
     except Exception as exc:  # e.g. grouped_mm without support for this GPU or dtype: not a candidate here
         return f"failed: {type(exc).__name__}: {exc}"
+
+
+def warm_up_prefill_lora(choice: PrefillChoice, shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype,
+                         device: torch.device | str, max_rank: int) -> set[tuple[PrefillPath, tuple[int, int], int]]:
+    """Runs each module's prefill path once for every rank padding up to max_rank, on one
+    segment of that module's shape, so that no request's prefill waits on a Triton compile
+    (a compile takes seconds; the measurement compiled rank 16 only, and the decode graphs
+    only the 16-row tiles). Returns the (path, (in, out), block_r) it ran."""
+    ran = set()
+    for module, path in sorted(choice.paths.items()):
+        for block_r in rank_paddings(max_rank):
+            key = (path, shapes[module], block_r)
+            if key in ran:
+                continue
+            (in_features, out_features), tokens = shapes[module], max(LONG_SEGMENT, path.block_m)
+            zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+            pages = tuple(range(block_r))
+            segment = Segment(0, tokens, torch.tensor(pages, device=device), 1.0, pages)
+            run_planned(zeros(tokens, out_features), zeros(tokens, in_features), zeros(block_r, in_features),
+                        zeros(block_r, out_features), plan_path(path, [segment], tokens, torch.device(device)))
+            ran.add(key)
+    return ran
 
 
 def resolve_prefill_lora(requested: str, kernels: str, device: torch.device | str,

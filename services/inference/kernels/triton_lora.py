@@ -66,6 +66,14 @@ class LoraTritonPlan:
         return self.tile_rows.shape[0]
 
 
+def rank_paddings(max_rank: int) -> list[int]:
+    """The block_r values steps with adapters of rank <= max_rank use: powers of two from 16 up."""
+    paddings = [MIN_DOT_DIM]
+    while paddings[-1] < max_rank:
+        paddings.append(paddings[-1] * 2)
+    return paddings
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

@@ -5,8 +5,10 @@
 Installs nothing. Steps, each a subprocess with its own deadline inside the budget, each
 leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   1. gpu.json      what the machine is (torch, CUDA, device, free memory);
-  2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included), and the
-                   CUDA-graph decode step: captured graphs replay what the static body computes;
+  2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included, and no
+                   recompiles across steps), the CUTLASS grouped GEMM in bf16, the prefill
+                   LoRA choice, and the CUDA-graph decode step: captured graphs replay what
+                   the static body computes;
                    (none of the steps imports our gRPC stack: no wheels need carrying)
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
@@ -40,6 +42,7 @@ STEPS = [
     # The sm_90 compile-only tests are left out: the GPU compiles these kernels for real here.
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
                       "tests/inference/test_triton_attention.py", "tests/inference/test_decode_graphs.py",
+                      "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
                       "-k", "not compile_for_hopper"], 90),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.

@@ -121,3 +121,20 @@ def test_grouped_gemm_prefill_matches_the_reference(pattern):
     expected = lora_segments(base.clone(), x, a_pages, b_pages, segments)
     got = lora_grouped(base.clone(), x, a_pages, b_pages, segments)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUTLASS grouped GEMM runs on a GPU")
+def test_grouped_gemm_in_bfloat16_on_the_gpu_takes_any_rank():
+    """Ranks 1..12 on CUTLASS's bf16 path (16-byte rows: the rank is padded to 8), Llama-like widths."""
+    from services.inference.kernels.grouped import lora_grouped
+
+    generator = torch.Generator().manual_seed(3)
+    segments = [Segment(start, start + 37, torch.arange(64 * i, 64 * i + rank), 0.5 + i / 8)
+                for i, (start, rank) in enumerate(zip(range(0, 12 * 40, 40), range(1, 13)))]
+    a_pages = torch.randn(12 * 64, 512, generator=generator) / 512 ** 0.5
+    b_pages = torch.randn(12 * 64, 256, generator=generator) * 0.1
+    x, base = torch.randn(12 * 40, 512, generator=generator), torch.randn(12 * 40, 256, generator=generator)
+    expected = lora_segments(base.double(), x.double(), a_pages.double(), b_pages.double(), segments)
+    on_gpu = [t.to("cuda", torch.bfloat16) for t in (base, x, a_pages, b_pages)]
+    got = lora_grouped(*on_gpu, [Segment(s.start, s.end, s.pages.cuda(), s.scale) for s in segments])
+    torch.testing.assert_close(got.double().cpu(), expected, atol=5e-2, rtol=2e-2)

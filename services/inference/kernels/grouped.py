@@ -13,6 +13,8 @@ import torch
 
 from services.inference.kernels.reference import Segment
 
+RANK_MULTIPLE = 8
+
 
 def lora_grouped(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, b_pages: torch.Tensor,
                  segments: Sequence[Segment]) -> torch.Tensor:
@@ -25,7 +27,9 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, b_page
     segments = [s for s in segments if s.end > s.start]
     if not segments:
         return y
-    rank = max(len(s.pages) for s in segments)
+    # Rounded up to 8: the rank is the inner dimension of the second GEMM, and CUTLASS's
+    # tensor-memory loads want 16-byte rows (8 bf16 values); a rank-4 adapter would leave 8.
+    rank = -(-max(len(s.pages) for s in segments) // RANK_MULTIPLE) * RANK_MULTIPLE
     device = x.device
     pages = torch.stack([torch.cat([s.pages, s.pages[:1].expand(rank - len(s.pages))]) for s in segments])
     scales = torch.tensor([[s.scale] * len(s.pages) + [0.0] * (rank - len(s.pages)) for s in segments],

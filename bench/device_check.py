@@ -39,11 +39,11 @@ STEPS = [
                    "'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0), "
                    "'capability': torch.cuda.get_device_capability(0), 'free_gib': free / 2**30, "
                    "'total_gib': total / 2**30}))"], 60),
-    # The sm_90 compile-only tests are left out: the GPU compiles these kernels for real here.
+    # The sm_90 compile-only and cache-key tests are left out: the GPU compiles and counts for real here.
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
                       "tests/inference/test_triton_attention.py", "tests/inference/test_decode_graphs.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
-                      "-k", "not compile_for_hopper"], 90),
+                      "-k", "not compile_for_hopper and not share_the_compiled"], 120),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.
     ("host", ["-m", "bench.host_overhead", "--batch", "64", "--steps", "64"], 60),

@@ -160,3 +160,23 @@ def test_warm_up_runs_each_chosen_path_at_every_rank_padding(triton_device, monk
     expected = [("grouped", (96, 48), r) for r in (16, 32, 64)] + [("tiles64", (64, 96), r) for r in (16, 32, 64)]
     assert sorted(ran) == expected
     assert len(done) == len(expected)
+
+
+def test_a_step_without_long_segments_plans_its_tiles_once_whatever_the_paths(triton_device):
+    """Decode rows and short chunks run the 16-row tiles on every path, so modules whose paths
+    differ share one plan (one host build and upload per step); long segments split them."""
+    shapes = {"q_proj": (32, 48), "down_proj": (48, 32)}
+    a = {m: torch.zeros(1, 40, fan_in, device=triton_device) for m, (fan_in, _) in shapes.items()}
+    b = {m: torch.zeros(1, 40, fan_out, device=triton_device) for m, (_, fan_out) in shapes.items()}
+    fin = _pages([3, 9, 1, 30], triton_device)
+    paths = {"q_proj": PrefillPath(GROUPED), "down_proj": PrefillPath(TILES, 64)}
+
+    def batch(spans) -> LoraBatch:
+        segments = [Segment(start, end, fin.pages, 1.0, fin.host_pages) for start, end in spans]
+        return LoraBatch([AdapterSegments(segments, frozenset(shapes))], a, b, 40, "triton", paths)
+
+    short = batch([(0, 1), (1, 2), (5, 20)])
+    assert short.plan["q_proj"] is short.plan["down_proj"] and len(short.plan["q_proj"]) == 1
+    long = batch([(0, 1), (4, 36)])
+    assert long.plan["q_proj"] is not long.plan["down_proj"]
+    assert [type(part).__name__ for part in long.plan["q_proj"]] == ["LoraTritonPlan", "list"]

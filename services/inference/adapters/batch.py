@@ -87,6 +87,8 @@ class LoraBatch:
         planned: dict[tuple[tuple[int, ...], PrefillPath], object] = {}
         for module, (targeting, segments) in segments_by_targets(self.groups, self.a_pages).items():
             path = (self.prefill_paths or {}).get(module, DECODE_TILES)
+            if not any(s.end - s.start >= LONG_SEGMENT for s in segments):
+                path = DECODE_TILES  # nothing long: modules of every path share one tile plan
             if (targeting, path) not in planned:
                 planned[targeting, path] = self._plan(segments, path)
             self.plan[module] = planned[targeting, path]

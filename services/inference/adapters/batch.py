@@ -85,10 +85,12 @@ class LoraBatch:
     def __post_init__(self) -> None:
         self.plan = {}
         planned: dict[tuple[tuple[int, ...], PrefillPath], object] = {}
+        has_long: dict[tuple[int, ...], bool] = {}  # per targeting set: modules share its segments
         for module, (targeting, segments) in segments_by_targets(self.groups, self.a_pages).items():
-            path = (self.prefill_paths or {}).get(module, DECODE_TILES)
-            if not any(s.end - s.start >= LONG_SEGMENT for s in segments):
-                path = DECODE_TILES  # nothing long: modules of every path share one tile plan
+            if targeting not in has_long:
+                has_long[targeting] = any(s.end - s.start >= LONG_SEGMENT for s in segments)
+            # Nothing long (a decode step): modules of every path share one tile plan.
+            path = (self.prefill_paths or {}).get(module, DECODE_TILES) if has_long[targeting] else DECODE_TILES
             if (targeting, path) not in planned:
                 planned[targeting, path] = self._plan(segments, path)
             self.plan[module] = planned[targeting, path]
@@ -101,9 +103,9 @@ class LoraBatch:
     def _plan_triton(self, segments: list[Segment], path: PrefillPath) -> list:
         """Tile plans and grouped segment lists to run in turn (they cover disjoint tokens)."""
         device = segments[0].pages.device
-        long = [s for s in segments if s.end - s.start >= LONG_SEGMENT] if path != DECODE_TILES else []
-        if not long:  # one tiled plan for decode rows and prefill segments alike
+        if path == DECODE_TILES:  # one tiled plan for decode rows and prefill segments alike
             return [build_lora_plan(segments, self.num_tokens, device)]
+        long = [s for s in segments if s.end - s.start >= LONG_SEGMENT]
         short = [s for s in segments if s.end - s.start < LONG_SEGMENT]
         return ([build_lora_plan(short, self.num_tokens, device)] if short else []) + \
             [plan_path(path, long, self.num_tokens, device)]

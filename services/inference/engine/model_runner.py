@@ -42,9 +42,10 @@ class ModelRunner:
         self.model, self.pool, self.kernels = model, pool, kernels
         self.block_size, self.device = block_size, torch.device(device)
         self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
-        self.prefill_lora = prefill_lora or unmeasured_prefill_lora(kernels, pool.shapes())
+        shapes = pool.shapes()
+        self.prefill_lora = prefill_lora or unmeasured_prefill_lora(kernels, shapes)
         if kernels == "triton" and self.device.type == "cuda":  # compiles now, not in a request's prefill
-            warm_up_prefill_lora(self.prefill_lora, pool.shapes(), pool.dtype, self.device, max_rank)
+            warm_up_prefill_lora(self.prefill_lora, shapes, pool.dtype, self.device, max_rank)
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0

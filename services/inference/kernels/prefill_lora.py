@@ -31,7 +31,7 @@ TILES, GROUPED = "tiles", "grouped"
 LONG_SEGMENT = DEFAULT_BLOCK_M  # a segment that fills a decode tile is worth a prefill kernel
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class PrefillPath:
     kernel: str  # TILES or GROUPED
     block_m: int = DEFAULT_BLOCK_M  # rows per tile (TILES only)
@@ -178,19 +178,17 @@ def warm_up_prefill_lora(choice: PrefillChoice, shapes: Mapping[str, tuple[int, 
     segment of that module's shape, so that no request's prefill waits on a Triton compile
     (a compile takes seconds; the measurement compiled rank 16 only, and the decode graphs
     only the 16-row tiles). Returns the (path, (in, out), block_r) it ran."""
+    device = torch.device(device)
+    zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     ran = set()
-    for module, path in sorted(choice.paths.items()):
+    for path, (in_features, out_features) in sorted({(p, shapes[m]) for m, p in choice.paths.items()}):
+        tokens = max(LONG_SEGMENT, path.block_m)
         for block_r in rank_paddings(max_rank):
-            key = (path, shapes[module], block_r)
-            if key in ran:
-                continue
-            (in_features, out_features), tokens = shapes[module], max(LONG_SEGMENT, path.block_m)
-            zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
             pages = tuple(range(block_r))
             segment = Segment(0, tokens, torch.tensor(pages, device=device), 1.0, pages)
             run_planned(zeros(tokens, out_features), zeros(tokens, in_features), zeros(block_r, in_features),
-                        zeros(block_r, out_features), plan_path(path, [segment], tokens, torch.device(device)))
-            ran.add(key)
+                        zeros(block_r, out_features), plan_path(path, [segment], tokens, device))
+            ran.add((path, (in_features, out_features), block_r))
     return ran
 
 

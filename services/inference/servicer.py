@@ -34,7 +34,7 @@ def sampling_from(params: generation_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams.from_request(
         max_tokens=optional("max_tokens"), temperature=optional("temperature"), top_p=optional("top_p"),
         top_k=optional("top_k"), seed=optional("seed"), stop=tuple(params.stop), logprobs=params.logprobs,
-        top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos)
+        top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos, until_context_full=params.until_context_full)
 
 
 def delta_from(output: RequestOutput, tokenizer) -> generation_pb2.GenerationDelta:

@@ -93,6 +93,13 @@ def test_default_max_tokens_is_capped_to_the_room_left():
     assert SamplingParams().validate(prompt_len=10, max_context=4096).max_tokens == DEFAULT_MAX_TOKENS
 
 
+def test_until_context_full_takes_the_whole_room_unless_max_tokens_is_set():
+    assert SamplingParams.from_request(until_context_full=True).validate(prompt_len=12, max_context=512).max_tokens == 500
+    explicit = SamplingParams.from_request(max_tokens=600, until_context_full=True)
+    with pytest.raises(InvalidArgument, match="beyond the context"):
+        explicit.validate(prompt_len=12, max_context=512)
+
+
 def test_validate_returns_a_copy_and_params_are_frozen():
     params = SamplingParams()
     validated = params.validate(prompt_len=60, max_context=64)

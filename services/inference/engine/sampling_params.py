@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from services.common.errors import InvalidArgument
 
 DEFAULT_MAX_TOKENS = 256
+#: max_tokens for "until the context is full": a soft limit `validate` caps to the room left.
+UNTIL_CONTEXT_FULL = 2**31 - 1
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 # Temperatures below this divide logits into overflow; they mean "greedy" in practice (as in vLLM).
@@ -22,7 +24,8 @@ class SamplingParams:
     max_tokens has two meanings, told apart by `max_tokens_explicit`:
     - set by the caller (explicit): a promise we must keep, so `validate` rejects a value the
       context cannot hold ("max_tokens beyond the context") instead of silently truncating;
-    - left unset (the default 256): a soft limit, so `validate` caps it to the room left.
+    - left unset (the default 256, or UNTIL_CONTEXT_FULL when asked): a soft limit, so
+      `validate` caps it to the room left.
     Direct construction treats max_tokens as a soft limit; `from_request` marks it explicit when
     the request carried one.
 
@@ -52,11 +55,14 @@ class SamplingParams:
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
         ignore_eos: bool | None = None,
+        until_context_full: bool = False,
     ) -> SamplingParams:
-        """Build from request fields where None means "not set": defaults apply."""
+        """Build from request fields where None means "not set": defaults apply.
+        until_context_full turns an unset max_tokens into "as many as the context leaves"."""
         defaults = cls()
+        default_max_tokens = UNTIL_CONTEXT_FULL if until_context_full else defaults.max_tokens
         return cls(
-            max_tokens=defaults.max_tokens if max_tokens is None else int(max_tokens),
+            max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
             temperature=defaults.temperature if temperature is None else float(temperature),
             top_p=defaults.top_p if top_p is None else float(top_p),
             top_k=defaults.top_k if top_k is None else int(top_k),

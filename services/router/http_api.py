@@ -18,6 +18,7 @@ stream (the SDK raises it). A client that disconnects cancels the request on its
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -55,6 +56,8 @@ def error_body(error: errors.LoraplexError) -> tuple[int, dict]:
     code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status, error.reason.lower())
     if isinstance(error, errors.NotFound) and error.metadata.get("field") == "model":
         code = "model_not_found"
+    if "max_context" in error.metadata or "room" in error.metadata:  # the node's context checks
+        code = "context_length_exceeded"
     return status, {"error": {"message": error.message, "type": kind, "param": error.metadata.get("field"),
                               "code": code}}
 
@@ -156,48 +159,53 @@ class SSEResponse(StreamingResponse):
 
 async def chat_events(stream: Stream, created: int, options: schema.Options) -> AsyncIterator[dict]:
     rid, model = stream.request_id, stream.target.model
-    yield schema.chat_chunk(rid, created, model, {"role": "assistant", "content": ""})
+    chunk = functools.partial(schema.chat_chunk, rid, created, model, include_usage=options.include_usage)
+    yield chunk({"role": "assistant", "content": ""})
     async for delta in stream:
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = schema.chat_logprobs(delta.logprobs) if options.logprobs and delta.logprobs else None
         if delta.text or finish or logprobs:
-            yield schema.chat_chunk(rid, created, model, {"content": delta.text} if delta.text else {}, finish,
-                                    logprobs)
+            yield chunk({"content": delta.text} if delta.text else {}, finish, logprobs)
         if finish and options.include_usage:
-            yield schema.chat_chunk(rid, created, model, {}, usage_=schema.usage(delta.usage), with_choice=False)
+            yield chunk({}, usage_=schema.usage(delta.usage), with_choice=False)
 
 
 async def completion_events(stream: Stream, created: int, options: schema.Options) -> AsyncIterator[dict]:
     rid, model, offset = stream.request_id, stream.target.model, 0
+    chunk = functools.partial(schema.completion_chunk, rid, created, model, include_usage=options.include_usage)
     async for delta in stream:
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = schema.completion_logprobs(delta.logprobs, offset) if options.logprobs and delta.logprobs else None
         offset += len(delta.text)
         if delta.text or finish or logprobs:
-            yield schema.completion_chunk(rid, created, model, delta.text, finish, logprobs)
+            yield chunk(delta.text, finish, logprobs)
         if finish and options.include_usage:
-            yield schema.completion_chunk(rid, created, model, "", usage_=schema.usage(delta.usage),
-                                          with_choice=False)
+            yield chunk("", usage_=schema.usage(delta.usage), with_choice=False)
 
 
 def build_app(core: RouterCore) -> Starlette:
-    async def generate(request: Request, parse, respond, events) -> Response:
+    async def generate(request: Request, parse, respond, events, prompt_param: str) -> Response:
         caller = await core.authenticate(request.headers.get("authorization"))
         call, options = parse(await json_body(request))
         created = int(time.time())
-        if not options.stream:
-            done = await unless_disconnected(request, core.complete(caller, call))
-            return JSONResponse(respond(done, created, options), headers={"x-request-id": done.request_id})
-        stream = await unless_disconnected(request, core.open(caller, call))
+        try:
+            if not options.stream:
+                done = await unless_disconnected(request, core.complete(caller, call))
+                return JSONResponse(respond(done, created, options), headers={"x-request-id": done.request_id})
+            stream = await unless_disconnected(request, core.open(caller, call))
+        except errors.LoraplexError as exc:
+            if exc.metadata.get("field") == "prompt":  # the node's name for what this API calls it
+                exc.metadata["field"] = prompt_param
+            raise
         return SSEResponse(events(stream, created, options), stream)
 
     @endpoint
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, schema.chat_call, schema.chat_completion, chat_events)
+        return await generate(request, schema.chat_call, schema.chat_completion, chat_events, "messages")
 
     @endpoint
     async def completions(request: Request) -> Response:
-        return await generate(request, schema.completion_call, schema.text_completion, completion_events)
+        return await generate(request, schema.completion_call, schema.text_completion, completion_events, "prompt")
 
     @endpoint
     async def list_models(request: Request) -> Response:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import errors
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.common.rpc import STATUS_OF
+from services.common.rpc import STATUS_OF, error_info
 from services.router.nodes import NodeFailure, NodeStats
 
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
@@ -31,8 +31,11 @@ DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 def failure_of(exc: grpc.aio.AioRpcError, address: str) -> NodeFailure:
     code = exc.code()
-    if code in FINAL:
-        return NodeFailure(ERROR_OF[code](exc.details() or code.name, reason="NODE_REJECTED"), retryable=False)
+    if code in FINAL:  # keep the node's field and figures (prompt_tokens, max_context, ...) for the caller
+        info = error_info(exc)
+        metadata = {k: v for k, v in (info.metadata.items() if info else ()) if k not in ("reason", "message")}
+        return NodeFailure(ERROR_OF[code](exc.details() or code.name, reason="NODE_REJECTED", **metadata),
+                           retryable=False)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return NodeFailure(errors.ResourceExhausted(f"inference node {address}: {exc.details()}",
                                                     reason="NODE_QUEUE_FULL"), retryable=True)

@@ -1,10 +1,12 @@
 """OpenAI request bodies -> GenerateCall, and Router results -> OpenAI response objects.
 
-Pure functions (no HTTP, no gRPC). Fields we cannot honour are refused with a 400 that
-names them (n > 1, penalties, tools, logit_bias, echo, suffix, non-text response formats)
-rather than silently ignored; fields that change nothing here (user, metadata, store,
-stream_options other than include_usage) are accepted. Two common extensions are taken
-as vLLM takes them: top_k and ignore_eos.
+Pure functions (no HTTP, no gRPC). As OpenAI does, a field it does not define is refused with
+a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-range value.
+Fields OpenAI defines that we cannot honour are refused with a 400 that names them (n > 1,
+penalties, tools, logit_bias, echo, suffix, audio, predictions, reasoning effort, non-text
+response formats) rather than silently ignored; fields that change nothing here (user,
+metadata, store, service_tier, ...) are accepted. Two common extensions are taken as vLLM
+takes them: top_k and ignore_eos.
 """
 
 from __future__ import annotations
@@ -18,8 +20,29 @@ from services.router.proxy import Completion, GenerateCall
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH = {gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_LENGTH: "length"}
-#: OpenAI's default for /v1/completions; chat defaults to the node's (the context).
+#: OpenAI's default for /v1/completions; chat generates until the context is full, as OpenAI's does.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+#: The node's limit on alternatives per position (SamplingParams.top_logprobs).
+MAX_TOP_LOGPROBS = 20
+UINT32, UINT64 = 2**32 - 1, 2**64 - 1
+
+#: Accepted and without effect here.
+NO_OP_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                "parallel_tool_calls"}
+#: Every field OpenAI's chat API defines, plus our two extensions; value checks come after.
+CHAT_FIELDS = NO_OP_FIELDS | {
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
+    "top_logprobs", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
+    "functions", "tool_choice", "function_call", "response_format", "modalities", "audio", "prediction",
+    "reasoning_effort", "verbosity", "web_search_options", "top_k", "ignore_eos"}
+COMPLETION_FIELDS = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "stream_options",
+    "n", "best_of", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
+    "ignore_eos"}
+#: Defined by OpenAI, meaningful only for what we do not serve: refused when set at all.
+NOT_SERVED = {"audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
+              "reasoning_effort": "the models served here are not reasoning models",
+              "verbosity": "verbosity is not supported", "web_search_options": "web search is not supported"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,53 +56,88 @@ def _bad(field: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"'{field}': {message}", field=field)
 
 
-def _number(body: dict, field: str, kind: type | tuple = (int, float)) -> Any:
+def _present(body: dict, allowed: set[str]) -> dict:
+    """The body without null fields (OpenAI treats null as unset), after refusing unknown ones."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise _bad(unknown[0], f"unrecognized request argument (not part of this API): {', '.join(unknown)}")
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def _number(body: dict, field: str, low: float, high: float) -> float | None:
     value = body.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise _bad(field, f"expected a {'integer' if kind is int else 'number'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(field, f"expected a number, got {value!r}")
+    if not low <= value <= high:  # NaN fails this too
+        raise _bad(field, f"must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _integer(body: dict, field: str, low: int, high: int) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(field, f"expected an integer, got {value!r}")
+    if not low <= value <= high:
+        raise _bad(field, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _flag(body: dict, field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise _bad(field, f"expected true or false, got {value!r}")
     return value
 
 
 def _refuse_unsupported(body: dict) -> None:
-    n = body.get("n")
-    if n not in (None, 1):
+    if _integer(body, "n", 1, UINT32) not in (None, 1):
         raise _bad("n", "only n = 1 is supported")
     for field in ("presence_penalty", "frequency_penalty"):
-        if body.get(field) not in (None, 0, 0.0):
+        if _number(body, field, -2.0, 2.0) not in (None, 0.0):
             raise _bad(field, "penalties are not supported")
     if body.get("logit_bias"):
         raise _bad("logit_bias", "logit_bias is not supported")
     for field in ("tools", "functions", "tool_choice", "function_call"):
         if body.get(field):
             raise _bad(field, "tool and function calling are not supported")
-    if body.get("best_of") not in (None, 1):
+    if _integer(body, "best_of", 1, UINT32) not in (None, 1):
         raise _bad("best_of", "only best_of = 1 is supported")
-    if body.get("echo"):
+    if _flag(body, "echo"):
         raise _bad("echo", "echo is not supported")
     if body.get("suffix"):
         raise _bad("suffix", "suffix is not supported")
     response_format = body.get("response_format")
     if response_format and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
         raise _bad("response_format", "only {'type': 'text'} is supported")
+    if body.get("modalities") not in (None, ["text"]):
+        raise _bad("modalities", "only ['text'] is supported")
+    for field, why in NOT_SERVED.items():
+        if field in body:
+            raise _bad(field, why)
 
 
-def _sampling(body: dict, max_tokens: int | None) -> gen.SamplingParams:
+def _sampling(body: dict, max_tokens_field: str, default_max_tokens: int | None) -> gen.SamplingParams:
     params = gen.SamplingParams()
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise _bad("max_tokens", f"must be >= 1, got {max_tokens}")
-        params.max_tokens = max_tokens
-    for field in ("temperature", "top_p"):
-        value = _number(body, field)
+    max_tokens = _integer(body, max_tokens_field, 1, UINT32)
+    if max_tokens is not None or default_max_tokens is not None:
+        params.max_tokens = default_max_tokens if max_tokens is None else max_tokens
+    else:  # OpenAI's chat default: as much as the context leaves
+        params.until_context_full = True
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        params.temperature = temperature
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if top_p == 0.0:  # the smallest nucleus is the most likely token alone: greedy
+        params.temperature = 0.0
+    elif top_p is not None:
+        params.top_p = top_p
+    for field, high in (("top_k", UINT32), ("seed", UINT64)):
+        value = _integer(body, field, 0, high)
         if value is not None:
-            setattr(params, field, float(value))
-    for field in ("top_k", "seed"):
-        value = _number(body, field, int)
-        if value is not None:
-            if value < 0:
-                raise _bad(field, f"must be >= 0, got {value}")
             setattr(params, field, value)
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -87,15 +145,20 @@ def _sampling(body: dict, max_tokens: int | None) -> gen.SamplingParams:
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
         raise _bad("stop", "expected a string or a list of strings")
     params.stop.extend(stop or [])
-    params.ignore_eos = bool(body.get("ignore_eos", False))
+    params.ignore_eos = _flag(body, "ignore_eos")
     return params
 
 
 def _options(body: dict) -> Options:
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise _bad("stream_options", "expected an object")
-    return Options(stream=bool(body.get("stream", False)), include_usage=bool(stream_options.get("include_usage")))
+    stream = _flag(body, "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not stream:
+            raise _bad("stream_options", "only allowed when 'stream' is true")
+        if not isinstance(stream_options, dict):
+            raise _bad("stream_options", "expected an object")
+    include_usage = _flag(stream_options or {}, "include_usage")
+    return Options(stream=stream, include_usage=include_usage)
 
 
 def _text(content: Any, index: int) -> str:
@@ -114,22 +177,23 @@ def _text(content: Any, index: int) -> str:
 
 
 def chat_call(body: dict) -> tuple[GenerateCall, Options]:
+    body = _present(body, CHAT_FIELDS)
     _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "expected a non-empty list of {role, content} objects")
     turns = []
     for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{i}]", f"expected an object with role and content, got {message!r}")
+        role = message.get("role")
         if role not in ROLES:
             raise _bad(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
         turns.append((ROLES[role], _text(message.get("content"), i)))
-    max_tokens = _number(body, "max_completion_tokens", int)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int)
-    sampling = _sampling(body, max_tokens)
-    top_logprobs = _number(body, "top_logprobs", int)
-    sampling.logprobs = bool(body.get("logprobs", False))
+    max_tokens_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    sampling = _sampling(body, max_tokens_field, None)
+    sampling.logprobs = _flag(body, "logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs:
         if not sampling.logprobs:
             raise _bad("top_logprobs", "needs logprobs: true")
@@ -139,15 +203,15 @@ def chat_call(body: dict) -> tuple[GenerateCall, Options]:
 
 
 def completion_call(body: dict) -> tuple[GenerateCall, Options]:
+    body = _present(body, COMPLETION_FIELDS)
     _refuse_unsupported(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise _bad("prompt", "expected one non-empty string (batches of prompts are not supported)")
-    max_tokens = _number(body, "max_tokens", int)
-    sampling = _sampling(body, COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
-    logprobs = _number(body, "logprobs", int)
+    sampling = _sampling(body, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+    logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     if logprobs is not None:
         sampling.logprobs, sampling.top_logprobs = True, logprobs
     call = GenerateCall(model=_model(body), prompt=prompt, sampling=sampling)
@@ -209,22 +273,24 @@ def model_object(entry, owner: str) -> dict:
 
 
 def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
-               logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True) -> dict:
+               logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True,
+               include_usage: bool = False) -> dict:
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     choices = [choice] if with_choice else []
     chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
              "system_fingerprint": None, "choices": choices}
-    if usage_ is not None:
+    if include_usage or usage_ is not None:  # with include_usage, null until the last chunk (OpenAI's shape)
         chunk["usage"] = usage_
     return chunk
 
 
 def completion_chunk(request_id: str, created: int, model: str, text: str, finish_reason: str | None = None,
-                     logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True) -> dict:
+                     logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True,
+                     include_usage: bool = False) -> dict:
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     choices = [choice] if with_choice else []
     chunk = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
              "system_fingerprint": None, "choices": choices}
-    if usage_ is not None:
+    if include_usage or usage_ is not None:  # with include_usage, null until the last chunk (OpenAI's shape)
         chunk["usage"] = usage_
     return chunk

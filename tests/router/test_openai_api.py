@@ -10,6 +10,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from services.common.tiny_model import PRESETS
 from tests.router.conftest import CUSTOMER_A_MODEL
 
 
@@ -119,3 +120,45 @@ def test_openai_shaped_errors_with_matching_status_codes(router, world, client_a
     assert http("GET", f"{router.base_url}/nowhere")[0] == 404
     status, body, _ = http("GET", f"{router.base_url}/chat/completions")
     assert status == 405 and body["error"]["message"]
+
+
+def test_chat_without_max_tokens_generates_until_the_context_is_full(client_a):
+    """OpenAI's chat default: not the node's 256-token default, the room the context leaves."""
+    answer = client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              temperature=0, extra_body={"ignore_eos": True})
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens > 256
+    assert answer.usage.total_tokens == PRESETS["tiny"].max_position_embeddings
+
+
+def test_the_nodes_context_errors_name_the_field_and_say_context_length_exceeded(client_a):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "word " * 400}])
+    assert caught.value.code == "context_length_exceeded" and caught.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_a.completions.create(model=CUSTOMER_A_MODEL, prompt="word " * 400)
+    assert caught.value.code == "context_length_exceeded" and caught.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=100_000)
+    assert caught.value.code == "context_length_exceeded" and caught.value.body["param"] == "max_tokens"
+
+
+def test_streamed_chunks_carry_a_null_usage_until_the_last_with_include_usage(router, world):
+    body = json.dumps({"model": CUSTOMER_A_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    request = urllib.request.Request(f"{router.base_url}/chat/completions", data=body, method="POST",
+                                     headers={"authorization": f"Bearer {world.a.token}"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        events = [line[len(b"data: "):] for line in reply.read().splitlines() if line.startswith(b"data: ")]
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert events[-1] == b"[DONE]" and all("usage" in chunk for chunk in chunks)
+    assert [chunk["usage"] is None for chunk in chunks] == [True] * (len(chunks) - 1) + [False]
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 and chunks[-1]["choices"] == []
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"max_token": 3}, "max_token"), ({"stream": "false"}, "stream"),
+                                              ({"seed": 2**64}, "seed"), ({"max_tokens": 2**32}, "max_tokens")])
+def test_unknown_fields_wrong_types_and_out_of_range_values_are_a_400_not_ignored_or_a_500(router, world, extra, param):
+    body = {"model": CUSTOMER_A_MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
+    status, reply, _ = http("POST", f"{router.base_url}/chat/completions", json.dumps(body).encode(), world.a.token)
+    assert status == 400 and reply["error"]["param"] == param and reply["error"]["type"] == "invalid_request_error"

@@ -27,6 +27,21 @@ def test_chat_bodies_become_calls():
     assert options == schema.Options(stream=True, include_usage=True, logprobs=True)
     bare, _ = schema.chat_call({"model": "fin", "messages": [{"role": "user", "content": "x"}]})
     assert not bare.sampling.HasField("max_tokens") and not bare.sampling.HasField("temperature")
+    assert bare.sampling.until_context_full  # OpenAI's chat default, not the node's 256
+
+
+def test_null_fields_are_unset_and_no_op_fields_are_accepted():
+    call, options = schema.chat_call({"model": "fin", "messages": [{"role": "user", "content": "x"}],
+                                      "max_tokens": None, "temperature": None, "stream": None, "user": "u",
+                                      "metadata": {"k": "v"}, "store": False, "modalities": ["text"],
+                                      "service_tier": "auto", "parallel_tool_calls": False})
+    assert not call.sampling.HasField("max_tokens") and not options.stream
+
+
+def test_top_p_zero_is_greedy():
+    call, _ = schema.chat_call({"model": "fin", "messages": [{"role": "user", "content": "x"}], "top_p": 0,
+                                "temperature": 1.0})
+    assert call.sampling.temperature == 0.0 and not call.sampling.HasField("top_p")
 
 
 def test_completion_bodies_become_calls():
@@ -51,6 +66,28 @@ def test_completion_bodies_become_calls():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}],
       "response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": "m", "messages": ["hello"]}, "messages[0]"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_token": 3}, "max_token"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "false"}, "stream"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, "logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2**32}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 2**32}, "top_k"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": -1},
+     "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]},
+     "modalities"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "audio": {"voice": "alloy"}}, "audio"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"},
+     "reasoning_effort"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "prediction": {"type": "content"}},
+     "prediction"),
 ])
 def test_unsupported_or_malformed_chat_fields_name_the_field(body, field):
     with pytest.raises(InvalidArgument) as caught:
@@ -58,12 +95,15 @@ def test_unsupported_or_malformed_chat_fields_name_the_field(body, field):
     assert caught.value.metadata["field"] == field and f"'{field}'" in caught.value.message
 
 
-@pytest.mark.parametrize("body", [{"model": "m", "prompt": ["a", "b"]}, {"model": "m", "prompt": ""},
-                                  {"model": "m", "prompt": "x", "echo": True},
-                                  {"model": "m", "prompt": "x", "suffix": "y"}])
-def test_unsupported_completion_bodies(body):
-    with pytest.raises(InvalidArgument):
+@pytest.mark.parametrize(("body", "field"), [
+    ({"model": "m", "prompt": ["a", "b"]}, "prompt"), ({"model": "m", "prompt": ""}, "prompt"),
+    ({"model": "m", "prompt": "x", "echo": True}, "echo"), ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
+    ({"model": "m", "prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"model": "m", "prompt": "x", "max_completion_tokens": 5}, "max_completion_tokens")])
+def test_unsupported_completion_bodies(body, field):
+    with pytest.raises(InvalidArgument) as caught:
         schema.completion_call(body)
+    assert caught.value.metadata["field"] == field
 
 
 def test_responses_are_openai_shaped():

@@ -12,6 +12,7 @@ from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.sequence import FinishReason
 from services.inference.node import Node, Prompt
 from services.inference.pool_admin import PoolAdmin
+from services.inference.token_bytes import TokenBytes
 
 FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH}
 
@@ -37,13 +38,14 @@ def sampling_from(params: generation_pb2.SamplingParams) -> SamplingParams:
         top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos, until_context_full=params.until_context_full)
 
 
-def delta_from(output: RequestOutput, tokenizer) -> generation_pb2.GenerationDelta:
+def delta_from(output: RequestOutput, tokenizer, token_bytes: TokenBytes) -> generation_pb2.GenerationDelta:
     delta = generation_pb2.GenerationDelta(text=output.text, token_ids=output.token_ids)
     for sampled in output.logprobs:
         entry = delta.logprobs.add(token_id=sampled.token_id, token=tokenizer.decode([sampled.token_id]),
-                                   logprob=sampled.logprob or 0.0)
+                                   logprob=sampled.logprob or 0.0, token_bytes=token_bytes(sampled.token_id))
         for token_id, logprob in sampled.top:
-            entry.top.add(token_id=token_id, token=tokenizer.decode([token_id]), logprob=logprob)
+            entry.top.add(token_id=token_id, token=tokenizer.decode([token_id]), logprob=logprob,
+                          token_bytes=token_bytes(token_id))
     if output.finish_reason is not None:
         delta.finish_reason = FINISH.get(output.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED)
         delta.matched_stop = output.matched_stop or ""
@@ -59,9 +61,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self) -> None:
         self._node: Node | None = None
         self._admin: PoolAdmin | None = None
+        self._token_bytes: TokenBytes | None = None
 
     def ready(self, node: Node, admin: PoolAdmin) -> None:
         self._node, self._admin = node, admin
+        self._token_bytes = TokenBytes(node.tokenizer)
 
     @property
     def node(self) -> Node:
@@ -78,7 +82,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         outputs = self.node.generate(prompt_from(request), sampling_from(request.sampling),
                                      request.adapter.adapter_id, request.adapter.sha256, request.request_id)
         async for output in outputs:
-            yield inference_pb2.GenerateResponse(delta=delta_from(output, self.node.tokenizer))
+            yield inference_pb2.GenerateResponse(delta=delta_from(output, self.node.tokenizer, self._token_bytes))
 
     async def LoadAdapter(self, request, context):
         return _slot(await self.admin.load(request.adapter_id, request.pin))

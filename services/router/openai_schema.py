@@ -233,11 +233,10 @@ def usage(value: gen.Usage) -> dict:
 
 
 def chat_logprobs(entries) -> dict:
-    def item(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    def item(entry) -> dict:  # the node's raw bytes: `token` is U+FFFD for part of a character
+        return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes or entry.token.encode())}
 
-    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t.token, t.logprob) for t in e.top]}
-                        for e in entries]}
+    return {"content": [{**item(e), "top_logprobs": [item(t) for t in e.top]} for e in entries]}
 
 
 def completion_logprobs(entries, offset: int = 0) -> dict:

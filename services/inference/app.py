@@ -23,7 +23,7 @@ class InferenceApp:
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
         self.node: Node | None = None
-        self._servicer = InferenceServicer()
+        self._servicer = InferenceServicer(config.admin_token)
         self._metrics_task: asyncio.Task | None = None
         self._agent: NodeAgent | None = None
         self._agent_task: asyncio.Task | None = None

@@ -40,7 +40,8 @@ class InferenceConfig(ServerConfig):
     adapter_dir: Path | None = option(None, "serve adapters from this folder (one PEFT folder per adapter id) "
                                             "instead of downloading them from the Registry")
     registry_address: str = option("127.0.0.1:50051", "host:port of the Registry (adapter downloads)")
-    admin_token: str = option("", "token presented to the Registry for downloads (and to the router)")
+    admin_token: str = option("", "token presented to the Registry for downloads and to the router; "
+                                  "when set, every call to this node must present it too")
     router_address: str = option("", "register with this router (host:port) and heartbeat load and resident "
                                      "adapters (empty: the router lists this node statically)")
     advertise_address: str = option("", "host:port the router should dial (default: --host:--port)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.auth import require_admin
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.pb.loraplex.common.v1 import generation_pb2, model_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -56,9 +57,14 @@ def delta_from(output: RequestOutput, tokenizer, token_bytes: TokenBytes) -> gen
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    """Registered before the model has loaded; answers UNAVAILABLE until `ready`."""
+    """Registered before the model has loaded; answers UNAVAILABLE until `ready`.
 
-    def __init__(self) -> None:
+    Every RPC needs the admin token when the node has one: the node runs any tenant's adapter
+    by id and pins or evicts adapters, so a caller reaching it directly would otherwise bypass
+    the Router's tenant checks and quotas."""
+
+    def __init__(self, admin_token: str = "") -> None:
+        self._admin_token = admin_token
         self._node: Node | None = None
         self._admin: PoolAdmin | None = None
         self._token_bytes: TokenBytes | None = None
@@ -66,6 +72,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def ready(self, node: Node, admin: PoolAdmin) -> None:
         self._node, self._admin = node, admin
         self._token_bytes = TokenBytes(node.tokenizer)
+
+    def _authorize(self, context) -> None:
+        require_admin(self._admin_token, context, "inference node")
 
     @property
     def node(self) -> Node:
@@ -79,27 +88,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return self._admin
 
     async def Generate(self, request, context):
+        self._authorize(context)
         outputs = self.node.generate(prompt_from(request), sampling_from(request.sampling),
                                      request.adapter.adapter_id, request.adapter.sha256, request.request_id)
         async for output in outputs:
             yield inference_pb2.GenerateResponse(delta=delta_from(output, self.node.tokenizer, self._token_bytes))
 
     async def LoadAdapter(self, request, context):
+        self._authorize(context)
         return _slot(await self.admin.load(request.adapter_id, request.pin))
 
     async def EvictAdapter(self, request, context):
+        self._authorize(context)
         await self.admin.evict(request.adapter_id, all_tiers=request.all_tiers, unpin=request.unpin)
         return inference_pb2.EvictAdapterResponse()
 
     async def ListAdapters(self, request, context):
+        self._authorize(context)
         slots, usage = await self.admin.snapshot()
         return inference_pb2.ListAdaptersResponse(adapters=[_slot(s) for s in slots], pool=_usage(usage))
 
     async def GetStats(self, request, context):
+        self._authorize(context)
         stats = await self.admin.stats()
         return inference_pb2.Stats(pool=_usage(stats.pool), **{k: v for k, v in vars(stats).items() if k != "pool"})
 
     async def GetInfo(self, request, context):
+        self._authorize(context)
         info = vars(self.admin.info())
         fingerprint = info.pop("fingerprint")
         return inference_pb2.ModelInfo(fingerprint=model_pb2.ArchitectureFingerprint(

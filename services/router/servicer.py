@@ -16,17 +16,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import PermissionDenied, Unavailable
 from services.common.pb.loraplex.router.v1 import nodes_pb2, nodes_pb2_grpc, router_pb2, router_pb2_grpc
-from services.common.auth import bearer_token
+from services.common.auth import authorization_of, bearer_token
 from services.router.membership import Health, Membership
 from services.router.nodes import NodeStats
 from services.router.proxy import GenerateCall, RouterCore
-
-
-def authorization(context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key.lower() == "authorization":
-            return value
-    return None
 
 
 def call_from(request: router_pb2.GenerateRequest) -> GenerateCall:
@@ -58,7 +51,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return self._core
 
     async def Generate(self, request, context):
-        caller = await self.core.authenticate(authorization(context))
+        caller = await self.core.authenticate(authorization_of(context))
         stream = await self.core.open(caller, call_from(request))
         try:
             first = True
@@ -73,7 +66,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await stream.aclose()
 
     async def Complete(self, request, context):
-        caller = await self.core.authenticate(authorization(context))
+        caller = await self.core.authenticate(authorization_of(context))
         done = await self.core.complete(caller, call_from(request))
         return router_pb2.CompleteResponse(
             request_id=done.request_id, model=done.target.model, adapter_id=done.target.adapter_id, text=done.text,
@@ -81,7 +74,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             matched_stop=done.matched_stop)
 
     async def ListModels(self, request, context):
-        caller = await self.core.authenticate(authorization(context))
+        caller = await self.core.authenticate(authorization_of(context))
         models = await self.core.list_models(caller)
         return router_pb2.ListModelsResponse(models=[
             router_pb2.Model(name=m.name, base_model=m.base_model, adapter_name=m.adapter_name,
@@ -108,7 +101,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         return self._membership
 
     def _require_admin(self, context) -> None:
-        token = bearer_token(authorization(context))
+        token = bearer_token(authorization_of(context))
         if not self.admin_token or not hmac.compare_digest(token.encode(), self.admin_token.encode()):
             raise PermissionDenied("the Nodes service needs the router's admin token", reason="ADMIN_ONLY")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
 
 from services.common.config import ServerConfig
@@ -226,3 +227,30 @@ def test_info_describes_the_model_like_the_registry_does(tiny_model_dir, adapter
         assert info.prefill_lora == "grouped"  # PyTorch kernels run prefill segments through grouped_mm
 
     serve_and_run(tiny_model_dir, adapter_root, body)
+
+
+def test_a_node_with_an_admin_token_refuses_every_call_without_it(tiny_model_dir, adapter_root):
+    """The node runs any tenant's adapter by id: reached directly, it must not bypass the Router."""
+    async def body(stub, app):
+        request = pb.GenerateRequest(request_id="r", adapter=pb.AdapterRef(adapter_id="legal"), prompt="hi",
+                                     sampling=greedy(max_tokens=2))
+        calls = [lambda md: collect(stub.Generate(request, metadata=md)),
+                 lambda md: stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id="legal", pin=True), metadata=md),
+                 lambda md: stub.EvictAdapter(pb.EvictAdapterRequest(adapter_id="legal"), metadata=md),
+                 lambda md: stub.ListAdapters(pb.ListAdaptersRequest(), metadata=md),
+                 lambda md: stub.GetStats(pb.GetStatsRequest(), metadata=md),
+                 lambda md: stub.GetInfo(pb.GetInfoRequest(), metadata=md)]
+        for call in calls:
+            for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                                   ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(metadata)
+                assert caught.value.code() == code
+        admin = (("authorization", "Bearer s3cret"),)
+        assert (await stub.ListAdapters(pb.ListAdaptersRequest(), metadata=admin)).adapters == []  # nothing loaded
+        replies = await collect(stub.Generate(request, metadata=admin))
+        assert replies[-1].delta.usage.completion_tokens >= 1
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.config.port}") as channel:  # health stays open
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+
+    serve_and_run(tiny_model_dir, adapter_root, body, admin_token="s3cret")

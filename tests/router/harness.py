@@ -77,9 +77,10 @@ class NodeProcess:
         self.log = log
         self.channel = grpc.insecure_channel(self.address)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)  # the node takes no call without it
 
     def stats(self) -> inference_pb2.Stats:
-        return self.stub.GetStats(inference_pb2.GetStatsRequest(), timeout=10)
+        return self.stub.GetStats(inference_pb2.GetStatsRequest(), metadata=self.metadata, timeout=10)
 
     def close(self) -> None:
         self.channel.close()

@@ -55,7 +55,7 @@ def test_the_second_request_for_an_adapter_lands_where_it_is_resident(router, wo
 def test_residency_beats_the_adapters_rendezvous_home(router, world, nodes):
     adapter = world.adapter_ids["customerA-travel"]
     away = min(nodes, key=lambda n: rendezvous_weight(adapter, n.address))  # not its home
-    away.stub.LoadAdapter(inference_pb2.LoadAdapterRequest(adapter_id=adapter), timeout=60)
+    away.stub.LoadAdapter(inference_pb2.LoadAdapterRequest(adapter_id=adapter), metadata=away.metadata, timeout=60)
     wait_until(lambda: any(adapter in n.resident_adapter_ids and n.address == away.address for n in
                            router.nodes_stub.ListNodes(nodes_pb2.ListNodesRequest(), metadata=bearer(ADMIN_TOKEN),
                                                        timeout=10).nodes), what="the router sees the residency")

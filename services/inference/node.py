@@ -32,6 +32,7 @@ from services.inference.kernels.backend import resolve_kernels
 from services.inference.kernels.prefill_lora import resolve_prefill_lora
 from services.inference.model.config import ModelArgs, load_model_args
 from services.inference.model.loader import load_model, random_model
+from services.inference.token_bytes import longest_token_bytes
 
 log = logging.getLogger("loraplex.inference")
 
@@ -61,6 +62,9 @@ class Node:
         self.config, self.tokenizer, self.args = config, tokenizer, args
         self.pool, self.manager, self.engine = pool, manager, engine
         self.num_kv_blocks, self.max_context = num_kv_blocks, max_context
+        # No token covers more bytes than this, so a prompt longer than max_context of them
+        # cannot fit: refused before the tokenizer spends seconds on it (see encode).
+        self.max_prompt_bytes = max_context * longest_token_bytes(tokenizer)
         self.async_engine = AsyncEngine(engine, torch_thread)
         self.dtype = resolve_dtype(config)
 
@@ -123,7 +127,20 @@ class Node:
         self.async_engine.stop()
 
     def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; INVALID_ARGUMENT for bad input. Runs off the event loop
+        (tokenizers release the GIL), and refuses a prompt too big for the context by its
+        size alone: a 64 MB prompt would otherwise keep a core busy for a minute."""
+        text_bytes = sum(len(content.encode()) for _, content in prompt.messages or ()) + len(
+            (prompt.text or "").encode())
+        if text_bytes > self.max_prompt_bytes:
+            raise InvalidArgument(f"prompt of {text_bytes} bytes does not fit the context of {self.max_context} "
+                                  f"tokens (no token here covers more than {self.max_prompt_bytes // self.max_context} "
+                                  "bytes)", field="prompt", prompt_bytes=text_bytes, max_context=self.max_context)
         if prompt.token_ids is not None:
+            if len(prompt.token_ids) >= self.max_context:  # before reading every id of a huge list
+                raise InvalidArgument(f"prompt of {len(prompt.token_ids)} tokens does not fit the context of "
+                                      f"{self.max_context}", field="prompt", prompt_tokens=len(prompt.token_ids),
+                                      max_context=self.max_context)
             ids = list(prompt.token_ids)
             if any(not 0 <= t < self.args.vocab_size for t in ids):
                 raise InvalidArgument(f"token ids must be in [0, {self.args.vocab_size})", field="token_ids")
@@ -144,7 +161,7 @@ class Node:
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str = "", sha256: str = "",
                        request_id: str = "") -> AsyncIterator[RequestOutput]:
         """Validates, fetches the adapter if needed (this request waits, others run), streams."""
-        token_ids = self.encode(prompt)
+        token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
         sampling = sampling.validate(len(token_ids), self.max_context)
         if adapter_id:
             self.manager.note_request(adapter_id)

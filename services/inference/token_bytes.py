@@ -69,3 +69,10 @@ class TokenBytes:
                 match = BYTE_PIECE.fullmatch(piece)
                 return bytes([int(match.group(1), 16)]) if match else piece.replace("▁", " ").encode()
         return self._tokenizer.decode([token_id]).encode()
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """An upper bound on the bytes of text one token covers: the UTF-8 length of its longest
+    vocabulary piece. Each stand-in character (byte-level), "▁" (SentencePiece) or "<0xNN>"
+    piece is at least as long in UTF-8 as the bytes it stands for."""
+    return max(len(piece.encode()) for piece in tokenizer.get_vocab())

@@ -208,6 +208,10 @@ def test_adapter_load_pin_evict_and_list(tiny_model_dir, adapter_root):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id="missing"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        for empty in (stub.LoadAdapter(pb.LoadAdapterRequest()), stub.EvictAdapter(pb.EvictAdapterRequest())):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await empty
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_id" in caught.value.details()
         stats = await stub.GetStats(pb.GetStatsRequest())
         assert stats.adapter_loads == 1 and stats.adapter_evictions == 1 and stats.adapter_misses == 0
         assert stats.eager_steps > 0 and stats.graph_steps == 0  # it generated, without graphs on CPU
@@ -254,3 +258,26 @@ def test_a_node_with_an_admin_token_refuses_every_call_without_it(tiny_model_dir
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
 
     serve_and_run(tiny_model_dir, adapter_root, body, admin_token="s3cret")
+
+
+def test_a_prompt_too_big_for_any_tokenization_is_refused_before_tokenizing(tiny_model_dir, adapter_root):
+    """A multi-megabyte prompt used to hold the event loop (and every other stream) while it
+    was tokenized only to be refused; now its size alone refuses it."""
+    async def body(stub, app):
+        node, asked = app.node, []
+        encode = node.tokenizer.encode
+        node.tokenizer.encode = lambda *args, **kwargs: asked.append(args) or encode(*args, **kwargs)
+        huge = [pb.GenerateRequest(prompt="x" * (node.max_prompt_bytes + 1)),
+                pb.GenerateRequest(messages=gen.ChatMessages(messages=[gen.ChatMessage(role="user", content="y" * (
+                    node.max_prompt_bytes + 1))])),
+                pb.GenerateRequest(token_ids=gen.TokenIds(ids=[1] * node.max_context))]
+        for request in huge:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(stub.Generate(request))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "does not fit the context" in caught.value.details()
+        assert asked == []
+        replies = await collect(stub.Generate(pb.GenerateRequest(prompt="hello", sampling=greedy(max_tokens=3))))
+        assert replies[-1].delta.usage.completion_tokens >= 1 and asked  # small prompts are tokenized as before
+
+    serve_and_run(tiny_model_dir, adapter_root, body)

@@ -19,6 +19,7 @@ from services.registry import feed, paging
 from services.registry.auth import Principal, check_owner, scoped_tenant
 from services.registry.context import RegistryContext, adapter_blob_key
 from services.registry.db.models import Adapter, Deployment
+from services.registry.fields import require
 
 DEFAULT_CHUNK, MIN_CHUNK, MAX_CHUNK = 1024 * 1024, 1024, 4 * 1024 * 1024
 
@@ -38,7 +39,7 @@ def find_version(session, tenant_id: str, name: str, version: int, base_model: s
 
 
 def _load(session, principal: Principal, adapter_id: str) -> Adapter:
-    row = session.get(Adapter, adapter_id) if adapter_id else None
+    row = session.get(Adapter, require(adapter_id, "id"))
     if row is None:
         raise _not_found(f"'{adapter_id}'")
     check_owner(principal, row.tenant_id, f"adapter '{adapter_id}'")

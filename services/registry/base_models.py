@@ -4,7 +4,8 @@ The registry reads only the checkpoint's config.json (never the weights) at regi
 from a local folder the registry can see, or from `s3://bucket/prefix/` on the S3 endpoint
 the registry is configured with. Registering the same name and location again returns the
 existing row; the same name with another location is ALREADY_EXISTS (a base model's shapes
-must never change under adapters that were validated against it).
+must never change under adapters that were validated against it). So is a name a deployment
+already uses: the two share the namespace of `model` (deployments.py says why).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.registry import feed, paging
 from services.registry.auth import Principal, require_admin
 from services.registry.context import RegistryContext
-from services.registry.db.models import BaseModel, utcnow
+from services.registry.db.models import BaseModel, Deployment, utcnow
+from services.registry.fields import require
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
 
 BASE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Taken by whoever claims a base model or deployment name, so the two never share one.
+MODEL_NAME_LOCK = "model-name"
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
@@ -84,8 +88,12 @@ def register_base_model(ctx: RegistryContext, principal: Principal, name: str, l
     fingerprint = fingerprint_from_config(_read_config(ctx, location))
     try:
         with ctx.db.write() as session:
+            ctx.db.lock(session, MODEL_NAME_LOCK, name)
             if session.get(BaseModel, name) is not None:
                 raise taken
+            if session.get(Deployment, name) is not None:  # whoever owns it: only admins register
+                raise AlreadyExists(f"'{name}' is already the name of a deployment; a base model needs a name of "
+                                    "its own", reason="NAME_IS_DEPLOYMENT", field="name")
             model = BaseModel(name=name, location=location, description=description,
                               fingerprint=fingerprint.to_dict(), created_at=utcnow())
             session.add(model)
@@ -96,7 +104,7 @@ def register_base_model(ctx: RegistryContext, principal: Principal, name: str, l
 
 
 def load_base_model(session, name: str, field: str = "base_model") -> BaseModel:
-    model = session.get(BaseModel, name) if name else None
+    model = session.get(BaseModel, require(name, field))
     if model is None:
         raise NotFound(f"base model '{name}' not found", reason="BASE_MODEL_NOT_FOUND", field=field)
     return model

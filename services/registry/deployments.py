@@ -6,6 +6,12 @@ another tenant's name is NOT_FOUND. "Latest" means the newest version of the ada
 trained for the deployment's base model, so uploading a version for another base never
 changes what a deployment serves. Binding takes the (tenant, adapter name) lock that
 adapter deletion takes, so a bind can never land on a version being deleted.
+
+Deployment and base model names share one namespace, the `model` clients ask for: the Router
+resolves a deployment name first, so a deployment named like a base model would hide that
+base model from its tenant and list it twice. Both sides refuse a name the other holds, each
+under the model-name lock (MODEL_NAME_LOCK), so a bind and a registration of the same name
+cannot both pass their check.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.registry import feed, paging
 from services.registry.adapters import find_version
 from services.registry.auth import Principal, scoped_tenant
-from services.registry.base_models import load_base_model
+from services.registry.base_models import MODEL_NAME_LOCK, load_base_model
 from services.registry.context import RegistryContext
 from services.registry.db.models import Adapter, BaseModel, Deployment, utcnow
+from services.registry.fields import require
 
 DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -53,7 +60,10 @@ def bind_deployment(ctx: RegistryContext, principal: Principal, name: str, tenan
         with ctx.db.write() as session:
             owner = scoped_tenant(session, principal, tenant)
             ctx.db.lock(session, "adapter", owner.id, adapter_name)
-            ctx.db.lock(session, "deployment", name)
+            ctx.db.lock(session, MODEL_NAME_LOCK, name)
+            if session.get(BaseModel, name) is not None:
+                raise AlreadyExists(f"'{name}' is the name of a base model; a deployment needs a name of its own",
+                                    reason="NAME_IS_BASE_MODEL", field="name")
             if base_model:
                 load_base_model(session, base_model)
             adapter = _pick_adapter(session, owner.id, base_model, adapter_name, adapter_version)
@@ -77,8 +87,9 @@ def bind_deployment(ctx: RegistryContext, principal: Principal, name: str, tenan
 
 
 def _owned(session, principal: Principal, name: str, tenant: str) -> Deployment:
+    require(name, "name")
     owner = scoped_tenant(session, principal, tenant)
-    deployment = session.get(Deployment, name) if name else None
+    deployment = session.get(Deployment, name)
     if deployment is None or deployment.tenant_id != owner.id:
         raise NotFound(f"deployment '{name}' not found", reason="DEPLOYMENT_NOT_FOUND", field="name")
     return deployment

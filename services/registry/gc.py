@@ -18,6 +18,7 @@ import shutil
 
 from sqlalchemy import select
 
+from services.common.errors import InvalidArgument
 from services.registry import feed
 from services.registry.auth import Principal, require_admin
 from services.registry.context import ADAPTER_BLOB_PREFIX, RegistryContext
@@ -27,12 +28,20 @@ log = logging.getLogger("loraplex.registry.gc")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: Temp files of interrupted writes older than this are removed at start.
 STALE_TEMP_SECONDS = 3600
+#: The largest min_age_seconds accepted (ten years, like an API key's longest TTL). Far above
+#: any sensible retention, and far below where the cutoff date would leave datetime's range
+#: (year 1): a larger value is a typo or a unit mistake, refused rather than read as "keep all".
+MAX_MIN_AGE_SECONDS = 10 * 365 * 24 * 3600
 
 
 def collect_garbage(ctx: RegistryContext, principal: Principal, min_age_seconds: int,
                     dry_run: bool) -> tuple[list[str], int]:
     """Removes (or, dry run, lists) unreferenced blobs; returns (keys, bytes)."""
     require_admin(principal, "CollectGarbage")
+    if min_age_seconds > MAX_MIN_AGE_SECONDS:
+        raise InvalidArgument(f"min_age_seconds must be at most {MAX_MIN_AGE_SECONDS} (ten years), got "
+                              f"{min_age_seconds}", reason="MIN_AGE_TOO_LARGE", field="min_age_seconds",
+                              expected=f"<= {MAX_MIN_AGE_SECONDS}", actual=min_age_seconds)
     cutoff = utcnow() - dt.timedelta(seconds=min_age_seconds)
     with ctx.db.read() as session:
         referenced = set(session.scalars(select(Adapter.sha256).distinct()))

@@ -21,6 +21,7 @@ from services.registry import feed, paging
 from services.registry.auth import (Principal, check_owner, find_tenant, hash_secret, key_is_valid, require_admin,
                                     scoped_tenant)
 from services.registry.context import RegistryContext
+from services.registry.fields import require
 from services.registry.db.models import ApiKey, Tenant, utcnow
 
 SECRET_PREFIX = "lpx_"
@@ -56,11 +57,11 @@ def create_key(ctx: RegistryContext, principal: Principal, tenant_ref: str, name
     return key, secret
 
 
-def list_keys(ctx: RegistryContext, principal: Principal, tenant_ref: str,
+def list_keys(ctx: RegistryContext, principal: Principal, tenant: str,
               page: paging.Page) -> tuple[list[ApiKey], str]:
     with ctx.db.read() as session:
-        tenant = scoped_tenant(session, principal, tenant_ref)
-        query = select(ApiKey).where(ApiKey.tenant_id == tenant.id)
+        owner = scoped_tenant(session, principal, tenant)
+        query = select(ApiKey).where(ApiKey.tenant_id == owner.id)
         if page.after:
             query = query.where(tuple_(ApiKey.name, ApiKey.id) > tuple_(*page.after))
         rows = list(session.scalars(query.order_by(ApiKey.name, ApiKey.id).limit(page.size + 1)))
@@ -68,8 +69,9 @@ def list_keys(ctx: RegistryContext, principal: Principal, tenant_ref: str,
 
 
 def revoke_key(ctx: RegistryContext, principal: Principal, key_id: str) -> ApiKey:
+    require(key_id, "key_id")
     with ctx.db.write() as session:
-        key = session.get(ApiKey, key_id) if key_id else None
+        key = session.get(ApiKey, key_id)
         if key is None:
             raise NotFound(f"API key '{key_id}' not found", reason="KEY_NOT_FOUND", field="key_id")
         check_owner(principal, key.tenant_id, f"API key '{key_id}'")

@@ -56,6 +56,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         principal = await self._principal(context)
         return await self._run(fn, self.ctx, principal, *args)
 
+    async def _list(self, context, listing: str, page, fn, **query):
+        """Authenticates, then runs fn(ctx, principal, **query, page=...). The page token is bound
+        to `query` and the caller's tenant (admin: none), so it only continues this same listing."""
+        principal = await self._principal(context)
+        bound = paging.page_request(listing, page.page_size, page.page_token, caller=principal.tenant_id, **query)
+        return await self._run(fn, self.ctx, principal, page=bound, **query)
+
     # --- Tenants ---
 
     async def CreateTenant(self, request, context):
@@ -65,8 +72,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return convert.tenant(await self._call(context, tenants.get_tenant, request.tenant))
 
     async def ListTenants(self, request, context):
-        page = paging.page_request("tenants", request.page.page_size, request.page.page_token)
-        rows, token = await self._call(context, tenants.list_tenants, page)
+        rows, token = await self._list(context, "tenants", request.page, tenants.list_tenants)
         return pb.ListTenantsResponse(tenants=[convert.tenant(r) for r in rows], next_page_token=token)
 
     async def DeleteTenant(self, request, context):
@@ -80,8 +86,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.CreateApiKeyResponse(key=convert.api_key(key), secret=secret)
 
     async def ListApiKeys(self, request, context):
-        page = paging.page_request("api_keys", request.page.page_size, request.page.page_token)
-        rows, token = await self._call(context, keys.list_keys, request.tenant, page)
+        rows, token = await self._list(context, "api_keys", request.page, keys.list_keys, tenant=request.tenant)
         return pb.ListApiKeysResponse(keys=[convert.api_key(r) for r in rows], next_page_token=token)
 
     async def RevokeApiKey(self, request, context):
@@ -102,8 +107,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return convert.base_model(await self._call(context, base_models.get_base_model, request.name))
 
     async def ListBaseModels(self, request, context):
-        page = paging.page_request("base_models", request.page.page_size, request.page.page_token)
-        rows, token = await self._call(context, base_models.list_base_models, page)
+        rows, token = await self._list(context, "base_models", request.page, base_models.list_base_models)
         return pb.ListBaseModelsResponse(base_models=[convert.base_model(r) for r in rows], next_page_token=token)
 
     # --- Adapters ---
@@ -136,9 +140,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return convert.adapter(row)
 
     async def ListAdapters(self, request, context):
-        page = paging.page_request("adapters", request.page.page_size, request.page.page_token)
-        rows, token = await self._call(context, adapters.list_adapters, request.tenant, request.name,
-                                       request.base_model, request.latest_only, page)
+        rows, token = await self._list(context, "adapters", request.page, adapters.list_adapters,
+                                       tenant=request.tenant, name=request.name, base_model=request.base_model,
+                                       latest_only=request.latest_only)
         return pb.ListAdaptersResponse(adapters=[convert.adapter(r) for r in rows], next_page_token=token)
 
     async def DeleteAdapter(self, request, context):
@@ -175,8 +179,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                                             base_model=convert.base_model(base))
 
     async def ListDeployments(self, request, context):
-        page = paging.page_request("deployments", request.page.page_size, request.page.page_token)
-        rows, token = await self._call(context, deployments.list_deployments, request.tenant, page)
+        rows, token = await self._list(context, "deployments", request.page, deployments.list_deployments,
+                                       tenant=request.tenant)
         return pb.ListDeploymentsResponse(deployments=[convert.deployment(r) for r in rows], next_page_token=token)
 
     # --- Change feed and maintenance ---

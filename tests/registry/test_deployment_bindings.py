@@ -7,6 +7,7 @@ import pytest
 
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.common.rpc import error_info
 from tests.registry.client import expect_error, unique
 from tests.registry.lora_files import variant
 
@@ -114,3 +115,20 @@ def test_unbind_and_list(registry_sql, owner, peft_adapter):
     expect_error(grpc.StatusCode.NOT_FOUND, owner.UnbindDeployment, pb.UnbindDeploymentRequest(name=names[0]))
     listed = registry_sql.admin.ListDeployments(pb.ListDeploymentsRequest(tenant=owner.tenant_name)).deployments
     assert [d.name for d in listed] == names[1:]
+
+
+def test_deployments_and_base_models_never_share_a_name(registry_sql, owner, peft_adapter, tiny_model_dir):
+    """Both are what clients put in `model`: a deployment named like a base model would hide it."""
+    owner.upload(variant(peft_adapter, 11), name="fin")
+    error = expect_error(grpc.StatusCode.ALREADY_EXISTS, bind, owner, "tiny", "fin")
+    assert error_info(error).metadata["field"] == "name" and "base model" in error.details()
+    expect_error(grpc.StatusCode.NOT_FOUND, resolve, owner, "tiny")
+    assert registry_sql.admin.GetBaseModel(pb.GetBaseModelRequest(name="tiny")).location == str(tiny_model_dir)
+    # And the other way round: a name a deployment holds cannot become a base model.
+    taken = unique("deployed")
+    bind(owner, taken, "fin")
+    error = expect_error(grpc.StatusCode.ALREADY_EXISTS, registry_sql.admin.RegisterBaseModel,
+                         pb.RegisterBaseModelRequest(name=taken, location=str(tiny_model_dir)))
+    assert error_info(error).metadata["field"] == "name" and "deployment" in error.details()
+    expect_error(grpc.StatusCode.NOT_FOUND, registry_sql.admin.GetBaseModel, pb.GetBaseModelRequest(name=taken))
+    assert resolve(owner, taken).adapter.name == "fin"

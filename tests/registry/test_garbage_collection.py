@@ -7,7 +7,9 @@ import pytest
 
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.registry import feed
+from services.common.rpc import error_info
 from services.registry.context import adapter_blob_key
+from services.registry.gc import MAX_MIN_AGE_SECONDS
 from tests.registry.client import expect_error, sha256
 from tests.registry.lora_files import variant
 
@@ -36,6 +38,13 @@ def test_orphan_blobs_are_collected_and_referenced_ones_kept(registry, tenant, p
     assert not registry.ctx.store.exists(orphan)
     assert tenant.download(kept.id)[1] == variant(peft_adapter, 20).weights
     assert gc(registry).removed_blobs == []
+
+
+def test_a_min_age_above_ten_years_is_refused(registry):
+    for too_old in (MAX_MIN_AGE_SECONDS + 1, 100_000_000_000, 2**64 - 1):
+        error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, gc, registry, min_age=too_old, dry_run=True)
+        assert error_info(error).metadata["field"] == "min_age_seconds" and "ten years" in error.details()
+    assert gc(registry, min_age=MAX_MIN_AGE_SECONDS, dry_run=True).removed_blobs == []
 
 
 def test_deleted_versions_free_their_blob_unless_shared(registry, peft_adapter):

@@ -127,6 +127,32 @@ def test_admin_must_name_the_tenant_of_tenant_scoped_calls(registry_sql):
         assert "tenant is required with the admin token" in error.details()
 
 
+EMPTY_IDS = [
+    ("RevokeApiKey", pb.RevokeApiKeyRequest(), "key_id"),
+    ("GetBaseModel", pb.GetBaseModelRequest(), "name"),
+    ("GetAdapter", pb.GetAdapterRequest(), "name"),
+    ("DeleteAdapter", pb.DeleteAdapterRequest(), "id"),
+    ("DownloadAdapter", pb.DownloadAdapterRequest(), "id"),
+    ("BindDeployment", pb.BindDeploymentRequest(adapter_name="x"), "name"),
+    ("UnbindDeployment", pb.UnbindDeploymentRequest(), "name"),
+    ("ResolveDeployment", pb.ResolveDeploymentRequest(), "name"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_message", "field"), EMPTY_IDS, ids=[rpc for rpc, _, _ in EMPTY_IDS])
+def test_an_empty_id_or_name_is_invalid_not_unknown(registry_sql, rpc, request_message, field):
+    tenant = registry_sql.new_tenant()
+    for caller in (tenant, registry_sql.admin):
+        error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, getattr(caller, rpc), request_message)
+        assert error_info(error).metadata["field"] == field, error.details()
+
+
+def test_an_upload_without_a_base_model_is_invalid(registry_sql, peft_adapter):
+    tenant = registry_sql.new_tenant()
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, tenant.upload, peft_adapter, name="x", base_model="")
+    assert error_info(error).metadata["field"] == "header.base_model"
+
+
 def test_without_an_admin_token_no_one_is_admin(tmp_path, request, tiny_model_dir):
     registry = InProcessRegistry(registry_config("sqlite-local", tmp_path, request, admin_token="")).start()
     try:

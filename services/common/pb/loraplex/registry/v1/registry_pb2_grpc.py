@@ -217,7 +217,8 @@ class RegistryServicer:
         """--- Base models ---
 
         Registers a base model checkpoint (admin only); reads its config.json to compute the
-        architecture fingerprint. ALREADY_EXISTS if the name is taken with another location;
+        architecture fingerprint. ALREADY_EXISTS if the name is taken with another location
+        or a deployment uses it (model names and deployment names share one namespace);
         INVALID_ARGUMENT if the location has no readable config.json or an unsupported
         model_type. Emits BASE_MODEL_REGISTERED.
         """
@@ -289,7 +290,8 @@ class RegistryServicer:
         """--- Deployments: public model name -> (tenant, base model, adapter version) ---
 
         Binds a public model name. ALREADY_EXISTS if the name is bound (by anyone) and
-        `replace` is false or it belongs to another tenant; NOT_FOUND if the adapter or base
+        `replace` is false or it belongs to another tenant, or if it is a base model's name;
+        NOT_FOUND if the adapter or base
         model is unknown; FAILED_PRECONDITION if the adapter was trained for another base
         model. Emits DEPLOYMENT_BOUND.
         """
@@ -336,7 +338,8 @@ class RegistryServicer:
         """--- Maintenance (admin only) ---
 
         Removes blobs no row references (left by a crash between blob write and commit)
-        older than `min_age_seconds`. Returns what was removed.
+        older than `min_age_seconds` (at most 315360000, ten years: INVALID_ARGUMENT above).
+        Returns what was removed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,10 +1,12 @@
 """The Trainer process: config -> database, blob store, Registry client, queue -> servicer.
 
 Start-up (`start`, before the health service says SERVING): clear upload spools a crash left,
-migrate the database, start the dataset blob store, start the workers' fork server, requeue jobs a previous process left running, start dispatching. The
-Registry is not needed to start (it is asked per request), so the trainer comes up in any
-order with the other services. Shutdown (`close`): running jobs checkpoint and go back to the
-queue (see queue.py), then connections close.
+migrate the database, start the dataset blob store, start the workers' fork server, requeue
+jobs a previous process left running, start dispatching, then follow the Registry's change
+feed to purge deleted tenants (feed.py). The Registry is not needed to start (it is asked per
+request and the feed watcher retries), so the trainer comes up in any order with the other
+services. Shutdown (`close`): the feed watcher stops, running jobs checkpoint and go back to
+the queue (see queue.py), then connections close.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from services.trainer.config import TrainerConfig
 from services.trainer.datasets import DatasetService
 from services.trainer.db import TrainerDatabase
 from services.trainer.events import EventHub
+from services.trainer.feed import TenantDeletionWatcher
 from services.trainer.jobs import JobService
 from services.trainer.publish import Publisher
 from services.trainer.queue import JobQueue
@@ -34,6 +37,7 @@ from services.trainer.registry_client import RegistryClient
 from services.trainer.runner import JobRunner, RunnerEnv
 from services.trainer.servicer import TrainerDomain, TrainerServicer
 from services.trainer.store import TrainerStore
+from services.trainer.tenants import TenantPurger
 from services.trainer.worker.launcher import warm_up
 
 log = logging.getLogger("loraplex.trainer")
@@ -51,6 +55,7 @@ class TrainerApp:
         self.db: TrainerDatabase | None = None
         self.queue: JobQueue | None = None
         self.registry: RegistryClient | None = None
+        self.feed_task: asyncio.Task | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServicer_to_server(self.servicer, server)
@@ -63,7 +68,8 @@ class TrainerApp:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(config.data_dir / "spool", ignore_errors=True)  # uploads a crash interrupted
         if not config.admin_token:
-            log.warning("no --admin-token: the trainer cannot verify API keys or publish to the registry")
+            log.warning("no --admin-token: the trainer cannot verify API keys, publish to the registry or "
+                        "follow its tenant deletions")
         self.db = TrainerDatabase(config.effective_database_url)
         try:
             await self._run(self.db.migrate)
@@ -91,10 +97,16 @@ class TrainerApp:
         await self.queue.start()
         jobs = JobService(store, self.queue, hub, models, auth, self.registry, self._run, config.max_rank)
         self.servicer.attach(TrainerDomain(auth, datasets, jobs))
+        purger = TenantPurger(store, self.queue, blobs, auth, self._run, env.jobs_dir)
+        watcher = TenantDeletionWatcher(self.registry, store, purger, self._run)
+        self.feed_task = asyncio.create_task(watcher.run_forever(), name="trainer-tenant-feed")
         log.info("trainer ready: database %s, %s dataset store, devices %s",
                  self.db.engine.url.render_as_string(hide_password=True), blobs.kind, ", ".join(config.devices))
 
     async def close(self) -> None:
+        if self.feed_task is not None:  # first: a purge must not race the queue's shutdown
+            self.feed_task.cancel()
+            await asyncio.gather(self.feed_task, return_exceptions=True)
         if self.queue is not None:
             await self.queue.close(self.config.grace_seconds)
         if self.registry is not None:

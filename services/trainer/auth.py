@@ -36,6 +36,9 @@ class _TtlCache:
             return None
         return found[1]
 
+    def drop(self, matches: Callable[[object], bool]) -> None:
+        self._items = {key: item for key, item in self._items.items() if not matches(item[1])}
+
     def put(self, key: str, value: object) -> None:
         if self.seconds <= 0:
             return
@@ -62,6 +65,12 @@ class Authenticator:
             cached = Principal(is_admin=False, tenant_id=tenant.id, tenant_name=tenant.name)
             self._keys.put(key, cached)
         return cached
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """Drops cached keys and names of a deleted tenant, so its callers are refused at once
+        instead of for up to --auth-cache-seconds."""
+        self._keys.drop(lambda principal: principal.tenant_id == tenant_id)
+        self._tenants.drop(lambda tenant: tenant.id == tenant_id)
 
     async def _lookup(self, ref: str) -> TenantInfo:
         cached = self._tenants.get(ref)

@@ -25,5 +25,9 @@ def _key_part(identifier: str) -> str:
     return re.sub(r"[^a-z0-9.-]", "-", identifier.lower())
 
 
+def tenant_prefix(tenant_id: str) -> str:
+    return f"{DATASET_PREFIX}/{_key_part(tenant_id)}"
+
+
 def dataset_key(tenant_id: str, dataset_id: str) -> str:
-    return f"{DATASET_PREFIX}/{_key_part(tenant_id)}/{_key_part(dataset_id)}.jsonl"
+    return f"{tenant_prefix(tenant_id)}/{_key_part(dataset_id)}.jsonl"

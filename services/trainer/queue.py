@@ -148,12 +148,12 @@ class JobQueue:
                 return
             written.add_done_callback(_log_failure)
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRecord:
         async with self._lock:
             runner = self._runners.get(job_id)
             if runner is None:
                 updated = await self.run(self.store.transition, job_id, [QUEUED], state=CANCELLED,
-                                         error="cancelled by request", finished_at=utcnow())
+                                         error=reason, finished_at=utcnow())
                 if updated is not None:
                     self.hub.publish(STATE_CHANGED, updated)
                     return updated
@@ -162,7 +162,7 @@ class JobQueue:
                     raise NotFound(f"job '{job_id}' not found", reason="JOB_NOT_FOUND", field="id")
                 raise FailedPrecondition(f"job '{job_id}' is already {current.state}; only queued or running jobs "
                                          "can be cancelled", reason="JOB_FINISHED", field="id")
-        await runner.cancel(self.cancel_grace_s)
+        await runner.cancel(self.cancel_grace_s, reason)
         await runner.finalized.wait()
         return await self.run(self.store.get_job, job_id)
 

@@ -10,6 +10,8 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
+from services.common.errors import InvalidArgument
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -70,6 +72,20 @@ class JobRecord:
         return dataclasses.replace(self)
 
 
+# The Registry change kind the trainer acts on (feed.py).
+TENANT_DELETED = "TENANT_DELETED"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedEvent:
+    """One message of the Registry's change feed, as the trainer sees it."""
+
+    sequence: int
+    kind: str = ""  # TENANT_DELETED, API_KEY_REVOKED, ... (the Registry's change kinds)
+    tenant_id: str = ""
+    is_position_marker: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class Principal:
     """Who calls: an operator (admin token) or one tenant (its API key, verified by the Registry)."""
@@ -83,3 +99,11 @@ class Principal:
 
 
 ADMIN = Principal(is_admin=True)
+
+
+def require_id(value: str, field: str) -> str:
+    """An empty id is a malformed request, not an unknown object: INVALID_ARGUMENT naming the
+    field (the project's convention), where a lookup would answer a puzzling "'' not found"."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", reason="MISSING_FIELD", field=field)
+    return value

@@ -5,6 +5,9 @@ A Registry refusal of that token is the operator's problem, not the caller's, so
 UNAVAILABLE naming --admin-token rather than UNAUTHENTICATED. VerifyApiKey tells an unknown
 key (reason INVALID_API_KEY -> UNAUTHENTICATED for the caller) from a refused admin token.
 
+The change feed (`watch_changes`) is a stream without a deadline: it stays open until the
+watcher (feed.py) stops reading it or the connection breaks.
+
 Registry API gap (reported): there is no admin lookup of a deployment by name, so "is this
 name bound by another tenant?" lists the tenants' deployments (`deployment_owner`).
 """
@@ -22,6 +25,7 @@ from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.common.rpc import error_info
+from services.trainer.records import FeedEvent
 
 CHUNK = 1024 * 1024
 _PASS_THROUGH = {
@@ -101,6 +105,31 @@ class RegistryClient:
     async def get_tenant(self, ref: str) -> TenantInfo:
         reply = await self._call(f"looking up tenant '{ref}'", "GetTenant", pb.GetTenantRequest(tenant=ref))
         return TenantInfo(reply.id, reply.name)
+
+    async def tenant_exists(self, tenant_id: str) -> bool:
+        try:
+            await self.get_tenant(tenant_id)
+        except errors.NotFound:
+            return False
+        return True
+
+    async def watch_changes(self, after_sequence: int) -> AsyncIterator[FeedEvent]:
+        call = self._stub().WatchChanges(pb.WatchChangesRequest(after_sequence=after_sequence),
+                                         metadata=self._metadata)
+        try:
+            async for event in call:
+                try:
+                    kind = pb.ChangeKind.Name(event.kind).removeprefix("CHANGE_KIND_")
+                except ValueError:  # a kind newer than this trainer: nothing it acts on
+                    kind = ""
+                yield FeedEvent(sequence=event.sequence, kind=kind, tenant_id=event.tenant_id,
+                                is_position_marker=event.is_position_marker)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # the caller must start over: not a failure
+                raise errors.OutOfRange(exc.details() or "change feed cursor out of range") from None
+            raise self._error(exc, "following the change feed") from None
+        finally:
+            call.cancel()
 
     async def get_base_model(self, name: str) -> BaseModelInfo:
         reply = await self._call(f"looking up base model '{name}'", "GetBaseModel", pb.GetBaseModelRequest(name=name))

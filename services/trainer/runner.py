@@ -79,6 +79,7 @@ class JobRunner:
         self.record, self.device, self.env, self.on_event = record, device, env, on_event
         self.job_dir = env.jobs_dir / record.id
         self.cancel_requested = self.stop_requested = False
+        self.cancel_reason = "cancelled by request"
         self.finalized = asyncio.Event()  # set by the queue once the outcome is recorded
         self._done = asyncio.Event()
         self._process: WorkerProcess | None = None
@@ -99,19 +100,19 @@ class JobRunner:
             spec_path = await self._prepare()
             code = EXIT_DONE if self.cancel_requested or self.stop_requested else await self._train(spec_path)
             if self.cancel_requested:
-                return Outcome(CANCELLED, "cancelled by request")
+                return Outcome(CANCELLED, self.cancel_reason)
             if self.stop_requested:
                 return Outcome(QUEUED)
             if code != EXIT_DONE:
                 return Outcome(FAILED, self._failure(code))
         if self.cancel_requested or self.stop_requested:
-            return Outcome(CANCELLED, "cancelled by request") if self.cancel_requested else Outcome(QUEUED)
+            return Outcome(CANCELLED, self.cancel_reason) if self.cancel_requested else Outcome(QUEUED)
         self._publishing = asyncio.ensure_future(self.env.publisher.publish(self.record, output))
         try:
             adapter = await self._publishing
         except asyncio.CancelledError:
             if self.cancel_requested:
-                return Outcome(CANCELLED, "cancelled by request during publication")
+                return Outcome(CANCELLED, f"{self.cancel_reason} during publication")
             if self.stop_requested:
                 return Outcome(QUEUED)
             raise
@@ -195,9 +196,9 @@ class JobRunner:
         except TimeoutError:
             log.error("job %s: run did not end after its worker was killed", self.record.id)
 
-    async def cancel(self, grace: float) -> None:
-        """Stops training now (no checkpoint); the outcome will be cancelled."""
-        self.cancel_requested = True
+    async def cancel(self, grace: float, reason: str = "cancelled by request") -> None:
+        """Stops training now (no checkpoint); the outcome will be cancelled, with `reason`."""
+        self.cancel_requested, self.cancel_reason = True, reason
         await self._end(CANCEL, grace)
 
     async def stop(self, grace: float) -> None:

@@ -2,11 +2,12 @@
 
 Every RPC authenticates first (auth.py); domain errors become statuses in
 services/common/rpc.py. Statuses: UNAUTHENTICATED (no, bad or revoked token), NOT_FOUND
-(unknown or another tenant's dataset/job/tenant, unknown base model), INVALID_ARGUMENT (bad
-header, dataset lines, hyperparameters, names; the message and ErrorInfo name the field),
-ALREADY_EXISTS (deployment name taken), FAILED_PRECONDITION (cancel a finished job, delete a
-dataset in use, base model not local to the trainer), UNAVAILABLE (still starting, or the
-Registry cannot be reached). Until the app has started every RPC answers UNAVAILABLE.
+(unknown or another tenant's dataset/job/tenant, a deleted tenant's, unknown base model),
+INVALID_ARGUMENT (bad header, dataset lines, hyperparameters, names, an empty id; the message
+and ErrorInfo name the field), ALREADY_EXISTS (deployment name taken), FAILED_PRECONDITION
+(cancel a finished job, delete a dataset in use, base model not local to the trainer),
+UNAVAILABLE (still starting, or the Registry cannot be reached). Until the app has started
+every RPC answers UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     async def ListDatasets(self, request, context):
         principal = await self._principal(context)
-        page = paging.page_request("trainer_datasets", request.page.page_size, request.page.page_token)
+        page = paging.page_request("trainer_datasets", request.page.page_size, request.page.page_token,
+                                   caller=principal.tenant_id, tenant=request.tenant)  # a token continues this query only
         rows, token = await self.domain.datasets.list(principal, request.tenant, page)
         return pb.ListDatasetsResponse(datasets=[convert.dataset(r) for r in rows], next_page_token=token)
 
@@ -92,7 +94,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     async def ListJobs(self, request, context):
         principal = await self._principal(context)
-        page = paging.page_request("trainer_jobs", request.page.page_size, request.page.page_token)
+        page = paging.page_request("trainer_jobs", request.page.page_size, request.page.page_token,
+                                   caller=principal.tenant_id, tenant=request.tenant, states=sorted(request.states))
         rows, token = await self.domain.jobs.list(principal, request.tenant, convert.states(request.states), page)
         return pb.ListJobsResponse(jobs=[convert.job(r) for r in rows], next_page_token=token)
 

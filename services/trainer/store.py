@@ -3,7 +3,9 @@
 State changes are conditional updates (`WHERE state IN (...)`), so the dispatcher claiming a
 job and a CancelJob racing it can never both win. Dataset deletion and job creation take the
 same per-dataset lock (PostgreSQL advisory lock; SQLite's write lock already serializes), so a
-job can never be queued on a dataset that is being deleted.
+job can never be queued on a dataset that is being deleted. Likewise creating a dataset or a
+job and tombstoning its tenant take a per-tenant lock, so nothing is stored for a tenant once
+its data is being purged (tenants.py).
 
 Listings are newest first with keyset page tokens (services/registry/paging.py).
 """
@@ -14,12 +16,12 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterable
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.registry import paging
 from services.trainer.db import TrainerDatabase
-from services.trainer.db.models import DatasetRow, JobRow, utcnow
+from services.trainer.db.models import DatasetRow, DeletedTenantRow, FeedStateRow, JobRow, utcnow
 from services.trainer.records import ACTIVE, QUEUED, RUNNING, DatasetRecord, JobRecord
 
 _DATASET_FIELDS = [field.name for field in dataclasses.fields(DatasetRecord)]
@@ -51,8 +53,14 @@ class TrainerStore:
 
     # --- datasets ---
 
-    def insert_dataset(self, record: DatasetRecord) -> None:
+    def _refuse_deleted_tenant(self, session, tenant_id: str, field: str) -> None:
+        self.db.lock(session, "trainer-tenant", tenant_id)
+        if session.get(DeletedTenantRow, tenant_id) is not None:
+            raise NotFound(f"tenant '{tenant_id}' not found", reason="TENANT_NOT_FOUND", field=field)
+
+    def insert_dataset(self, record: DatasetRecord, tenant_field: str = "tenant") -> None:
         with self.db.write() as session:
+            self._refuse_deleted_tenant(session, record.tenant_id, tenant_field)
             session.add(DatasetRow(**dataclasses.asdict(record)))
 
     def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
@@ -93,6 +101,7 @@ class TrainerStore:
             if session.get(DatasetRow, record.dataset_id) is None:
                 raise NotFound(f"dataset '{record.dataset_id}' not found", reason="DATASET_NOT_FOUND",
                                field="dataset_id")
+            self._refuse_deleted_tenant(session, record.tenant_id, "tenant")
             session.add(JobRow(**dataclasses.asdict(record)))
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -120,7 +129,9 @@ class TrainerStore:
     def claim_next(self) -> JobRecord | None:
         """The oldest queued job, now marked running; None when nothing is queued."""
         with self.db.write() as session:
-            row = session.scalars(select(JobRow).where(JobRow.state == QUEUED)
+            # A deleted tenant's queued job is never started, even before its purge cancels it.
+            deleted = select(DeletedTenantRow.tenant_id)
+            row = session.scalars(select(JobRow).where(JobRow.state == QUEUED, JobRow.tenant_id.not_in(deleted))
                                   .order_by(JobRow.created_at, JobRow.id).limit(1)).first()
             if row is None:
                 return None
@@ -143,3 +154,46 @@ class TrainerStore:
         with self.db.write() as session:
             session.execute(update(JobRow).where(JobRow.id == record.id, JobRow.state == RUNNING)
                             .values(**{name: getattr(record, name) for name in fields}))
+
+    # --- deleted tenants and the Registry change feed ---
+
+    def mark_tenant_deleted(self, tenant_id: str) -> None:
+        """Tombstones the tenant: from the commit on, no dataset or job can be created for it."""
+        with self.db.write() as session:
+            self.db.lock(session, "trainer-tenant", tenant_id)
+            if session.get(DeletedTenantRow, tenant_id) is None:
+                session.add(DeletedTenantRow(tenant_id=tenant_id, deleted_at=utcnow()))
+
+    def active_job_ids(self, tenant_id: str) -> list[str]:
+        with self.db.read() as session:
+            return list(session.scalars(select(JobRow.id).where(JobRow.tenant_id == tenant_id,
+                                                                JobRow.state.in_(ACTIVE))
+                                        .order_by(JobRow.created_at, JobRow.id)))
+
+    def delete_tenant_rows(self, tenant_id: str) -> tuple[list[str], list[str]]:
+        """Deletes the tenant's datasets and jobs; (their blob keys, the job ids) for the files."""
+        with self.db.write() as session:
+            blob_keys = list(session.scalars(select(DatasetRow.blob_key).where(DatasetRow.tenant_id == tenant_id)))
+            job_ids = list(session.scalars(select(JobRow.id).where(JobRow.tenant_id == tenant_id)))
+            session.execute(delete(JobRow).where(JobRow.tenant_id == tenant_id))
+            session.execute(delete(DatasetRow).where(DatasetRow.tenant_id == tenant_id))
+        return blob_keys, job_ids
+
+    def tenant_ids(self) -> set[str]:
+        """Every tenant that has a dataset or a job here."""
+        with self.db.read() as session:
+            return set(session.scalars(select(DatasetRow.tenant_id).distinct())) | \
+                set(session.scalars(select(JobRow.tenant_id).distinct()))
+
+    def feed_cursor(self) -> int | None:
+        with self.db.read() as session:
+            row = session.get(FeedStateRow, 1)
+            return row.cursor if row is not None else None
+
+    def save_feed_cursor(self, cursor: int | None) -> None:
+        with self.db.write() as session:
+            row = session.get(FeedStateRow, 1)
+            if row is None:
+                session.add(FeedStateRow(id=1, cursor=cursor))
+            else:
+                row.cursor = cursor

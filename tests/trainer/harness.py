@@ -127,16 +127,17 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None
     raise AssertionError("condition not reached")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie waiting to be reaped does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def worker_pids(data_dir: Path, job_id: str) -> list[int]:
     """Live training workers of a job, by the pids its worker.log records."""
     log = data_dir / "jobs" / job_id / "worker.log"
     pids = [int(pid) for pid in re.findall(r"worker pid (\d+)", log.read_text())] if log.exists() else []
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
+    return [pid for pid in pids if pid_alive(pid)]

@@ -3,6 +3,7 @@ minio client) for datasets, with a job run end to end and a restart's recovery r
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 
@@ -118,3 +119,47 @@ def test_listing_pages_newest_first_and_deleting_a_dataset_in_use(store):
         store.transition(job.id, [QUEUED], state="cancelled")
     assert store.delete_dataset("ds_1", "tnt_a").id == "ds_1"
     assert store.get_dataset("ds_1") is None
+
+
+def test_a_deleted_tenant_is_tombstoned_its_rows_go_and_the_feed_cursor_persists(store):
+    from services.common.errors import NotFound
+
+    dataset, jobs = _records(3)
+    store.insert_dataset(dataset)
+    for job in jobs[:2]:
+        store.insert_job(job)
+    other = dataclasses.replace(dataset, id="ds_2", tenant_id="tnt_b", blob_key="datasets/b/c.jsonl")
+    store.insert_dataset(other)
+    assert store.tenant_ids() == {"tnt_a", "tnt_b"}
+    store.transition("job_0", [QUEUED], state=RUNNING)
+    assert store.active_job_ids("tnt_a") == ["job_0", "job_1"]
+
+    store.mark_tenant_deleted("tnt_a")
+    store.mark_tenant_deleted("tnt_a")  # idempotent: a purge may run again after a crash
+    assert store.claim_next() is None  # its queued job is never started
+    with pytest.raises(NotFound):  # an upload or StartJob authenticated before the deletion
+        store.insert_job(jobs[2])
+    with pytest.raises(NotFound):
+        store.insert_dataset(dataclasses.replace(dataset, id="ds_3"))
+    assert store.delete_tenant_rows("tnt_a") == (["datasets/a/b.jsonl"], ["job_0", "job_1"])
+    assert store.get_dataset("ds_1") is None and store.get_job("job_0") is None
+    assert store.tenant_ids() == {"tnt_b"} and store.get_dataset("ds_2") is not None
+
+    assert store.feed_cursor() is None  # never synced
+    store.save_feed_cursor(41)
+    store.save_feed_cursor(42)
+    assert store.feed_cursor() == 42
+    store.save_feed_cursor(None)
+    assert store.feed_cursor() is None
+
+
+def test_trainer_migrations_build_exactly_the_models_schema(store):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from services.trainer.db.models import Base
+    from services.trainer.db.session import VERSION_TABLE
+
+    with store.db.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "version_table": VERSION_TABLE})
+        assert compare_metadata(context, Base.metadata) == []

@@ -83,6 +83,31 @@ def test_unknown_dataset_and_base_model_are_not_found(shared):
     assert error_info(error).metadata["field"] == "base_model"
 
 
+EMPTY_IDS = [
+    ("GetDataset", pb.GetDatasetRequest(), "id"),
+    ("DeleteDataset", pb.DeleteDatasetRequest(), "id"),
+    ("GetJob", pb.GetJobRequest(), "id"),
+    ("CancelJob", pb.CancelJobRequest(), "id"),
+    ("WatchJob", pb.WatchJobRequest(), "id"),
+    ("StartJob", pb.StartJobRequest(base_model="tiny", output_adapter_name="fin", lora=pb.LoraConfig(r=8),
+                                    training=pb.TrainingConfig(max_steps=2)), "dataset_id"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_", "field"), EMPTY_IDS, ids=[rpc for rpc, _, _ in EMPTY_IDS])
+def test_an_empty_id_is_invalid_argument_naming_the_field(shared, admin, rpc, request_, field):
+    client, dataset = shared
+    operator_request = type(request_)()
+    operator_request.CopyFrom(request_)
+    if rpc == "StartJob":  # an operator names the tenant, or that is the missing field
+        operator_request.tenant = dataset.tenant_id
+    for caller, request in ((client, request_), (admin, operator_request)):
+        error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, caller.call, rpc, request)
+        assert error_info(error).metadata["field"] == field
+        assert field in error.details() and "not found" not in error.details()
+    assert client.call("ListJobs", pb.ListJobsRequest()).jobs == []
+
+
 def test_a_dataset_trains_only_the_base_model_whose_tokenizer_checked_it(shared, registry_admin, tiny_model_dir):
     client, dataset = shared
     registry_admin.RegisterBaseModel(rpb.RegisterBaseModelRequest(name="tiny-twin", location=str(tiny_model_dir)))

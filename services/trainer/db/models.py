@@ -13,6 +13,11 @@ Decisions recorded here:
   later; deleting a dataset that queued or running jobs use is refused in code (datasets.py).
 - Progress columns hold the latest figures; they are written at most every few seconds while a
   job runs (the live figures are in memory, see queue.py) and always at state changes.
+- Deleted tenants leave a tombstone (`trainer_deleted_tenants`): creating a dataset or job
+  checks it in the same transaction, so an upload or StartJob that passed authentication just
+  before the tenant was deleted cannot store anything after its data was purged (tenants.py).
+- `trainer_feed_state` holds one row: the Registry change-feed sequence the trainer has applied,
+  so a restart replays the deletions it missed while it was down (feed.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.registry.db.models import UTCDateTime, utcnow
 
-__all__ = ["Base", "DatasetRow", "JobRow", "utcnow"]
+__all__ = ["Base", "DatasetRow", "DeletedTenantRow", "FeedStateRow", "JobRow", "utcnow"]
 
 
 class Base(DeclarativeBase):
@@ -83,3 +88,19 @@ class JobRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class DeletedTenantRow(Base):
+    __tablename__ = "trainer_deleted_tenants"
+
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    deleted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class FeedStateRow(Base):
+    __tablename__ = "trainer_feed_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    # The last Registry change sequence applied; NULL: never synced, or the Registry no longer
+    # retains it (the next connection compares every local tenant with the Registry instead).
+    cursor: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -11,7 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import NotFound
+from services.common.fields import require
 from services.inference.node import Node
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
 
@@ -88,14 +89,14 @@ class PoolAdmin:
         self._rate = 0.0
 
     async def load(self, adapter_id: str, pin: bool) -> SlotView:
-        _require_id(adapter_id)
+        require(adapter_id, "adapter_id")
         weights = await self.node.manager.ensure_host(adapter_id)
         await self.node.async_engine.call(lambda: self.node.pool.load(adapter_id, weights, pinned=pin))
         slots, _ = await self.snapshot()
         return next(s for s in slots if s.adapter_id == adapter_id and s.tier == "DEVICE")
 
     async def evict(self, adapter_id: str, all_tiers: bool, unpin: bool) -> None:
-        _require_id(adapter_id)
+        require(adapter_id, "adapter_id")
 
         def evict_on_engine() -> bool:
             if self.node.pool.get(adapter_id) is None:
@@ -162,8 +163,3 @@ class PoolAdmin:
                         config.device, self.node.max_context, config.block_size, config.max_batched_tokens,
                         config.adapter_pool_pages, config.max_adapter_rank, "0.1.0", runner.kernels,
                         runner.graph_mode, runner.prefill_lora.summary())
-
-
-def _require_id(adapter_id: str) -> None:
-    if not adapter_id:  # not "adapter '' not found": the caller left the field out
-        raise InvalidArgument("adapter_id is required", field="adapter_id")

@@ -19,7 +19,7 @@ from services.registry import feed, paging
 from services.registry.auth import Principal, check_owner, scoped_tenant
 from services.registry.context import RegistryContext, adapter_blob_key
 from services.registry.db.models import Adapter, Deployment
-from services.registry.fields import require
+from services.common.fields import require
 
 DEFAULT_CHUNK, MIN_CHUNK, MAX_CHUNK = 1024 * 1024, 1024, 4 * 1024 * 1024
 

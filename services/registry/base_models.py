@@ -22,7 +22,7 @@ from services.registry import feed, paging
 from services.registry.auth import Principal, require_admin
 from services.registry.context import RegistryContext
 from services.registry.db.models import BaseModel, Deployment, utcnow
-from services.registry.fields import require
+from services.common.fields import require
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
 
 BASE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

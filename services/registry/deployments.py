@@ -28,7 +28,7 @@ from services.registry.auth import Principal, scoped_tenant
 from services.registry.base_models import MODEL_NAME_LOCK, load_base_model
 from services.registry.context import RegistryContext
 from services.registry.db.models import Adapter, BaseModel, Deployment, utcnow
-from services.registry.fields import require
+from services.common.fields import require
 
 DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 

@@ -21,7 +21,7 @@ from services.registry import feed, paging
 from services.registry.auth import (Principal, check_owner, find_tenant, hash_secret, key_is_valid, require_admin,
                                     scoped_tenant)
 from services.registry.context import RegistryContext
-from services.registry.fields import require
+from services.common.fields import require
 from services.registry.db.models import ApiKey, Tenant, utcnow
 
 SECRET_PREFIX = "lpx_"

@@ -26,7 +26,8 @@ from services.trainer.base_models import BaseModels
 from services.trainer.blobs import dataset_key
 from services.trainer.db.models import utcnow
 from services.trainer.examples import FORMATS
-from services.trainer.records import DatasetRecord, Principal, require_id
+from services.common.fields import require
+from services.trainer.records import DatasetRecord, Principal
 from services.trainer.store import TrainerStore
 from services.trainer.validation import AUTO, validate_jsonl
 
@@ -121,7 +122,7 @@ class DatasetService:
             raise
 
     async def get(self, principal: Principal, dataset_id: str) -> DatasetRecord:
-        require_id(dataset_id, "id")
+        require(dataset_id, "id")
         record = await self.run(self.store.get_dataset, dataset_id)
         if record is None or not principal.owns(record.tenant_id):
             raise NotFound(f"dataset '{dataset_id}' not found", reason="DATASET_NOT_FOUND", field="id")
@@ -132,7 +133,7 @@ class DatasetService:
         return await self.run(self.store.list_datasets, tenant_id, page)
 
     async def delete(self, principal: Principal, dataset_id: str) -> None:
-        require_id(dataset_id, "id")
+        require(dataset_id, "id")
         owner = None if principal.is_admin else principal.tenant_id
         record = await self.run(self.store.delete_dataset, dataset_id, owner)
         await self.run(self.blobs.delete, record.blob_key)

@@ -21,7 +21,8 @@ from services.trainer.events import EventHub
 from services.trainer.hyperparams import (LoraRequest, TrainingRequest, check_names, plan_schedule, resolve_lora,
                                           resolve_training)
 from services.trainer.queue import JobQueue
-from services.trainer.records import QUEUED, SNAPSHOT, JobRecord, Principal, require_id
+from services.common.fields import require
+from services.trainer.records import QUEUED, SNAPSHOT, JobRecord, Principal
 from services.trainer.registry_client import RegistryClient
 from services.trainer.store import TrainerStore
 
@@ -46,7 +47,7 @@ class JobService:
     async def start(self, principal: Principal, request: JobRequest) -> JobRecord:
         tenant_id = await self.auth.tenant(principal, request.tenant)
         check_names(request.output_adapter_name, request.deployment_name)
-        require_id(request.dataset_id, "dataset_id")
+        require(request.dataset_id, "dataset_id")
         lora = resolve_lora(request.lora, self.max_rank)
         dataset = await self.run(self.store.get_dataset, request.dataset_id)
         if dataset is None or dataset.tenant_id != tenant_id:
@@ -74,7 +75,7 @@ class JobService:
         return record
 
     async def get(self, principal: Principal, job_id: str) -> JobRecord:
-        require_id(job_id, "id")
+        require(job_id, "id")
         record = self.queue.live(job_id) or await self.run(self.store.get_job, job_id)
         if record is None or not principal.owns(record.tenant_id):
             raise NotFound(f"job '{job_id}' not found", reason="JOB_NOT_FOUND", field="id")

@@ -10,8 +10,6 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from services.common.errors import InvalidArgument
-
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -99,11 +97,3 @@ class Principal:
 
 
 ADMIN = Principal(is_admin=True)
-
-
-def require_id(value: str, field: str) -> str:
-    """An empty id is a malformed request, not an unknown object: INVALID_ARGUMENT naming the
-    field (the project's convention), where a lookup would answer a puzzling "'' not found"."""
-    if not value:
-        raise InvalidArgument(f"{field} is required", reason="MISSING_FIELD", field=field)
-    return value

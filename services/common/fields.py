@@ -1,4 +1,4 @@
-"""Required request fields.
+"""Required request fields, the same way in every service.
 
 An empty id or name is a malformed request, not a lookup that found nothing: it answers
 INVALID_ARGUMENT naming the field (ErrorInfo `field`), the convention of every loraplex API,

@@ -56,7 +56,8 @@ def job_request(request: pb.StartJobRequest) -> JobRequest:
             batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
             max_seq_len=training.max_seq_len, seed=training.seed, eval_fraction=training.eval_fraction,
             checkpoint_every_steps=training.checkpoint_every_steps),
-        output_adapter_name=request.output_adapter_name, deployment_name=request.deployment_name)
+        output_adapter_name=request.output_adapter_name, deployment_name=request.deployment_name,
+        request_id=request.request_id)
 
 
 def states(values) -> list[str]:
@@ -85,7 +86,7 @@ def job(record: records.JobRecord) -> pb.Job:
                                 tokens_per_second=record.tokens_per_second, eta_seconds=record.eta_seconds),
         adapter_id=record.adapter_id, adapter_version=record.adapter_version, error=record.error,
         created_at=timestamp(record.created_at), started_at=timestamp(record.started_at),
-        finished_at=timestamp(record.finished_at))
+        finished_at=timestamp(record.finished_at), request_id=record.request_id or "")
 
 
 def job_event(kind: str, record: records.JobRecord, at: dt.datetime) -> pb.JobEvent:

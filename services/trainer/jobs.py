@@ -4,11 +4,20 @@ StartJob refuses before queueing anything: unknown dataset or base model (NOT_FO
 tenants' datasets included), bad hyperparameters (INVALID_ARGUMENT naming the field, see
 hyperparams.py), a dataset validated for another base model (its token lengths would not
 hold), and a deployment name bound by another tenant (ALREADY_EXISTS).
+
+A `request_id` makes StartJob safe to retry: the tenant's job stored under that key is returned
+as it is now, before any other check (a retry must not fail because the dataset was deleted
+after the first call queued its job), and nothing new is queued. The key is compared with a
+digest of the request's settings, so reusing it for another job is refused instead of silently
+answering with the wrong one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -36,6 +45,16 @@ class JobRequest:
     training: TrainingRequest
     output_adapter_name: str
     deployment_name: str
+    request_id: str = ""
+
+    def digest(self) -> str:
+        """What a retry must repeat: every setting (the tenant and the key itself identify the job)."""
+        settings = dataclasses.asdict(self)
+        del settings["tenant"], settings["request_id"]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class JobService:
@@ -46,6 +65,10 @@ class JobService:
 
     async def start(self, principal: Principal, request: JobRequest) -> JobRecord:
         tenant_id = await self.auth.tenant(principal, request.tenant)
+        if request.request_id:
+            earlier = await self._earlier_job(tenant_id, request)
+            if earlier is not None:
+                return earlier
         check_names(request.output_adapter_name, request.deployment_name)
         require(request.dataset_id, "dataset_id")
         lora = resolve_lora(request.lora, self.max_rank)
@@ -68,11 +91,28 @@ class JobService:
                            dataset_id=dataset.id, lora=dataclasses.asdict(lora),
                            training=dataclasses.asdict(training), output_adapter_name=request.output_adapter_name,
                            deployment_name=request.deployment_name, total_steps=schedule.total_steps,
-                           created_at=utcnow())
+                           created_at=utcnow(), request_id=request.request_id or None,
+                           request_digest=request.digest())
         record.lora["target_modules"] = list(lora.target_modules)
-        await self.run(self.store.insert_job, record)
+        stored = await self.run(self.store.insert_job, record)
+        if stored.id != record.id:  # a concurrent call with the same request_id stored its job first
+            return self._same_request(stored, request)
         self.queue.notify()
         return record
+
+    async def _earlier_job(self, tenant_id: str, request: JobRequest) -> JobRecord | None:
+        if not REQUEST_ID.fullmatch(request.request_id):
+            raise InvalidArgument("request_id must be 1-128 printable ASCII characters without spaces",
+                                  reason="BAD_REQUEST_ID", field="request_id")
+        earlier = await self.run(self.store.job_for_request, tenant_id, request.request_id)
+        return self._same_request(earlier, request) if earlier is not None else None
+
+    def _same_request(self, earlier: JobRecord, request: JobRequest) -> JobRecord:
+        if earlier.request_digest != request.digest():
+            raise AlreadyExists(f"request_id '{request.request_id}' already queued job '{earlier.id}' with other "
+                                "settings; use a new request_id for a different job",
+                                reason="REQUEST_ID_REUSED", field="request_id")
+        return self.queue.live(earlier.id) or earlier
 
     async def get(self, principal: Principal, job_id: str) -> JobRecord:
         require(job_id, "id")

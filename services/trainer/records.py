@@ -61,6 +61,10 @@ class JobRecord:
     interruptions: int = 0
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    # StartJob's idempotency key (None when the caller gave none) and a digest of the request's
+    # settings, to tell a retry from a different job reusing the key (jobs.py).
+    request_id: str | None = None
+    request_digest: str = ""
 
     @property
     def is_terminal(self) -> bool:

@@ -95,14 +95,32 @@ class TrainerStore:
 
     # --- jobs ---
 
-    def insert_job(self, record: JobRecord) -> None:
+    def insert_job(self, record: JobRecord) -> JobRecord:
+        """Stores `record`; returns it, or the job an earlier call stored under the same request_id."""
         with self.db.write() as session:
+            if record.request_id is not None:
+                # Two concurrent retries: the second waits here and then finds the first's job.
+                self.db.lock(session, "trainer-job-request", record.tenant_id, record.request_id)
+                earlier = self._job_for_request(session, record.tenant_id, record.request_id)
+                if earlier is not None:
+                    return earlier
             self.db.lock(session, "trainer-dataset", record.dataset_id)
             if session.get(DatasetRow, record.dataset_id) is None:
                 raise NotFound(f"dataset '{record.dataset_id}' not found", reason="DATASET_NOT_FOUND",
                                field="dataset_id")
             self._refuse_deleted_tenant(session, record.tenant_id, "tenant")
             session.add(JobRow(**dataclasses.asdict(record)))
+        return record
+
+    def job_for_request(self, tenant_id: str, request_id: str) -> JobRecord | None:
+        with self.db.read() as session:
+            return self._job_for_request(session, tenant_id, request_id)
+
+    @staticmethod
+    def _job_for_request(session, tenant_id: str, request_id: str) -> JobRecord | None:
+        row = session.scalars(select(JobRow).where(JobRow.tenant_id == tenant_id,
+                                                   JobRow.request_id == request_id)).first()
+        return _job(row) if row is not None else None
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self.db.read() as session:
@@ -174,7 +192,7 @@ class TrainerStore:
         """Deletes the tenant's datasets and jobs; (their blob keys, the job ids) for the files."""
         with self.db.write() as session:
             blob_keys = list(session.scalars(select(DatasetRow.blob_key).where(DatasetRow.tenant_id == tenant_id)))
-            job_ids = list(session.scalars(select(JobRow.id).where(JobRow.tenant_id == tenant_id)))
+            job_ids = list(session.scalars(select(JobRow.id).where(JobRow.tenant_id == tenant_id).order_by(JobRow.id)))
             session.execute(delete(JobRow).where(JobRow.tenant_id == tenant_id))
             session.execute(delete(DatasetRow).where(DatasetRow.tenant_id == tenant_id))
         return blob_keys, job_ids

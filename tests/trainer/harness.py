@@ -64,12 +64,12 @@ class TrainerClient:
         return self.stub.UploadDataset(messages(), metadata=bearer(self.token), timeout=120)
 
     def start(self, dataset_id: str, *, name: str = "fin", tenant: str = "", deployment: str = "",
-              lora: pb.LoraConfig | None = None, **training) -> pb.Job:
+              lora: pb.LoraConfig | None = None, request_id: str = "", **training) -> pb.Job:
         defaults = {"max_steps": 40, "learning_rate": 1e-2, "batch_size": 4}
         return self.call("StartJob", pb.StartJobRequest(
             tenant=tenant, base_model="tiny", dataset_id=dataset_id, lora=lora or pb.LoraConfig(r=8),
             training=pb.TrainingConfig(**{**defaults, **training}), output_adapter_name=name,
-            deployment_name=deployment))
+            deployment_name=deployment, request_id=request_id))
 
     def watch(self, job_id: str, timeout: float = 240) -> list[pb.JobEvent]:
         return list(self.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=bearer(self.token), timeout=timeout))

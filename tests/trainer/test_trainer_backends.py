@@ -163,3 +163,20 @@ def test_trainer_migrations_build_exactly_the_models_schema(store):
     with store.db.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True, "version_table": VERSION_TABLE})
         assert compare_metadata(context, Base.metadata) == []
+
+
+def test_a_request_id_is_unique_per_tenant_and_key_less_jobs_never_collide(store):
+    dataset, jobs = _records(4)
+    store.insert_dataset(dataset)
+    store.insert_job(jobs[0])  # no key
+    assert store.insert_job(jobs[1]).id == "job_1"  # no key either: both stored
+    keyed = dataclasses.replace(jobs[2], request_id="k1", request_digest="d")
+    assert store.insert_job(keyed).id == "job_2"
+    retry = dataclasses.replace(jobs[3], request_id="k1", request_digest="d")
+    assert store.insert_job(retry).id == "job_2"  # the earlier job, nothing stored
+    assert store.get_job("job_3") is None
+    assert store.job_for_request("tnt_a", "k1").id == "job_2"
+    assert store.job_for_request("tnt_b", "k1") is None
+    store.insert_dataset(dataclasses.replace(dataset, id="ds_2", tenant_id="tnt_b", blob_key="datasets/b/c.jsonl"))
+    other_tenant = dataclasses.replace(jobs[3], tenant_id="tnt_b", dataset_id="ds_2", request_id="k1")
+    assert store.insert_job(other_tenant).id == "job_3"

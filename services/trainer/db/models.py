@@ -16,6 +16,9 @@ Decisions recorded here:
 - Deleted tenants leave a tombstone (`trainer_deleted_tenants`): creating a dataset or job
   checks it in the same transaction, so an upload or StartJob that passed authentication just
   before the tenant was deleted cannot store anything after its data was purged (tenants.py).
+- StartJob's idempotency key `request_id` is unique per tenant (NULL, never "", when absent:
+  NULLs are distinct in a unique index on SQLite and PostgreSQL alike, so key-less jobs never
+  collide); `request_digest` hashes the request's settings to recognise a retry.
 - `trainer_feed_state` holds one row: the Registry change-feed sequence the trainer has applied,
   so a restart replays the deletions it missed while it was down (feed.py).
 """
@@ -60,7 +63,8 @@ class JobRow(Base):
     __tablename__ = "trainer_jobs"
     __table_args__ = (Index("ix_trainer_jobs_tenant_created", "tenant_id", "created_at", "id"),
                       Index("ix_trainer_jobs_state_created", "state", "created_at"),
-                      Index("ix_trainer_jobs_dataset", "dataset_id"))
+                      Index("ix_trainer_jobs_dataset", "dataset_id"),
+                      Index("ux_trainer_jobs_tenant_request", "tenant_id", "request_id", unique=True))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(40))
@@ -88,6 +92,8 @@ class JobRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_digest: Mapped[str] = mapped_column(String(64), default="")
 
 
 class DeletedTenantRow(Base):

@@ -196,7 +196,7 @@ class JobProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "tenant_id", "state", "base_model", "dataset_id", "lora", "training", "output_adapter_name", "deployment_name", "progress", "adapter_id", "adapter_version", "error", "created_at", "started_at", "finished_at")
+    __slots__ = ("id", "tenant_id", "state", "base_model", "dataset_id", "lora", "training", "output_adapter_name", "deployment_name", "progress", "adapter_id", "adapter_version", "error", "created_at", "started_at", "finished_at", "request_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant_id: str
     state: JobState
@@ -229,10 +230,11 @@ class Job(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., base_model: _Optional[str] = ..., dataset_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., output_adapter_name: _Optional[str] = ..., deployment_name: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., base_model: _Optional[str] = ..., dataset_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., output_adapter_name: _Optional[str] = ..., deployment_name: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("tenant", "base_model", "dataset_id", "lora", "training", "output_adapter_name", "deployment_name")
+    __slots__ = ("tenant", "base_model", "dataset_id", "lora", "training", "output_adapter_name", "deployment_name", "request_id")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +242,7 @@ class StartJobRequest(_message.Message):
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     base_model: str
     dataset_id: str
@@ -247,7 +250,8 @@ class StartJobRequest(_message.Message):
     training: TrainingConfig
     output_adapter_name: str
     deployment_name: str
-    def __init__(self, tenant: _Optional[str] = ..., base_model: _Optional[str] = ..., dataset_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., output_adapter_name: _Optional[str] = ..., deployment_name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tenant: _Optional[str] = ..., base_model: _Optional[str] = ..., dataset_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., output_adapter_name: _Optional[str] = ..., deployment_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)

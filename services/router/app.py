@@ -61,7 +61,8 @@ class RouterApp:
         resolver = Resolver(registry, config.resolve_cache_seconds, feed)
         self.membership = membership = Membership(
             lambda address: GrpcNodeClient(address, config.admin_token, config.max_message_mb),
-            config.node_poll_seconds, config.node_timeout_seconds, config.heartbeat_interval_seconds)
+            config.node_poll_seconds, config.node_timeout_seconds, config.heartbeat_interval_seconds,
+            slow_polls=config.node_slow_polls)
         for address in config.node:
             membership.add_static(address)
         quotas = QuotaManager(Limits(config.tenant_max_concurrent, config.tenant_tokens_per_minute),

@@ -45,7 +45,10 @@ class RouterConfig(ServerConfig):
     node: list[str] = option([], "host:port of an inference node (static membership)")
     node_poll_seconds: float = option(1.0, "how often each static node's GetStats is polled for load, "
                                            "resident adapters and health")
-    node_timeout_seconds: float = option(2.0, "a node that does not answer GetStats within this is unhealthy")
+    node_timeout_seconds: float = option(2.0, "deadline of each health poll (health check + GetStats)")
+    node_slow_polls: int = option(3, "consecutive health polls past their deadline before a node is marked "
+                                     "unhealthy (a busy node answers late now and then; a refused connection "
+                                     "or a node not serving is marked at once)")
     heartbeat_interval_seconds: float = option(2.0, "heartbeat interval asked of registered nodes; 3 missed "
                                                     "heartbeats mark a node unhealthy")
     load_balance_factor: float = option(1.25, "bounded-load factor c: no node takes more than c x the mean "
@@ -73,6 +76,8 @@ class RouterConfig(ServerConfig):
             raise ValueError(f"--http-port must be in -1..65535, got {self.http_port}")
         positive = ("node_poll_seconds", "node_timeout_seconds", "heartbeat_interval_seconds",
                     "registry_timeout_seconds")
+        if self.node_slow_polls < 1:
+            raise ValueError(f"--node-slow-polls must be >= 1, got {self.node_slow_polls}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

@@ -4,10 +4,13 @@ Two ways in: static nodes from `--node` are polled (GetStats every --node-poll-s
 GetInfo once for the base model); registered nodes (Nodes.RegisterNode) push their load
 and resident adapters in heartbeats and are unhealthy after 3 missed intervals.
 
-Health: a node is placeable only while HEALTHY. A failed poll, a missed heartbeat window,
-or a request that finds the node unreachable marks it UNHEALTHY at once (no new requests;
-streams already running finish or fail on their own); polls keep trying it, and the
-first successful one brings it back. DRAINING (DeregisterNode) takes a node out for good:
+Health: a node is placeable only while HEALTHY. A poll the node refuses or answers "not
+serving", a missed heartbeat window, or a request that finds the node unreachable marks it
+UNHEALTHY at once (no new requests; streams already running finish or fail on their own).
+A poll that only runs past its deadline counts as slow: a node busy with a burst (a huge
+prompt, a GC pause) answers late now and then, and taking it out for one late answer would
+push its whole load onto the others; `slow_polls` late answers in a row mark it. Polls keep
+trying an unhealthy node, and the first successful one brings it back. DRAINING (DeregisterNode) takes a node out for good:
 it leaves the table when the router has no request left on it.
 
 Load = requests this router has in flight on the node + what the node reports running or
@@ -54,6 +57,7 @@ class Node:
     last_seen_mono: float = 0.0
     in_flight: int = 0
     in_flight_at_report: int = 0
+    slow_polls: int = 0  # consecutive polls past their deadline
     #: adapter id -> monotonic time this router last sent it here (residency not yet reported).
     placed: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -78,9 +82,9 @@ def _check_address(address: str) -> None:
 
 class Membership:
     def __init__(self, connect: Callable[[str], NodeClient], poll_s: float, timeout_s: float,
-                 heartbeat_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 heartbeat_s: float, clock: Callable[[], float] = time.monotonic, slow_polls: int = 3) -> None:
         self.connect, self.poll_s, self.timeout_s, self.heartbeat_s = connect, poll_s, timeout_s, heartbeat_s
-        self.clock = clock
+        self.clock, self.slow_polls = clock, slow_polls
         self.nodes: dict[str, Node] = {}
 
     # --- membership changes ---
@@ -189,8 +193,14 @@ class Membership:
                 node.base_model = await node.client.base_model(self.timeout_s)
             stats = await node.client.stats(self.timeout_s)
         except NodeFailure as failure:
-            self.mark_failed(node, failure.error.message)
+            node.slow_polls = node.slow_polls + 1 if failure.timed_out else self.slow_polls
+            if node.slow_polls >= self.slow_polls:
+                self.mark_failed(node, failure.error.message)
+            else:
+                log.info("node %s (%s) answered its health poll late (%d in a row): %s", node.node_id,
+                         node.address, node.slow_polls, failure.error.message)
             return
+        node.slow_polls = 0
         self._seen(node, stats)
 
     async def close(self) -> None:

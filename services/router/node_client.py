@@ -41,7 +41,8 @@ def failure_of(exc: grpc.aio.AioRpcError, address: str) -> NodeFailure:
                                                     reason="NODE_QUEUE_FULL"), retryable=True)
     return NodeFailure(errors.Unavailable(f"inference node {address} failed: {code.name}: {exc.details()}",
                                           reason="NODE_FAILED", node=address),
-                       retryable=True, node_down=code in DOWN)
+                       retryable=True, node_down=code in DOWN,
+                       timed_out=code == grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class GrpcNodeClient:

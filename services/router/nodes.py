@@ -32,11 +32,13 @@ class NodeFailure(Exception):
     retryable: another node may well succeed (node down, queue full, internal error);
     False for the request's own fault (bad sampling, unknown adapter) that every node
     would refuse alike. node_down: the node itself is unreachable; stop placing on it.
+    timed_out: the node did not answer within the call's deadline (it may only be busy).
     """
 
-    def __init__(self, error: LoraplexError, *, retryable: bool, node_down: bool = False) -> None:
+    def __init__(self, error: LoraplexError, *, retryable: bool, node_down: bool = False,
+                 timed_out: bool = False) -> None:
         super().__init__(error.message)
-        self.error, self.retryable, self.node_down = error, retryable, node_down
+        self.error, self.retryable, self.node_down, self.timed_out = error, retryable, node_down, timed_out
 
 
 class NodeClient(Protocol):

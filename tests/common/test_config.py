@@ -37,6 +37,7 @@ def test_config_is_frozen():
         (["--port", "abc"], {}, "invalid int value"),
         (["--log-level", "LOUD"], {}, "--log-level must be"),
         (["--node", "nohostport"], {}, "--node must be host:port"),
+        (["--node-slow-polls", "0"], {}, "--node-slow-polls must be >= 1"),
         ([], {"LORAPLEX_GRACE_SECONDS": "soon"}, "LORAPLEX_GRACE_SECONDS='soon' is invalid"),
         (["--no-such-flag"], {}, "unrecognized arguments"),
     ],

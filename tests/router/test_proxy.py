@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from services.common.errors import NotFound, ResourceExhausted, Unavailable
@@ -30,6 +31,7 @@ def token(i: int, final: bool = False) -> gen.GenerationDelta:
 
 
 DOWN = NodeFailure(Unavailable("connection refused"), retryable=True, node_down=True)
+SLOW = NodeFailure(Unavailable("DEADLINE_EXCEEDED"), retryable=True, node_down=True, timed_out=True)
 BUSY = NodeFailure(ResourceExhausted("queue full"), retryable=True)
 BAD = NodeFailure(NotFound("adapter adp_1 not found"), retryable=False)
 
@@ -41,7 +43,7 @@ class FakeNode:
 
     async def stats(self, timeout_s):
         if self.stats_fail:
-            raise DOWN
+            raise self.stats_fail if isinstance(self.stats_fail, NodeFailure) else DOWN
         return NodeStats()
 
     async def base_model(self, timeout_s):
@@ -220,6 +222,47 @@ def test_unhealthy_static_nodes_are_retried_and_come_back():
         assert [v.node_id for v in membership.placeable()] == ["a:1"]
 
     asyncio.run(main())
+
+
+def test_late_health_polls_take_a_node_out_only_when_they_come_in_a_row():
+    async def main():
+        fake = FakeNode()
+        _, membership, _ = build({"a:1": fake})  # slow_polls=3, the default
+        await poll_all(membership)
+        placeable = lambda: [v.node_id for v in membership.placeable()]  # noqa: E731
+        fake.stats_fail = SLOW
+        for _ in range(2):
+            await poll_all(membership)
+            assert placeable() == ["a:1"]  # busy for a moment: still taking requests
+        fake.stats_fail = False
+        await poll_all(membership)  # an answer in time starts the count again
+        fake.stats_fail = SLOW
+        for _ in range(2):
+            await poll_all(membership)
+        assert placeable() == ["a:1"]
+        await poll_all(membership)  # the third late answer in a row
+        assert placeable() == []
+        fake.stats_fail = False
+        await poll_all(membership)
+        assert placeable() == ["a:1"]
+        fake.stats_fail = SLOW
+        await poll_all(membership)
+        fake.stats_fail = DOWN  # refused: out at once, late answers before it or not
+        await poll_all(membership)
+        assert placeable() == []
+
+    asyncio.run(main())
+
+
+def test_only_a_deadline_counts_as_a_late_answer():
+    from services.router.node_client import failure_of
+
+    def failure(code):
+        return failure_of(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "x"), "a:1")
+
+    assert failure(grpc.StatusCode.DEADLINE_EXCEEDED).timed_out
+    assert failure(grpc.StatusCode.DEADLINE_EXCEEDED).node_down
+    assert not failure(grpc.StatusCode.UNAVAILABLE).timed_out and failure(grpc.StatusCode.UNAVAILABLE).node_down
 
 
 def test_registered_nodes_heartbeat_expire_and_drain():

@@ -21,7 +21,10 @@ from services.registry.context import RegistryContext, adapter_blob_key
 from services.registry.db.models import Adapter, Deployment
 from services.common.fields import require
 
-DEFAULT_CHUNK, MIN_CHUNK, MAX_CHUNK = 1024 * 1024, 1024, 4 * 1024 * 1024
+DEFAULT_CHUNK, MIN_CHUNK = 1024 * 1024, 1024
+# gRPC clients refuse messages above 4 MiB by default (grpcurl and plain stubs included), and a
+# chunk message is its bytes plus a few of framing: 1 KiB of headroom keeps every message under it.
+MAX_CHUNK = 4 * 1024 * 1024 - 1024
 
 
 def _not_found(what: str) -> NotFound:

@@ -25,6 +25,7 @@ from services.registry.db.models import BaseModel, Deployment, utcnow
 from services.common.fields import require
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
 
+# Checked with fullmatch: `$` alone also matches before a trailing newline.
 BASE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Taken by whoever claims a base model or deployment name, so the two never share one.
 MODEL_NAME_LOCK = "model-name"
@@ -60,9 +61,10 @@ def _read_config(ctx: RegistryContext, location: str) -> dict:
                                   reason="BAD_LOCATION", field="location")
     try:
         config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"config.json at {location!r} is not valid JSON ({exc})", reason="BAD_LOCATION",
-                              field="location") from None
+    # ValueError covers bad UTF-8, bad JSON and integers of over 4300 digits; RecursionError, absurd nesting.
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"config.json at {location!r} is not valid JSON ({str(exc)[:200]})",
+                              reason="BAD_LOCATION", field="location") from None
     if not isinstance(config, dict):
         raise InvalidArgument(f"config.json at {location!r} is not a JSON object", reason="BAD_LOCATION",
                               field="location")
@@ -72,7 +74,7 @@ def _read_config(ctx: RegistryContext, location: str) -> dict:
 def register_base_model(ctx: RegistryContext, principal: Principal, name: str, location: str,
                         description: str) -> BaseModel:
     require_admin(principal, "RegisterBaseModel")
-    if not BASE_MODEL_NAME.match(name):
+    if not BASE_MODEL_NAME.fullmatch(name):
         raise InvalidArgument(f"base model name {name!r} must be 1-128 characters of [A-Za-z0-9._-]",
                               reason="BAD_NAME", field="name", actual=name)
     if not location:

@@ -30,6 +30,7 @@ from services.registry.context import RegistryContext
 from services.registry.db.models import Adapter, BaseModel, Deployment, utcnow
 from services.common.fields import require
 
+# Checked with fullmatch: `$` alone also matches before a trailing newline.
 DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -50,7 +51,7 @@ def _pick_adapter(session, tenant_id: str, base_model: str, adapter_name: str, v
 
 def bind_deployment(ctx: RegistryContext, principal: Principal, name: str, tenant: str, base_model: str,
                     adapter_name: str, adapter_version: int, replace: bool) -> Deployment:
-    if not DEPLOYMENT_NAME.match(name):
+    if not DEPLOYMENT_NAME.fullmatch(name):
         raise InvalidArgument(f"deployment name {name!r} must be 1-128 characters of [A-Za-z0-9._:-] starting "
                               "with a letter or digit", reason="BAD_NAME", field="name", actual=name)
     if not adapter_name:

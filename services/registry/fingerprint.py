@@ -25,6 +25,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 MODULES = ATTENTION_MODULES + MLP_MODULES
+#: ArchitectureFingerprint and ModuleShape fields are uint32 on the wire. A larger value
+#: would be stored, then fail every later GetBaseModel, ListBaseModels and ResolveDeployment
+#: as it is converted: refused at registration instead.
+MAX_FIELD = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +69,9 @@ class ArchitectureFingerprint:
 
 def _positive_int(config: dict[str, Any], key: str, default: Any = None) -> int:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"config.json field {key!r} must be a positive integer, got {value!r}",
-                              reason="BAD_BASE_MODEL_CONFIG", field=key, actual=repr(value))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FIELD:
+        raise InvalidArgument(f"config.json field {key!r} must be a positive integer of at most {MAX_FIELD}, got "
+                              f"{value!r:.60}", reason="BAD_BASE_MODEL_CONFIG", field=key, actual=f"{value!r:.60}")
     return value
 
 
@@ -100,6 +104,12 @@ def fingerprint_from_config(config: dict[str, Any]) -> ArchitectureFingerprint:
         ModuleShape("up_proj", hidden, intermediate),
         ModuleShape("down_proj", intermediate, hidden),
     )
+    for shape in modules:
+        if max(shape.in_features, shape.out_features) > MAX_FIELD:
+            raise InvalidArgument(f"config.json gives {shape.module} {shape.in_features} -> {shape.out_features} "
+                                  f"features; at most {MAX_FIELD} are supported", reason="BAD_BASE_MODEL_CONFIG",
+                                  field="head_dim", expected=f"<= {MAX_FIELD}",
+                                  actual=max(shape.in_features, shape.out_features))
     fingerprint = ArchitectureFingerprint(
         model_type=model_type,
         num_layers=_positive_int(config, "num_hidden_layers"),

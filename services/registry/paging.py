@@ -57,7 +57,7 @@ def page_request(listing: str, page_size: int = 0, page_token: str = "", **query
         decoded = json.loads(base64.urlsafe_b64decode(page_token.encode() + b"=" * (-len(page_token) % 4)))
         if decoded["q"] != digest or not isinstance(decoded["a"], list):
             raise ValueError
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise InvalidArgument("page.page_token does not continue this query (another listing, other filters or "
                               "another caller's token); pass the next_page_token of the previous response unchanged "
                               "with the same request fields", reason="BAD_PAGE_TOKEN",

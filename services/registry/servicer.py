@@ -19,6 +19,7 @@ from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.registry import (adapters, auth, base_models, convert, deployments, feed, gc, keys, paging, tenants,
                                uploads)
 from services.registry.context import RegistryContext
+from services.registry.request_text import check_no_nul
 
 
 def _authenticate_key(ctx: RegistryContext, token: str) -> auth.Principal:
@@ -51,63 +52,68 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             return auth.ADMIN
         return await self._run(_authenticate_key, ctx, token)
 
-    async def _call(self, context, fn, *args):
-        """Authenticates, then runs fn(ctx, principal, *args) on the pool."""
+    async def _call(self, request, context, fn, *args):
+        """Authenticates, checks the request's text, then runs fn(ctx, principal, *args) on the pool."""
         principal = await self._principal(context)
+        check_no_nul(request)
         return await self._run(fn, self.ctx, principal, *args)
 
-    async def _list(self, context, listing: str, page, fn, **query):
+    async def _list(self, request, context, listing: str, page, fn, **query):
         """Authenticates, then runs fn(ctx, principal, **query, page=...). The page token is bound
         to `query` and the caller's tenant (admin: none), so it only continues this same listing."""
         principal = await self._principal(context)
+        check_no_nul(request)
         bound = paging.page_request(listing, page.page_size, page.page_token, caller=principal.tenant_id, **query)
         return await self._run(fn, self.ctx, principal, page=bound, **query)
 
     # --- Tenants ---
 
     async def CreateTenant(self, request, context):
-        return convert.tenant(await self._call(context, tenants.create_tenant, request.name, request.display_name))
+        return convert.tenant(await self._call(request, context, tenants.create_tenant, request.name,
+                                               request.display_name))
 
     async def GetTenant(self, request, context):
-        return convert.tenant(await self._call(context, tenants.get_tenant, request.tenant))
+        return convert.tenant(await self._call(request, context, tenants.get_tenant, request.tenant))
 
     async def ListTenants(self, request, context):
-        rows, token = await self._list(context, "tenants", request.page, tenants.list_tenants)
+        rows, token = await self._list(request, context, "tenants", request.page, tenants.list_tenants)
         return pb.ListTenantsResponse(tenants=[convert.tenant(r) for r in rows], next_page_token=token)
 
     async def DeleteTenant(self, request, context):
-        await self._call(context, tenants.delete_tenant, request.tenant, request.force)
+        await self._call(request, context, tenants.delete_tenant, request.tenant, request.force)
         return pb.DeleteTenantResponse()
 
     # --- API keys ---
 
     async def CreateApiKey(self, request, context):
-        key, secret = await self._call(context, keys.create_key, request.tenant, request.name, request.ttl_seconds)
+        key, secret = await self._call(request, context, keys.create_key, request.tenant, request.name,
+                                       request.ttl_seconds)
         return pb.CreateApiKeyResponse(key=convert.api_key(key), secret=secret)
 
     async def ListApiKeys(self, request, context):
-        rows, token = await self._list(context, "api_keys", request.page, keys.list_keys, tenant=request.tenant)
+        rows, token = await self._list(request, context, "api_keys", request.page, keys.list_keys,
+                                       tenant=request.tenant)
         return pb.ListApiKeysResponse(keys=[convert.api_key(r) for r in rows], next_page_token=token)
 
     async def RevokeApiKey(self, request, context):
-        return convert.api_key(await self._call(context, keys.revoke_key, request.key_id))
+        return convert.api_key(await self._call(request, context, keys.revoke_key, request.key_id))
 
     async def VerifyApiKey(self, request, context):
-        key, tenant = await self._call(context, keys.verify_key, request.secret)
+        key, tenant = await self._call(request, context, keys.verify_key, request.secret)
         return pb.VerifyApiKeyResponse(key=convert.api_key(key), tenant=convert.tenant(tenant))
 
     # --- Base models ---
 
     async def RegisterBaseModel(self, request, context):
-        row = await self._call(context, base_models.register_base_model, request.name, request.location,
+        row = await self._call(request, context, base_models.register_base_model, request.name, request.location,
                                request.description)
         return convert.base_model(row)
 
     async def GetBaseModel(self, request, context):
-        return convert.base_model(await self._call(context, base_models.get_base_model, request.name))
+        return convert.base_model(await self._call(request, context, base_models.get_base_model, request.name))
 
     async def ListBaseModels(self, request, context):
-        rows, token = await self._list(context, "base_models", request.page, base_models.list_base_models)
+        rows, token = await self._list(request, context, "base_models", request.page, base_models.list_base_models)
         return pb.ListBaseModelsResponse(base_models=[convert.base_model(r) for r in rows], next_page_token=token)
 
     # --- Adapters ---
@@ -119,6 +125,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("the first UploadAdapter message must be the header", reason="BAD_HEADER",
                                   field="header")
+        check_no_nul(first.header, "header.")
         ctx = self.ctx
         plan = await self._run(uploads.begin_upload, ctx, principal, convert.upload_header(first.header))
         body = await self._run(uploads.UploadBody, ctx.spool_dir, plan, ctx.limits.max_upload_bytes)
@@ -135,22 +142,22 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.UploadAdapterResponse(adapter=convert.adapter(row), created=created)
 
     async def GetAdapter(self, request, context):
-        row = await self._call(context, adapters.get_adapter, request.id, request.tenant, request.name,
+        row = await self._call(request, context, adapters.get_adapter, request.id, request.tenant, request.name,
                                request.version)
         return convert.adapter(row)
 
     async def ListAdapters(self, request, context):
-        rows, token = await self._list(context, "adapters", request.page, adapters.list_adapters,
+        rows, token = await self._list(request, context, "adapters", request.page, adapters.list_adapters,
                                        tenant=request.tenant, name=request.name, base_model=request.base_model,
                                        latest_only=request.latest_only)
         return pb.ListAdaptersResponse(adapters=[convert.adapter(r) for r in rows], next_page_token=token)
 
     async def DeleteAdapter(self, request, context):
-        await self._call(context, adapters.delete_adapter, request.id)
+        await self._call(request, context, adapters.delete_adapter, request.id)
         return pb.DeleteAdapterResponse()
 
     async def DownloadAdapter(self, request, context):
-        row, reader = await self._call(context, adapters.open_download, request.id)
+        row, reader = await self._call(request, context, adapters.open_download, request.id)
         try:
             yield pb.DownloadAdapterResponse(manifest=pb.AdapterManifest(
                 adapter=convert.adapter(row), config_json=row.config_json, size_bytes=row.size_bytes,
@@ -164,22 +171,22 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     # --- Deployments ---
 
     async def BindDeployment(self, request, context):
-        row = await self._call(context, deployments.bind_deployment, request.name, request.tenant, request.base_model,
-                               request.adapter_name, request.adapter_version, request.replace)
+        row = await self._call(request, context, deployments.bind_deployment, request.name, request.tenant,
+                               request.base_model, request.adapter_name, request.adapter_version, request.replace)
         return convert.deployment(row)
 
     async def UnbindDeployment(self, request, context):
-        await self._call(context, deployments.unbind_deployment, request.name, request.tenant)
+        await self._call(request, context, deployments.unbind_deployment, request.name, request.tenant)
         return pb.UnbindDeploymentResponse()
 
     async def ResolveDeployment(self, request, context):
-        deployment, adapter, base = await self._call(context, deployments.resolve_deployment, request.name,
+        deployment, adapter, base = await self._call(request, context, deployments.resolve_deployment, request.name,
                                                      request.tenant)
         return pb.ResolveDeploymentResponse(deployment=convert.deployment(deployment), adapter=convert.adapter(adapter),
                                             base_model=convert.base_model(base))
 
     async def ListDeployments(self, request, context):
-        rows, token = await self._list(context, "deployments", request.page, deployments.list_deployments,
+        rows, token = await self._list(request, context, "deployments", request.page, deployments.list_deployments,
                                        tenant=request.tenant)
         return pb.ListDeploymentsResponse(deployments=[convert.deployment(r) for r in rows], next_page_token=token)
 
@@ -192,5 +199,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             yield convert.change_event(event)
 
     async def CollectGarbage(self, request, context):
-        removed, freed = await self._call(context, gc.collect_garbage, request.min_age_seconds, request.dry_run)
+        removed, freed = await self._call(request, context, gc.collect_garbage, request.min_age_seconds,
+                                          request.dry_run)
         return pb.CollectGarbageResponse(removed_blobs=removed, removed_bytes=freed)

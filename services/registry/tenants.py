@@ -18,15 +18,16 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.registry import feed, paging
 from services.registry.auth import TENANT_ID_PREFIX, Principal, find_tenant, require_admin, scoped_tenant
 from services.registry.context import RegistryContext
-from services.registry.db.models import Adapter, ApiKey, Deployment, Tenant, utcnow
+from services.registry.db.models import Adapter, AdapterName, ApiKey, Deployment, Tenant, utcnow
 
+# Checked with fullmatch: `$` alone also matches before a trailing newline ("acme\n").
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MAX_DISPLAY_NAME = 255
 
 
 def create_tenant(ctx: RegistryContext, principal: Principal, name: str, display_name: str) -> Tenant:
     require_admin(principal, "CreateTenant")
-    if not TENANT_NAME.match(name):
+    if not TENANT_NAME.fullmatch(name):
         raise InvalidArgument(f"tenant name {name!r} must be 1-63 characters of [a-z0-9-] starting with a letter",
                               reason="BAD_NAME", field="name", actual=name)
     if len(display_name) > MAX_DISPLAY_NAME:
@@ -78,7 +79,7 @@ def delete_tenant(ctx: RegistryContext, principal: Principal, ref: str, force: b
         adapters = list(session.scalars(select(Adapter.id).where(Adapter.tenant_id == tenant.id)))
         # Explicit deletes (not only ON DELETE CASCADE): the same on every database and every
         # foreign-key setting.
-        for model in (Deployment, Adapter, ApiKey):
+        for model in (Deployment, Adapter, AdapterName, ApiKey):
             session.execute(delete(model).where(model.tenant_id == tenant.id))
         session.delete(tenant)
         for name in deployments:

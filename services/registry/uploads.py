@@ -9,10 +9,11 @@ Order of a successful upload, and why:
 4. The weights go to the blob store under their sha256 *before* the row commits; a crash
    between leaves an unreferenced blob that garbage collection removes, never a row
    without its blob.
-5. The row commits under two locks: (tenant, name) makes version numbers gapless and unique
-   and lets an identical concurrent upload find the first one's row (idempotency); the blob
-   lock orders us against garbage collection, and under it we re-check that the blob is
-   still there (GC may have removed an older identical orphan) before pointing a row at it.
+5. The row commits under two locks: (tenant, name) makes version numbers unique (from the
+   adapter_names counter, so a deleted version's number is never given again) and lets an
+   identical concurrent upload find the first one's row (idempotency); the blob lock orders
+   us against garbage collection, and under it we re-check that the blob is still there (GC
+   may have removed an older identical orphan) before pointing a row at it.
 Any failure removes the scratch files; nothing else was written.
 """
 
@@ -25,17 +26,18 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from services.common.errors import InvalidArgument, NotFound
 from services.registry import feed
 from services.registry.auth import Principal, scoped_tenant
 from services.registry.base_models import fingerprint_of, load_base_model
 from services.registry.context import RegistryContext, adapter_blob_key
-from services.registry.db.models import Adapter, Tenant, utcnow
+from services.registry.db.models import Adapter, AdapterName, Tenant, utcnow
 from services.registry.validation import (BaseModelRef, UploadLimits, UploadReceiver, ValidatedAdapter,
                                           check_files_header, validate_upload)
 
+# Checked with fullmatch: `$` alone also matches before a trailing newline.
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_DESCRIPTION = 64, 63, 255, 4096
@@ -62,7 +64,7 @@ class UploadPlan:
 
 
 def _check_header(header: UploadHeader, limits: UploadLimits) -> None:
-    if not ADAPTER_NAME.match(header.name):
+    if not ADAPTER_NAME.fullmatch(header.name):
         raise InvalidArgument(f"adapter name {header.name!r} must be 1-63 characters of [A-Za-z0-9._-]",
                               reason="BAD_NAME", field="header.name", actual=header.name)
     if header.archive not in ("zip", "files"):
@@ -73,7 +75,7 @@ def _check_header(header: UploadHeader, limits: UploadLimits) -> None:
     elif header.files:
         raise InvalidArgument("header.files is only for ADAPTER_ARCHIVE_FILES", reason="BAD_HEADER",
                               field="header.files")
-    if header.content_sha256 and not SHA256_HEX.match(header.content_sha256):
+    if header.content_sha256 and not SHA256_HEX.fullmatch(header.content_sha256):
         raise InvalidArgument("header.content_sha256 must be 64 lowercase hex characters", reason="BAD_HEADER",
                               field="header.content_sha256", actual=header.content_sha256)
     if len(header.description) > MAX_DESCRIPTION:
@@ -150,13 +152,19 @@ def _store(ctx: RegistryContext, plan: UploadPlan, validated: ValidatedAdapter) 
         existing = _find_identical(session, plan, validated)
         if existing is not None:
             return existing, False
-        if session.get(Tenant, plan.tenant_id) is None:
+        # FOR SHARE (PostgreSQL; SQLite writers never overlap): a DeleteTenant holding the row makes
+        # us wait and then see it gone, NOT_FOUND, instead of failing the foreign key as INTERNAL.
+        if session.get(Tenant, plan.tenant_id, with_for_update={"read": True}) is None:
             raise NotFound(f"tenant '{header.tenant or plan.tenant_id}' not found", reason="TENANT_NOT_FOUND")
         if not ctx.store.exists(key):  # collected as an orphan since we wrote it: write it again
             ctx.store.put_file(key, validated.weights_path)
-        latest = session.scalar(select(func.max(Adapter.version)).where(
-            Adapter.tenant_id == plan.tenant_id, Adapter.name == header.name)) or 0
-        row = Adapter(id="adp_" + uuid.uuid4().hex, tenant_id=plan.tenant_id, name=header.name, version=latest + 1,
+        counter = session.get(AdapterName, (plan.tenant_id, header.name))
+        if counter is None:
+            counter = AdapterName(tenant_id=plan.tenant_id, name=header.name, last_version=0)
+            session.add(counter)
+        counter.last_version += 1  # never max(version) + 1: a deleted version's number is not reused
+        row = Adapter(id="adp_" + uuid.uuid4().hex, tenant_id=plan.tenant_id, name=header.name,
+                      version=counter.last_version,
                       base_model=plan.base.name, rank=spec.rank, alpha=spec.alpha, use_rslora=spec.use_rslora,
                       scaling=spec.scaling, target_modules=validated.target_modules,
                       size_bytes=validated.size_bytes, sha256=validated.sha256,

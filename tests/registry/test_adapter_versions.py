@@ -8,9 +8,11 @@ import math
 import grpc
 import numpy as np
 import pytest
+from safetensors.numpy import save as save_tensors
 
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from tests.registry.client import expect_error, sha256, unique
 from tests.registry.conftest import start_registry
 from tests.registry.lora_files import ALL_MODULES, make_peft_adapter, make_zip, to_bf16, variant
@@ -44,6 +46,31 @@ def test_download_chunks_follow_the_requested_size(registry, tenant, peft_adapte
                                                 metadata=[("authorization", f"Bearer {tenant.token}")]))
     sizes = [len(m.chunk) for m in messages[1:]]
     assert max(sizes) <= 5000 and sum(sizes) == len(peft_adapter.weights) and len(sizes) > 3
+
+
+def test_the_largest_chunk_fits_a_default_grpc_client(registry, tenant, tiny_model_dir, tmp_path):
+    """chunk_size at its documented maximum must not produce messages a stock client refuses
+    (gRPC's default receive limit is 4 MiB; grpcurl's too)."""
+    config = {**json.loads((tiny_model_dir / "config.json").read_text()), "hidden_size": 1024,
+              "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    base = unique("wide")
+    registry.admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=base, location=str(tmp_path)))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module in ("q_proj", "k_proj", "v_proj"):  # 2 MiB each at r=256: 6 MiB of weights
+        prefix = f"base_model.model.model.layers.0.self_attn.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((256, 1024), dtype=np.float32) * 0.01
+        tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((1024, 256), dtype=np.float32) * 0.01
+    weights = save_tensors(tensors)
+    lora = {"peft_type": "LORA", "r": 256, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+    archive = make_zip({"adapter_config.json": json.dumps(lora).encode(), "adapter_model.safetensors": weights})
+    adapter = tenant.upload_bytes(archive, name="wide", base_model=base).adapter
+    with grpc.insecure_channel(registry.address) as channel:  # default options: 4 MiB receive limit
+        messages = list(registry_pb2_grpc.RegistryStub(channel).DownloadAdapter(
+            pb.DownloadAdapterRequest(id=adapter.id, chunk_size=4 * 1024 * 1024),
+            metadata=[("authorization", f"Bearer {tenant.token}")], timeout=120))
+    assert b"".join(m.chunk for m in messages[1:]) == weights
 
 
 def test_files_archive_and_folder_zip_are_accepted_and_identical(registry, tenant, peft_adapter):
@@ -148,6 +175,17 @@ def test_delete_removes_the_version_and_emits_an_event(registry, tenant, peft_ad
     expect_error(grpc.StatusCode.NOT_FOUND, tenant.download, adapter.id)
     expect_error(grpc.StatusCode.NOT_FOUND, tenant.DeleteAdapter, pb.DeleteAdapterRequest(id=adapter.id))
     assert registry.counts()["change_events"] == events + 1
+
+
+def test_a_deleted_version_number_is_never_given_again(registry, tenant, peft_adapter):
+    tenant.upload(variant(peft_adapter, 11), name="fin")
+    v2 = tenant.upload(variant(peft_adapter, 12), name="fin").adapter
+    tenant.DeleteAdapter(pb.DeleteAdapterRequest(id=v2.id))
+    v3 = tenant.upload(variant(peft_adapter, 13), name="fin").adapter
+    assert v3.version == 3
+    expect_error(grpc.StatusCode.NOT_FOUND, tenant.GetAdapter, pb.GetAdapterRequest(name="fin", version=2))
+    again = tenant.upload(variant(peft_adapter, 12), name="fin")  # v2's weights: a new version, not v2 back
+    assert again.created and again.adapter.version == 4
 
 
 def test_uploads_above_the_size_limit_stop_early(tmp_path, request, tiny_model_dir, peft_adapter):

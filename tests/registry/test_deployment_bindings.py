@@ -65,6 +65,7 @@ def test_names_are_unique_and_replace_is_only_for_the_owner(registry_sql, owner,
 def test_bind_checks_names_adapters_and_base_models(registry_sql, owner, peft_adapter, tiny_model_dir):
     owner.upload(variant(peft_adapter, 6), name="fin")
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, bind, owner, "has space", "fin")
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, bind, owner, unique("d") + "\n", "fin")  # `$` matches before \n
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, bind, owner, unique("d"), "")
     expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "nope")
     expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "fin", version=7)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 
 import grpc
 import numpy as np
@@ -45,6 +46,10 @@ def _overlapping(files: AdapterFiles) -> bytes:
     header = {Q_A: {"dtype": "F32", "shape": [4, 64], "data_offsets": [0, 1024]},
               key(0, "q_proj", "B"): {"dtype": "F32", "shape": [64, 4], "data_offsets": [512, 1536]}}
     return raw_safetensors(header, b"\0" * 1536)
+
+
+def _raw_header(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
 
 
 # name -> (build(files) -> zip bytes, or (bytes, upload kwargs)), substrings the message must contain
@@ -117,6 +122,15 @@ CASES = {
     "content_sha256": (lambda f: (f.zip(), {"content_sha256": "0" * 64}), ["content_sha256", "does not match"]),
     "unspecified_archive": (lambda f: (f.zip(), {"archive": pb.ADAPTER_ARCHIVE_UNSPECIFIED}), ["header.archive"]),
     "bad_name": (lambda f: (f.zip(), {"name": "no spaces allowed"}), ["adapter name", "no spaces allowed"]),
+    "name_trailing_newline": (lambda f: (f.zip(), {"name": "fin\n"}), ["adapter name", "'fin\\n'"]),
+    "alpha_overflows_a_float": (lambda f: f.with_config(lora_alpha=10**400).zip(), [CONFIG, "lora_alpha"]),
+    "alpha_above_float32": (lambda f: f.with_config(lora_alpha=1e39).zip(), [CONFIG, "lora_alpha", "at most"]),
+    "config_deeply_nested": (lambda f: AdapterFiles(b"[" * 100_000 + b"]" * 100_000, f.weights).zip(),
+                             [CONFIG, "not usable JSON"]),
+    "config_integer_too_long": (lambda f: AdapterFiles(b'{"r": ' + b"1" * 5000 + b"}", f.weights).zip(),
+                                [CONFIG, "not usable JSON"]),
+    "header_deeply_nested": (lambda f: AdapterFiles(f.config, _raw_header(b"[" * 100_000 + b"]" * 100_000)).zip(),
+                             [WEIGHTS, "not valid JSON"]),
     "empty_body": (lambda f: (b"", {}), ["no bytes"]),
 }
 

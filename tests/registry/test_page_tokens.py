@@ -3,6 +3,8 @@ scope. Anything else is INVALID_ARGUMENT naming page.page_token, never a silentl
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 import pytest
 
@@ -93,3 +95,9 @@ def test_tokens_without_a_query_keep_working_for_other_listings():
     # Filters are one query whatever order they are given in.
     _, bound = paging.split([1, 2], paging.page_request("x", 1, tenant="a", name="b"), lambda n: [n])
     assert paging.page_request("x", 1, bound, name="b", tenant="a").after == [1]
+
+
+def test_a_garbled_token_is_invalid_argument_not_internal(registry_sql):
+    """Deep JSON nesting made the decoder raise RecursionError, which ended as INTERNAL."""
+    deep = base64.urlsafe_b64encode(b"[" * 100_000 + b"]" * 100_000).decode()
+    refused(registry_sql.admin.ListTenants, pb.ListTenantsRequest(page=page(1, deep)))

@@ -3,11 +3,15 @@ a change feed whose order is the commit order."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
+from sqlalchemy import delete, func, select, text
 
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.registry.db.models import Adapter, Tenant
 from tests.registry.client import unique
 from tests.registry.lora_files import variant
 
@@ -87,3 +91,30 @@ def test_feed_order_is_commit_order_under_parallel_writers(registry_sql, peft_ad
     again = [next(replay).sequence for _ in range(2 * PARALLEL)]
     replay.cancel()
     assert live == sorted(set(live)) and live == again
+
+
+def test_an_upload_racing_a_tenant_deletion_is_not_found(registry_sql, peft_adapter):
+    """PostgreSQL: an upload committing while DeleteTenant holds the tenant row used to fail its
+    foreign key check after the delete committed, as INTERNAL. (SQLite serializes all writers.)"""
+    if not registry_sql.backend.startswith("postgres"):
+        pytest.skip("SQLite writers never overlap")
+    tenant = registry_sql.new_tenant()
+    db = registry_sql.ctx.db
+    with ThreadPoolExecutor(1) as pool:
+        with db.write() as session:  # what DeleteTenant does, held open until the upload waits on it
+            session.execute(delete(Tenant).where(Tenant.id == tenant.tenant_id))
+            upload = pool.submit(outcome, lambda: registry_sql.admin.upload(peft_adapter, name="late",
+                                                                            tenant=tenant.tenant_id))
+            with db.engine.connect() as watcher:
+                for _ in range(600):  # until the upload's transaction waits for our row lock
+                    if watcher.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                            "AND datname = current_database()")).scalar():
+                        break
+                    watcher.rollback()
+                    time.sleep(0.1)
+                else:
+                    raise AssertionError("the upload never waited for the tenant row")
+        assert upload.result() == grpc.StatusCode.NOT_FOUND
+    with db.read() as session:
+        left = session.scalar(select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant.tenant_id))
+    assert left == 0

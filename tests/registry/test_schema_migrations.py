@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.config import Config
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from services.registry.db import Database
-from services.registry.db.models import Base
+from services.registry.db.models import AdapterName, Base
 from services.registry.db.session import MIGRATIONS_DIR
 
 
@@ -47,3 +49,27 @@ def test_migrations_match_the_models_and_rerun_cleanly(database_url):
     finally:
         for db in databases:
             db.close()
+
+
+def test_upgrading_a_filled_database_starts_each_version_counter_at_its_newest(database_url):
+    """0002 adds adapter_names; names uploaded before it must continue after their newest version."""
+    db = Database(database_url)
+    try:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with db.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+            now = dt.datetime.now(dt.timezone.utc)
+            connection.execute(text("INSERT INTO tenants VALUES ('tnt_1', 'acme', 'Acme', :now)"), {"now": now})
+            connection.execute(text("INSERT INTO base_models VALUES ('tiny', '/m', '', '{}', :now)"), {"now": now})
+            for version in (1, 3):
+                connection.execute(text(
+                    "INSERT INTO adapters VALUES (:id, 'tnt_1', 'fin', :v, 'tiny', 4, 8, false, 2, '[]', 1, 'a', :id,"
+                    " '{}', '', '{}', :now)"), {"id": f"adp_{version}", "v": version, "now": now})
+        db.migrate()
+        with db.read() as session:
+            counters = [(row.tenant_id, row.name, row.last_version) for row in session.scalars(select(AdapterName))]
+        assert counters == [("tnt_1", "fin", 3)]
+    finally:
+        db.close()

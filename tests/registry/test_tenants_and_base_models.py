@@ -15,7 +15,7 @@ from tests.registry.client import expect_error, unique
 from tests.registry.conftest import start_registry
 
 
-@pytest.mark.parametrize("name", ["", "Acme", "1acme", "acme_corp", "a" * 64, "acme corp"])
+@pytest.mark.parametrize("name", ["", "Acme", "1acme", "acme_corp", "a" * 64, "acme corp", "acme\n", "a" * 63 + "\n"])
 def test_tenant_names_are_checked(registry_sql, name):
     error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, registry_sql.admin.CreateTenant,
                          pb.CreateTenantRequest(name=name))
@@ -100,6 +100,33 @@ def test_base_model_registration_rules(registry_sql, tiny_model_dir, tmp_path):
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, admin.RegisterBaseModel,
                  pb.RegisterBaseModelRequest(name="bad name", location=str(tiny_model_dir)))
     expect_error(grpc.StatusCode.NOT_FOUND, admin.GetBaseModel, pb.GetBaseModelRequest(name="nope"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_position_embeddings", 10**10, "must be a positive integer of at most 4294967295"),  # above uint32
+    ("head_dim", 2**31, "at most 4294967295"),  # q_proj: 4 heads x 2^31 features
+    ("hidden_size", "1" * 5000, "not valid JSON"),  # an integer literal of 5000 digits
+    ("hidden_size", "[" * 100_000 + "]" * 100_000, "not valid JSON"),
+])
+def test_a_config_json_the_api_cannot_carry_is_refused_at_registration(registry_sql, tiny_model_dir, tmp_path,
+                                                                       field, value, message):
+    """Such a base model used to be stored, then made every GetBaseModel and ListBaseModels INTERNAL."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    text = json.dumps({**config, field: "@@"}).replace('"@@"', value if isinstance(value, str) else str(value))
+    (tmp_path / "config.json").write_text(text)
+    admin, name = registry_sql.admin, unique("huge")
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, admin.RegisterBaseModel,
+                         pb.RegisterBaseModelRequest(name=name, location=str(tmp_path)))
+    assert message in error.details()
+    expect_error(grpc.StatusCode.NOT_FOUND, admin.GetBaseModel, pb.GetBaseModelRequest(name=name))
+    assert "tiny" in [model.name for model in admin.ListBaseModels(pb.ListBaseModelsRequest(
+        page=generation_pb2.PageRequest(page_size=1000))).base_models]
+
+
+def test_base_model_names_are_checked_to_the_end(registry_sql, tiny_model_dir):
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, registry_sql.admin.RegisterBaseModel,
+                         pb.RegisterBaseModelRequest(name="tiny-2\n", location=str(tiny_model_dir)))
+    assert "must be 1-128 characters" in error.details()
 
 
 def test_base_model_in_s3_is_read_from_the_bucket(tmp_path, request, tiny_model_dir):

@@ -112,6 +112,18 @@ class Adapter(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class AdapterName(Base):
+    """The highest version ever given to a tenant's adapter name. Versions are never reused:
+    after v2 is deleted the next upload is v3, so (tenant, name, version) always names the
+    same bytes (caches and audit logs may keep it)."""
+
+    __tablename__ = "adapter_names"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
 

@@ -18,6 +18,9 @@ from services.common.errors import InvalidArgument
 from services.registry.validation.archive import CONFIG_FILE
 
 DEFAULT_ALPHA = 8  # PEFT's LoraConfig default
+# The largest float32: Adapter.alpha and Adapter.scaling are float32 on the wire, and a larger alpha
+# would reach inference nodes as an infinite scale.
+MAX_ALPHA = 3.4028234663852886e38
 
 # field -> why it is refused when set (truthy).
 UNSUPPORTED_FEATURES = {
@@ -63,6 +66,8 @@ def parse_lora_config(data: bytes, max_rank: int) -> LoraSpec:
         raise _invalid(f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise _invalid(f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; absurdly deep nesting
+        raise _invalid(f"is not usable JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     if not isinstance(config, dict):
         raise _invalid(f"must be a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type")
@@ -88,9 +93,10 @@ def parse_lora_config(data: bytes, max_rank: int) -> LoraSpec:
         raise _invalid(f"rank r={rank} is above this registry's limit of {max_rank}", reason="RANK_TOO_LARGE",
                        field="r", expected=f"<= {max_rank}", actual=rank)
     alpha = config.get("lora_alpha", DEFAULT_ALPHA)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
-        raise _invalid(f"lora_alpha must be a positive number, got {alpha!r}", field="lora_alpha",
-                       expected="> 0", actual=alpha)
+    # Compared, not converted: float(10**400) overflows, and `not 0 < x` also refuses NaN.
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= MAX_ALPHA:
+        raise _invalid(f"lora_alpha must be a positive number of at most {MAX_ALPHA:.7g}, got {alpha!r:.60}",
+                       field="lora_alpha", expected=f"> 0 and <= {MAX_ALPHA:.7g}", actual=f"{alpha!r:.60}")
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise _invalid(f"use_rslora must be true or false, got {use_rslora!r}", field="use_rslora")

@@ -76,8 +76,9 @@ def read_header(path: Path, size: int) -> list[TensorEntry]:
         raw = source.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _invalid(f"header is not valid JSON ({exc})", reason="BAD_SAFETENSORS") from None
+    # ValueError covers bad UTF-8, bad JSON and integers of over 4300 digits; RecursionError, absurd nesting.
+    except (ValueError, RecursionError) as exc:
+        raise _invalid(f"header is not valid JSON ({str(exc)[:200]})", reason="BAD_SAFETENSORS") from None
     if not isinstance(header, dict):
         raise _invalid("header is not a JSON object", reason="BAD_SAFETENSORS")
     header.pop("__metadata__", None)

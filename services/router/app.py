@@ -93,8 +93,8 @@ class RouterApp:
         self.watcher = ChangeFeedWatcher(registry, apply, reset, feed)
         self._tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(membership.run())]
         if config.http_enabled:
-            self.http = HttpServer(build_app(self.core), config.host, config.http_port, config.grace_seconds,
-                                   config.log_level)
+            self.http = HttpServer(build_app(self.core, config.max_message_mb * 2**20), config.host,
+                                   config.http_port, config.grace_seconds, config.log_level)
             await self.http.start()
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", config.host, self.http.port)
 

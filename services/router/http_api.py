@@ -9,15 +9,20 @@
 Same path as gRPC: `Authorization: Bearer <tenant API key>`, RouterCore for resolution,
 quotas, placement and failover. Errors are OpenAI-shaped
 (`{"error": {"message", "type", "param", "code"}}`) with the matching HTTP status; a 429
-carries Retry-After (and retry-after-ms, which the OpenAI SDK honours). Every error that
-can happen before the first token is a real status code, because RouterCore.open returns
-only once the first token exists; a failure after it arrives as an `error` event in the
-stream (the SDK raises it). A client that disconnects cancels the request on its node.
+carries Retry-After (and retry-after-ms, which the OpenAI SDK honours). A body larger than
+the router's message limit (--max-message-mb, the same one gRPC callers have) is a 413, read
+no further: past that size the node call would fail with gRPC's RESOURCE_EXHAUSTED, which
+reads as "every node is busy" (a 429 the SDK retries). Generation answers, errors included,
+carry x-request-id (the SDK's `request_id`), the id the router logs the request under.
+Every error that can happen before the first token is a real status code, because
+RouterCore.open returns only once the first token exists; a failure after it arrives as an
+`error` event in the stream (the SDK raises it). A client that disconnects cancels the request on its node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -51,8 +56,13 @@ STATUS = [(errors.InvalidArgument, 400, "invalid_request_error"),
           (errors.Unimplemented, 501, "invalid_request_error")]
 
 
+#: Reasons whose HTTP status is more precise than their class's.
+STATUS_OF_REASON = {"BODY_TOO_LARGE": 413}
+
+
 def error_body(error: errors.LoraplexError) -> tuple[int, dict]:
     status, kind = next(((s, k) for cls, s, k in STATUS if isinstance(error, cls)), (500, "server_error"))
+    status = STATUS_OF_REASON.get(error.reason, status)
     code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status, error.reason.lower())
     if isinstance(error, errors.NotFound) and error.metadata.get("field") == "model":
         code = "model_not_found"
@@ -62,12 +72,12 @@ def error_body(error: errors.LoraplexError) -> tuple[int, dict]:
                               "code": code}}
 
 
-def error_response(error: errors.LoraplexError) -> JSONResponse:
+def error_response(error: errors.LoraplexError, request_id: str = "") -> JSONResponse:
     status, body = error_body(error)
-    headers = {}
+    headers = {"x-request-id": request_id} if request_id else {}
     if isinstance(error, errors.ResourceExhausted):
-        headers = {"retry-after": str(max(1, math.ceil(error.retry_after_s))),
-                   "retry-after-ms": str(int(error.retry_after_s * 1000))}
+        headers.update({"retry-after": str(max(1, math.ceil(error.retry_after_s))),
+                        "retry-after-ms": str(int(error.retry_after_s * 1000))})
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -120,10 +130,21 @@ async def unless_disconnected(request: Request, work: Awaitable):
     return task.result()
 
 
-async def json_body(request: Request) -> dict:
+async def json_body(request: Request, limit: int) -> dict:
+    too_large = errors.InvalidArgument(f"the request body is larger than this router's limit of "
+                                       f"{limit // 2**20} MiB", reason="BODY_TOO_LARGE", field="body")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a chunked body declares no length
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
     try:
-        body = json.loads(await request.body())
-    except ValueError:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise errors.InvalidArgument("the request body is not valid JSON", field="body") from None
     if not isinstance(body, dict):
         raise errors.InvalidArgument("the request body must be a JSON object", field="body")
@@ -183,12 +204,14 @@ async def completion_events(stream: Stream, created: int, options: schema.Option
             yield chunk("", usage_=schema.usage(delta.usage), with_choice=False)
 
 
-def build_app(core: RouterCore) -> Starlette:
+def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
     async def generate(request: Request, parse, respond, events, prompt_param: str) -> Response:
-        caller = await core.authenticate(request.headers.get("authorization"))
-        call, options = parse(await json_body(request))
-        created = int(time.time())
+        request_id = uuid.uuid4().hex  # before anything can fail, so every answer can name it
         try:
+            caller = await core.authenticate(request.headers.get("authorization"))
+            call, options = parse(await json_body(request, max_body_bytes))
+            call = dataclasses.replace(call, request_id=request_id)
+            created = int(time.time())
             if not options.stream:
                 done = await unless_disconnected(request, core.complete(caller, call))
                 return JSONResponse(respond(done, created, options), headers={"x-request-id": done.request_id})
@@ -196,7 +219,7 @@ def build_app(core: RouterCore) -> Starlette:
         except errors.LoraplexError as exc:
             if exc.metadata.get("field") == "prompt":  # the node's name for what this API calls it
                 exc.metadata["field"] = prompt_param
-            raise
+            return error_response(exc, request_id)
         return SSEResponse(events(stream, created, options), stream)
 
     @endpoint

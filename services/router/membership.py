@@ -10,8 +10,9 @@ UNHEALTHY at once (no new requests; streams already running finish or fail on th
 A poll that only runs past its deadline counts as slow: a node busy with a burst (a huge
 prompt, a GC pause) answers late now and then, and taking it out for one late answer would
 push its whole load onto the others; `slow_polls` late answers in a row mark it. Polls keep
-trying an unhealthy node, and the first successful one brings it back. DRAINING (DeregisterNode) takes a node out for good:
-it leaves the table when the router has no request left on it.
+trying an unhealthy node, and the first successful one brings it back. DRAINING
+(DeregisterNode) takes a node out for good: it leaves the table when the router has no
+request left on it.
 
 Load = requests this router has in flight on the node + what the node reports running or
 waiting beyond those (other routers' traffic). The local count moves with every request,

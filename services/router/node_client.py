@@ -36,6 +36,12 @@ def failure_of(exc: grpc.aio.AioRpcError, address: str) -> NodeFailure:
         metadata = {k: v for k, v in (info.metadata.items() if info else ()) if k not in ("reason", "message")}
         return NodeFailure(ERROR_OF[code](exc.details() or code.name, reason="NODE_REJECTED", **metadata),
                            retryable=False)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (exc.details() or ""):
+        # gRPC's own size check (this router's send limit or the node's receive limit), not a busy
+        # node: every node and every retry would refuse the same request alike.
+        return NodeFailure(errors.InvalidArgument(
+            f"the request is too large to pass on to inference node {address} ({exc.details()}); send a "
+            "shorter prompt", reason="REQUEST_TOO_LARGE", field="prompt"), retryable=False)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return NodeFailure(errors.ResourceExhausted(f"inference node {address}: {exc.details()}",
                                                     reason="NODE_QUEUE_FULL"), retryable=True)

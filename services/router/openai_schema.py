@@ -24,7 +24,7 @@ FINISH = {gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_LENGTH: "length"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 #: The node's limit on alternatives per position (SamplingParams.top_logprobs).
 MAX_TOP_LOGPROBS = 20
-UINT32, UINT64 = 2**32 - 1, 2**64 - 1
+UINT32, UINT64, INT64_MIN = 2**32 - 1, 2**64 - 1, -(2**63)
 
 #: Accepted and without effect here.
 NO_OP_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
@@ -135,10 +135,14 @@ def _sampling(body: dict, max_tokens_field: str, default_max_tokens: int | None)
         params.temperature = 0.0
     elif top_p is not None:
         params.top_p = top_p
-    for field, high in (("top_k", UINT32), ("seed", UINT64)):
-        value = _integer(body, field, 0, high)
-        if value is not None:
-            setattr(params, field, value)
+    top_k = _integer(body, "top_k", 0, UINT32)
+    if top_k is not None:
+        params.top_k = top_k
+    # OpenAI takes any int64 seed (clients send -1 and other negatives); the node's is a uint64,
+    # so a negative seed maps to its two's complement: still one fixed seed per value.
+    seed = _integer(body, "seed", INT64_MIN, UINT64)
+    if seed is not None:
+        params.seed = seed % 2**64
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

@@ -120,3 +120,9 @@ def test_responses_are_openai_shaped():
     assert text["choices"][0]["text"] == "ab" and text["choices"][0]["logprobs"] is None
     logprobs = schema.completion_logprobs([entry, entry], offset=10)
     assert logprobs["text_offset"] == [10, 12] and logprobs["top_logprobs"][0] == {"ab": -0.5}
+
+
+@pytest.mark.parametrize(("seed", "node_seed"), [(-1, 2**64 - 1), (-(2**63), 2**63), (0, 0), (2**64 - 1, 2**64 - 1)])
+def test_openai_int64_seeds_map_onto_the_nodes_uint64_seed(seed, node_seed):
+    call, _ = schema.chat_call({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": seed})
+    assert call.sampling.seed == node_seed

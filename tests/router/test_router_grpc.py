@@ -94,3 +94,16 @@ def test_bad_requests_are_invalid_argument_from_router_or_node(router, world):
                          pb.GenerateRequest(model="tiny", prompt="x", sampling=gen.SamplingParams(top_p=2.0)),
                          metadata=bearer(world.a.token), timeout=30)
     assert "top_p" in error.details()
+
+
+def test_a_request_too_large_to_pass_on_to_a_node_is_invalid_not_a_full_queue_to_retry(make_router, world, nodes):
+    """The router adds its own fields for the node, so a message just under the router's limit can
+    be just over it on the way on; gRPC reports that as RESOURCE_EXHAUSTED, like a full queue."""
+    router = make_router([n.address for n in nodes], max_message_mb=1)
+    router.wait_healthy(len(nodes))
+    request = pb.GenerateRequest(model=CUSTOMER_A_MODEL, prompt="x", sampling=greedy(1))
+    request.prompt = "x" * (2**20 - 16 - (request.ByteSize() - 1))  # 16 bytes under the router's limit
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, router.stub.Complete, request,
+                         metadata=bearer(world.a.token), timeout=60)
+    assert error_info(error).reason == "REQUEST_TOO_LARGE" and "too large" in error.details()
+    assert router.run(lambda: len(router.app.membership.placeable())) == len(nodes)  # no node was blamed

@@ -104,6 +104,11 @@ class Membership:
         _check_address(address)
         node = self.nodes.get(node_id)
         if node is not None and node.is_static:
+            if node.health is Health.DRAINING and node.address == address:
+                # An operator returning a static node drained with DeregisterNode: polls take it back.
+                node.health = Health.UNHEALTHY
+                log.info("static node %s (%s) is back in service", node_id, address)
+                return self.heartbeat_s
             raise InvalidArgument(f"node id {node_id!r} is a static node of this router; pick another id",
                                   field="node_id")
         if node is None or node.address != address:

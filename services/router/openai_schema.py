@@ -153,6 +153,12 @@ def _sampling(body: dict, max_tokens_field: str, default_max_tokens: int | None)
     return params
 
 
+def _max_tokens_field(body: dict) -> str:
+    """Chat's limit: max_completion_tokens over the deprecated max_tokens, but a null one counts
+    as absent (`max_completion_tokens: null, max_tokens: 5` is 5 tokens, not "until EOS")."""
+    return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def _options(body: dict) -> Options:
     stream = _flag(body, "stream")
     stream_options = body.get("stream_options")
@@ -194,8 +200,7 @@ def chat_call(body: dict) -> tuple[GenerateCall, Options]:
         if role not in ROLES:
             raise _bad(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
         turns.append((ROLES[role], _text(message.get("content"), i)))
-    max_tokens_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    sampling = _sampling(body, max_tokens_field, None)
+    sampling = _sampling(body, _max_tokens_field(body), None)
     sampling.logprobs = _flag(body, "logprobs")
     top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs:

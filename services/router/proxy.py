@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.fields import check_request_id
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2
 from services.router import metrics
@@ -146,6 +147,8 @@ class RouterCore:
             raise InvalidArgument("set prompt or messages", field="input")
         if call.messages is not None and not call.messages:
             raise InvalidArgument("messages must not be empty", field="messages")
+        if call.request_id:
+            check_request_id(call.request_id)
         target = await self.resolver.resolve(caller, call.model)
         try:
             lease = self.quotas.admit(caller.tenant_id, caller.tenant_name)

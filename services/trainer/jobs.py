@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -30,7 +29,7 @@ from services.trainer.events import EventHub
 from services.trainer.hyperparams import (LoraRequest, TrainingRequest, check_names, plan_schedule, resolve_lora,
                                           resolve_training)
 from services.trainer.queue import JobQueue
-from services.common.fields import require
+from services.common.fields import check_request_id, require
 from services.trainer.records import QUEUED, SNAPSHOT, JobRecord, Principal
 from services.trainer.registry_client import RegistryClient
 from services.trainer.store import TrainerStore
@@ -52,9 +51,6 @@ class JobRequest:
         settings = dataclasses.asdict(self)
         del settings["tenant"], settings["request_id"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class JobService:
@@ -101,9 +97,7 @@ class JobService:
         return record
 
     async def _earlier_job(self, tenant_id: str, request: JobRequest) -> JobRecord | None:
-        if not REQUEST_ID.fullmatch(request.request_id):
-            raise InvalidArgument("request_id must be 1-128 printable ASCII characters without spaces",
-                                  reason="BAD_REQUEST_ID", field="request_id")
+        check_request_id(request.request_id)
         earlier = await self.run(self.store.job_for_request, tenant_id, request.request_id)
         return self._same_request(earlier, request) if earlier is not None else None
 

@@ -36,6 +36,9 @@ def test_null_fields_are_unset_and_no_op_fields_are_accepted():
                                       "metadata": {"k": "v"}, "store": False, "modalities": ["text"],
                                       "service_tier": "auto", "parallel_tool_calls": False})
     assert not call.sampling.HasField("max_tokens") and not options.stream
+    older, _ = schema.chat_call({"model": "fin", "messages": [{"role": "user", "content": "x"}],
+                                 "max_completion_tokens": None, "max_tokens": 5})
+    assert older.sampling.max_tokens == 5 and not older.sampling.until_context_full
 
 
 def test_top_p_zero_is_greedy():

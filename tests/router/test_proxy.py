@@ -9,7 +9,7 @@ import asyncio
 import grpc
 import pytest
 
-from services.common.errors import NotFound, ResourceExhausted, Unavailable
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.router.auth import Caller
 from services.router.cache import FeedState
@@ -263,6 +263,39 @@ def test_only_a_deadline_counts_as_a_late_answer():
     assert failure(grpc.StatusCode.DEADLINE_EXCEEDED).timed_out
     assert failure(grpc.StatusCode.DEADLINE_EXCEEDED).node_down
     assert not failure(grpc.StatusCode.UNAVAILABLE).timed_out and failure(grpc.StatusCode.UNAVAILABLE).node_down
+
+
+def test_a_drained_static_node_returns_to_service_when_registered_again():
+    async def main():
+        _, membership, _ = build({"a:1": FakeNode()})
+        await poll_all(membership)
+        membership.deregister("a:1")
+        await poll_all(membership)
+        assert membership.placeable() == [] and membership.nodes["a:1"].health is Health.DRAINING
+        with pytest.raises(InvalidArgument):  # only with its own address
+            membership.register("a:1", "b:2", "tiny")
+        membership.register("a:1", "a:1", "tiny")
+        await poll_all(membership)
+        assert [v.node_id for v in membership.placeable()] == ["a:1"]
+        with pytest.raises(InvalidArgument):  # in service: still not a registered node's id
+            membership.register("a:1", "a:1", "tiny")
+
+    asyncio.run(main())
+
+
+def test_client_request_ids_are_printable_and_bounded():
+    async def main():
+        core, membership, _ = build({"a:1": FakeNode()})
+        await poll_all(membership)
+        for bad in ("two words", "line\nbreak", "x" * 129, "naïve"):
+            with pytest.raises(InvalidArgument) as caught:
+                await core.open(CALLER, GenerateCall(model="fin", prompt="hi", request_id=bad))
+            assert caught.value.metadata["field"] == "request_id"
+        stream = await core.open(CALLER, GenerateCall(model="fin", prompt="hi", request_id="trace-" + "x" * 122))
+        assert stream.request_id == "trace-" + "x" * 122
+        await drain(stream)
+
+    asyncio.run(main())
 
 
 def test_registered_nodes_heartbeat_expire_and_drain():

@@ -61,7 +61,9 @@ class NodesServicer:
 
     def RegisterNode(self, request, context):
         """Registers (or re-registers) a node; returns the heartbeat interval the router expects.
-        INVALID_ARGUMENT if the address is not host:port.
+        INVALID_ARGUMENT if the address is not host:port, or if node_id is a static node of the
+        router (`--node`) -- except that a static node drained with DeregisterNode is returned to
+        service by RegisterNode with its id and address (its health polls resume).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +78,8 @@ class NodesServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeregisterNode(self, request, context):
-        """Removes a node (graceful shutdown): no new requests are placed on it. Idempotent.
+        """Removes a node (graceful shutdown): no new requests are placed on it. Idempotent. A
+        static node stays listed as DRAINING until RegisterNode returns it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from services.inference.token_bytes import longest_token_bytes
 log = logging.getLogger("loraplex.inference")
 
 ROLES = ("system", "user", "assistant")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -145,6 +147,8 @@ class Node:
             if any(not 0 <= t < self.args.vocab_size for t in ids):
                 raise InvalidArgument(f"token ids must be in [0, {self.args.vocab_size})", field="token_ids")
         elif prompt.messages is not None:
+            if not prompt.messages:  # the chat template raises on it: that would be INTERNAL
+                raise InvalidArgument("messages must hold at least one message", field="messages")
             for i, (role, _) in enumerate(prompt.messages):
                 if role not in ROLES:
                     raise InvalidArgument(f"messages[{i}].role must be one of {ROLES}, got {role!r}",
@@ -163,15 +167,26 @@ class Node:
         """Validates, fetches the adapter if needed (this request waits, others run), streams."""
         token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
         sampling = sampling.validate(len(token_ids), self.max_context)
+        sha256 = _digest(sha256)
         if adapter_id:
             self.manager.note_request(adapter_id)
             # A resident adapter needs no host copy (if it is evicted before this request is
             # scheduled, the scheduler asks for a re-fetch): with a host tier smaller than the
             # device pool, fetching here would re-read it from its source on every request.
             if not self.manager.on_device(adapter_id, sha256):
-                await self.manager.ensure_host(adapter_id, sha256)
-        async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id):
+                weights = await self.manager.ensure_host(adapter_id, sha256)
+                await self.async_engine.call(lambda: self.manager.check_room(adapter_id, weights.rank))
+        async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id, sha256):
             yield output
+
+
+def _digest(sha256: str) -> str:
+    """The expected adapter digest in the form adapters are hashed to (lowercase hex): a
+    malformed one could never match, so it is the caller's mistake, not a mismatch."""
+    digest = sha256.lower()
+    if digest and not _SHA256.fullmatch(digest):
+        raise InvalidArgument(f"adapter.sha256 must be 64 hex digits, got {sha256[:80]!r}", field="adapter.sha256")
+    return digest
 
 
 def _kv_cache_bytes(config: InferenceConfig) -> int:

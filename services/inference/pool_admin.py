@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from services.common.errors import NotFound
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.fields import require
 from services.inference.node import Node
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
@@ -91,18 +91,27 @@ class PoolAdmin:
     async def load(self, adapter_id: str, pin: bool) -> SlotView:
         require(adapter_id, "adapter_id")
         weights = await self.node.manager.ensure_host(adapter_id)
-        await self.node.async_engine.call(lambda: self.node.pool.load(adapter_id, weights, pinned=pin))
-        slots, _ = await self.snapshot()
-        return next(s for s in slots if s.adapter_id == adapter_id and s.tier == "DEVICE")
+
+        def load_on_engine() -> SlotView:
+            # Viewed in the same engine call: a step in between could evict an unpinned adapter.
+            self.node.pool.load(adapter_id, weights, pinned=pin)
+            slots, _ = self._snapshot_on_engine()
+            return next(s for s in slots if s.adapter_id == adapter_id and s.tier == "DEVICE")
+
+        return await self.node.async_engine.call(load_on_engine)
 
     async def evict(self, adapter_id: str, all_tiers: bool, unpin: bool) -> None:
         require(adapter_id, "adapter_id")
 
         def evict_on_engine() -> bool:
-            if self.node.pool.get(adapter_id) is None:
+            resident = self.node.pool.get(adapter_id)
+            if resident is None:
                 return False
-            if unpin:
-                self.node.pool.set_pinned(adapter_id, False)
+            if resident.pinned and not unpin:  # a pin is there to keep it resident: dropping it is explicit
+                raise FailedPrecondition(f"adapter {adapter_id} is pinned; set unpin to evict it",
+                                         reason="ADAPTER_PINNED", field="unpin")
+            # Raises while running requests use it, before anything changed (the pin goes with
+            # the eviction, so a refused call leaves it pinned).
             self.node.pool.evict(adapter_id)
             return True
 

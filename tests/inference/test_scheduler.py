@@ -46,7 +46,7 @@ class LruGate:
         self.loading: dict[str, int] = {}
         self.max_in_flight = 0
 
-    def try_acquire(self, key: str) -> bool:
+    def try_acquire(self, key: str, sha256: str = "") -> bool:
         if key in self.loading:
             self.loading[key] -= 1
             if self.loading[key] > 0:
@@ -210,7 +210,7 @@ def test_adapter_not_ready_does_not_block_others_behind_it():
     asked = []
 
     class Gate(AlwaysReadyGate):
-        def try_acquire(self, key):
+        def try_acquire(self, key, sha256=""):
             asked.append(key)
             return key in ready and super().try_acquire(key)
 

@@ -26,7 +26,7 @@ from tests.conftest import free_port
 def serve_and_run(base: Path, adapters: Path, body, **overrides):
     """Starts an inference node in-process on a free port and runs `body(stub)` against it."""
     config = InferenceConfig(port=free_port(), metrics_port=0, base_model=base, adapter_dir=adapters,
-                             kv_cache_mb=2, adapter_pool_pages=64, **overrides)
+                             **{"kv_cache_mb": 2, "adapter_pool_pages": 64, **overrides})
 
     async def main():
         app = InferenceApp(config)

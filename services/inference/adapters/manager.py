@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.inference.adapters.pool import AdapterPool
 from services.inference.adapters.sources import AdapterSource
 from services.inference.adapters.weights import LoraWeights, parse_adapter
@@ -67,20 +67,33 @@ class AdapterManager:
             task = asyncio.ensure_future(self._fetch(adapter_id, sha256))
             self._fetching[adapter_id] = task
             task.add_done_callback(lambda _: self._fetching.pop(adapter_id, None))
-        return await asyncio.shield(task)
+        weights = await asyncio.shield(task)
+        # A fetch already in flight may have been started without this digest: check it here too.
+        _check_digest(adapter_id, weights, sha256)
+        return weights
 
     async def _fetch(self, adapter_id: str, sha256: str) -> LoraWeights:
         started = time.perf_counter()
         fetched = await self.source.fetch(adapter_id)
-        weights = await self.run_on_torch_thread(
-            lambda: parse_adapter(fetched.config_json, fetched.weights, self.args))
+        try:
+            weights = await self.run_on_torch_thread(
+                lambda: parse_adapter(fetched.config_json, fetched.weights, self.args))
+        except InvalidArgument as exc:
+            # The request naming it is fine; the adapter cannot run on this base model (built for
+            # another one, or a variant we do not serve): a state of the adapter, not of the call.
+            raise FailedPrecondition(f"adapter {adapter_id} cannot be served by this node's base model: "
+                                     f"{exc.message}", reason="ADAPTER_INCOMPATIBLE", adapter_id=adapter_id) from exc
         for expected in (sha256, fetched.expected_sha256):
-            if expected and weights.sha256 != expected:
-                raise FailedPrecondition(f"adapter {adapter_id}: sha256 {weights.sha256} does not match "
-                                         f"the expected {expected}")
+            _check_digest(adapter_id, weights, expected)
         if weights.rank > self.max_rank:
             raise FailedPrecondition(f"adapter {adapter_id} has rank {weights.rank}; this node serves "
                                      f"ranks up to {self.max_rank}")
+        if weights.rank > self.pool.num_pages:
+            # It could never be admitted: its requests would wait forever (and, once starving,
+            # pause every other adapter's admissions).
+            raise FailedPrecondition(f"adapter {adapter_id} has rank {weights.rank}; this node's adapter pool "
+                                     f"holds {self.pool.num_pages} pages in all", reason="ADAPTER_RANK_EXCEEDS_POOL",
+                                     rank=weights.rank, pool_pages=self.pool.num_pages)
         self._put_host(adapter_id, weights)
         elapsed = (time.perf_counter() - started) * 1000
         self.load_ms.append(elapsed)
@@ -109,31 +122,50 @@ class AdapterManager:
         with self._host_lock:
             return self._host.pop(adapter_id, None) is not None
 
+    # --- engine thread side ---
+    def check_room(self, adapter_id: str, rank: int) -> None:
+        """ResourceExhausted when pinned adapters leave too few pages for this rank: its request
+        would wait until an operator unpins (and, once starving, pause the other adapters)."""
+        pinned = sum(r.rank for r in self.pool.resident() if r.pinned and r.key != adapter_id)
+        if rank > self.pool.num_pages - pinned:
+            raise ResourceExhausted(f"adapter {adapter_id} needs {rank} pages, but pinned adapters hold {pinned} of "
+                                    f"the pool's {self.pool.num_pages}", retry_after_s=5.0,
+                                    reason="ADAPTER_POOL_PINNED", rank=rank, pinned_pages=pinned)
+
     # --- engine thread side: the scheduler's AdapterGate ---
-    def try_acquire(self, adapter_key: str) -> bool:
-        if self.pool.get(adapter_key) is not None:
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
+        resident = self.pool.get(adapter_key)
+        if resident is not None and (not sha256 or resident.sha256 == sha256):
             self.pool.acquire(adapter_key)
             return True
         with self._host_lock:
             weights = self._host.get(adapter_key)
-        if weights is None:
-            if self.loop is not None:  # dropped from the host tier since the request queued
-                self.loop.call_soon_threadsafe(self._refetch, adapter_key)
+        if weights is None or (sha256 and weights.sha256 != sha256):
+            if self.loop is not None:  # dropped from (or replaced in) the host tier since the request queued
+                self.loop.call_soon_threadsafe(self._refetch, adapter_key, sha256)
             return False
-        if not self.pool.can_fit(weights.rank):
+        if resident is not None and resident.refs:
+            return False  # other bytes under this id serve running requests: replaced once they finish
+        if not self.pool.can_fit(weights.rank, replacing=adapter_key):
             return False
-        self.pool.load(adapter_key, weights)
+        self.pool.load(adapter_key, weights)  # replaces a resident copy with other bytes
         self.pool.acquire(adapter_key)
         return True
 
     def release(self, adapter_key: str) -> None:
         self.pool.release(adapter_key)
 
-    def _refetch(self, adapter_id: str) -> None:
+    def _refetch(self, adapter_id: str, sha256: str = "") -> None:
         if adapter_id not in self._fetching:
-            task = asyncio.ensure_future(self.ensure_host(adapter_id))
+            task = asyncio.ensure_future(self.ensure_host(adapter_id, sha256))
             task.add_done_callback(lambda t: self._refetched(adapter_id, t))
 
     def _refetched(self, adapter_id: str, task: asyncio.Future) -> None:
         if not task.cancelled() and (error := task.exception()) is not None:
             self.on_fetch_failed(adapter_id, error)
+
+
+def _check_digest(adapter_id: str, weights: LoraWeights, expected: str) -> None:
+    if expected and weights.sha256 != expected:
+        raise FailedPrecondition(f"adapter {adapter_id}: sha256 {weights.sha256} does not match the expected "
+                                 f"{expected}", reason="ADAPTER_DIGEST_MISMATCH", field="adapter.sha256")

@@ -72,8 +72,11 @@ class AdapterPool:
     def get(self, key: str) -> ResidentAdapter | None:
         return self._resident.get(key)
 
-    def can_fit(self, rank: int) -> bool:
-        evictable = sum(r.rank for r in self._resident.values() if r.refs == 0 and not r.pinned)
+    def can_fit(self, rank: int, replacing: str | None = None) -> bool:
+        """Room for `rank` pages after evicting unreferenced, unpinned adapters (and `replacing`,
+        an unreferenced copy of the same id with other bytes, pinned or not)."""
+        evictable = sum(r.rank for r in self._resident.values()
+                        if r.refs == 0 and (not r.pinned or r.key == replacing))
         return rank <= len(self._free) + evictable
 
     # --- residency ---
@@ -82,13 +85,16 @@ class AdapterPool:
         if (existing := self._resident.get(key)) is not None and existing.sha256 == weights.sha256:
             existing.pinned = existing.pinned or pinned
             return existing
-        if existing is not None:
-            self.evict(key)  # the same id with other bytes: replace it
+        if existing is not None and existing.refs:
+            raise FailedPrecondition(f"adapter {key} is used by {existing.refs} running requests")
         if weights.rank > self.num_pages:
             raise ResourceExhausted(f"adapter {key} needs {weights.rank} pages; the pool has {self.num_pages}")
-        if not self.can_fit(weights.rank):
+        if not self.can_fit(weights.rank, replacing=key):
             raise ResourceExhausted(f"adapter pool full: {key} needs {weights.rank} pages, "
                                     f"{len(self._free)} free and the rest in use", retry_after_s=0.5)
+        if existing is not None:  # the same id with other bytes: replace it, keeping its pin
+            pinned = pinned or existing.pinned
+            self.evict(key)
         while len(self._free) < weights.rank:
             victim = next(r for r in self._resident.values() if r.refs == 0 and not r.pinned)
             self.evict(victim.key)

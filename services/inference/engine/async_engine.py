@@ -72,14 +72,15 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None,
-                       request_id: str = "") -> AsyncIterator[RequestOutput]:
+                       request_id: str = "", adapter_sha256: str = "") -> AsyncIterator[RequestOutput]:
         """Streams a request's outputs; leaving early (cancel) aborts it on the engine at once."""
         seq_id = next(self._ids)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[seq_id] = stream
         finished = False
         try:
-            await self.call(lambda: self.engine.add(prompt_token_ids, sampling, adapter_key, request_id, seq_id))
+            await self.call(lambda: self.engine.add(prompt_token_ids, sampling, adapter_key, request_id, seq_id,
+                                                    adapter_sha256))
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):

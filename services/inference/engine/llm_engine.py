@@ -53,10 +53,10 @@ class LLMEngine:
         self.idle = False
 
     def add(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None = None,
-            request_id: str = "", seq_id: int | None = None) -> int:
+            request_id: str = "", seq_id: int | None = None, adapter_sha256: str = "") -> int:
         """Queues a request (ResourceExhausted when the queue is full); returns its seq id."""
         seq_id = next(self._ids) if seq_id is None else seq_id
-        seq = Sequence(seq_id, prompt_token_ids, sampling, adapter_key, self.block_size, request_id)
+        seq = Sequence(seq_id, prompt_token_ids, sampling, adapter_key, self.block_size, request_id, adapter_sha256)
         self.scheduler.add(seq)
         # On the logits' device, so sampling never copies a row of probabilities to the host.
         generator = None if sampling.is_greedy else make_generator(sampling.seed, self.runner.device)

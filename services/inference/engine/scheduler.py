@@ -23,10 +23,11 @@ AdapterKey = str | None  # None = base model only; it queues as a key of its own
 class AdapterGate(Protocol):
     """The adapter pool as the scheduler sees it."""
 
-    def try_acquire(self, adapter_key: str) -> bool:
-        """True: the adapter is resident and now referenced once more (not evictable until
-        released). False: not resident yet (the gate starts an async load itself) or no room
-        now; the sequence stays waiting and others are scheduled."""
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
+        """True: the adapter is resident (with these bytes, when sha256 is given) and now
+        referenced once more (not evictable until released). False: not resident yet (the gate
+        starts an async load itself) or no room now; the sequence stays waiting and others are
+        scheduled."""
         ...
 
     def release(self, adapter_key: str) -> None: ...
@@ -38,7 +39,7 @@ class AlwaysReadyGate:
     def __init__(self) -> None:
         self.references: Counter[str] = Counter()
 
-    def try_acquire(self, adapter_key: str) -> bool:
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
         self.references[adapter_key] += 1
         return True
 
@@ -285,7 +286,7 @@ class Scheduler:
         if key is not None:
             if starving and key not in starving:
                 return False
-            if not self.gate.try_acquire(key):
+            if not self.gate.try_acquire(key, seq.adapter_sha256):
                 self._refused_at.setdefault(key, self._num_adapter_admissions)
                 return False
             self._refused_at.pop(key, None)

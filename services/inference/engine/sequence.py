@@ -36,6 +36,7 @@ class Sequence:
         adapter_key: str | None = None,
         block_size: int = 16,
         request_id: str = "",
+        adapter_sha256: str = "",
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -43,6 +44,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling = sampling
         self.adapter_key = adapter_key  # None = base model only
+        self.adapter_sha256 = adapter_sha256  # the adapter bytes it must run with ("" = any)
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []

@@ -73,9 +73,11 @@ class InferenceServicer:
         """Streams a generation for one request. The adapter is fetched from the Registry on a
         miss while the request waits; other requests keep running. Errors: INVALID_ARGUMENT
         (bad sampling parameters, empty input, prompt longer than the context); NOT_FOUND
-        (unknown adapter id); FAILED_PRECONDITION (adapter built for another base model);
-        RESOURCE_EXHAUSTED (queue full; RetryInfo attached); UNAVAILABLE (draining/not
-        ready). Cancelling the call frees the request's KV blocks and adapter reference.
+        (unknown adapter id); FAILED_PRECONDITION (adapter built for another base model, or
+        needing more pages than the whole adapter pool holds); RESOURCE_EXHAUSTED (queue full,
+        or pinned adapters leave no room for this one; RetryInfo attached); UNAVAILABLE
+        (draining/not ready). Cancelling the call frees the request's KV blocks and adapter
+        reference.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +94,8 @@ class InferenceServicer:
 
     def EvictAdapter(self, request, context):
         """Evicts an adapter from the device pool (and host tier if `all_tiers`).
-        FAILED_PRECONDITION if running requests still use it; NOT_FOUND if not resident.
+        FAILED_PRECONDITION if running requests still use it, or if it is pinned and `unpin`
+        is not set (nothing changes then); NOT_FOUND if not resident.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -91,8 +91,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._authorize(context)
         outputs = self.node.generate(prompt_from(request), sampling_from(request.sampling),
                                      request.adapter.adapter_id, request.adapter.sha256, request.request_id)
+        first = True
         async for output in outputs:
-            yield inference_pb2.GenerateResponse(delta=delta_from(output, self.node.tokenizer, self._token_bytes))
+            delta = delta_from(output, self.node.tokenizer, self._token_bytes)
+            if first:
+                delta.prompt_tokens, first = output.prompt_tokens, False
+            yield inference_pb2.GenerateResponse(delta=delta)
 
     async def LoadAdapter(self, request, context):
         self._authorize(context)

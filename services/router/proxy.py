@@ -80,6 +80,7 @@ class Stream:
         self.request_id, self.target, self.node = request_id, target, node
         self._deltas, self._first, self._lease, self._membership = deltas, first, lease, membership
         self._closed = False
+        self._prompt_charged = False
         self.tokens = 0
 
     async def __aiter__(self) -> AsyncIterator[generation_pb2.GenerationDelta]:
@@ -87,7 +88,7 @@ class Stream:
             delta = self._first
             while True:
                 self.tokens += len(delta.token_ids)
-                self._lease.charge(len(delta.token_ids) + delta.usage.prompt_tokens)
+                self._lease.charge(len(delta.token_ids) + self._prompt_tokens(delta))
                 yield delta
                 if delta.finish_reason:
                     # Read the call's end (trailers follow the last message at once), so closing
@@ -107,6 +108,16 @@ class Stream:
                     raise self._lost(failure.error.message) from None
         finally:
             await self.aclose()
+
+    def _prompt_tokens(self, delta: generation_pb2.GenerationDelta) -> int:
+        """The prompt is charged once, as soon as the node says its length (the first delta), so
+        hanging up early does not skip it; a node that only reports it in the final usage is
+        charged then."""
+        if self._prompt_charged:
+            return 0
+        tokens = delta.prompt_tokens or (delta.usage.prompt_tokens if delta.finish_reason else 0)
+        self._prompt_charged = tokens > 0
+        return tokens
 
     def _lost(self, why: str) -> Unavailable:
         metrics.MID_STREAM_FAILURES.inc()

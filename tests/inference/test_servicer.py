@@ -82,6 +82,8 @@ def test_generate_streams_text_then_finish_and_usage(tiny_model_dir, adapter_roo
                                                 {"role": "user", "content": "héllo 日本"}],
                                                add_generation_prompt=True, tokenize=True, return_dict=False)
         assert final.usage.prompt_tokens == len(prompt)
+        # The first message already says the prompt's length (quotas charge it at once), the others don't.
+        assert [r.delta.prompt_tokens for r in replies] == [len(prompt)] + [0] * (len(replies) - 1)
         assert "".join(r.delta.text for r in replies) == tokenizer.decode(token_ids, skip_special_tokens=True)
         logprobs = [lp for r in replies for lp in r.delta.logprobs]
         assert [lp.token_id for lp in logprobs] == token_ids

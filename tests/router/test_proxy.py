@@ -185,6 +185,39 @@ def test_closing_a_stream_early_closes_the_node_call_and_returns_quota():
     asyncio.run(main())
 
 
+def test_a_stream_cancelled_after_one_token_still_pays_for_its_prompt():
+    async def main():
+        first = token(0)
+        first.prompt_tokens = 1000  # the node tells the prompt's length on the first message
+        fake = FakeNode([first] + [token(i) for i in range(1, 100)])
+        core, membership, quotas = build({"a:1": fake}, Limits(tokens_per_minute=600))
+        quotas.clock = lambda: 0.0  # no refill during the test
+        await poll_all(membership)
+        stream = await core.open(CALLER, GenerateCall(model="tiny", prompt="long prompt"))
+        async for _ in stream:
+            break  # read one token and hang up: the final usage never arrives
+        await stream.aclose()
+        with pytest.raises(ResourceExhausted) as refused:  # 600 - 1001 tokens left
+            await core.open(CALLER, GenerateCall(model="tiny", prompt="again"))
+        assert refused.value.reason == "TOKENS_PER_MINUTE_QUOTA"
+
+        # A node that reports the prompt only in the final usage: 5 prompt + 2 tokens, charged once.
+        for limit, refused_after in ((7, True), (8, False)):
+            core, membership, quotas = build({"a:1": FakeNode([token(0), token(1, final=True)])},
+                                             Limits(tokens_per_minute=limit))
+            quotas.clock = lambda: 0.0
+            await poll_all(membership)
+            assert await drain(await core.open(CALLER, GenerateCall(model="tiny", prompt="x"))) == [0, 1]
+            try:
+                await (await core.open(CALLER, GenerateCall(model="tiny", prompt="x"))).aclose()
+                refused = False
+            except ResourceExhausted:
+                refused = True
+            assert refused is refused_after
+
+    asyncio.run(main())
+
+
 def test_a_cancel_while_waiting_for_the_first_token_cleans_up():
     async def main():
         gate = asyncio.Event()

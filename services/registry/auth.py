@@ -63,13 +63,26 @@ def require_admin(principal: Principal, action: str) -> None:
                                reason="ADMIN_ONLY")
 
 
-def find_tenant(session: Session, ref: str) -> Tenant | None:
-    """A tenant by id (`tnt_…`) or by name."""
+#: Row locks for `find_tenant`/`scoped_tenant` (PostgreSQL; SQLite writers never overlap).
+#: A writer that adds rows under a tenant takes SHARE: a DeleteTenant in progress makes it wait
+#: and then find the tenant gone (NOT_FOUND) instead of failing a foreign key after the
+#: deletion commits. DeleteTenant takes UPDATE before it reads what to delete, so no row can be
+#: added under the tenant between that read and the delete (tenants.py).
+SHARE, UPDATE = "share", "update"
+
+
+def _locked(query, lock: str):
+    return query.with_for_update(read=lock == SHARE) if lock else query
+
+
+def find_tenant(session: Session, ref: str, *, lock: str = "") -> Tenant | None:
+    """A tenant by id (`tnt_…`) or by name; `lock` is "", SHARE or UPDATE."""
     column = Tenant.id if ref.startswith(TENANT_ID_PREFIX) else Tenant.name
-    return session.scalar(select(Tenant).where(column == ref))
+    return session.scalar(_locked(select(Tenant).where(column == ref), lock))
 
 
-def scoped_tenant(session: Session, principal: Principal, ref: str, *, field: str = "tenant") -> Tenant:
+def scoped_tenant(session: Session, principal: Principal, ref: str, *, field: str = "tenant",
+                  lock: str = "") -> Tenant:
     """The tenant a call acts on.
 
     Admin: `ref` is required and must exist. Tenant key: `ref` may be empty (its own tenant)
@@ -78,9 +91,9 @@ def scoped_tenant(session: Session, principal: Principal, ref: str, *, field: st
     if principal.is_admin:
         if not ref:
             raise InvalidArgument(f"{field} is required with the admin token", reason="MISSING_FIELD", field=field)
-        tenant = find_tenant(session, ref)
+        tenant = find_tenant(session, ref, lock=lock)
     else:
-        tenant = session.get(Tenant, principal.tenant_id)
+        tenant = session.scalar(_locked(select(Tenant).where(Tenant.id == principal.tenant_id), lock))
         if ref and tenant is not None and ref not in (tenant.id, tenant.name):
             tenant = None
     if tenant is None:

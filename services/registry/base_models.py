@@ -5,7 +5,10 @@ from a local folder the registry can see, or from `s3://bucket/prefix/` on the S
 the registry is configured with. Registering the same name and location again returns the
 existing row; the same name with another location is ALREADY_EXISTS (a base model's shapes
 must never change under adapters that were validated against it). So is a name a deployment
-already uses: the two share the namespace of `model` (deployments.py says why).
+already uses: the two share the namespace of `model` (deployments.py says why). Locations
+are stored as first given and compared without trailing slashes: "/models/x/" and
+"/models/x" (or "s3://b/x/" and "s3://b/x") are the same folder, and _read_config reads the
+same config.json for both.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from services.registry import feed, paging
 from services.registry.auth import Principal, require_admin
 from services.registry.context import RegistryContext
@@ -30,6 +33,8 @@ BASE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Taken by whoever claims a base model or deployment name, so the two never share one.
 MODEL_NAME_LOCK = "model-name"
 MAX_CONFIG_BYTES = 1024 * 1024
+# Like an adapter's description (uploads.py); a location is a path or URI, never longer in practice.
+MAX_DESCRIPTION, MAX_LOCATION = 4096, 1024
 
 
 def _read_config(ctx: RegistryContext, location: str) -> dict:
@@ -45,6 +50,10 @@ def _read_config(ctx: RegistryContext, location: str) -> dict:
         except (KeyError, ValueError) as exc:
             raise InvalidArgument(f"location {location!r} has no readable config.json ({exc})",
                                   reason="BAD_LOCATION", field="location") from None
+        except ConnectionError as exc:  # says nothing about the location: retry once the store is back
+            raise Unavailable(f"cannot read config.json at {location!r}: the blob store is down ({exc}); "
+                              "nothing was registered, retry later", reason="BLOB_STORE_UNAVAILABLE",
+                              field="location") from None
     else:
         path = Path(location)
         if not path.is_absolute():
@@ -79,12 +88,16 @@ def register_base_model(ctx: RegistryContext, principal: Principal, name: str, l
                               reason="BAD_NAME", field="name", actual=name)
     if not location:
         raise InvalidArgument("location is required (a checkpoint folder path or s3:// URI)", field="location")
+    if len(location) > MAX_LOCATION:
+        raise InvalidArgument(f"location is longer than {MAX_LOCATION} characters", field="location")
+    if len(description) > MAX_DESCRIPTION:
+        raise InvalidArgument(f"description is longer than {MAX_DESCRIPTION} characters", field="description")
     taken = AlreadyExists(f"base model '{name}' is already registered with another location",
                           reason="BASE_MODEL_EXISTS", field="name")
     with ctx.db.read() as session:
         existing = session.get(BaseModel, name)
     if existing is not None:
-        if existing.location != location:
+        if not same_location(existing.location, location):
             raise taken
         return existing
     fingerprint = fingerprint_from_config(_read_config(ctx, location))
@@ -103,6 +116,11 @@ def register_base_model(ctx: RegistryContext, principal: Principal, name: str, l
     except IntegrityError:  # registered concurrently
         raise taken from None
     return model
+
+
+def same_location(stored: str, given: str) -> bool:
+    """Trailing slashes name the same folder or prefix; rows keep the location as first given."""
+    return stored.rstrip("/") == given.rstrip("/")
 
 
 def load_base_model(session, name: str, field: str = "base_model") -> BaseModel:

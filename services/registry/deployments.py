@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.registry import feed, paging
 from services.registry.adapters import find_version
-from services.registry.auth import Principal, scoped_tenant
+from services.registry.auth import SHARE, Principal, scoped_tenant
 from services.registry.base_models import MODEL_NAME_LOCK, load_base_model
 from services.registry.context import RegistryContext
 from services.registry.db.models import Adapter, BaseModel, Deployment, utcnow
@@ -59,7 +59,9 @@ def bind_deployment(ctx: RegistryContext, principal: Principal, name: str, tenan
     taken = AlreadyExists(f"deployment name '{name}' is taken", reason="DEPLOYMENT_EXISTS", field="name")
     try:
         with ctx.db.write() as session:
-            owner = scoped_tenant(session, principal, tenant)
+            # SHARE: a DeleteTenant in progress makes us wait and answer NOT_FOUND; without it the
+            # insert failed the foreign key, caught below as "name is taken".
+            owner = scoped_tenant(session, principal, tenant, lock=SHARE)
             ctx.db.lock(session, "adapter", owner.id, adapter_name)
             ctx.db.lock(session, MODEL_NAME_LOCK, name)
             if session.get(BaseModel, name) is not None:

@@ -18,8 +18,8 @@ from sqlalchemy import select, tuple_
 
 from services.common.errors import InvalidArgument, NotFound, Unauthenticated
 from services.registry import feed, paging
-from services.registry.auth import (Principal, check_owner, find_tenant, hash_secret, key_is_valid, require_admin,
-                                    scoped_tenant)
+from services.registry.auth import (SHARE, Principal, check_owner, find_tenant, hash_secret, key_is_valid,
+                                    require_admin, scoped_tenant)
 from services.registry.context import RegistryContext
 from services.common.fields import require
 from services.registry.db.models import ApiKey, Tenant, utcnow
@@ -46,7 +46,7 @@ def create_key(ctx: RegistryContext, principal: Principal, tenant_ref: str, name
                               field="ttl_seconds")
     secret = new_secret()
     with ctx.db.write() as session:
-        tenant = find_tenant(session, tenant_ref)
+        tenant = find_tenant(session, tenant_ref, lock=SHARE)  # waits out a DeleteTenant (auth.py)
         if tenant is None:
             raise NotFound(f"tenant '{tenant_ref}' not found", reason="TENANT_NOT_FOUND", field="tenant")
         now = utcnow()

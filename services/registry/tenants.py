@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.registry import feed, paging
-from services.registry.auth import TENANT_ID_PREFIX, Principal, find_tenant, require_admin, scoped_tenant
+from services.registry.auth import TENANT_ID_PREFIX, UPDATE, Principal, find_tenant, require_admin, scoped_tenant
 from services.registry.context import RegistryContext
 from services.registry.db.models import Adapter, AdapterName, ApiKey, Deployment, Tenant, utcnow
 
@@ -65,7 +65,11 @@ def delete_tenant(ctx: RegistryContext, principal: Principal, ref: str, force: b
     if not ref:
         raise InvalidArgument("tenant is required", reason="MISSING_FIELD", field="tenant")
     with ctx.db.write() as session:
-        tenant = find_tenant(session, ref)
+        # FOR UPDATE before reading what to delete: writers that add rows under the tenant hold it
+        # FOR SHARE (auth.py), so those in progress finish first and their rows are read below,
+        # and later ones wait and then find no tenant. Without it a row committed between our
+        # reads and our deletes was deleted with no event, and caches kept it.
+        tenant = find_tenant(session, ref, lock=UPDATE)
         if tenant is None:
             raise NotFound(f"tenant '{ref}' not found", reason="TENANT_NOT_FOUND", field="tenant")
         deployments = list(session.scalars(select(Deployment.name).where(Deployment.tenant_id == tenant.id)

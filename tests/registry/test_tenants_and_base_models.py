@@ -10,7 +10,9 @@ import pytest
 
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.common.rpc import error_info
 from services.common.tiny_model import build_model_folder
+from tests.registry.backends import MotoS3
 from tests.registry.client import expect_error, unique
 from tests.registry.conftest import start_registry
 
@@ -123,6 +125,30 @@ def test_a_config_json_the_api_cannot_carry_is_refused_at_registration(registry_
         page=generation_pb2.PageRequest(page_size=1000))).base_models]
 
 
+def test_a_location_with_or_without_a_trailing_slash_is_the_same_base_model(registry_sql, tiny_model_dir):
+    """Used to be ALREADY_EXISTS "another location". The row keeps the location as first given."""
+    admin, name = registry_sql.admin, unique("slash")
+    first = admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=name, location=f"{tiny_model_dir}/"))
+    again = admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=name, location=str(tiny_model_dir)))
+    assert again == first and first.location == f"{tiny_model_dir}/"
+    tiny = admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name="tiny", location=f"{tiny_model_dir}//"))
+    assert tiny.location == str(tiny_model_dir)
+    expect_error(grpc.StatusCode.ALREADY_EXISTS, admin.RegisterBaseModel,
+                 pb.RegisterBaseModelRequest(name=name, location=f"{tiny_model_dir}/x"))
+
+
+@pytest.mark.parametrize("field, size", [("description", 4096), ("location", 1024)])
+def test_base_model_description_and_location_have_a_length_limit(registry_sql, tiny_model_dir, field, size):
+    admin, location = registry_sql.admin, str(tiny_model_dir)
+    longest = {"description": "d" * size, "location": location + "/" * (size - len(location))}[field]
+    fits = {"location": location, field: longest}
+    model = admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=unique("long"), **fits))
+    assert getattr(model, field) == longest
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, admin.RegisterBaseModel, pb.RegisterBaseModelRequest(
+        name=unique("long"), **{**fits, field: longest + "/"}))
+    assert f"longer than {size} characters" in error.details() and error_info(error).metadata["field"] == field
+
+
 def test_base_model_names_are_checked_to_the_end(registry_sql, tiny_model_dir):
     error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, registry_sql.admin.RegisterBaseModel,
                          pb.RegisterBaseModelRequest(name="tiny-2\n", location=str(tiny_model_dir)))
@@ -144,5 +170,24 @@ def test_base_model_in_s3_is_read_from_the_bucket(tmp_path, request, tiny_model_
         error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, registry.admin.RegisterBaseModel,
                              pb.RegisterBaseModelRequest(name="s3-missing", location=f"s3://{bucket}/missing/"))
         assert "no readable config.json" in error.details()
+        same = registry.admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name="s3-tiny",
+                                                                            location=f"s3://{bucket}/tiny"))
+        assert same == model
     finally:
         registry.stop()
+
+
+def test_base_model_in_s3_while_the_endpoint_is_down_is_unavailable(tmp_path, request, tiny_model_dir):
+    """Used to be INTERNAL. The store says nothing about the location, so the caller may retry."""
+    moto = MotoS3(tmp_path / "moto.log").start()
+    registry = start_registry("sqlite-s3", tmp_path / "registry", request, tiny_model_dir, s3_endpoint=moto.endpoint)
+    try:
+        moto.stop()
+        error = expect_error(grpc.StatusCode.UNAVAILABLE, registry.admin.RegisterBaseModel,
+                             pb.RegisterBaseModelRequest(name="s3-down", location="s3://models/tiny/"))
+        assert "the blob store is down" in error.details() and moto.endpoint in error.details()
+        assert error_info(error).reason == "BLOB_STORE_UNAVAILABLE"
+        expect_error(grpc.StatusCode.NOT_FOUND, registry.admin.GetBaseModel, pb.GetBaseModelRequest(name="s3-down"))
+    finally:
+        registry.stop()
+        moto.stop()

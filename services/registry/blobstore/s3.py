@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
+from urllib3.exceptions import HTTPError
 
 from services.registry.blobstore.base import BlobInfo, check_key
 
@@ -48,7 +49,7 @@ class S3BlobStore:
                  secure: bool, part_size: int) -> None:
         self.client = Minio(endpoint, access_key=access_key or None, secret_key=secret_key or None,
                             secure=secure, region=region)
-        self.bucket, self.part_size = bucket, part_size
+        self.endpoint, self.bucket, self.part_size = endpoint, bucket, part_size
 
     def start(self) -> None:
         if not self.client.bucket_exists(self.bucket):
@@ -87,13 +88,21 @@ class S3BlobStore:
             yield BlobInfo(item.object_name, item.size or 0, modified.astimezone(dt.timezone.utc))
 
     def read_object(self, bucket: str, key: str, max_bytes: int) -> bytes:
-        """Reads a small object from any bucket of this endpoint (a base model's config.json)."""
+        """Reads a small object from any bucket of this endpoint (a base model's config.json).
+
+        KeyError: no such object. ConnectionError: the endpoint did not answer or failed (after
+        minio's own retries), which says nothing about the object, so callers can tell the two apart.
+        """
         try:
             response = self.client.get_object(bucket, key)
+            with _ObjectReader(response) as reader:
+                data = reader.read(max_bytes + 1)
         except S3Error as exc:
             raise KeyError(f"s3://{bucket}/{key}: {exc.code}") from None
-        with _ObjectReader(response) as reader:
-            data = reader.read(max_bytes + 1)
+        except (HTTPError, ServerError) as exc:  # connection refused, reset, timeout; 5xx without an S3 body
+            cause = getattr(exc, "reason", None) or exc
+            raise ConnectionError(f"S3 endpoint {self.endpoint} is unreachable or failing "
+                                  f"({str(cause)[:200]})") from None
         if len(data) > max_bytes:
             raise ValueError(f"s3://{bucket}/{key} is larger than {max_bytes} bytes")
         return data

@@ -217,10 +217,13 @@ class RegistryServicer:
         """--- Base models ---
 
         Registers a base model checkpoint (admin only); reads its config.json to compute the
-        architecture fingerprint. ALREADY_EXISTS if the name is taken with another location
-        or a deployment uses it (model names and deployment names share one namespace);
-        INVALID_ARGUMENT if the location has no readable config.json or an unsupported
-        model_type. Emits BASE_MODEL_REGISTERED.
+        architecture fingerprint. The same name and location again returns the existing row
+        (a trailing "/" does not make another location). ALREADY_EXISTS if the name is taken
+        with another location or a deployment uses it (model names and deployment names share
+        one namespace); INVALID_ARGUMENT if the location has no readable config.json or an
+        unsupported model_type, or a field is too long; UNAVAILABLE (retryable, nothing
+        registered) if an s3:// location's blob store does not answer. Emits
+        BASE_MODEL_REGISTERED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

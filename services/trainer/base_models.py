@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, NotFound
+from services.common.fields import require
 from services.trainer.registry_client import BaseModelInfo, RegistryClient
 
 MAX_TOKENIZERS = 4
@@ -26,8 +27,7 @@ class BaseModels:
         self._lock = threading.Lock()
 
     async def get(self, name: str, field: str = "base_model") -> BaseModelInfo:
-        if not name:
-            raise NotFound("base model '' not found", reason="BASE_MODEL_NOT_FOUND", field=field)
+        require(name, field)  # an empty name is a malformed request, not an unknown model
         info = self._info.get(name)
         if info is None:
             try:

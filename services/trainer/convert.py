@@ -30,7 +30,7 @@ def dataset_header(header: pb.UploadDatasetHeader) -> DatasetHeader:
     if header.format not in _FORMATS:
         raise InvalidArgument(f"header.format {header.format} is not a DatasetFormat", field="header.format")
     return DatasetHeader(tenant=header.tenant, name=header.name, format=_FORMATS[header.format],
-                         base_model=header.base_model, max_seq_len=header.max_seq_len)
+                         base_model=header.base_model, max_seq_len=header.max_seq_len, request_id=header.request_id)
 
 
 def dataset(record: records.DatasetRecord) -> pb.Dataset:

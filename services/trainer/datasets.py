@@ -6,19 +6,25 @@ Order of an upload, and why:
 3. Every line is validated (validation.py) with the base model's tokenizer.
 4. The file goes to the blob store, then the row commits; if the row fails the blob is removed.
 Any failure deletes the spool file: nothing half-written is left and nothing is stored.
+
+A `request_id` makes an upload safe to retry after a lost answer: the tenant's dataset stored
+under that key is returned (checked against a digest of the header and the bytes, so a key
+reused for other data is refused) and nothing new is stored. The bytes are read either way: a
+retry is only recognised as one by its content, and validation is skipped for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.registry import paging
 from services.registry.blobstore import BlobStore
 from services.trainer.auth import Authenticator
@@ -26,7 +32,7 @@ from services.trainer.base_models import BaseModels
 from services.trainer.blobs import dataset_key
 from services.trainer.db.models import utcnow
 from services.trainer.examples import FORMATS
-from services.common.fields import require
+from services.common.fields import check_request_id, require
 from services.trainer.records import DatasetRecord, Principal
 from services.trainer.store import TrainerStore
 from services.trainer.validation import AUTO, validate_jsonl
@@ -43,6 +49,13 @@ class DatasetHeader:
     format: str  # auto | chat | prompt_completion
     base_model: str
     max_seq_len: int  # 0 = default
+    request_id: str = ""
+
+    def digest(self, sha256: str) -> str:
+        """What a retry must repeat: the header's settings and the bytes (sha256)."""
+        settings = {**dataclasses.asdict(self), "sha256": sha256}
+        del settings["tenant"], settings["request_id"]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 class _Spool:
@@ -72,6 +85,14 @@ class _Spool:
         self.path.unlink(missing_ok=True)
 
 
+def _same_upload(earlier: DatasetRecord, header: DatasetHeader, digest: str) -> DatasetRecord:
+    if earlier.request_digest != digest:
+        raise AlreadyExists(f"request_id '{header.request_id}' already stored dataset '{earlier.id}' with another "
+                            "header or other bytes; use a new request_id for a different dataset",
+                            reason="REQUEST_ID_REUSED", field="header.request_id")
+    return earlier
+
+
 class DatasetService:
     def __init__(self, store: TrainerStore, blobs: BlobStore, models: BaseModels, auth: Authenticator,
                  run: Callable[..., Awaitable], spool_dir: Path, max_bytes: int) -> None:
@@ -80,6 +101,8 @@ class DatasetService:
 
     async def upload(self, principal: Principal, header: DatasetHeader, chunks: AsyncIterator[bytes]) -> DatasetRecord:
         tenant_id = await self.auth.tenant(principal, header.tenant, field="header.tenant")
+        if header.request_id:
+            check_request_id(header.request_id, "header.request_id")
         if not header.name or len(header.name) > MAX_NAME:
             raise InvalidArgument(f"header.name must be 1-{MAX_NAME} characters", reason="BAD_NAME",
                                   field="header.name")
@@ -98,6 +121,11 @@ class DatasetService:
             sha256 = spool.finish()
             if spool.size == 0:
                 raise InvalidArgument("the upload has a header but no bytes", reason="EMPTY_DATASET", field="chunk")
+            digest = header.digest(sha256)
+            if header.request_id:
+                earlier = await self.run(self.store.dataset_for_request, tenant_id, header.request_id)
+                if earlier is not None:
+                    return _same_upload(earlier, header, digest)
             tokenizer = await self.run(self.models.tokenizer, base)
             summary = await self.run(validate_jsonl, spool.path, header.format, tokenizer, max_seq_len)
             dataset_id = "ds_" + uuid.uuid4().hex
@@ -105,21 +133,26 @@ class DatasetService:
                                    base_model=base.name, max_seq_len=max_seq_len,
                                    longest_example=summary.longest_example, num_examples=summary.num_examples,
                                    size_bytes=spool.size, sha256=sha256, blob_key=dataset_key(tenant_id, dataset_id),
-                                   created_at=utcnow())
-            await self.run(self._persist, record, spool.path)
+                                   created_at=utcnow(), request_id=header.request_id or None, request_digest=digest)
+            stored = await self.run(self._persist, record, spool.path)
         finally:
             spool.discard()
+        if stored.id != record.id:  # a concurrent upload with the same request_id stored its dataset first
+            return _same_upload(stored, header, digest)
         log.info("dataset %s (%s, %d examples) stored for tenant %s", record.id, record.format, record.num_examples,
                  tenant_id)
         return record
 
-    def _persist(self, record: DatasetRecord, path: Path) -> None:
+    def _persist(self, record: DatasetRecord, path: Path) -> DatasetRecord:
         self.blobs.put_file(record.blob_key, path)
         try:
-            self.store.insert_dataset(record, tenant_field="header.tenant")
+            stored = self.store.insert_dataset(record, tenant_field="header.tenant")
         except BaseException:
             self.blobs.delete(record.blob_key)
             raise
+        if stored.id != record.id:  # a concurrent retry's dataset was stored: these bytes are a copy
+            self.blobs.delete(record.blob_key)
+        return stored
 
     async def get(self, principal: Principal, dataset_id: str) -> DatasetRecord:
         require(dataset_id, "id")

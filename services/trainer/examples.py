@@ -19,6 +19,8 @@ import dataclasses
 import re
 from typing import Any
 
+from jinja2 import TemplateError
+
 CHAT, PROMPT_COMPLETION = "chat", "prompt_completion"
 FORMATS = (CHAT, PROMPT_COMPLETION)
 ROLES = ("system", "user", "assistant")
@@ -48,11 +50,28 @@ def detect_format(obj: Any) -> str:
     raise BadExample('expected an object with "messages" (chat) or "prompt" and "completion"')
 
 
+def _brief(value: Any) -> str:
+    """A caller's value, short: reasons travel in gRPC trailers, which a client refuses beyond a
+    few KiB (a content swapped into "role" on ten lines would hide every reason), and the repr
+    of a deeply nested list could exceed the recursion limit."""
+    if isinstance(value, list | dict):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise BadExample(f"{where} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise BadExample(f"{where} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON may spell a lone surrogate ("\ud800"), which is no character: the tokenizer
+        # refuses such a string with a TypeError, so it is refused here, naming the line.
+        raise BadExample(f"{where} holds an unpaired surrogate ({exc.object[exc.start]!r}) at character "
+                         f"{exc.start + 1}, which is not text") from None
     return value
 
 
@@ -72,7 +91,7 @@ def check_example(obj: Any, fmt: str) -> dict[str, Any]:
                 raise BadExample(f"messages[{i}] must be an object")
             role = message.get("role")
             if role not in ROLES:
-                raise BadExample(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+                raise BadExample(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_brief(role)}")
             checked.append({"role": role, "content": _text(message.get("content"), f"messages[{i}].content")})
         if not any(message["role"] == "assistant" for message in checked):
             raise BadExample("no assistant message: there is nothing to learn from")
@@ -109,6 +128,16 @@ def _mask_by_prefix(tokenizer, messages: list[dict], length: int) -> list[int]:
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
+    try:
+        return _encode_chat(tokenizer, messages)
+    except TemplateError as exc:
+        # Many chat templates refuse conversations themselves (`raise_exception`: roles must
+        # alternate, a system message only first, ...): that is this example's fault, not the
+        # trainer's, so it is a BadExample naming the line.
+        raise BadExample(f"the base model's chat template refuses it: {str(exc)[:200]}") from None
+
+
+def _encode_chat(tokenizer, messages: list[dict]) -> Encoded:
     if has_generation_markers(tokenizer):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)

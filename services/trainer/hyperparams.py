@@ -20,8 +20,10 @@ from services.common.errors import InvalidArgument
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("linear", "cosine", "constant")
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")  # the Registry's rule
-DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")  # the Registry's rule
+# The Registry's rules, matched whole (fullmatch): with re.match, `$` also matches before a
+# final newline, so "fin\n" passed here and the Registry refused it only at publication.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_RANK, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_BATCH, DEFAULT_SEQ_LEN = 16, 3.0, 2e-4, 4, 1024
 MAX_EPOCHS, MAX_STEPS, MAX_BATCH, MAX_ACCUMULATION, MAX_LR, MAX_EVAL_FRACTION = 100, 10_000_000, 1024, 1024, 1.0, 0.5
 MIN_SEQ_LEN = 8
@@ -110,8 +112,10 @@ def resolve_lora(request: LoraRequest, max_rank: int) -> LoraSettings:
     targets = request.target_modules or TARGET_MODULES
     for module in targets:
         if module not in TARGET_MODULES:
-            raise _bad("lora.target_modules", f"has unknown module {module!r}; choose from {', '.join(TARGET_MODULES)}",
-                       actual=module)
+            # Echoes of caller text are cut short: error details travel in gRPC trailers,
+            # which a client refuses beyond a few KiB (the caller would see no reason at all).
+            raise _bad("lora.target_modules", f"has unknown module {module!r:.80}; choose from "
+                       f"{', '.join(TARGET_MODULES)}", actual=f"{module!r:.80}")
     if len(set(targets)) != len(targets):
         raise _bad("lora.target_modules", "lists a module twice")
     ordered = tuple(module for module in TARGET_MODULES if module in targets)
@@ -181,9 +185,9 @@ def plan_schedule(training: TrainingSettings, num_examples: int, longest_example
 
 
 def check_names(output_adapter_name: str, deployment_name: str) -> None:
-    if not ADAPTER_NAME.match(output_adapter_name):
-        raise InvalidArgument(f"output_adapter_name {output_adapter_name!r} must be 1-63 characters of "
+    if not ADAPTER_NAME.fullmatch(output_adapter_name):
+        raise InvalidArgument(f"output_adapter_name {output_adapter_name!r:.80} must be 1-63 characters of "
                               "[A-Za-z0-9._-]", reason="BAD_NAME", field="output_adapter_name")
-    if deployment_name and not DEPLOYMENT_NAME.match(deployment_name):
-        raise InvalidArgument(f"deployment_name {deployment_name!r} must be 1-128 characters of [A-Za-z0-9._:-] "
+    if deployment_name and not DEPLOYMENT_NAME.fullmatch(deployment_name):
+        raise InvalidArgument(f"deployment_name {deployment_name!r:.80} must be 1-128 characters of [A-Za-z0-9._:-] "
                               "starting with a letter or digit", reason="BAD_NAME", field="deployment_name")

@@ -33,6 +33,10 @@ class DatasetRecord:
     sha256: str
     blob_key: str
     created_at: dt.datetime
+    # UploadDataset's idempotency key and a digest of the header and bytes (datasets.py), as
+    # for jobs below.
+    request_id: str | None = None
+    request_digest: str = ""
 
 
 @dataclasses.dataclass

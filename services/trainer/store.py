@@ -58,10 +58,28 @@ class TrainerStore:
         if session.get(DeletedTenantRow, tenant_id) is not None:
             raise NotFound(f"tenant '{tenant_id}' not found", reason="TENANT_NOT_FOUND", field=field)
 
-    def insert_dataset(self, record: DatasetRecord, tenant_field: str = "tenant") -> None:
+    def insert_dataset(self, record: DatasetRecord, tenant_field: str = "tenant") -> DatasetRecord:
+        """Stores `record`; returns it, or the dataset an earlier upload stored under the same request_id."""
         with self.db.write() as session:
             self._refuse_deleted_tenant(session, record.tenant_id, tenant_field)
+            if record.request_id is not None:
+                # Two concurrent retries: the second waits here and then finds the first's dataset.
+                self.db.lock(session, "trainer-dataset-request", record.tenant_id, record.request_id)
+                earlier = self._dataset_for_request(session, record.tenant_id, record.request_id)
+                if earlier is not None:
+                    return earlier
             session.add(DatasetRow(**dataclasses.asdict(record)))
+        return record
+
+    def dataset_for_request(self, tenant_id: str, request_id: str) -> DatasetRecord | None:
+        with self.db.read() as session:
+            return self._dataset_for_request(session, tenant_id, request_id)
+
+    @staticmethod
+    def _dataset_for_request(session, tenant_id: str, request_id: str) -> DatasetRecord | None:
+        row = session.scalars(select(DatasetRow).where(DatasetRow.tenant_id == tenant_id,
+                                                       DatasetRow.request_id == request_id)).first()
+        return _dataset(row) if row is not None else None
 
     def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
         with self.db.read() as session:

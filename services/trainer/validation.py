@@ -43,10 +43,18 @@ def iter_json_lines(path: Path) -> Iterator[tuple[int, Any | BadExample]]:
                 text = text.removeprefix("\ufeff")
             if not text.strip():
                 continue
+            # The parser gives up on nesting deeper than the interpreter's recursion limit and on
+            # integers of more than 4300 digits (CPython's int conversion limit) with errors that
+            # are not JSONDecodeError: they are this line's fault, so they name it like any other.
             try:
-                yield number, json.loads(text)
+                parsed: Any = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield number, BadExample(f"not valid JSON ({exc.msg} at column {exc.pos + 1})")
+                parsed = BadExample(f"not valid JSON ({exc.msg} at column {exc.pos + 1})")
+            except RecursionError:
+                parsed = BadExample("not valid JSON (nested too deeply)")
+            except ValueError as exc:
+                parsed = BadExample(f"not valid JSON ({str(exc).split(':')[0]})")
+            yield number, parsed
 
 
 def _refusal(errors: list[tuple[int, str]], total_bad: int) -> InvalidArgument:

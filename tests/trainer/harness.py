@@ -51,10 +51,10 @@ class TrainerClient:
         return getattr(self.stub, rpc)(request, metadata=bearer(self.token), timeout=timeout)
 
     def upload(self, data: bytes | Iterable[str], *, name: str = "ds", base_model: str = "tiny", tenant: str = "",
-               fmt=pb.DATASET_FORMAT_AUTO, max_seq_len: int = 0, chunk: int = 97) -> pb.Dataset:
+               fmt=pb.DATASET_FORMAT_AUTO, max_seq_len: int = 0, chunk: int = 97, request_id: str = "") -> pb.Dataset:
         body = data if isinstance(data, bytes) else ("\n".join(data) + "\n").encode()
         header = pb.UploadDatasetHeader(tenant=tenant, name=name, format=fmt, base_model=base_model,
-                                        max_seq_len=max_seq_len)
+                                        max_seq_len=max_seq_len, request_id=request_id)
 
         def messages():
             yield pb.UploadDatasetRequest(header=header)

@@ -7,15 +7,18 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from minio import Minio
 
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
+from services.common.rpc import error_info
 from services.trainer.db import TrainerDatabase
 from services.trainer.queue import JobQueue
 from services.trainer.records import FAILED, QUEUED, RUNNING, DatasetRecord, JobRecord
 from services.trainer.store import TrainerStore
 from tests.registry.backends import MotoS3, PostgresCluster
+from tests.registry.client import expect_error
 from tests.trainer.conftest import ADMIN_TOKEN
 from tests.trainer.harness import InProcessTrainer, finance_chat_lines, trainer_config
 
@@ -180,3 +183,20 @@ def test_a_request_id_is_unique_per_tenant_and_key_less_jobs_never_collide(store
     store.insert_dataset(dataclasses.replace(dataset, id="ds_2", tenant_id="tnt_b", blob_key="datasets/b/c.jsonl"))
     other_tenant = dataclasses.replace(jobs[3], tenant_id="tnt_b", dataset_id="ds_2", request_id="k1")
     assert store.insert_job(other_tenant).id == "job_3"
+
+
+def test_a_nul_in_request_text_is_invalid_argument_on_postgres(postgres, registry, tmp_path, tenant):
+    # PostgreSQL text cannot hold U+0000: without the check these were INTERNAL there.
+    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN,
+                            database_url=postgres.new_database("trainer_nul"))
+    trainer = InProcessTrainer(config).start()
+    try:
+        client = trainer.client(tenant.key)
+        error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.upload, finance_chat_lines(), name="a\x00b")
+        assert error_info(error).metadata["field"] == "header.name"
+        error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, client.call, "GetDataset",
+                             pb.GetDatasetRequest(id="\x00"))
+        assert error_info(error).metadata["field"] == "id"
+        assert client.call("ListDatasets", pb.ListDatasetsRequest()).datasets == []
+    finally:
+        trainer.stop()

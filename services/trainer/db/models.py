@@ -16,9 +16,10 @@ Decisions recorded here:
 - Deleted tenants leave a tombstone (`trainer_deleted_tenants`): creating a dataset or job
   checks it in the same transaction, so an upload or StartJob that passed authentication just
   before the tenant was deleted cannot store anything after its data was purged (tenants.py).
-- StartJob's idempotency key `request_id` is unique per tenant (NULL, never "", when absent:
-  NULLs are distinct in a unique index on SQLite and PostgreSQL alike, so key-less jobs never
-  collide); `request_digest` hashes the request's settings to recognise a retry.
+- StartJob's and UploadDataset's idempotency key `request_id` is unique per tenant (NULL, never
+  "", when absent: NULLs are distinct in a unique index on SQLite and PostgreSQL alike, so
+  key-less rows never collide); `request_digest` hashes the request's settings (and an upload's
+  bytes) to recognise a retry.
 - `trainer_feed_state` holds one row: the Registry change-feed sequence the trainer has applied,
   so a restart replays the deletions it missed while it was down (feed.py).
 """
@@ -41,7 +42,8 @@ class Base(DeclarativeBase):
 
 class DatasetRow(Base):
     __tablename__ = "trainer_datasets"
-    __table_args__ = (Index("ix_trainer_datasets_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (Index("ix_trainer_datasets_tenant_created", "tenant_id", "created_at", "id"),
+                      Index("ux_trainer_datasets_tenant_request", "tenant_id", "request_id", unique=True))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(40))
@@ -57,6 +59,9 @@ class DatasetRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     blob_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # UploadDataset's idempotency key, like the jobs' below (NULL when absent).
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_digest: Mapped[str] = mapped_column(String(64), default="")
 
 
 class JobRow(Base):

@@ -82,18 +82,20 @@ class Dataset(_message.Message):
     def __init__(self, id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., name: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., num_examples: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UploadDatasetHeader(_message.Message):
-    __slots__ = ("tenant", "name", "format", "base_model", "max_seq_len")
+    __slots__ = ("tenant", "name", "format", "base_model", "max_seq_len", "request_id")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     format: DatasetFormat
     base_model: str
     max_seq_len: int
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., base_model: _Optional[str] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., base_model: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
     __slots__ = ("header", "chunk")

@@ -87,7 +87,8 @@ class TrainerServicer:
     def UploadDataset(self, request_iterator, context):
         """Uploads a JSONL dataset: the header, then byte chunks. Every line is validated (JSON,
         shape, roles, non-empty content, token length <= max_seq_len); INVALID_ARGUMENT lists
-        the first offending line numbers and why. Nothing is stored on failure.
+        the first offending line numbers and why. Nothing is stored on failure. With
+        `header.request_id`, a retried upload returns the dataset the first one stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,10 +50,28 @@ def status_code_of(error: errors.LoraplexError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+#: Bounds, in UTF-8 bytes, on what an error carries. Statuses travel in trailers, whose size
+#: gRPC caps (8 KiB by default, the message sent twice: grpc-message, percent-encoded, and
+#: grpc-status-details-bin): an error echoing a 1 MB id would otherwise reach the client as
+#: "Stream removed (metadata size exceeds hard limit)", with no code it can act on.
+MAX_MESSAGE_BYTES, MAX_METADATA_VALUE_BYTES, MAX_METADATA_ENTRIES = 2048, 128, 16
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to `limit` UTF-8 bytes at a character boundary, saying how much was left out."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    kept = data[:limit - 40].decode(errors="ignore")
+    return f"{kept}… ({len(text) - len(kept)} more characters)"
+
+
 def to_rpc_status(error: errors.LoraplexError) -> grpc.Status:
-    """The status (code, message, details) a domain error is sent as."""
+    """The status (code, message, details) a domain error is sent as, its text bounded."""
     code = status_code_of(error)
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    metadata = {bounded(key, 64): bounded(value, MAX_METADATA_VALUE_BYTES)
+                for key, value in list(error.metadata.items())[:MAX_METADATA_ENTRIES]}
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)]
     if isinstance(error, errors.ResourceExhausted):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
@@ -63,7 +81,8 @@ def to_rpc_status(error: errors.LoraplexError) -> grpc.Status:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=bounded(error.message, MAX_MESSAGE_BYTES),
+                               details=packed)
     return rpc_status.to_status(status)
 
 

@@ -36,6 +36,9 @@ class FaultyInference(inference_pb2_grpc.InferenceServicer):
         raise RuntimeError("secret internal detail")
 
     async def LoadAdapter(self, request, context):
+        if len(request.adapter_id) > 100:  # a domain error echoing a huge id in message and metadata
+            raise errors.NotFound(f"adapter '{request.adapter_id}' not found", adapter_id=request.adapter_id,
+                                  **{f"k{i}": i for i in range(40)})
         return inference_pb2.AdapterSlot(adapter_id=request.adapter_id, pinned=request.pin)
 
     async def Generate(self, request, context):
@@ -87,6 +90,22 @@ def test_domain_errors_become_status_codes_with_details():
 
         reply = await stub.LoadAdapter(inference_pb2.LoadAdapterRequest(adapter_id="a1", pin=True))
         assert reply.adapter_id == "a1" and reply.pinned
+
+    asyncio.run(_with_server(body))
+
+
+def test_an_error_echoing_a_huge_value_still_arrives_with_its_code():
+    async def body(running, channel):
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        for huge in ("x" * 1_000_000, "日本" * 300_000):  # multi-byte text is percent-encoded: 9 bytes a character
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.LoadAdapter(inference_pb2.LoadAdapterRequest(adapter_id=huge))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # was "Stream removed", no ErrorInfo
+            message = caught.value.details()
+            assert message.startswith(f"adapter '{huge[:100]}") and "more characters)" in message
+            assert len(message.encode()) <= 2048
+            info = error_info(caught.value)
+            assert info.metadata["adapter_id"].startswith(huge[:20]) and len(info.metadata) == 16
 
     asyncio.run(_with_server(body))
 

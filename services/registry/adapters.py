@@ -2,7 +2,8 @@
 
 Listing order is (name ascending, version descending): stable, and newest first within a
 name as the API promises. Deleting a version removes its row only; its weights may be shared
-with identical uploads, so the blob is left for garbage collection. A version a deployment
+with identical uploads, so the blob is left for garbage collection (which is also why a
+delete never touches the blob store and works while it is down). A version a deployment
 needs cannot be deleted: pinned by version, or the last version of its name (for that base
 model) under a deployment that follows "latest".
 """
@@ -17,7 +18,7 @@ from sqlalchemy.orm import aliased
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.registry import feed, paging
 from services.registry.auth import Principal, check_owner, scoped_tenant
-from services.registry.context import RegistryContext, adapter_blob_key
+from services.registry.context import RegistryContext, adapter_blob_key, store_down
 from services.registry.db.models import Adapter, Deployment
 from services.common.fields import require
 
@@ -116,12 +117,30 @@ def chunk_size(requested: int) -> int:
     return min(max(requested or DEFAULT_CHUNK, MIN_CHUNK), MAX_CHUNK)
 
 
-def open_download(ctx: RegistryContext, principal: Principal, adapter_id: str) -> tuple[Adapter, BinaryIO]:
+class _WeightsReader:
+    """The store's reader; an outage mid-stream becomes UNAVAILABLE saying how far it got."""
+
+    def __init__(self, reader: BinaryIO, adapter_id: str) -> None:
+        self._reader, self._adapter_id, self._sent = reader, adapter_id, 0
+
+    def read(self, size: int) -> bytes:
+        with store_down(lambda: f"the download of adapter '{self._adapter_id}' stopped after {self._sent} bytes of "
+                                "weights; download it again from the start"):
+            chunk = self._reader.read(size)
+        self._sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def open_download(ctx: RegistryContext, principal: Principal, adapter_id: str) -> tuple[Adapter, _WeightsReader]:
     """The adapter row and a reader of its weights (the caller closes it)."""
     with ctx.db.read() as session:
         row = _load(session, principal, adapter_id)
     try:
-        return row, ctx.store.open(adapter_blob_key(row.sha256))
+        with store_down(f"the weights of adapter '{row.id}' could not be opened; nothing was sent"):
+            return row, _WeightsReader(ctx.store.open(adapter_blob_key(row.sha256)), row.id)
     except KeyError:
         raise Unavailable(f"the blob store has no weights for adapter '{row.id}' (sha256 {row.sha256}); the store is "
                           "unreachable or was changed outside the registry", reason="BLOB_MISSING") from None

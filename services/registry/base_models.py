@@ -20,10 +20,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.registry import feed, paging
 from services.registry.auth import Principal, require_admin
-from services.registry.context import RegistryContext
+from services.registry.context import RegistryContext, store_down
 from services.registry.db.models import BaseModel, Deployment, utcnow
 from services.common.fields import require
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
@@ -45,15 +45,13 @@ def _read_config(ctx: RegistryContext, location: str) -> dict:
             raise InvalidArgument(f"location {location!r} is an S3 URI but this registry uses a local blob store; "
                                   "use a local folder path", reason="BAD_LOCATION", field="location")
         key = f"{prefix.strip('/')}/config.json" if prefix.strip("/") else "config.json"
+        # An outage says nothing about the location: UNAVAILABLE, retry once the store is back.
         try:
-            data = read_object(bucket, key, MAX_CONFIG_BYTES)
+            with store_down(f"config.json at {location!r} was not read and nothing was registered", field="location"):
+                data = read_object(bucket, key, MAX_CONFIG_BYTES)
         except (KeyError, ValueError) as exc:
             raise InvalidArgument(f"location {location!r} has no readable config.json ({exc})",
                                   reason="BAD_LOCATION", field="location") from None
-        except ConnectionError as exc:  # says nothing about the location: retry once the store is back
-            raise Unavailable(f"cannot read config.json at {location!r}: the blob store is down ({exc}); "
-                              "nothing was registered, retry later", reason="BLOB_STORE_UNAVAILABLE",
-                              field="location") from None
     else:
         path = Path(location)
         if not path.is_absolute():

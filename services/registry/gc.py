@@ -6,7 +6,8 @@ they are never deleted inline). A blob younger than `min_age_seconds` is kept: i
 to an upload that has not committed yet. Each deletion re-checks references under the blob
 lock inside a write transaction, the same lock an upload holds while it re-checks the blob
 and commits its row (see uploads.py), so an upload and the collector can never leave a row
-without its blob.
+without its blob. A blob store outage ends the run UNAVAILABLE, saying how many blobs were
+removed before it; no row is ever changed, and the rest wait for the next run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy import select
 from services.common.errors import InvalidArgument
 from services.registry import feed
 from services.registry.auth import Principal, require_admin
-from services.registry.context import ADAPTER_BLOB_PREFIX, RegistryContext
+from services.registry.context import ADAPTER_BLOB_PREFIX, RegistryContext, store_down
 from services.registry.db.models import Adapter, utcnow
 
 log = logging.getLogger("loraplex.registry.gc")
@@ -45,20 +46,22 @@ def collect_garbage(ctx: RegistryContext, principal: Principal, min_age_seconds:
     cutoff = utcnow() - dt.timedelta(seconds=min_age_seconds)
     with ctx.db.read() as session:
         referenced = set(session.scalars(select(Adapter.sha256).distinct()))
-    candidates = [info for info in ctx.store.list(ADAPTER_BLOB_PREFIX)
-                  if _SHA256.match(sha := info.key.rsplit("/", 1)[-1]) and sha not in referenced
-                  and info.modified_at <= cutoff]
     removed, freed = [], 0
-    for info in candidates:
-        sha = info.key.rsplit("/", 1)[-1]
-        if not dry_run:
-            with ctx.db.write() as session:
-                ctx.db.lock(session, "blob", sha)
-                if session.scalar(select(Adapter.id).where(Adapter.sha256 == sha).limit(1)) is not None:
-                    continue  # an upload claimed it since we listed
-                ctx.store.delete(info.key)
-        removed.append(info.key)
-        freed += info.size
+    with store_down(lambda: f"garbage collection removed {0 if dry_run else len(removed)} unreferenced blob(s) "
+                            "before that; no adapter row was changed"):
+        candidates = [info for info in ctx.store.list(ADAPTER_BLOB_PREFIX)
+                      if _SHA256.match(sha := info.key.rsplit("/", 1)[-1]) and sha not in referenced
+                      and info.modified_at <= cutoff]
+        for info in candidates:
+            sha = info.key.rsplit("/", 1)[-1]
+            if not dry_run:
+                with ctx.db.write() as session:
+                    ctx.db.lock(session, "blob", sha)
+                    if session.scalar(select(Adapter.id).where(Adapter.sha256 == sha).limit(1)) is not None:
+                        continue  # an upload claimed it since we listed
+                    ctx.store.delete(info.key)
+            removed.append(info.key)
+            freed += info.size
     if not dry_run:
         pruned = feed.prune(ctx)
         log.info("garbage collection removed %d blobs (%d bytes) and %d feed events", len(removed), freed, pruned)

@@ -3,7 +3,8 @@
 Every RPC authenticates first (auth.py), then runs its domain function on the registry's
 thread pool (the domain is synchronous SQLAlchemy and blob I/O), so the event loop only
 moves messages. Domain errors become statuses in services/common/rpc.py. Until the app has
-finished starting (migrations, bucket) every RPC answers UNAVAILABLE.
+finished starting (migrations, bucket) every RPC answers UNAVAILABLE, and so does one
+that finds the blob store down (domain functions say what was done; `_run` catches the rest).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.registry import (adapters, auth, base_models, convert, deployments, feed, gc, keys, paging, tenants,
                                uploads)
-from services.registry.context import RegistryContext
+from services.registry.blobstore.base import BlobStoreUnavailable
+from services.registry.context import RegistryContext, store_unavailable
 from services.registry.request_text import check_no_nul
 
 
@@ -42,7 +44,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return self._ctx
 
     async def _run(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                    functools.partial(fn, *args, **kwargs))
+        except BlobStoreUnavailable as exc:  # a store call no domain function put into words: still retryable
+            raise store_unavailable(exc, "the call may have stopped part way") from None
 
     async def _principal(self, context) -> auth.Principal:
         ctx = self.ctx

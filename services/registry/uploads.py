@@ -14,7 +14,9 @@ Order of a successful upload, and why:
    identical concurrent upload find the first one's row (idempotency); the blob lock orders
    us against garbage collection, and under it we re-check that the blob is still there (GC
    may have removed an older identical orphan) before pointing a row at it.
-Any failure removes the scratch files; nothing else was written.
+Any failure removes the scratch files; nothing else was written. A blob store outage (at 4,
+or at the re-check in 5) is UNAVAILABLE: no row was committed, and a blob already written is
+an orphan that garbage collection removes, as after a crash.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from services.common.errors import InvalidArgument, NotFound
 from services.registry import feed
 from services.registry.auth import Principal, scoped_tenant
 from services.registry.base_models import fingerprint_of, load_base_model
-from services.registry.context import RegistryContext, adapter_blob_key
+from services.registry.context import RegistryContext, adapter_blob_key, store_down
 from services.registry.db.models import Adapter, AdapterName, Tenant, utcnow
 from services.registry.validation import (BaseModelRef, UploadLimits, UploadReceiver, ValidatedAdapter,
                                           check_files_header, validate_upload)
@@ -126,7 +128,9 @@ def finish_upload(ctx: RegistryContext, plan: UploadPlan, body: UploadBody) -> t
                                   expected=header.content_sha256, actual=received_sha)
         unpacked = body.receiver.unpack(ctx.limits)
         validated = validate_upload(unpacked, plan.base, ctx.limits, header.override_base_model_check)
-        return _store(ctx, plan, validated)
+        with store_down(f"adapter '{header.name}' was validated but not stored (no version was created); "
+                        "its scratch files were removed"):
+            return _store(ctx, plan, validated)
     finally:
         body.discard()
 

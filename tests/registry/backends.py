@@ -8,12 +8,15 @@ current user. fsync is off: these clusters are throwaway.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -137,3 +140,59 @@ class InProcessRegistry(InProcessServer):
     @property
     def ctx(self):
         return self.app.ctx
+
+
+class CuttableProxy:
+    """A TCP proxy in front of an S3 endpoint that can hold back responses and then drop every
+    connection: what a registry sees when its store dies in the middle of a transfer (stopping
+    moto instead would not do: a small object is already in the socket buffers by then)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # so the accept loop notices `cut`
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._budget: int | None = None  # response bytes still passed on; None: all
+        self._sockets: list[socket.socket] = []
+        self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall_after(self, response_bytes: int) -> None:
+        """From now on pass on only this many more response bytes (over all connections)."""
+        with self._lock:
+            self._budget = response_bytes
+
+    def cut(self) -> None:
+        """Drops every connection and refuses new ones."""
+        with self._lock:
+            self._cut = True
+            for sock in [self._listener, *self._sockets]:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self._cut:
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            upstream = socket.create_connection(self._upstream)
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, response: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                with self._lock:
+                    if response and self._budget is not None:
+                        data, self._budget = data[:self._budget], self._budget - len(data[:self._budget])
+                if data:
+                    target.sendall(data)

@@ -1,15 +1,21 @@
 """Both blob stores through the one interface: atomic puts, reads, listing, deletion, and S3
-multipart uploads and bucket creation against moto's S3 server."""
+multipart uploads and bucket creation against moto's S3 server; an S3 endpoint that refuses,
+never answers or answers 5xx is BlobStoreUnavailable, within bounded timeouts and retries."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from services.registry.blobstore import LocalBlobStore, S3BlobStore
-from services.registry.blobstore.base import check_key
+from services.registry.blobstore.base import BlobStoreUnavailable, check_key
+from services.registry.blobstore.s3 import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, RETRIES
+from tests.conftest import free_port
 from tests.registry.client import unique
 
 
@@ -75,3 +81,74 @@ def test_local_put_is_atomic_and_leaves_no_temp_file(tmp_path):
 def test_keys_are_our_own_shape_only(key):
     with pytest.raises(ValueError):
         check_key(key)
+
+
+def s3_store(endpoint: str, **limits) -> S3BlobStore:
+    return S3BlobStore(endpoint, "bucket", "k", "s", region="us-east-1", secure=False, part_size=5 * 1024 * 1024,
+                       **limits)
+
+
+def every_call(store: S3BlobStore, tmp_path: Path):
+    source = write(tmp_path, b"weights")
+    return {"start": store.start, "put_file": lambda: store.put_file("adapters/aa", source),
+            "exists": lambda: store.exists("adapters/aa"), "open": lambda: store.open("adapters/aa"),
+            "delete": lambda: store.delete("adapters/aa"), "list": lambda: list(store.list("adapters")),
+            "read_object": lambda: store.read_object("models", "tiny/config.json", 1024)}
+
+
+def test_s3_endpoint_refusing_connections_is_blob_store_unavailable(tmp_path):
+    """Each call used to leak urllib3's MaxRetryError, which callers could not tell from a bug."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    for name, call in every_call(s3_store(endpoint, retries=0), tmp_path).items():
+        with pytest.raises(BlobStoreUnavailable) as caught:
+            call()
+        assert endpoint in str(caught.value) and "refused" in str(caught.value), name
+        assert isinstance(caught.value, ConnectionError) and caught.value.endpoint == endpoint
+
+
+def test_s3_endpoint_that_never_answers_is_blob_store_unavailable(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel does), never answers
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        store = s3_store(endpoint, connect_timeout=0.5, read_timeout=0.5, retries=0)
+        with pytest.raises(BlobStoreUnavailable, match="timed out"):
+            store.exists("adapters/aa")
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    def _answer(self) -> None:
+        self.send_response(503)
+        self.send_header("Retry-After", "3600")  # minio's default client would sleep an hour, per try
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", "4")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(b"busy")
+
+    do_GET = do_HEAD = do_PUT = do_DELETE = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        return None
+
+
+@pytest.mark.timeout(120)
+def test_s3_endpoint_answering_503_is_blob_store_unavailable_without_honouring_retry_after(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        for name in ("exists", "open", "read_object"):
+            with pytest.raises(BlobStoreUnavailable, match="503") as caught:
+                every_call(s3_store(endpoint), tmp_path)[name]()
+            assert endpoint in str(caught.value), name
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_s3_client_limits_are_bounded():
+    """minio's own client: 5 minutes to connect and per read, 5 retries (a down endpoint held an
+    RPC for up to half an hour). Ours: the documented constants of blobstore/s3.py."""
+    pool = s3_store("127.0.0.1:9").client._http.connection_pool_kw
+    assert (pool["timeout"].connect_timeout, pool["timeout"].read_timeout) == (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+    assert pool["retries"].total == RETRIES and not pool["retries"].respect_retry_after_header
+    assert CONNECT_TIMEOUT_S <= 10 and READ_TIMEOUT_S <= 60 and RETRIES <= 3

@@ -60,3 +60,16 @@ def test_bad_blob_store_flag_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "services.registry", "--blob-store", "ftp"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--blob-store must be one of local, s3" in result.stderr
+
+
+def test_unreachable_s3_endpoint_ends_the_process_with_a_clear_message(tmp_path):
+    """The message used to end in urllib3's MaxRetryError repr, after minio's 5 retries."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "services.registry", "--port", str(free_port()), "--metrics-port", "0",
+         "--data-dir", str(tmp_path), "--blob-store", "s3", "--s3-endpoint", endpoint, "--s3-bucket", "blobs"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot start the s3 blob store (S3 endpoint {endpoint} bucket blobs)" in result.stderr
+    assert f"S3 endpoint {endpoint} is unreachable or failing (" in result.stderr
+    assert "Traceback" not in result.stderr and "MaxRetryError" not in result.stderr

@@ -25,6 +25,22 @@ def check_key(key: str) -> str:
     return key
 
 
+class BlobStoreUnavailable(ConnectionError):
+    """The store did not answer or failed (refused, reset, timed out, a 5xx), after the
+    client's own bounded retries.
+
+    It says nothing about the object, unlike KeyError, so a caller must not read it as
+    "missing": the same call may succeed once the store is back. Stores raise only this for
+    such failures (one translation point per store), and the Registry maps it to UNAVAILABLE
+    in one place (services/registry/context.py, `store_down`). A ConnectionError, so code
+    that already catches those keeps working.
+    """
+
+    def __init__(self, endpoint: str, cause: str) -> None:
+        super().__init__(f"S3 endpoint {endpoint} is unreachable or failing ({cause[:200]})")
+        self.endpoint = endpoint
+
+
 @dataclasses.dataclass(frozen=True)
 class BlobInfo:
     key: str
@@ -51,7 +67,10 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def open(self, key: str) -> BinaryIO:
-        """A reader of the object (`read(n)`, `close()`); KeyError if it does not exist."""
+        """A reader of the object (`read(n)`, `close()`); KeyError if it does not exist.
+
+        Any method, and the reader's `read`, may raise BlobStoreUnavailable (remote stores).
+        """
 
     def delete(self, key: str) -> None:
         """Removes the object; a missing object is not an error."""

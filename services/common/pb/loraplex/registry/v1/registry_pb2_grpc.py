@@ -175,7 +175,8 @@ class RegistryServicer:
 
     def DeleteTenant(self, request, context):
         """Deletes a tenant with its keys, adapters, deployments and datasets. FAILED_PRECONDITION
-        if it still owns deployments and `force` is false. Emits TENANT_DELETED.
+        if it still owns deployments and `force` is false. Rows only: adapter weights wait for
+        CollectGarbage, so this works while the blob store is down. Emits TENANT_DELETED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,8 +248,9 @@ class RegistryServicer:
         """--- Adapters (immutable versions) ---
 
         Uploads a PEFT LoRA adapter: first message is the header, then byte chunks.
-        Everything is validated before anything becomes visible; on any failure no blob and no
-        row remain. INVALID_ARGUMENT names the file/tensor and expected vs actual (zip entry
+        Everything is validated before anything becomes visible; on any failure no row remains
+        (weights stored just before a failure are unreferenced; CollectGarbage removes them).
+        UNAVAILABLE (retryable, no version created) if the blob store is down. INVALID_ARGUMENT names the file/tensor and expected vs actual (zip entry
         rules, size limits, non-safetensors weights, peft_type, base model mismatch, unknown
         layer/module, shape, dtype, NaN/Inf, rank above the limit); NOT_FOUND if the base model
         or tenant does not exist; the first message not a header -> INVALID_ARGUMENT.
@@ -275,7 +277,9 @@ class RegistryServicer:
 
     def DeleteAdapter(self, request, context):
         """Deletes one version. FAILED_PRECONDITION if a deployment pins it (or follows "latest"
-        of its name and it is the only version). Emits ADAPTER_DELETED.
+        of its name and it is the only version). Rows only: the weights wait for CollectGarbage
+        (identical uploads share them), so this works while the blob store is down.
+        Emits ADAPTER_DELETED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,6 +288,8 @@ class RegistryServicer:
     def DownloadAdapter(self, request, context):
         """For inference nodes: streams the adapter's config and weights. First message is the
         manifest (with sha256 of the weights, to verify), then chunks. NOT_FOUND if unknown.
+        UNAVAILABLE (retryable) if the blob store is down, before the manifest or after some
+        chunks: then download again from the start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -342,7 +348,8 @@ class RegistryServicer:
 
         Removes blobs no row references (left by a crash between blob write and commit)
         older than `min_age_seconds` (at most 315360000, ten years: INVALID_ARGUMENT above).
-        Returns what was removed.
+        Returns what was removed. UNAVAILABLE (retryable) if the blob store is down; its
+        message says how many blobs were removed before (no row is ever changed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

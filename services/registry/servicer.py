@@ -21,7 +21,7 @@ from services.registry import (adapters, auth, base_models, convert, deployments
                                uploads)
 from services.registry.blobstore.base import BlobStoreUnavailable
 from services.registry.context import RegistryContext, store_unavailable
-from services.registry.request_text import check_no_nul
+from services.common.request_text import check_no_nul
 
 
 def _authenticate_key(ctx: RegistryContext, token: str) -> auth.Principal:

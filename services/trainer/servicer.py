@@ -18,7 +18,7 @@ from services.common.errors import InvalidArgument, Unavailable
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
 from services.registry import paging
-from services.registry.request_text import check_no_nul
+from services.common.request_text import check_no_nul
 from services.trainer import convert
 from services.trainer.auth import Authenticator
 from services.trainer.datasets import DatasetService

@@ -2,9 +2,10 @@
 
 PostgreSQL text cannot store U+0000: the driver refuses it in an INSERT and in a WHERE
 clause alike, so a NUL in a display name, a description or even a looked-up id ended as
-INTERNAL there, while SQLite stored it silently (and `open()` refuses it in a base model
-location on both). No name, id, label, location or description needs one, so the servicer
-refuses any request string that holds one, naming the field, before the domain sees it.
+INTERNAL there, while SQLite stored it silently (and `open()` refuses it in a path on both).
+No name, id, label, location or description needs one, so the Registry's and the Trainer's
+servicers refuse any request string that holds one, naming the field, before the domain
+sees it.
 This module reads protobuf messages generically and knows nothing about gRPC.
 """
 
@@ -19,7 +20,7 @@ from services.common.errors import InvalidArgument
 def _check_value(value: object, field: str) -> None:
     if isinstance(value, str):
         if "\x00" in value:
-            raise InvalidArgument(f"{field} contains a NUL character (\\x00), which no registry text may hold",
+            raise InvalidArgument(f"{field} contains a NUL character (\\x00), which no request text may hold",
                                   reason="NUL_CHARACTER", field=field)
     elif isinstance(value, Message):
         check_no_nul(value, f"{field}.")

@@ -18,7 +18,8 @@ from sqlalchemy.orm import aliased
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.registry import feed, paging
 from services.registry.auth import Principal, check_owner, scoped_tenant
-from services.registry.context import RegistryContext, adapter_blob_key, store_down
+from services.registry.blobstore.outage import store_down
+from services.registry.context import RegistryContext, adapter_blob_key
 from services.registry.db.models import Adapter, Deployment
 from services.common.fields import require
 

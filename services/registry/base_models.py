@@ -23,7 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.registry import feed, paging
 from services.registry.auth import Principal, require_admin
-from services.registry.context import RegistryContext, store_down
+from services.registry.blobstore.outage import store_down
+from services.registry.context import RegistryContext
 from services.registry.db.models import BaseModel, Deployment, utcnow
 from services.common.fields import require
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config

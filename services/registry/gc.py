@@ -22,7 +22,8 @@ from sqlalchemy import select
 from services.common.errors import InvalidArgument
 from services.registry import feed
 from services.registry.auth import Principal, require_admin
-from services.registry.context import ADAPTER_BLOB_PREFIX, RegistryContext, store_down
+from services.registry.blobstore.outage import store_down
+from services.registry.context import ADAPTER_BLOB_PREFIX, RegistryContext
 from services.registry.db.models import Adapter, utcnow
 
 log = logging.getLogger("loraplex.registry.gc")

@@ -20,7 +20,8 @@ from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.registry import (adapters, auth, base_models, convert, deployments, feed, gc, keys, paging, tenants,
                                uploads)
 from services.registry.blobstore.base import BlobStoreUnavailable
-from services.registry.context import RegistryContext, store_unavailable
+from services.registry.blobstore.outage import store_unavailable
+from services.registry.context import RegistryContext
 from services.common.request_text import check_no_nul
 
 

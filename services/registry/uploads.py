@@ -34,7 +34,8 @@ from services.common.errors import InvalidArgument, NotFound
 from services.registry import feed
 from services.registry.auth import Principal, scoped_tenant
 from services.registry.base_models import fingerprint_of, load_base_model
-from services.registry.context import RegistryContext, adapter_blob_key, store_down
+from services.registry.blobstore.outage import store_down
+from services.registry.context import RegistryContext, adapter_blob_key
 from services.registry.db.models import Adapter, AdapterName, Tenant, utcnow
 from services.registry.validation import (BaseModelRef, UploadLimits, UploadReceiver, ValidatedAdapter,
                                           check_files_header, validate_upload)

@@ -25,6 +25,7 @@ from services.common.services import TRAINER
 from services.trainer.auth import Authenticator
 from services.trainer.base_models import BaseModels
 from services.trainer.blobs import open_dataset_store
+from services.trainer.orphans import sweep_forever
 from services.trainer.config import TrainerConfig
 from services.trainer.datasets import DatasetService
 from services.trainer.db import TrainerDatabase
@@ -56,6 +57,7 @@ class TrainerApp:
         self.queue: JobQueue | None = None
         self.registry: RegistryClient | None = None
         self.feed_task: asyncio.Task | None = None
+        self.sweep_task: asyncio.Task | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServicer_to_server(self.servicer, server)
@@ -100,13 +102,15 @@ class TrainerApp:
         purger = TenantPurger(store, self.queue, blobs, auth, self._run, env.jobs_dir)
         watcher = TenantDeletionWatcher(self.registry, store, purger, self._run)
         self.feed_task = asyncio.create_task(watcher.run_forever(), name="trainer-tenant-feed")
+        self.sweep_task = asyncio.create_task(sweep_forever(store, blobs, self._run), name="trainer-orphan-sweep")
         log.info("trainer ready: database %s, %s dataset store, devices %s",
                  self.db.engine.url.render_as_string(hide_password=True), blobs.kind, ", ".join(config.devices))
 
     async def close(self) -> None:
-        if self.feed_task is not None:  # first: a purge must not race the queue's shutdown
-            self.feed_task.cancel()
-            await asyncio.gather(self.feed_task, return_exceptions=True)
+        tasks = [task for task in (self.feed_task, self.sweep_task) if task is not None]
+        for task in tasks:  # first: a purge must not race the queue's shutdown
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.queue is not None:
             await self.queue.close(self.config.grace_seconds)
         if self.registry is not None:

@@ -27,6 +27,8 @@ from pathlib import Path
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.registry import paging
 from services.registry.blobstore import BlobStore
+from services.registry.blobstore.base import BlobStoreUnavailable
+from services.registry.blobstore.outage import store_down
 from services.trainer.auth import Authenticator
 from services.trainer.base_models import BaseModels
 from services.trainer.blobs import dataset_key
@@ -134,7 +136,8 @@ class DatasetService:
                                    longest_example=summary.longest_example, num_examples=summary.num_examples,
                                    size_bytes=spool.size, sha256=sha256, blob_key=dataset_key(tenant_id, dataset_id),
                                    created_at=utcnow(), request_id=header.request_id or None, request_digest=digest)
-            stored = await self.run(self._persist, record, spool.path)
+            with store_down(f"dataset '{header.name}' was validated but not stored (no dataset was created)"):
+                stored = await self.run(self._persist, record, spool.path)
         finally:
             spool.discard()
         if stored.id != record.id:  # a concurrent upload with the same request_id stored its dataset first
@@ -169,7 +172,13 @@ class DatasetService:
         require(dataset_id, "id")
         owner = None if principal.is_admin else principal.tenant_id
         record = await self.run(self.store.delete_dataset, dataset_id, owner)
-        await self.run(self.blobs.delete, record.blob_key)
+        try:
+            await self.run(self.blobs.delete, record.blob_key)
+        except BlobStoreUnavailable as exc:
+            # The row is gone (the dataset is deleted for every caller); its bytes are swept once
+            # the store is back (orphans.py).
+            log.warning("dataset %s deleted; its blob %s stays until the store is back: %s", record.id,
+                        record.blob_key, exc)
 
     def read_into(self, record: DatasetRecord, target: Path) -> None:
         """Copies a dataset's bytes to `target`, checking its sha256 (blocking)."""

@@ -130,6 +130,10 @@ class TrainerStore:
             session.add(JobRow(**dataclasses.asdict(record)))
         return record
 
+    def dataset_blob_keys(self) -> set[str]:
+        with self.db.read() as session:
+            return set(session.scalars(select(DatasetRow.blob_key)))
+
     def job_for_request(self, tenant_id: str, request_id: str) -> JobRecord | None:
         with self.db.read() as session:
             return self._job_for_request(session, tenant_id, request_id)

@@ -87,7 +87,8 @@ class TrainerServicer:
     def UploadDataset(self, request_iterator, context):
         """Uploads a JSONL dataset: the header, then byte chunks. Every line is validated (JSON,
         shape, roles, non-empty content, token length <= max_seq_len); INVALID_ARGUMENT lists
-        the first offending line numbers and why. Nothing is stored on failure. With
+        the first offending line numbers and why. Nothing is stored on failure (UNAVAILABLE,
+        reason BLOB_STORE_UNAVAILABLE, when the dataset store is down). With
         `header.request_id`, a retried upload returns the dataset the first one stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -109,7 +110,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDataset(self, request, context):
-        """FAILED_PRECONDITION if a queued or running job uses it.
+        """FAILED_PRECONDITION if a queued or running job uses it. Its bytes leave the store at
+        once, or, if the store is down, within an hour of it coming back (a background sweep).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

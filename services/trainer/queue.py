@@ -164,7 +164,10 @@ class JobQueue:
                                          "can be cancelled", reason="JOB_FINISHED", field="id")
         await runner.cancel(self.cancel_grace_s, reason)
         await runner.finalized.wait()
-        return await self.run(self.store.get_job, job_id)
+        record = await self.run(self.store.get_job, job_id)
+        if record is None:  # its tenant was purged while the worker stopped
+            raise NotFound(f"job '{job_id}' not found (its tenant was deleted)", reason="JOB_NOT_FOUND", field="id")
+        return record
 
     async def close(self, grace_s: float) -> None:
         """Stops dispatching; running jobs checkpoint and go back to queued."""

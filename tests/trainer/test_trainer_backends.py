@@ -200,3 +200,29 @@ def test_a_nul_in_request_text_is_invalid_argument_on_postgres(postgres, registr
         assert client.call("ListDatasets", pb.ListDatasetsRequest()).datasets == []
     finally:
         trainer.stop()
+
+
+def test_cancelling_a_running_job_whose_tenant_was_purged_meanwhile_is_not_found(store):
+    import asyncio
+
+    from services.common.errors import NotFound
+
+    class StoppingRunner:  # a worker that stops while a tenant purge deletes the job's row
+        def __init__(self) -> None:
+            self.finalized = asyncio.Event()
+
+        async def cancel(self, grace_s: float, reason: str) -> None:
+            store.delete_tenant_rows("tnt_a")
+            self.finalized.set()
+
+    async def main():
+        queue = JobQueue(store, None, None, ["cpu"], lambda fn, *args: asyncio.to_thread(fn, *args),
+                         cancel_grace_s=1, max_interruptions=1)
+        queue._runners["job_0"] = StoppingRunner()
+        with pytest.raises(NotFound):  # was None, INTERNAL for the caller
+            await queue.cancel("job_0")
+
+    dataset, jobs = _records(1)
+    store.insert_dataset(dataset)
+    store.insert_job(jobs[0])
+    asyncio.run(main())

@@ -121,7 +121,7 @@ class Node:
         """Starts the engine thread (call from the event loop that will consume outputs)."""
         self.manager.loop = asyncio.get_running_loop()
         self.manager.on_arrival = self.async_engine.wake
-        self.manager.on_fetch_failed = self.async_engine.fail_adapter
+        self.manager.fail_waiting = self.async_engine.fail_adapter
         self.manager.run_on_torch_thread = self.async_engine.call
         self.async_engine.start()
 
@@ -168,15 +168,17 @@ class Node:
         token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
         sampling = sampling.validate(len(token_ids), self.max_context)
         sha256 = _digest(sha256)
-        if adapter_id:
-            self.manager.note_request(adapter_id)
-            # A resident adapter needs no host copy (if it is evicted before this request is
-            # scheduled, the scheduler asks for a re-fetch): with a host tier smaller than the
-            # device pool, fetching here would re-read it from its source on every request.
-            if not self.manager.on_device(adapter_id, sha256):
-                weights = await self.manager.ensure_host(adapter_id, sha256)
-                await self.async_engine.call(lambda: self.manager.check_room(adapter_id, weights.rank))
-        async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id, sha256):
+        # A hit: the bytes asked for are on the device as the request arrives (counted once queued).
+        hit = bool(adapter_id) and self.manager.on_device(adapter_id, sha256)
+        # A resident adapter needs no host copy (if it is evicted before this request is
+        # scheduled, the scheduler asks for a re-fetch): with a host tier smaller than the
+        # device pool, fetching here would re-read it from its source on every request.
+        if adapter_id and not hit:
+            weights = await self.manager.ensure_host(adapter_id, sha256)
+            await self.async_engine.call(lambda: self.manager.check_room(adapter_id, weights.rank))
+        on_queued = (lambda: self.manager.count_request(hit)) if adapter_id else (lambda: None)
+        async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id, sha256,
+                                                       on_queued):
             yield output
 
 

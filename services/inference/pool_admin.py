@@ -93,6 +93,9 @@ class PoolAdmin:
         weights = await self.node.manager.ensure_host(adapter_id)
 
         def load_on_engine() -> SlotView:
+            # When pins hold the room, retrying cannot help until an unpin: Generate's
+            # ADAPTER_POOL_PINNED says so, where pool.load would answer "pool full, retry soon".
+            self.node.manager.check_room(adapter_id, weights.rank)
             # Viewed in the same engine call: a step in between could evict an unpinned adapter.
             self.node.pool.load(adapter_id, weights, pinned=pin)
             slots, _ = self._snapshot_on_engine()
@@ -129,7 +132,9 @@ class PoolAdmin:
                           manager.last_load_ms.get(r.key, 0.0), r.target_modules) for r in pool.resident()]
         host = manager.host_entries()
         for key, weights in host.items():
-            if pool.get(key) is None:
+            # One entry per copy: the host copy of the bytes on the device is the same adapter,
+            # but other bytes there (waiting for the device copy's requests to end) are not.
+            if (resident := pool.get(key)) is None or resident.sha256 != weights.sha256:
                 slots.append(SlotView(key, weights.sha256, "HOST", weights.rank, 0, False, 0, 0.0,
                                       manager.last_load_ms.get(key, 0.0), weights.target_modules))
         slots += [SlotView(key, "", "LOADING", 0, 0, False, 0, 0.0, 0.0, frozenset()) for key in manager.loading()]

@@ -33,19 +33,21 @@ class AdapterManager:
         self._fetching: dict[str, asyncio.Task] = {}
         self.load_ms: deque[float] = deque(maxlen=256)
         self.last_load_ms: dict[str, float] = {}
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # queued requests whose adapter bytes were on the device when they arrived
+        self.misses = 0  # queued requests whose adapter bytes had to be fetched or copied there
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_arrival: Callable[[], None] = lambda: None  # wakes the engine
-        # A re-fetch for queued requests failed: they must end with the error (set by the node).
-        self.on_fetch_failed: Callable[[str, BaseException], None] = lambda adapter_id, error: None
+        # Queued requests for (adapter id, sha256, "" = any bytes) can never run (their re-fetch
+        # failed, or pins leave no room): they must end with the error (set by the node).
+        self.fail_waiting: Callable[[str, str, BaseException], None] = lambda adapter_id, sha256, error: None
         # Parsing touches tensors: once the engine runs, it happens on the torch thread.
         self.run_on_torch_thread: Callable[[Callable[[], LoraWeights]], Awaitable[LoraWeights]] = asyncio.to_thread
 
     # --- event loop side ---
-    def note_request(self, adapter_id: str) -> None:
-        """Counts a hit when the adapter is already on the device, else a miss."""
-        if self.pool.get(adapter_id) is not None:
+    def count_request(self, hit: bool) -> None:
+        """Counts a request once queued: one refused (unknown adapter, bad digest, full queue)
+        was never served, so it would skew the hit rate operators read from these."""
+        if hit:
             self.hits += 1
         else:
             self.misses += 1
@@ -126,11 +128,17 @@ class AdapterManager:
     def check_room(self, adapter_id: str, rank: int) -> None:
         """ResourceExhausted when pinned adapters leave too few pages for this rank: its request
         would wait until an operator unpins (and, once starving, pause the other adapters)."""
+        if (error := self._pinned_out(adapter_id, rank)) is not None:
+            raise error
+
+    def _pinned_out(self, adapter_id: str, rank: int) -> ResourceExhausted | None:
         pinned = sum(r.rank for r in self.pool.resident() if r.pinned and r.key != adapter_id)
-        if rank > self.pool.num_pages - pinned:
-            raise ResourceExhausted(f"adapter {adapter_id} needs {rank} pages, but pinned adapters hold {pinned} of "
-                                    f"the pool's {self.pool.num_pages}", retry_after_s=5.0,
-                                    reason="ADAPTER_POOL_PINNED", rank=rank, pinned_pages=pinned)
+        if rank <= self.pool.num_pages - pinned:
+            return None
+        return ResourceExhausted(f"adapter {adapter_id} needs {rank} pages, but pinned adapters hold {pinned} of the "
+                                 f"pool's {self.pool.num_pages}: it fits once some are unpinned (EvictAdapter with "
+                                 "unpin)", retry_after_s=5.0, reason="ADAPTER_POOL_PINNED", rank=rank,
+                                 pinned_pages=pinned)
 
     # --- engine thread side: the scheduler's AdapterGate ---
     def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
@@ -147,6 +155,11 @@ class AdapterManager:
         if resident is not None and resident.refs:
             return False  # other bytes under this id serve running requests: replaced once they finish
         if not self.pool.can_fit(weights.rank, replacing=adapter_key):
+            # Pins taken since these requests queued (check_room passed then) can leave no room
+            # until an unpin: fail them as if they had arrived after the pin. Through the node, not
+            # here: the scheduler is walking its queues.
+            if (error := self._pinned_out(adapter_key, weights.rank)) is not None:
+                self.fail_waiting(adapter_key, sha256, error)
             return False
         self.pool.load(adapter_key, weights)  # replaces a resident copy with other bytes
         self.pool.acquire(adapter_key)
@@ -158,11 +171,13 @@ class AdapterManager:
     def _refetch(self, adapter_id: str, sha256: str = "") -> None:
         if adapter_id not in self._fetching:
             task = asyncio.ensure_future(self.ensure_host(adapter_id, sha256))
-            task.add_done_callback(lambda t: self._refetched(adapter_id, t))
+            task.add_done_callback(lambda t: self._refetched(adapter_id, sha256, t))
 
-    def _refetched(self, adapter_id: str, task: asyncio.Future) -> None:
+    def _refetched(self, adapter_id: str, sha256: str, task: asyncio.Future) -> None:
+        # Only the requests that asked for these bytes: one naming other bytes (or any) asks for
+        # its own re-fetch when it reaches the head of the queue, and fails only if that fails.
         if not task.cancelled() and (error := task.exception()) is not None:
-            self.on_fetch_failed(adapter_id, error)
+            self.fail_waiting(adapter_id, sha256, error)
 
 
 def _check_digest(adapter_id: str, weights: LoraWeights, expected: str) -> None:

@@ -37,8 +37,7 @@ class ResidentAdapter:
 
 @dataclass
 class PoolCounters:
-    hits: int = 0
-    misses: int = 0
+    # Hits and misses are per request, counted by the AdapterManager.
     loads: int = 0
     evictions: int = 0
 

@@ -59,11 +59,12 @@ class AsyncEngine:
         """Something the scheduler waits on changed (e.g. an adapter arrived)."""
         self._wake.set()
 
-    def fail_adapter(self, adapter_key: str, error: Exception) -> None:
-        """An adapter could not be fetched again (e.g. deleted from the Registry after its requests
-        queued): those requests end with the error rather than waiting for it forever."""
+    def fail_adapter(self, adapter_key: str, sha256: str, error: Exception) -> None:
+        """Requests waiting for these adapter bytes ("" = any) can never run (e.g. the adapter was
+        deleted from the Registry after they queued): they end with the error rather than
+        waiting forever. Thread-safe; the engine thread drops them between steps."""
         def fail_waiting() -> None:
-            seq_ids = self.engine.scheduler.waiting_for(adapter_key)
+            seq_ids = self.engine.scheduler.waiting_for(adapter_key, sha256)
             for seq_id in seq_ids:
                 self.engine.abort(seq_id)
             self._loop.call_soon_threadsafe(self._deliver_error, seq_ids, error)
@@ -72,8 +73,10 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None,
-                       request_id: str = "", adapter_sha256: str = "") -> AsyncIterator[RequestOutput]:
-        """Streams a request's outputs; leaving early (cancel) aborts it on the engine at once."""
+                       request_id: str = "", adapter_sha256: str = "",
+                       on_queued: Callable[[], None] = lambda: None) -> AsyncIterator[RequestOutput]:
+        """Streams a request's outputs; leaving early (cancel) aborts it on the engine at once.
+        on_queued runs once the engine accepted it (not when the queue was full)."""
         seq_id = next(self._ids)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[seq_id] = stream
@@ -81,6 +84,7 @@ class AsyncEngine:
         try:
             await self.call(lambda: self.engine.add(prompt_token_ids, sampling, adapter_key, request_id, seq_id,
                                                     adapter_sha256))
+            on_queued()
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):

@@ -151,10 +151,12 @@ class Scheduler:
             self._key_order.append(seq.adapter_key)
         self._waiting[seq.adapter_key].append(seq)
 
-    def waiting_for(self, adapter_key: AdapterKey) -> list[int]:
-        """Ids of the sequences queued (or preempted) for this adapter."""
+    def waiting_for(self, adapter_key: AdapterKey, sha256: str | None = None) -> list[int]:
+        """Ids of the sequences queued (or preempted) for this adapter; with sha256, only those
+        asking for exactly that digest ("" = any bytes)."""
         queued = list(self._waiting.get(adapter_key, ()))
-        return [s.seq_id for s in [*self._preempted, *queued] if s.adapter_key == adapter_key]
+        return [s.seq_id for s in [*self._preempted, *queued]
+                if s.adapter_key == adapter_key and (sha256 is None or s.adapter_sha256 == sha256)]
 
     def abort(self, seq_id: int) -> Sequence | None:
         """Cancel now: KV blocks and the adapter reference are released at once."""

@@ -75,9 +75,11 @@ class InferenceServicer:
         (bad sampling parameters, empty input, prompt longer than the context); NOT_FOUND
         (unknown adapter id); FAILED_PRECONDITION (adapter built for another base model, or
         needing more pages than the whole adapter pool holds); RESOURCE_EXHAUSTED (queue full,
-        or pinned adapters leave no room for this one; RetryInfo attached); UNAVAILABLE
-        (draining/not ready). Cancelling the call frees the request's KV blocks and adapter
-        reference.
+        or pinned adapters leave no room for this one, reason ADAPTER_POOL_PINNED, also for a
+        request that queued before the pins; RetryInfo attached); UNAVAILABLE (draining/not
+        ready). When an adapter must be fetched again for queued requests (evicted meanwhile)
+        and that fails, only the requests asking for the bytes it fetched end with its error.
+        Cancelling the call frees the request's KV blocks and adapter reference.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,8 +87,14 @@ class InferenceServicer:
 
     def LoadAdapter(self, request, context):
         """Makes an adapter resident (fetching it if needed) and optionally pins it against
-        eviction. Returns when resident. NOT_FOUND if unknown; RESOURCE_EXHAUSTED if the pool
-        cannot fit it even after evicting every unreferenced adapter.
+        eviction. Returns when resident. A pin is never refused for the sake of queued requests:
+        the operator's choice wins, and queued requests whose adapter no longer fits beside the
+        pinned ones fail when they come up for admission with Generate's RESOURCE_EXHAUSTED
+        (reason ADAPTER_POOL_PINNED), so the router can place them elsewhere. NOT_FOUND if
+        unknown; RESOURCE_EXHAUSTED with reason ADAPTER_POOL_PINNED if pinned adapters leave no
+        room for it (retrying does not help until one is unpinned with EvictAdapter `unpin`);
+        RESOURCE_EXHAUSTED (reason RESOURCE_EXHAUSTED, short retry) if running requests hold the
+        rest of the pool.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +110,10 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Pool state: every adapter on any tier, and page usage.
+        """Pool state: every adapter on any tier, and page usage. One entry per adapter id per tier,
+        never two on one tier: DEVICE for the copy in the pool; HOST for a host copy not on the
+        device, or holding other bytes than the device copy (waiting for its requests to end);
+        LOADING while a fetch is in flight (also while another copy is on DEVICE or HOST).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

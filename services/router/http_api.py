@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   chat, streaming (SSE) or not
     POST /v1/completions        raw prompt, streaming (SSE) or not
-    GET  /v1/models             the caller's deployments, then the base models
+    GET  /v1/models             the caller's deployments, then the base models (each name once)
     GET  /v1/models/{model}     one of those, or 404
     GET  /health                200 while the process runs (for load balancers)
 
@@ -12,8 +12,19 @@ quotas, placement and failover. Errors are OpenAI-shaped
 carries Retry-After (and retry-after-ms, which the OpenAI SDK honours). A body larger than
 the router's message limit (--max-message-mb, the same one gRPC callers have) is a 413, read
 no further: past that size the node call would fail with gRPC's RESOURCE_EXHAUSTED, which
-reads as "every node is busy" (a 429 the SDK retries). Generation answers, errors included,
-carry x-request-id (the SDK's `request_id`), the id the router logs the request under.
+reads as "every node is busy" (a 429 the SDK retries).
+
+Request ids: a caller may choose one, as gRPC callers set `request_id`, in an
+X-Client-Request-Id header (OpenAI's name; the SDK passes it through `extra_headers`) or
+X-Request-Id (what proxies add), the former winning when both are present; it is held to
+services/common/fields.py's rules (a bad one is a 400 naming the header) and an empty one
+counts as absent. Without one the router makes one. Generation answers, errors included,
+carry it as x-request-id (the SDK's `request_id`); it is the id sent to the node and the one
+the router logs. The response `id` is NOT derived from a client's id: a client may reuse its
+id (the SDK's retries resend the same headers), and an `id` must name one response, so each
+response gets a fresh one; only when the router chose the request id are the two the same
+hex (`chatcmpl-<x-request-id>`).
+
 Every error that can happen before the first token is a real status code, because
 RouterCore.open returns only once the first token exists; a failure after it arrives as an
 `error` event in the stream (the SDK raises it). A client that disconnects cancels the request on its node.
@@ -38,6 +49,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from services.common import errors
+from services.common.fields import check_request_id
 from services.router import openai_schema as schema
 from services.router.proxy import RouterCore, Stream
 
@@ -58,6 +70,8 @@ STATUS = [(errors.InvalidArgument, 400, "invalid_request_error"),
 
 #: Reasons whose HTTP status is more precise than their class's.
 STATUS_OF_REASON = {"BODY_TOO_LARGE": 413}
+#: Where a caller's own request id may come from, in order of precedence (see module docstring).
+REQUEST_ID_HEADERS = ("x-client-request-id", "x-request-id")
 
 
 def error_body(error: errors.LoraplexError) -> tuple[int, dict]:
@@ -151,6 +165,15 @@ async def json_body(request: Request, limit: int) -> dict:
     return body
 
 
+def client_request_id(request: Request) -> str:
+    """The caller's request id, or "" when it sent none."""
+    for header in REQUEST_ID_HEADERS:
+        value = request.headers.get(header, "")
+        if value:
+            return check_request_id(value, field=header)
+    return ""
+
+
 class SSEResponse(StreamingResponse):
     """A stream of `data:` events that always closes its source, however the response ends."""
 
@@ -178,9 +201,10 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def chat_events(stream: Stream, created: int, options: schema.Options) -> AsyncIterator[dict]:
-    rid, model = stream.request_id, stream.target.model
-    chunk = functools.partial(schema.chat_chunk, rid, created, model, include_usage=options.include_usage)
+async def chat_events(stream: Stream, response_id: str, created: int,
+                      options: schema.Options) -> AsyncIterator[dict]:
+    model = stream.target.model
+    chunk = functools.partial(schema.chat_chunk, response_id, created, model, include_usage=options.include_usage)
     yield chunk({"role": "assistant", "content": ""})
     async for delta in stream:
         finish = schema.FINISH.get(delta.finish_reason)
@@ -191,13 +215,14 @@ async def chat_events(stream: Stream, created: int, options: schema.Options) -> 
             yield chunk({}, usage_=schema.usage(delta.usage), with_choice=False)
 
 
-async def completion_events(stream: Stream, created: int, options: schema.Options) -> AsyncIterator[dict]:
-    rid, model, offset = stream.request_id, stream.target.model, 0
-    chunk = functools.partial(schema.completion_chunk, rid, created, model, include_usage=options.include_usage)
+async def completion_events(stream: Stream, response_id: str, created: int,
+                            options: schema.Options) -> AsyncIterator[dict]:
+    model, offsets = stream.target.model, schema.TextOffsets()
+    chunk = functools.partial(schema.completion_chunk, response_id, created, model,
+                              include_usage=options.include_usage)
     async for delta in stream:
         finish = schema.FINISH.get(delta.finish_reason)
-        logprobs = schema.completion_logprobs(delta.logprobs, offset) if options.logprobs and delta.logprobs else None
-        offset += len(delta.text)
+        logprobs = schema.completion_logprobs(delta.logprobs, offsets) if options.logprobs and delta.logprobs else None
         if delta.text or finish or logprobs:
             yield chunk(delta.text, finish, logprobs)
         if finish and options.include_usage:
@@ -206,21 +231,24 @@ async def completion_events(stream: Stream, created: int, options: schema.Option
 
 def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
     async def generate(request: Request, parse, respond, events, prompt_param: str) -> Response:
-        request_id = uuid.uuid4().hex  # before anything can fail, so every answer can name it
+        # before anything can fail, so every answer can name it
+        response_id = request_id = uuid.uuid4().hex
         try:
+            request_id = client_request_id(request) or request_id
             caller = await core.authenticate(request.headers.get("authorization"))
             call, options = parse(await json_body(request, max_body_bytes))
             call = dataclasses.replace(call, request_id=request_id)
             created = int(time.time())
             if not options.stream:
                 done = await unless_disconnected(request, core.complete(caller, call))
-                return JSONResponse(respond(done, created, options), headers={"x-request-id": done.request_id})
+                return JSONResponse(respond(done, response_id, created, options),
+                                    headers={"x-request-id": done.request_id})
             stream = await unless_disconnected(request, core.open(caller, call))
         except errors.LoraplexError as exc:
             if exc.metadata.get("field") == "prompt":  # the node's name for what this API calls it
                 exc.metadata["field"] = prompt_param
             return error_response(exc, request_id)
-        return SSEResponse(events(stream, created, options), stream)
+        return SSEResponse(events(stream, response_id, created, options), stream)
 
     @endpoint
     async def chat_completions(request: Request) -> Response:
@@ -250,10 +278,14 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        error = errors.NotFound(f"no route {request.method} {request.url.path}", reason="NO_ROUTE") \
-            if exc.status_code == 404 else errors.InvalidArgument(f"{request.method} {request.url.path}: {exc.detail}")
+        where = f"{request.method} {request.url.path}"
+        error = errors.NotFound(f"no route {where}", reason="NO_ROUTE") if exc.status_code == 404 else \
+            errors.InvalidArgument(f"{where}: {exc.detail}",
+                                   reason="METHOD_NOT_ALLOWED" if exc.status_code == 405 else "BAD_REQUEST")
         status, body = error_body(error)
-        return JSONResponse(body, status_code=exc.status_code if exc.status_code != 404 else status)
+        # exc.headers: a 405's Allow, which HTTP requires and which tells a caller the right method
+        return JSONResponse(body, status_code=exc.status_code if exc.status_code != 404 else status,
+                            headers=exc.headers)
 
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -5,12 +5,19 @@ a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-ran
 Fields OpenAI defines that we cannot honour are refused with a 400 that names them (n > 1,
 penalties, tools, logit_bias, echo, suffix, audio, predictions, reasoning effort, non-text
 response formats) rather than silently ignored; fields that change nothing here (user,
-metadata, store, service_tier, ...) are accepted. Two common extensions are taken as vLLM
-takes them: top_k and ignore_eos.
+metadata, store, service_tier, ...) are accepted, type-checked as OpenAI does. Two common
+extensions are taken as vLLM takes them: top_k and ignore_eos. Limits the node would enforce
+after placement (stop sequences) are checked here too, so the caller gets OpenAI's kind of
+400 naming the parameter instead of the node's `node_rejected`.
+
+A response's `id` (chatcmpl-..., cmpl-...) is the caller's handle on one answer, so it is
+built from an id the HTTP layer makes fresh per response, never from the request id, which
+a client may choose and reuse (retries carry the same X-Client-Request-Id).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from typing import Any
 
@@ -24,6 +31,8 @@ FINISH = {gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_LENGTH: "length"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 #: The node's limit on alternatives per position (SamplingParams.top_logprobs).
 MAX_TOP_LOGPROBS = 20
+#: The node's limit on stop sequences (SamplingParams MAX_STOP_STRINGS).
+MAX_STOP = 16
 UINT32, UINT64, INT64_MIN = 2**32 - 1, 2**64 - 1, -(2**63)
 
 #: Accepted and without effect here.
@@ -94,6 +103,8 @@ def _flag(body: dict, field: str) -> bool:
 
 
 def _refuse_unsupported(body: dict) -> None:
+    if not isinstance(body.get("user", ""), str):  # accepted without effect, but typed as OpenAI types it
+        raise _bad("user", f"expected a string, got {body['user']!r}")
     if _integer(body, "n", 1, UINT32) not in (None, 1):
         raise _bad("n", "only n = 1 is supported")
     for field in ("presence_penalty", "frequency_penalty"):
@@ -148,6 +159,11 @@ def _sampling(body: dict, max_tokens_field: str, default_max_tokens: int | None)
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
         raise _bad("stop", "expected a string or a list of strings")
+    if stop and len(stop) > MAX_STOP:
+        raise _bad("stop", f"array too long. Expected an array with maximum length {MAX_STOP}, but got an array "
+                           f"with length {len(stop)} instead.")
+    if stop and not all(stop):  # the empty string would match before the first token
+        raise _bad("stop", "stop sequences must be non-empty strings")
     params.stop.extend(stop or [])
     params.ignore_eos = _flag(body, "ignore_eos")
     return params
@@ -248,17 +264,51 @@ def chat_logprobs(entries) -> dict:
     return {"content": [{**item(e), "top_logprobs": [item(t) for t in e.top]} for e in entries]}
 
 
-def completion_logprobs(entries, offset: int = 0) -> dict:
-    offsets = []
-    for entry in entries:
-        offsets.append(offset)
-        offset += len(entry.token)
+def _utf8_decoder():
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the node decodes its text
+
+
+class TextOffsets:
+    """Completions' `text_offset`: for each token, the index in the returned text of the
+    character its first byte belongs to. Summing len(token) drifted: a token holding part of a
+    multi-byte character decodes alone to U+FFFD, one character per token, so an "é" split over
+    two tokens counted two. Decoding the tokens' raw bytes incrementally counts each character
+    once (tokens sharing a character share its offset). One per response, so streamed chunks
+    continue the count. A special token the text leaves out (an EOS generated under
+    ignore_eos) still counts its text: nothing in TokenLogprob marks a token as special."""
+
+    def __init__(self) -> None:
+        self._decoder = _utf8_decoder()
+        self._chars = 0
+
+    def __call__(self, entries) -> list[int]:
+        offsets = []
+        for entry in entries:
+            data = entry.token_bytes or entry.token.encode()
+            offsets.append(self._chars + self._broken_before(data[:1]))
+            self._chars += len(self._decoder.decode(data))
+        return offsets
+
+    def _broken_before(self, first: bytes) -> int:
+        """The characters that bytes held back for an unfinished character become before this
+        token's first byte: none when that byte continues them (together they are still one
+        character), else the U+FFFDs they turn into on their own. Python's decoder holds some
+        bytes no character can follow (ed be), so "continues" is judged by decoding, not by
+        whether the decoder still holds bytes."""
+        pending = self._decoder.getstate()[0]
+        if not pending or not first or len((pending + first).decode("utf-8", errors="replace")) == 1:
+            return 0
+        return len(pending.decode("utf-8", errors="replace"))
+
+
+def completion_logprobs(entries, offsets: TextOffsets | None = None) -> dict:
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+            "text_offset": (offsets or TextOffsets())(entries)}
 
 
-def chat_completion(done: Completion, created: int, options: Options) -> dict:
-    return {"id": f"chatcmpl-{done.request_id}", "object": "chat.completion", "created": created,
+def chat_completion(done: Completion, response_id: str, created: int, options: Options) -> dict:
+    return {"id": f"chatcmpl-{response_id}", "object": "chat.completion", "created": created,
             "model": done.target.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                          "logprobs": chat_logprobs(done.logprobs) if options.logprobs else None,
@@ -266,8 +316,8 @@ def chat_completion(done: Completion, created: int, options: Options) -> dict:
             "usage": usage(done.usage)}
 
 
-def text_completion(done: Completion, created: int, options: Options) -> dict:
-    return {"id": f"cmpl-{done.request_id}", "object": "text_completion", "created": created,
+def text_completion(done: Completion, response_id: str, created: int, options: Options) -> dict:
+    return {"id": f"cmpl-{response_id}", "object": "text_completion", "created": created,
             "model": done.target.model, "system_fingerprint": None,
             "choices": [{"index": 0, "text": done.text,
                          "logprobs": completion_logprobs(done.logprobs) if options.logprobs else None,
@@ -280,24 +330,24 @@ def model_object(entry, owner: str) -> dict:
             "owned_by": owner if entry.adapter_name else "loraplex"}
 
 
-def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+def chat_chunk(response_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
                logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True,
                include_usage: bool = False) -> dict:
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     choices = [choice] if with_choice else []
-    chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
+    chunk = {"id": f"chatcmpl-{response_id}", "object": "chat.completion.chunk", "created": created, "model": model,
              "system_fingerprint": None, "choices": choices}
     if include_usage or usage_ is not None:  # with include_usage, null until the last chunk (OpenAI's shape)
         chunk["usage"] = usage_
     return chunk
 
 
-def completion_chunk(request_id: str, created: int, model: str, text: str, finish_reason: str | None = None,
+def completion_chunk(response_id: str, created: int, model: str, text: str, finish_reason: str | None = None,
                      logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True,
                      include_usage: bool = False) -> dict:
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     choices = [choice] if with_choice else []
-    chunk = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
+    chunk = {"id": f"cmpl-{response_id}", "object": "text_completion", "created": created, "model": model,
              "system_fingerprint": None, "choices": choices}
     if include_usage or usage_ is not None:  # with include_usage, null until the last chunk (OpenAI's shape)
         chunk["usage"] = usage_

@@ -81,11 +81,16 @@ class Resolver:
         return Target(model=name, base_model=base, tenant_id=caller.tenant_id)
 
     async def list_models(self, caller: Caller) -> list[ModelEntry]:
-        """The caller's deployments, then the base models."""
+        """The caller's deployments, then the base models, each name once.
+
+        The Registry refuses a deployment named like a base model (and the reverse), but data
+        from before it did may hold such a pair; the name is then listed as the deployment,
+        because that is what `resolve` runs for it."""
         deployments = await self.deployments.get_or_load(
             caller.tenant_id, lambda: self.catalog.list_deployments(caller.tenant_id))
         bases = await self.base_models.get_or_load("", self.catalog.list_base_models)
-        return [*deployments, *bases]
+        names = {entry.name for entry in deployments}
+        return [*deployments, *(entry for entry in bases if entry.name not in names)]
 
     # --- change feed ---
     def deployment_changed(self, tenant_id: str, name: str) -> None:

@@ -220,3 +220,19 @@ def test_feed_watcher_resumes_with_its_cursor_and_restarts_when_the_cursor_expir
     assert source.cursors == [-1, 11, -1, 40]  # resumed after 11; restarted from now after OUT_OF_RANGE
     assert [e.sequence for e in applied] == [11, 12]
     assert resets == [1] and state.live is False
+
+
+def test_a_legacy_deployment_named_like_a_base_model_is_listed_once_as_the_deployment():
+    """The Registry now refuses such names; data from before it did can still hold the pair."""
+    async def main():
+        catalog = Catalog()
+        catalog.deployments[("tnt_a", "tiny")] = Target("tiny", "tiny", "tnt_a", "adp_9", "sha")
+        resolver = Resolver(catalog, 60, live())
+        a, b = Caller("tnt_a", "a", "k1"), Caller("tnt_b", "b", "k2")
+        listed = await resolver.list_models(a)
+        assert [m.name for m in listed] == ["fin", "tiny"]
+        assert listed[1].adapter_name == "adapter"  # the deployment, which is what resolve runs
+        assert (await resolver.resolve(a, "tiny")).adapter_id == "adp_9"
+        assert [(m.name, m.adapter_name) for m in await resolver.list_models(b)] == [("tiny", "")]
+
+    asyncio.run(main())

@@ -1,13 +1,16 @@
-"""The HTTP API at its edges: bodies too big or too deep to parse, OpenAI's signed seeds, and
-request ids on error answers."""
+"""The HTTP API at its edges: bodies too big or too deep to parse, OpenAI's signed seeds,
+request ids (the router's and the caller's own), stop sequences the node would refuse, wrong
+methods, and logprob text offsets where tokens split characters."""
 
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import openai
 import pytest
 from openai import OpenAI
+from transformers import AutoTokenizer
 
 from tests.router.conftest import CUSTOMER_A_MODEL
 from tests.router.test_openai_api import http
@@ -54,3 +57,89 @@ def test_error_answers_carry_a_request_id_the_sdk_can_report(router, world):
     assert caught.value.request_id
     done = client.completions.with_raw_response.create(model="customerB-model", prompt="hi", max_tokens=1)
     assert done.parse().id == f"cmpl-{done.headers['x-request-id']}"
+
+
+def test_a_callers_own_request_id_is_used_and_echoed_but_each_response_keeps_its_own_id(router, world):
+    client = OpenAI(base_url=router.base_url, api_key=world.a.token, max_retries=0)
+    ids = []
+    for _ in range(2):  # a client reusing its id (the SDK's retries resend the same headers)
+        done = client.completions.with_raw_response.create(model=CUSTOMER_A_MODEL, prompt="hi", max_tokens=1,
+                                                           extra_headers={"X-Client-Request-Id": "trace-42"})
+        assert done.headers["x-request-id"] == "trace-42" and done.request_id == "trace-42"
+        ids.append(done.parse().id)
+    assert ids[0] != ids[1] and all(i.startswith("cmpl-") and "trace-42" not in i for i in ids)
+    with client.chat.completions.with_streaming_response.create(
+            model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True,
+            extra_headers={"X-Request-Id": "proxy-7"}) as streamed:
+        assert streamed.headers["x-request-id"] == "proxy-7"
+        chunk_ids = {chunk.id for chunk in streamed.parse()}
+    assert len(chunk_ids) == 1 and chunk_ids.pop().startswith("chatcmpl-")
+    both = {"X-Client-Request-Id": "from-the-client", "X-Request-Id": "from-a-proxy"}
+    done = client.completions.with_raw_response.create(model=CUSTOMER_A_MODEL, prompt="hi", max_tokens=1,
+                                                       extra_headers=both)
+    assert done.headers["x-request-id"] == "from-the-client"
+    with pytest.raises(openai.NotFoundError) as caught:  # errors carry it too
+        client.completions.create(model="nope", prompt="hi", extra_headers={"X-Request-Id": "lost-1"})
+    assert caught.value.request_id == "lost-1"
+
+
+@pytest.mark.parametrize(("header", "value"), [("X-Request-Id", "has space"),
+                                               ("X-Client-Request-Id", "x" * 129)])
+def test_a_malformed_request_id_header_is_a_400_naming_it(router, world, header, value):
+    client = OpenAI(base_url=router.base_url, api_key=world.a.token, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=CUSTOMER_A_MODEL, prompt="hi", max_tokens=1, extra_headers={header: value})
+    assert caught.value.body["param"] == header.lower() and caught.value.code == "bad_request_id"
+    assert caught.value.request_id and caught.value.request_id != value  # the router's own, for its logs
+
+
+@pytest.mark.parametrize(("stop", "wording"), [("", "non-empty"), (["END", ""], "non-empty"),
+                                               ([f"s{i}" for i in range(17)], "array too long")])
+def test_stop_sequences_the_node_would_refuse_are_refused_by_the_router(router, world, stop, wording):
+    client = OpenAI(base_url=router.base_url, api_key=world.a.token, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=1, stop=stop)
+    assert caught.value.body["param"] == "stop" and caught.value.code != "node_rejected"
+    assert wording in caught.value.message
+    done = client.completions.create(model=CUSTOMER_A_MODEL, prompt="hi", max_tokens=1,
+                                     stop=[f"s{i}" for i in range(16)])  # the node's limit is allowed
+    assert done.usage.completion_tokens == 1
+
+
+def test_wrong_methods_say_which_are_allowed(router):
+    for method, path, allowed in (("OPTIONS", "/chat/completions", "POST"), ("DELETE", "/models", "GET")):
+        status, body, headers = http(method, f"{router.base_url}{path}")
+        assert status == 405 and body["error"]["code"] == "method_not_allowed"
+        assert allowed in {m.strip() for m in headers["allow"].split(",")}
+    request = urllib.request.Request(f"{router.base_url}/nowhere", method="HEAD")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 404
+
+
+def test_completion_text_offsets_index_the_text_where_tokens_split_characters(router, world, tiny_model_dir):
+    special = set(AutoTokenizer.from_pretrained(tiny_model_dir).all_special_tokens)  # the text skips them
+    client = OpenAI(base_url=router.base_url, api_key=world.a.token, max_retries=0)
+    for seed in range(40):  # the base model's random weights: find an answer with a split character
+        args = dict(model="tiny", prompt="你好, é à ü — 日本語", max_tokens=48, temperature=1.0, seed=seed,
+                    logprobs=0, extra_body={"ignore_eos": True})
+        choice = client.completions.create(**args).choices[0]
+        tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+        whole = [i for i, (token, offset) in enumerate(zip(tokens, offsets))
+                 if token == "\ufffd" and ord(choice.text[offset]) > 127 and choice.text[offset] != "\ufffd"]
+        if whole:
+            break
+    else:
+        pytest.fail("no answer held a character split over tokens")
+    checked = 0
+    for token, offset in zip(tokens, offsets):
+        if token in special:
+            break  # past it the text is shorter than the tokens: offsets count the special token's text
+        if token != "\ufffd":
+            assert choice.text[offset:offset + len(token)] == token
+            checked += 1
+    assert checked
+    streamed = [offset for chunk in client.completions.create(**args, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for offset in chunk.choices[0].logprobs.text_offset]
+    assert streamed == offsets

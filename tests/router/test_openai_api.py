@@ -158,7 +158,8 @@ def test_streamed_chunks_carry_a_null_usage_until_the_last_with_include_usage(ro
 
 
 @pytest.mark.parametrize(("extra", "param"), [({"max_token": 3}, "max_token"), ({"stream": "false"}, "stream"),
-                                              ({"seed": 2**64}, "seed"), ({"max_tokens": 2**32}, "max_tokens")])
+                                              ({"seed": 2**64}, "seed"), ({"max_tokens": 2**32}, "max_tokens"),
+                                              ({"user": 42}, "user")])
 def test_unknown_fields_wrong_types_and_out_of_range_values_are_a_400_not_ignored_or_a_500(router, world, extra, param):
     body = {"model": CUSTOMER_A_MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
     status, reply, _ = http("POST", f"{router.base_url}/chat/completions", json.dumps(body).encode(), world.a.token)

@@ -113,16 +113,66 @@ def test_responses_are_openai_shaped():
     entry = gen.TokenLogprob(token_id=5, token="ab", logprob=-0.5, top=[gen.TopLogprob(token="ab", logprob=-0.5)])
     done = Completion("rid", Target("fin", "tiny", "t"), "ab", [5], [entry], gen.FINISH_REASON_STOP, "",
                       gen.Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4))
-    chat = schema.chat_completion(done, 123, schema.Options(logprobs=True))
-    assert chat["id"] == "chatcmpl-rid" and chat["object"] == "chat.completion" and chat["model"] == "fin"
+    chat = schema.chat_completion(done, "resp", 123, schema.Options(logprobs=True))
+    assert chat["id"] == "chatcmpl-resp" and chat["object"] == "chat.completion" and chat["model"] == "fin"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
     assert chat["choices"][0]["finish_reason"] == "stop"
     assert chat["choices"][0]["logprobs"]["content"][0]["bytes"] == [97, 98]
     assert chat["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-    text = schema.text_completion(done, 123, schema.Options())
+    text = schema.text_completion(done, "resp", 123, schema.Options())
+    assert text["id"] == "cmpl-resp"  # the response's own id, not the (client-chosen) request id
     assert text["choices"][0]["text"] == "ab" and text["choices"][0]["logprobs"] is None
-    logprobs = schema.completion_logprobs([entry, entry], offset=10)
-    assert logprobs["text_offset"] == [10, 12] and logprobs["top_logprobs"][0] == {"ab": -0.5}
+    offsets = schema.TextOffsets()
+    assert schema.completion_logprobs([entry], offsets)["text_offset"] == [0]
+    logprobs = schema.completion_logprobs([entry, entry], offsets)  # a later streamed chunk continues the count
+    assert logprobs["text_offset"] == [2, 4] and logprobs["top_logprobs"][0] == {"ab": -0.5}
+
+
+def test_text_offsets_index_characters_where_tokens_split_them():
+    """"é" (c3 a9) and "日" (e6 97 a5) split over tokens: each decodes alone to U+FFFD, but the
+    text holds one character for them, so the tokens after them must not drift."""
+    pieces = [b"a", b"\xc3", b"\xa9", b"b\xe6", b"\x97", b"\xa5c", b"\xff", b"d"]
+    text = b"".join(pieces).decode("utf-8", errors="replace")
+    assert text == "aéb日c\ufffdd"
+    entries = [gen.TokenLogprob(token=p.decode("utf-8", errors="replace"), token_bytes=p) for p in pieces]
+    offsets = schema.completion_logprobs(entries)["text_offset"]
+    assert offsets == [0, 1, 1, 2, 3, 3, 5, 6]
+    assert [text[o] for o in offsets] == ["a", "é", "é", "b", "日", "日", "\ufffd", "d"]
+
+
+@pytest.mark.parametrize(("pieces", "expected"), [
+    ([b"\xe6", b"nt"], [0, 1]),  # an unfinished character cut off by plain text: its U+FFFD comes first
+    ([b"\xe6\x97", b"\xe6", b" x"], [0, 1, 2]),  # cut off by a new lead byte, which is cut off in turn
+    ([b"\xef\xbf", b"\xbd!"], [0, 0]),  # a real U+FFFD (ef bf bd) split over two tokens
+    ([b"\xe0", b"\x80"], [0, 1]),  # e0 80 is no character: two replacements
+    ([b"\xed", b"\xbe", b" x"], [0, 1, 2]),  # nor is ed be, which Python's decoder holds until the space
+])
+def test_text_offsets_where_an_unfinished_character_is_never_finished(pieces, expected):
+    text = b"".join(pieces).decode("utf-8", errors="replace")
+    entries = [gen.TokenLogprob(token=p.decode("utf-8", errors="replace"), token_bytes=p) for p in pieces]
+    offsets = schema.completion_logprobs(entries)["text_offset"]
+    assert offsets == expected and offsets[-1] < len(text)
+
+
+@pytest.mark.parametrize(("stop", "wording"), [
+    ("", "non-empty"), (["END", ""], "non-empty"),
+    ([f"s{i}" for i in range(schema.MAX_STOP + 1)], f"maximum length {schema.MAX_STOP}, but got an array with "
+                                                    f"length {schema.MAX_STOP + 1}")])
+def test_stop_sequences_the_node_would_refuse_are_a_400_here(stop, wording):
+    for parse, body in ((schema.chat_call, {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+                        (schema.completion_call, {"model": "m", "prompt": "x"})):
+        with pytest.raises(InvalidArgument) as caught:
+            parse({**body, "stop": stop})
+        assert caught.value.metadata["field"] == "stop" and wording in caught.value.message
+    call, _ = schema.completion_call({"model": "m", "prompt": "x", "stop": [f"s{i}" for i in range(schema.MAX_STOP)]})
+    assert len(call.sampling.stop) == schema.MAX_STOP
+
+
+def test_user_is_accepted_but_must_be_a_string():
+    assert schema.chat_call({"model": "m", "messages": [{"role": "user", "content": "x"}], "user": "u-1"})
+    with pytest.raises(InvalidArgument) as caught:
+        schema.completion_call({"model": "m", "prompt": "x", "user": 42})
+    assert caught.value.metadata["field"] == "user"
 
 
 @pytest.mark.parametrize(("seed", "node_seed"), [(-1, 2**64 - 1), (-(2**63), 2**63), (0, 0), (2**64 - 1, 2**64 - 1)])

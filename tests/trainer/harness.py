@@ -118,6 +118,12 @@ def trainer_config(data_dir: Path, registry_address: str, admin_token: str, **ov
     return TrainerConfig(**settings)
 
 
+def s3_settings(endpoint: str) -> dict:
+    """trainer_config overrides for datasets in the bucket `trainer-datasets` of a moto server."""
+    return {"blob_store": "s3", "s3_endpoint": endpoint, "s3_bucket": "trainer-datasets", "s3_access_key": "test",
+            "s3_secret_key": "test"}
+
+
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

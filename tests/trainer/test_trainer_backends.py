@@ -20,7 +20,7 @@ from services.trainer.store import TrainerStore
 from tests.registry.backends import MotoS3, PostgresCluster
 from tests.registry.client import expect_error
 from tests.trainer.conftest import ADMIN_TOKEN
-from tests.trainer.harness import InProcessTrainer, finance_chat_lines, trainer_config
+from tests.trainer.harness import InProcessTrainer, finance_chat_lines, s3_settings, trainer_config
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,7 @@ def moto(tmp_path_factory) -> Iterator[MotoS3]:
 
 def test_postgres_and_s3_run_a_job_end_to_end(postgres, moto, registry, tmp_path, tenant):
     config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN,
-                            database_url=postgres.new_database("trainer"), blob_store="s3",
-                            s3_endpoint=moto.endpoint, s3_bucket="trainer-datasets", s3_access_key="test",
-                            s3_secret_key="test")
+                            database_url=postgres.new_database("trainer"), **s3_settings(moto.endpoint))
     trainer = InProcessTrainer(config).start()
     try:
         client = trainer.client(tenant.key)

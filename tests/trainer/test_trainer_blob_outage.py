@@ -20,14 +20,12 @@ from services.trainer.store import TrainerStore
 from tests.registry.backends import MotoS3
 from tests.registry.client import expect_error
 from tests.trainer.conftest import ADMIN_TOKEN
-from tests.trainer.harness import InProcessTrainer, finance_chat_lines, trainer_config
+from tests.trainer.harness import InProcessTrainer, finance_chat_lines, s3_settings, trainer_config
 
 
 def test_a_store_outage_makes_uploads_unavailable_and_deletions_still_delete(registry, tmp_path, tenant):
     moto = MotoS3(tmp_path / "moto.log").start()
-    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, blob_store="s3",
-                            s3_endpoint=moto.endpoint, s3_bucket="trainer-datasets", s3_access_key="test",
-                            s3_secret_key="test")
+    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, **s3_settings(moto.endpoint))
     trainer = InProcessTrainer(config).start()
     try:
         client = trainer.client(tenant.key)

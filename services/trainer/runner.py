@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from services.common.errors import LoraplexError
+from services.registry.blobstore.base import BlobStoreUnavailable
 from services.trainer.base_models import BaseModels
 from services.trainer.datasets import DatasetService
 from services.trainer.hyperparams import TrainingSettings, plan_schedule
@@ -91,6 +92,8 @@ class JobRunner:
             return await self._run()
         except LoraplexError as exc:
             return Outcome(FAILED, exc.message)
+        except BlobStoreUnavailable as exc:  # reading the dataset: not the job's fault, and not a trainer bug
+            return Outcome(FAILED, f"the dataset store is down ({exc}); start the job again once it is back")
         finally:
             self._done.set()
 

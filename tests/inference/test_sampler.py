@@ -117,3 +117,21 @@ def test_top_logprobs_are_sorted_best_first_and_sized_per_row():
         for token_id, logprob in result.top:
             assert math.isclose(logprob, expected[row, token_id].item(), abs_tol=1e-6)
         assert result.logprob is not None  # top_logprobs implies the chosen token's logprob
+
+
+def test_tied_top_logprobs_list_the_lowest_token_id_first_like_greedy():
+    """bf16 logits tie often (~1% of greedy steps on the tiny model). torch.topk orders equal
+    values arbitrarily and may keep any of those tied at its last place; argmax takes the lowest
+    id. Ties are listed in token-id order, so a greedy token tied for best is top_logprobs[0]."""
+    logits = torch.zeros(2, 512)
+    logits[0, [7, 100, 300]] = 1.0  # three tied for best: topk gave 300, 100, 7
+    logits[1, 2] = 5.0
+    logits[1, [10, 20, 30, 400]] = 3.0  # four tied for second: only the lowest ids fit in k
+    params = [SamplingParams(temperature=0.0, top_logprobs=k) for k in (1, 3)]
+    for row, expected in ((0, ([7], [7, 100, 300])), (1, ([2], [2, 10, 20]))):
+        results = Sampler().sample(logits[[row, row]], params, [None, None])
+        assert [r.token_id for r in results] == [expected[0][0]] * 2
+        assert [[token_id for token_id, _ in r.top] for r in results] == list(expected)
+        log_softmax = torch.log_softmax(logits[row], dim=-1)
+        for token_id, logprob in results[1].top:
+            assert math.isclose(logprob, log_softmax[token_id].item(), abs_tol=1e-6)

@@ -100,7 +100,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V], raw logits: see the class docstring
         chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1).tolist()  # [N]
         max_top = max(p.top_logprobs for p in params)
-        top_values, top_ids = (logprobs.topk(max_top, dim=-1) if max_top else (None, None))  # [N, K]
+        top_values, top_ids = _top_logprobs(logprobs, max_top) if max_top else (None, None)  # [N, K]
         results = []
         for i, p in enumerate(params):
             top: list[tuple[int, float]] = []
@@ -108,3 +108,18 @@ class Sampler:
                 top = list(zip(top_ids[i, :p.top_logprobs].tolist(), top_values[i, :p.top_logprobs].tolist()))
             results.append(SampledToken(token_id=ids[i], logprob=chosen[i] if p.wants_logprobs else None, top=top))
         return results
+
+
+def _top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row [N, V] -> values, ids [N, k], best first, equal logprobs in
+    token-id order: the order argmax breaks ties in, so a greedy token tied for best (bf16
+    logits tie often) is listed first. torch.topk orders ties arbitrarily and may keep any of
+    those tied at its last place, so rows with a tie among their k + 1 best are re-ranked by a
+    stable sort (a full sort of those rows only; most rows have no tie)."""
+    values, ids = logprobs.topk(min(k + 1, logprobs.shape[-1]), dim=-1)  # [N, k+1]
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=-1).nonzero().squeeze(-1)  # [rows with a tie]
+    if tied.numel():
+        width = values.shape[-1]
+        stable_values, stable_ids = logprobs[tied].sort(dim=-1, descending=True, stable=True)
+        values[tied], ids[tied] = stable_values[:, :width], stable_ids[:, :width]
+    return values[:, :k], ids[:, :k]

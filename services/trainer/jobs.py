@@ -30,7 +30,7 @@ from services.trainer.hyperparams import (LoraRequest, TrainingRequest, check_na
                                           resolve_training)
 from services.trainer.queue import JobQueue
 from services.common.fields import check_request_id, require
-from services.trainer.records import QUEUED, SNAPSHOT, JobRecord, Principal
+from services.trainer.records import QUEUED, RUNNING, SNAPSHOT, JobRecord, Principal
 from services.trainer.registry_client import RegistryClient
 from services.trainer.store import TrainerStore
 
@@ -119,7 +119,11 @@ class JobService:
                    page: paging.Page) -> tuple[list[JobRecord], str]:
         tenant_id = await self.auth.tenant_filter(principal, tenant)
         rows, token = await self.run(self.store.list_jobs, tenant_id, states, page)
-        return [self.queue.live(row.id) or row for row in rows], token
+        # Live figures only for a row read as running (and live records are always running): a
+        # row read as queued may have started since, one read as finished may still have its
+        # runner for a moment, and either would then be listed in a state outside `states`.
+        # Every listed job keeps its row's state, and the page (and its token) its rows.
+        return [(self.queue.live(row.id) if row.state == RUNNING else None) or row for row in rows], token
 
     async def cancel(self, principal: Principal, job_id: str) -> JobRecord:
         await self.get(principal, job_id)

@@ -6,7 +6,9 @@
   once and to SQL at most every PERSIST_INTERVAL_S (always at start, eval, checkpoint and end).
 - Cancel: a queued job is cancelled by a conditional update; a running one by its runner
   (worker told to exit, killed after the grace period). CancelJob returns once the job is
-  recorded as cancelled and its device is free.
+  recorded as cancelled and its device is free. A running job may end otherwise all the same
+  (it had finished publishing, or failed, when the cancel came): the cancel then answers
+  FAILED_PRECONDITION as it would have a moment later, never a succeeded or failed job.
 - Shutdown: running workers are asked to checkpoint and exit; their jobs go back to queued.
 - Restart (decision): a job found `running` at start-up was interrupted by a crash or a kill.
   It goes back to the queue and *resumes from its last checkpoint* (the worker restores
@@ -42,6 +44,11 @@ def _log_failure(future: asyncio.Future) -> None:
         log.error("saving job progress failed", exc_info=future.exception())
 
 
+def _finished(job_id: str, state: str) -> FailedPrecondition:
+    return FailedPrecondition(f"job '{job_id}' is already {state}; only queued or running jobs can be cancelled",
+                              reason="JOB_FINISHED", field="id")
+
+
 MakeRunner = Callable[[JobRecord, str, JobRunner.OnEvent], JobRunner]
 
 
@@ -70,13 +77,16 @@ class JobQueue:
         """Requeues (or fails) jobs a previous trainer process left running (blocking)."""
         for job in self.store.jobs_in_state(RUNNING):
             count = job.interruptions + 1
+            # The ETA its worker last reported is void either way: GetJob must not show one for
+            # a job that is waiting in the queue or has failed.
             if count > self.max_interruptions:
                 self.store.transition(job.id, [RUNNING], state=FAILED, interruptions=count, finished_at=utcnow(),
+                                      eta_seconds=None,
                                       error=f"the trainer stopped unexpectedly {count} times while this job ran "
                                             f"(last progress: step {job.step} of {job.total_steps}); giving up")
                 log.warning("job %s failed after %d interruptions", job.id, count)
             else:
-                self.store.transition(job.id, [RUNNING], state=QUEUED, interruptions=count)
+                self.store.transition(job.id, [RUNNING], state=QUEUED, interruptions=count, eta_seconds=None)
                 log.info("job %s was interrupted at step %d; requeued to resume from its last checkpoint",
                          job.id, job.step)
 
@@ -121,10 +131,11 @@ class JobQueue:
     async def _record(self, runner: JobRunner, outcome: Outcome) -> None:
         record = runner.record
         changes = {name: getattr(record, name) for name in _PROGRESS_FIELDS}
-        changes.update(state=outcome.state, error=outcome.error)
+        # No outcome leaves the job running, so no ETA outlives the run (back to the queue included).
+        changes.update(state=outcome.state, error=outcome.error, eta_seconds=None)
         if outcome.state in TERMINAL:
             changes.update(finished_at=utcnow(), adapter_id=outcome.adapter_id,
-                           adapter_version=outcome.adapter_version, eta_seconds=None)
+                           adapter_version=outcome.adapter_version)
         async with self._lock:
             updated = await self.run(self.store.transition, record.id, [RUNNING], **changes)
             self._runners.pop(record.id, None)
@@ -160,13 +171,18 @@ class JobQueue:
                 current = await self.run(self.store.get_job, job_id)
                 if current is None:
                     raise NotFound(f"job '{job_id}' not found", reason="JOB_NOT_FOUND", field="id")
-                raise FailedPrecondition(f"job '{job_id}' is already {current.state}; only queued or running jobs "
-                                         "can be cancelled", reason="JOB_FINISHED", field="id")
+                raise _finished(job_id, current.state)
         await runner.cancel(self.cancel_grace_s, reason)
         await runner.finalized.wait()
         record = await self.run(self.store.get_job, job_id)
         if record is None:  # its tenant was purged while the worker stopped
             raise NotFound(f"job '{job_id}' not found (its tenant was deleted)", reason="JOB_NOT_FOUND", field="id")
+        if record.state == QUEUED:  # a shutdown gave it back to the queue before the cancel took: cancel it there
+            return await self.cancel(job_id, reason)
+        if record.state != CANCELLED:
+            # The run had already decided its outcome (published, or failed) when the cancel
+            # came: the cancel lost, and says so exactly as if it had come a moment later.
+            raise _finished(job_id, record.state)
         return record
 
     async def close(self, grace_s: float) -> None:

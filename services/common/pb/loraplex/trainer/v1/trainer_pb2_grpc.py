@@ -136,7 +136,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Tenant-scoped, newest first, optional state filter.
+        """Tenant-scoped, newest first, optional state filter: every job listed is in one of the
+        requested states (as of the listing; it may have moved on since).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,7 +145,10 @@ class TrainerServicer:
 
     def CancelJob(self, request, context):
         """Cancels a queued or running job (takes effect within seconds; the device is freed).
-        Returns the job; FAILED_PRECONDITION if it already finished.
+        Returns the job, cancelled; FAILED_PRECONDITION (reason JOB_FINISHED) if it already
+        finished. A running job that finishes on its own while the cancel takes effect (it had
+        already published, or failed) is not cancelled: that too is FAILED_PRECONDITION, never a
+        SUCCEEDED or FAILED job, and GetJob shows how it ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from typing import Protocol
+import sys
+from typing import NoReturn, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -102,7 +104,14 @@ async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> in
         loop.add_signal_handler(sig, stop.set)
     running = await start_server(app, config)
     log.info("%s listening on %s:%d (NOT_SERVING while warming up)", service_label, config.host, running.port)
-    start_metrics_server(config.host, config.metrics_port)
+    try:
+        start_metrics_server(config.host, config.metrics_port)
+    except OSError as exc:
+        # Stopped here, not left to garbage collection, which ran after the loop had closed and
+        # printed a traceback; the message names the port, as the gRPC port's does.
+        await running.stop(0)
+        raise OSError(f"cannot serve /metrics on {config.host}:{config.metrics_port}: "
+                      f"{exc.strerror or exc}") from None
     warm_up = asyncio.ensure_future(app.start())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([warm_up, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -115,12 +124,29 @@ async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> in
         log.info("%s SERVING on %s:%d", service_label, config.host, running.port)
         await stopped
     else:
-        warm_up.cancel()
+        await stop_during_warm_up(warm_up, running, app, service_label)
     log.info("%s stopping: NOT_SERVING, draining for up to %.1fs", service_label, config.grace_seconds)
     await running.stop(config.grace_seconds)
     await app.close()
     log.info("%s stopped", service_label)
     return 0
+
+
+async def stop_during_warm_up(warm_up: asyncio.Future, running: RunningServer, app: ServiceApp,
+                              service_label: str) -> NoReturn:
+    """SIGTERM before SERVING: nothing was served, so nothing needs draining. The warm-up may be
+    blocked in a thread (a database that never answers, a large checkpoint still loading) that
+    cannot be interrupted, and the interpreter joins such threads at exit: the process would
+    then outlive SIGTERM for as long as that thread hangs, forever for a black-holed database.
+    So it leaves without waiting for them."""
+    warm_up.cancel()
+    log.info("%s stopping during warm-up (it was not SERVING yet)", service_label)
+    await running.stop(0)
+    await app.close()
+    log.info("%s stopped", service_label)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def run(app: ServiceApp, config: ServerConfig, service_label: str) -> int:

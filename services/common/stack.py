@@ -1,9 +1,10 @@
 """`loraplex up`: the four services as separate processes on one machine.
 
 Embedded defaults: SQLite and a local-folder blob store under --data-dir, and the tiny
-offline model (built on first run) when no --base-model is given. The stack waits until
-every service reports SERVING through grpc.health.v1, prints the endpoints, and then
-supervises: Ctrl-C/SIGTERM stops every child cleanly; a child that dies stops the rest and
+offline model (built on first run) when no --base-model is given. It refuses to start when
+one of its ports is taken. The stack waits until every service reports SERVING through
+grpc.health.v1, prints the endpoints, and then supervises: Ctrl-C/SIGTERM stops every child
+cleanly, also while they are still starting (exit 130); a child that dies stops the rest and
 the command exits 1 naming it. Each child's output goes to DATA_DIR/logs/<service>.log.
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,13 +124,38 @@ def child_environment(config: StackConfig, admin_token: str) -> dict[str, str]:
     return env
 
 
+def ports_in_use(config: StackConfig) -> list[str]:
+    """The stack's ports some other process already listens on, each named. Checked before any
+    child starts: the health probes would otherwise reach that process, and its SERVING would
+    be reported as ours while our child dies on the taken port."""
+    wanted = [(f"{name} gRPC", config.port_of(name)) for name in SERVICES]
+    wanted.append(("router HTTP", config.router_http_port))
+    wanted += [(f"{name} metrics", config.metrics_port_of(name)) for name in SERVICES if config.metrics_port_of(name)]
+    taken = []
+    for label, port in wanted:
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+            # SO_REUSEADDR: a port whose last connections linger in TIME_WAIT (a stack just
+            # stopped) is free to its next server; only a listening socket counts as taken.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.host, port))
+            except OSError:
+                taken.append(f"{config.host}:{port} ({label})")
+    return taken
+
+
 class Stack:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.children: dict[str, subprocess.Popen] = {}
         self.logs = config.data_dir / "logs"
+        #: Set from a signal handler: wait_serving gives up at its next poll.
+        self.stop_requested = False
 
     def start(self) -> None:
+        if taken := ports_in_use(self.config):
+            raise OSError(f"already in use: {', '.join(taken)} (another loraplex running? choose other ports "
+                          "with the --*-port flags)")
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         commands = child_commands(self.config, base_model_folder(self.config))
@@ -148,6 +175,9 @@ class Stack:
         deadline = time.monotonic() + self.config.startup_timeout
         pending = set(self.children)
         while pending:
+            if self.stop_requested:
+                raise StartInterrupted(f"stopped before every service was SERVING (waiting for "
+                                       f"{', '.join(sorted(pending))})")
             if (dead := self.dead_child()) is not None:
                 raise ChildDied(*dead, self.logs)
             for name in sorted(pending):
@@ -169,6 +199,10 @@ class Stack:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+class StartInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM while the services were still starting."""
 
 
 class ChildDied(RuntimeError):
@@ -200,26 +234,27 @@ def banner(config: StackConfig, admin_token_path: str) -> str:
 
 def run_stack(config: StackConfig) -> int:
     """Runs until SIGINT/SIGTERM (0) or until a child dies (1)."""
-    stop_requested = False
+    stack = Stack(config)
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
-        nonlocal stop_requested
-        stop_requested = True
+        stack.stop_requested = True
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stack = Stack(config)
     try:
         stack.start()
         stack.wait_serving()
         token_path = config.admin_token and "(given with --admin-token)" or str(config.data_dir / "admin_token")
         print(banner(config, token_path), flush=True)
-        while not stop_requested:
+        while not stack.stop_requested:
             if (dead := stack.dead_child()) is not None:
                 raise ChildDied(*dead, stack.logs)
             time.sleep(0.2)
         print("stopping loraplex ...", flush=True)
         return 0
-    except (ChildDied, TimeoutError) as exc:
+    except StartInterrupted as exc:
+        print(f"loraplex up interrupted: {exc}; stopping the services", file=sys.stderr, flush=True)
+        return 130
+    except (ChildDied, TimeoutError, OSError) as exc:  # OSError: a taken port, an unusable --data-dir
         print(f"loraplex up failed: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:

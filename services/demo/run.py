@@ -113,6 +113,10 @@ def serve(stack: Stack | None) -> None:
 
 
 def run_demo(config: DemoConfig) -> int:
+    # SIGTERM (kill, systemd, `timeout`) ends the demo the way Ctrl-C does, through the
+    # KeyboardInterrupt path below, which stops our services: its default action killed this
+    # process alone and left the four services running, each in its own session.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     report.step(1, STEPS, "Attaching to the running services" if config.attach else
                 f"Starting registry, trainer, inference and router (state in {config.data_dir})")
     try:

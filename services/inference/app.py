@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from services.common.services import INFERENCE
 from services.common.pb.loraplex.inference.v1 import inference_pb2_grpc
@@ -15,6 +16,8 @@ from services.inference.pool_admin import PoolAdmin
 from services.inference.servicer import InferenceServicer
 from services.router.node_agent import NodeAgent
 from services.router.nodes import NodeStats
+
+log = logging.getLogger("loraplex.inference")
 
 
 class InferenceApp:
@@ -32,6 +35,12 @@ class InferenceApp:
         inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, server)
 
     async def start(self) -> None:
+        if not self.config.admin_token:
+            # As the registry and the trainer say: an open node lets whoever reaches it run any
+            # tenant's adapter past the router's checks and quotas.
+            log.warning("no --admin-token: this node takes every call without credentials (anyone who reaches "
+                        "%s:%d can run any adapter) and the registry refuses its adapter downloads",
+                        self.config.host, self.config.port)
         self.node = await asyncio.to_thread(Node.build, self.config)
         self.node.start()
         admin = PoolAdmin(self.node)

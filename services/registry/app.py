@@ -43,6 +43,12 @@ def build_context(config: RegistryConfig) -> RegistryContext:
                            watch_poll_seconds=config.watch_poll_seconds)
 
 
+def blob_location(config: RegistryConfig) -> str:
+    if config.blob_store == "s3":
+        return f"S3 endpoint {config.s3_endpoint} bucket {config.s3_bucket}"
+    return f"folder {config.data_dir / 'blobs'}"
+
+
 def start_context(ctx: RegistryContext, config: RegistryConfig) -> None:
     """Migrates the database, starts the store and sweeps crash leftovers (blocking)."""
     try:
@@ -52,9 +58,8 @@ def start_context(ctx: RegistryContext, config: RegistryConfig) -> None:
     try:
         ctx.store.start()
     except Exception as exc:  # noqa: BLE001
-        where = f"S3 endpoint {config.s3_endpoint} bucket {config.s3_bucket}" if config.blob_store == "s3" \
-            else f"folder {config.data_dir / 'blobs'}"
-        raise Unavailable(f"cannot start the {config.blob_store} blob store ({where}): {exc}") from exc
+        raise Unavailable(f"cannot start the {config.blob_store} blob store ({blob_location(config)}): {exc}") \
+            from exc
     ctx.spool_dir.mkdir(parents=True, exist_ok=True)
     gc.sweep_at_start(ctx)
 
@@ -80,6 +85,11 @@ class RegistryApp:
         ctx.notifier.bind(loop)
         ctx.db.on_feed_commit.append(ctx.notifier.notify)
         self.ctx = ctx
+        # Said before the first connection: a database or store that never answers keeps the
+        # registry NOT_SERVING with no error, and this line is then what names the culprit.
+        log.info("registry opening database %s and the %s blob store %s",
+                 ctx.db.engine.url.render_as_string(hide_password=True), self.config.blob_store,
+                 blob_location(self.config))
         await loop.run_in_executor(self.executor, start_context, ctx, self.config)
         self.servicer.attach(ctx)
         log.info("registry ready: database %s, %s blob store", ctx.db.engine.url.render_as_string(hide_password=True),

@@ -73,6 +73,9 @@ class TrainerApp:
             log.warning("no --admin-token: the trainer cannot verify API keys, publish to the registry or "
                         "follow its tenant deletions")
         self.db = TrainerDatabase(config.effective_database_url)
+        # Said before the first connection: a database that never answers keeps the trainer
+        # NOT_SERVING with no error, and this line is then what names it.
+        log.info("trainer opening database %s", self.db.engine.url.render_as_string(hide_password=True))
         try:
             await self._run(self.db.migrate)
         except Exception as exc:  # noqa: BLE001 - any driver error means the same to an operator

@@ -109,7 +109,7 @@ def test_up_names_a_service_whose_port_is_taken(tmp_path, ports):
         process = start_up(tmp_path, ports)
         process.wait(timeout=120)
     assert process.returncode == 1
-    assert "service 'registry' exited with status 1" in process.stderr.read()
+    assert f"already in use: 127.0.0.1:{ports['registry']} (registry gRPC)" in process.stderr.read()
 
 
 def test_state_flags_reach_registry_and_trainer_and_secrets_stay_off_the_command_line(tmp_path):

@@ -47,7 +47,16 @@ def _demo_command(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        # Ctrl-C before a command installs its own handler (importing torch and transformers
+        # takes seconds): a one-line exit, not a traceback from the middle of an import.
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "demo", "health", "model", "proto"], help="what to do")
     if not argv or argv[0] in ("-h", "--help"):

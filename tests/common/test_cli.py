@@ -24,3 +24,14 @@ def test_unknown_commands_and_bad_arguments_exit_2():
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, argv
         assert "usage:" in result.stderr
+
+
+def test_ctrl_c_before_a_command_takes_over_is_one_line_and_exit_130(monkeypatch, capsys):
+    import services.cli
+
+    def interrupted(argv):  # as when Ctrl-C lands while `up` is still importing torch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(services.cli, "_up_command", interrupted)
+    assert main(["up"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

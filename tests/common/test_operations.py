@@ -142,3 +142,17 @@ def test_an_inference_node_without_admin_token_warns_that_it_is_open(tmp_path, t
         assert stop_process(process, timeout=60) == 0
     assert f"WARNING loraplex.inference: no --admin-token: this node takes every call without credentials " \
            f"(anyone who reaches 127.0.0.1:{port} can run any adapter)" in log.read_text()
+
+
+def test_a_database_that_never_answers_fails_within_the_connect_timeout(silent_database, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from services.registry.db import session
+
+    monkeypatch.setattr(session, "PG_CONNECT_TIMEOUT_S", 1)
+    database = session.Database(silent_database)
+    try:
+        with pytest.raises(OperationalError, match="timeout"):  # libpq's default: waits forever
+            database.migrate()
+    finally:
+        database.close()

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = "migrations"
+PG_CONNECT_TIMEOUT_S = 10
 
 
 def _advisory_key(parts: tuple[str, ...]) -> int:
@@ -60,7 +61,12 @@ class Database:
                                         pool_size=16, max_overflow=8)
             self._setup_sqlite()
         else:
-            self.engine = create_engine(parsed, pool_size=16, max_overflow=8, pool_pre_ping=True)
+            # libpq waits for a server that never answers (a black-holed host) forever by default;
+            # bounded, a start-up or a request fails with a clear error instead. A URL's own
+            # ?connect_timeout= wins.
+            connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+            self.engine = create_engine(parsed, pool_size=16, max_overflow=8, pool_pre_ping=True,
+                                        connect_args=connect_args)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(loraplex_write=True), expire_on_commit=False)
         #: Called (with no arguments) after a write transaction that recorded change events commits.

@@ -250,10 +250,11 @@ class RegistryServicer:
         Uploads a PEFT LoRA adapter: first message is the header, then byte chunks.
         Everything is validated before anything becomes visible; on any failure no row remains
         (weights stored just before a failure are unreferenced; CollectGarbage removes them).
-        UNAVAILABLE (retryable, no version created) if the blob store is down. INVALID_ARGUMENT names the file/tensor and expected vs actual (zip entry
-        rules, size limits, non-safetensors weights, peft_type, base model mismatch, unknown
-        layer/module, shape, dtype, NaN/Inf, rank above the limit); NOT_FOUND if the base model
-        or tenant does not exist; the first message not a header -> INVALID_ARGUMENT.
+        UNAVAILABLE (retryable, no version created) if the blob store is down.
+        INVALID_ARGUMENT names the file/tensor and expected vs actual (zip entry rules, size
+        limits, non-safetensors weights, peft_type, base model mismatch, unknown layer/module,
+        shape, dtype, NaN/Inf, rank above the limit); NOT_FOUND if the base model or tenant
+        does not exist; the first message not a header -> INVALID_ARGUMENT.
         Identical bytes for the same tenant/name/base return the existing version
         (created=false). Emits ADAPTER_CREATED.
         """

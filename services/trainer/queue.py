@@ -85,6 +85,8 @@ class JobQueue:
                                       error=f"the trainer stopped unexpectedly {count} times while this job ran "
                                             f"(last progress: step {job.step} of {job.total_steps}); giving up")
                 log.warning("job %s failed after %d interruptions", job.id, count)
+                # As after any other end: its checkpoints and dataset copy go, its worker log stays.
+                self.make_runner(job, "", lambda *_: None).cleanup()
             else:
                 self.store.transition(job.id, [RUNNING], state=QUEUED, interruptions=count, eta_seconds=None)
                 log.info("job %s was interrupted at step %d; requeued to resume from its last checkpoint",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import types
 from collections.abc import Iterator
 
 import grpc
@@ -86,7 +87,8 @@ def test_queue_order_conditional_transitions_and_recovery(store):
     assert store.claim_next().id == "job_2"
     assert store.claim_next() is None
 
-    queue = JobQueue(store, None, None, ["cpu"], None, cancel_grace_s=1, max_interruptions=1)
+    make_runner = lambda job, device, on_event: types.SimpleNamespace(cleanup=lambda: None)  # noqa: E731
+    queue = JobQueue(store, None, make_runner, ["cpu"], None, cancel_grace_s=1, max_interruptions=1)
     queue.recover()  # both running jobs were interrupted once: back to the queue
     assert [j.id for j in store.jobs_in_state(QUEUED)] == ["job_0", "job_2"]
     assert store.get_job("job_0").interruptions == 1

@@ -241,7 +241,16 @@ def test_a_job_cancelled_while_queued_emits_exactly_one_state_change(store):
 def test_an_interrupted_job_shows_no_stale_eta_and_fails_with_the_reason(store):
     running = store.claim_next()
     store.save_progress(JobRecord(**{**running.__dict__, "step": 3, "eta_seconds": 12.5}))
-    queue = JobQueue(store, None, None, ["cpu"], None, cancel_grace_s=1, max_interruptions=1)
+    cleaned = []
+
+    class Folder:  # what the queue asks of a runner for a job it fails at start-up
+        def __init__(self, job, device, on_event) -> None:
+            self.job_id = job.id
+
+        def cleanup(self) -> None:
+            cleaned.append(self.job_id)
+
+    queue = JobQueue(store, None, Folder, ["cpu"], None, cancel_grace_s=1, max_interruptions=1)
     queue.recover()
     requeued = store.get_job("job_0")
     assert (requeued.state, requeued.interruptions, requeued.error) == (QUEUED, 1, "")
@@ -253,3 +262,4 @@ def test_an_interrupted_job_shows_no_stale_eta_and_fails_with_the_reason(store):
     assert failed.state == FAILED and failed.interruptions == 2 and failed.finished_at
     assert "stopped unexpectedly 2 times" in failed.error and "step 3 of 10" in failed.error
     assert failed.eta_seconds is None  # was: 12.5 s to go, for a failed job
+    assert cleaned == ["job_0"]  # its checkpoints go as after any end (only when it failed, not when requeued)

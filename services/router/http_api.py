@@ -95,9 +95,9 @@ def error_response(error: errors.LoraplexError, request_id: str = "") -> JSONRes
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _internal(exc: BaseException) -> errors.LoraplexError:
+def _internal(exc: BaseException, request_id: str = "") -> errors.LoraplexError:
     error_id = uuid.uuid4().hex[:12]
-    log.error("HTTP request failed, error id %s", error_id, exc_info=exc)
+    log.error("HTTP request %sfailed, error id %s", f"{request_id} " if request_id else "", error_id, exc_info=exc)
     error = errors.LoraplexError(f"internal error (error id {error_id}); the server log has the details",
                                  reason="INTERNAL")
     return error
@@ -248,6 +248,10 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
             if exc.metadata.get("field") == "prompt":  # the node's name for what this API calls it
                 exc.metadata["field"] = prompt_param
             return error_response(exc, request_id)
+        except ClientGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: still a 500 that names the request, as the log does
+            return error_response(_internal(exc, request_id), request_id)
         return SSEResponse(events(stream, response_id, created, options), stream)
 
     @endpoint

@@ -13,7 +13,7 @@ from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.sequence import FinishReason
 from services.inference.node import Node, Prompt
 from services.inference.pool_admin import PoolAdmin
-from services.inference.token_bytes import TokenBytes
+from services.inference.token_bytes import TokenBytes, special_token_ids
 
 FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH}
 
@@ -39,11 +39,14 @@ def sampling_from(params: generation_pb2.SamplingParams) -> SamplingParams:
         top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos, until_context_full=params.until_context_full)
 
 
-def delta_from(output: RequestOutput, tokenizer, token_bytes: TokenBytes) -> generation_pb2.GenerationDelta:
+def delta_from(output: RequestOutput, tokenizer, token_bytes: TokenBytes,
+               special: frozenset[int]) -> generation_pb2.GenerationDelta:
+    """`special`: the ids the text leaves out, marked so the router's text offsets skip them."""
     delta = generation_pb2.GenerationDelta(text=output.text, token_ids=output.token_ids)
     for sampled in output.logprobs:
         entry = delta.logprobs.add(token_id=sampled.token_id, token=tokenizer.decode([sampled.token_id]),
-                                   logprob=sampled.logprob or 0.0, token_bytes=token_bytes(sampled.token_id))
+                                   logprob=sampled.logprob or 0.0, token_bytes=token_bytes(sampled.token_id),
+                                   special=sampled.token_id in special)
         for token_id, logprob in sampled.top:
             entry.top.add(token_id=token_id, token=tokenizer.decode([token_id]), logprob=logprob,
                           token_bytes=token_bytes(token_id))
@@ -68,10 +71,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._node: Node | None = None
         self._admin: PoolAdmin | None = None
         self._token_bytes: TokenBytes | None = None
+        self._special: frozenset[int] = frozenset()
 
     def ready(self, node: Node, admin: PoolAdmin) -> None:
         self._node, self._admin = node, admin
         self._token_bytes = TokenBytes(node.tokenizer)
+        self._special = special_token_ids(node.tokenizer)  # once: the tokenizer's lists are rebuilt per call
 
     def _authorize(self, context) -> None:
         require_admin(self._admin_token, context, "inference node")
@@ -93,7 +98,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                      request.adapter.adapter_id, request.adapter.sha256, request.request_id)
         first = True
         async for output in outputs:
-            delta = delta_from(output, self.node.tokenizer, self._token_bytes)
+            delta = delta_from(output, self.node.tokenizer, self._token_bytes, self._special)
             if first:
                 delta.prompt_tokens, first = output.prompt_tokens, False
             yield inference_pb2.GenerateResponse(delta=delta)

@@ -76,3 +76,14 @@ def longest_token_bytes(tokenizer) -> int:
     vocabulary piece. Each stand-in character (byte-level), "▁" (SentencePiece) or "<0xNN>"
     piece is at least as long in UTF-8 as the bytes it stands for."""
     return max(len(piece.encode()) for piece in tokenizer.get_vocab())
+
+
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """The ids the node's text leaves out: it decodes with skip_special_tokens, which skips the
+    tokenizer's special tokens and, in a fast tokenizer, every added token marked special (a
+    chat marker may be one without being listed among the special tokens)."""
+    ids = set(getattr(tokenizer, "all_special_ids", ()))
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(token_id)
+    return frozenset(ids)

@@ -274,8 +274,10 @@ class TextOffsets:
     multi-byte character decodes alone to U+FFFD, one character per token, so an "é" split over
     two tokens counted two. Decoding the tokens' raw bytes incrementally counts each character
     once (tokens sharing a character share its offset). One per response, so streamed chunks
-    continue the count. A special token the text leaves out (an EOS generated under
-    ignore_eos) still counts its text: nothing in TokenLogprob marks a token as special."""
+    continue the count. A special token (an EOS generated under ignore_eos) is not in the text,
+    which the node decodes with special tokens skipped: it gets the offset where it would be
+    and adds nothing, nor does it cut off a character held back (the node's decode joins the
+    bytes on either side of it)."""
 
     def __init__(self) -> None:
         self._decoder = _utf8_decoder()
@@ -284,6 +286,9 @@ class TextOffsets:
     def __call__(self, entries) -> list[int]:
         offsets = []
         for entry in entries:
+            if entry.special:
+                offsets.append(self._chars)
+                continue
             data = entry.token_bytes or entry.token.encode()
             offsets.append(self._chars + self._broken_before(data[:1]))
             self._chars += len(self._decoder.decode(data))

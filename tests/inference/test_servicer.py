@@ -92,6 +92,31 @@ def test_generate_streams_text_then_finish_and_usage(tiny_model_dir, adapter_roo
     serve_and_run(tiny_model_dir, adapter_root, body)
 
 
+def test_an_eos_generated_under_ignore_eos_is_marked_special(tiny_model_dir, adapter_root):
+    """The text skips special tokens, so their logprob entries say so (the router's text
+    offsets must not count them); every other token is part of the text."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    special_ids = set(tokenizer.all_special_ids)
+
+    async def body(stub, app):
+        eos_ids = set(app.node.args.eos_token_ids)
+        for seed in range(40):  # the base model's random weights: find an answer that goes on past an EOS
+            sampling = gen.SamplingParams(max_tokens=64, temperature=1.0, seed=seed, ignore_eos=True, logprobs=True)
+            replies = await collect(stub.Generate(pb.GenerateRequest(prompt="the market", sampling=sampling)))
+            logprobs = [lp for r in replies for lp in r.delta.logprobs]
+            if any(lp.token_id in eos_ids for lp in logprobs[:-1]):
+                break
+        else:
+            pytest.fail("no answer held an EOS before its last token")
+        assert replies[-1].delta.finish_reason == gen.FINISH_REASON_LENGTH and len(logprobs) == 64
+        assert [lp.special for lp in logprobs] == [lp.token_id in special_ids for lp in logprobs]
+        assert all(lp.special for lp in logprobs if lp.token_id in eos_ids)
+        text = "".join(r.delta.text for r in replies)
+        assert text == tokenizer.decode([lp.token_id for lp in logprobs if not lp.special])
+
+    serve_and_run(tiny_model_dir, adapter_root, body)
+
+
 def test_seeds_reproduce_and_stop_strings_cut_the_text(tiny_model_dir, adapter_root):
     async def body(stub, app):
         sampled = gen.SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)

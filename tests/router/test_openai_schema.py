@@ -140,6 +140,21 @@ def test_text_offsets_index_characters_where_tokens_split_them():
     assert [text[o] for o in offsets] == ["a", "é", "é", "b", "日", "日", "\ufffd", "d"]
 
 
+def test_a_special_token_the_text_leaves_out_takes_its_place_but_no_room():
+    """The node skips special tokens when it decodes (an EOS under ignore_eos): one gets the
+    offset where it would be, the tokens after it index the text as if it were not there, and
+    it does not cut off a character whose bytes lie on either side of it."""
+    eos = gen.TokenLogprob(token="<|eos|>", token_bytes=b"<|eos|>", special=True)
+    pieces = [b"ab", eos, b"c", b"\xe6", eos, b"\x97\xa5", b"d", eos]
+    entries = [p if isinstance(p, gen.TokenLogprob) else gen.TokenLogprob(
+        token=p.decode("utf-8", errors="replace"), token_bytes=p) for p in pieces]
+    text = b"".join(p for p in pieces if isinstance(p, bytes)).decode("utf-8", errors="replace")
+    assert text == "abc日d"
+    offsets = schema.TextOffsets()
+    assert offsets(entries[:4]) == [0, 2, 2, 3]
+    assert offsets(entries[4:]) == [3, 3, 4, 5]  # a later streamed chunk: the held-back byte still joins
+
+
 @pytest.mark.parametrize(("pieces", "expected"), [
     ([b"\xe6", b"nt"], [0, 1]),  # an unfinished character cut off by plain text: its U+FFFD comes first
     ([b"\xe6\x97", b"\xe6", b" x"], [0, 1, 2]),  # cut off by a new lead byte, which is cut off in turn

@@ -69,6 +69,20 @@ def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> int:
     return process.returncode
 
 
+def pids_of(module: str, port: int) -> list[int]:
+    """pids of the processes started with this module and port on their command line (/proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if module.encode() in cmdline and str(port).encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
 def start_module(module: str, *args: str, log: Path) -> subprocess.Popen:
     """Starts `python -m <module> args...` from the repo root with output to `log`."""
     with open(log, "wb") as out:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.common.stack import health_status
-from tests.conftest import REPO_ROOT, free_port, stop_process
+from tests.conftest import REPO_ROOT, free_port, pids_of, stop_process
 
 NAMES = ("router", "registry", "trainer", "inference")
 
@@ -38,16 +38,10 @@ def read_until(process: subprocess.Popen, marker: str, timeout: float = 120) -> 
 
 
 def child_pid(port: int, module: str) -> int:
-    """pid of the service process started with this module and port (from /proc)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if module.encode() in cmdline and str(port).encode() in cmdline:
-                return int(entry.name)
-    raise AssertionError(f"no process for {module} on port {port}")
+    """pid of the service process started with this module and port."""
+    pids = pids_of(module, port)
+    assert pids, f"no process for {module} on port {port}"
+    return pids[0]
 
 
 @pytest.fixture

@@ -6,27 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 from services.common.healthcheck import health_status
+from tests.conftest import pids_of
 from tests.e2e.demo_process import QUICK, DemoProcess, stack_flags
 
 SERVICES = ("router", "registry", "trainer", "inference")
 
 
 def service_pids(ports: dict[str, int]) -> list[int]:
-    """pids of the service processes started on these ports (from /proc)."""
-    wanted = {(f"services.{name}".encode(), str(port).encode()) for name, port in ports.items()}
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(module in cmdline and port in cmdline for module, port in wanted):
-                pids.append(int(entry.name))
-    return pids
+    """pids of the service processes started on these ports."""
+    return [pid for name, port in ports.items() for pid in pids_of(f"services.{name}", port)]
 
 
 def test_sigterm_during_the_pipeline_stops_the_services(tmp_path):

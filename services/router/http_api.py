@@ -27,7 +27,8 @@ hex (`chatcmpl-<x-request-id>`).
 
 Every error that can happen before the first token is a real status code, because
 RouterCore.open returns only once the first token exists; a failure after it arrives as an
-`error` event in the stream (the SDK raises it). A client that disconnects cancels the request on its node.
+`error` event in the stream (the SDK raises it). A client that disconnects cancels the
+request on its node.
 """
 
 from __future__ import annotations

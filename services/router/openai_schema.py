@@ -23,6 +23,7 @@ from typing import Any
 
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
+from services.inference.engine.sampling_params import MAX_STOP_STRINGS
 from services.router.proxy import Completion, GenerateCall
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -31,8 +32,8 @@ FINISH = {gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_LENGTH: "length"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 #: The node's limit on alternatives per position (SamplingParams.top_logprobs).
 MAX_TOP_LOGPROBS = 20
-#: The node's limit on stop sequences (SamplingParams MAX_STOP_STRINGS).
-MAX_STOP = 16
+#: The node's limit on stop sequences, checked here so the caller gets OpenAI's kind of 400.
+MAX_STOP = MAX_STOP_STRINGS
 UINT32, UINT64, INT64_MIN = 2**32 - 1, 2**64 - 1, -(2**63)
 
 #: Accepted and without effect here.

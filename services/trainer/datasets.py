@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import tempfile
 import uuid
@@ -35,7 +34,7 @@ from services.trainer.blobs import dataset_key
 from services.trainer.db.models import utcnow
 from services.trainer.examples import FORMATS
 from services.common.fields import check_request_id, require
-from services.trainer.records import DatasetRecord, Principal
+from services.trainer.records import DatasetRecord, Principal, request_digest
 from services.trainer.store import TrainerStore
 from services.trainer.validation import AUTO, validate_jsonl
 
@@ -54,10 +53,7 @@ class DatasetHeader:
     request_id: str = ""
 
     def digest(self, sha256: str) -> str:
-        """What a retry must repeat: the header's settings and the bytes (sha256)."""
-        settings = {**dataclasses.asdict(self), "sha256": sha256}
-        del settings["tenant"], settings["request_id"]
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return request_digest(self, sha256=sha256)  # the header's settings and the bytes
 
 
 class _Spool:

@@ -15,8 +15,6 @@ answering with the wrong one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -30,7 +28,7 @@ from services.trainer.hyperparams import (LoraRequest, TrainingRequest, check_na
                                           resolve_training)
 from services.trainer.queue import JobQueue
 from services.common.fields import check_request_id, require
-from services.trainer.records import QUEUED, RUNNING, SNAPSHOT, JobRecord, Principal
+from services.trainer.records import QUEUED, RUNNING, SNAPSHOT, JobRecord, Principal, request_digest
 from services.trainer.registry_client import RegistryClient
 from services.trainer.store import TrainerStore
 
@@ -47,10 +45,7 @@ class JobRequest:
     request_id: str = ""
 
     def digest(self) -> str:
-        """What a retry must repeat: every setting (the tenant and the key itself identify the job)."""
-        settings = dataclasses.asdict(self)
-        del settings["tenant"], settings["request_id"]
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return request_digest(self)
 
 
 class JobService:

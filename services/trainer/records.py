@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 from typing import Any
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({QUEUED, RUNNING})
+
+def request_digest(request: Any, **extra: Any) -> str:
+    """What a retry under the same request_id must repeat (StartJob, UploadDataset): every field
+    of the `request` dataclass but the tenant and the key, which identify it, plus `extra`."""
+    settings = {**dataclasses.asdict(request), **extra}
+    del settings["tenant"], settings["request_id"]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
 
 # Job event kinds (WatchJob).
 SNAPSHOT, STATE_CHANGED, PROGRESS, EVAL = "snapshot", "state_changed", "progress", "eval"

@@ -4,7 +4,8 @@ Every RPC authenticates first (auth.py); domain errors become statuses in
 services/common/rpc.py. Statuses: UNAUTHENTICATED (no, bad or revoked token), NOT_FOUND
 (unknown or another tenant's dataset/job/tenant, a deleted tenant's, unknown base model),
 INVALID_ARGUMENT (bad header, dataset lines, hyperparameters, names, an empty id, a NUL
-character in any request string; the message and ErrorInfo name the field), ALREADY_EXISTS (deployment name taken, a request_id reused for another job or dataset), FAILED_PRECONDITION
+character in any request string; the message and ErrorInfo name the field), ALREADY_EXISTS
+(deployment name taken, a request_id reused for another job or dataset), FAILED_PRECONDITION
 (cancel a finished job, delete a dataset in use, base model not local to the trainer),
 UNAVAILABLE (still starting, or the Registry cannot be reached). Until the app has started
 every RPC answers UNAVAILABLE.

@@ -36,6 +36,13 @@ def _job(row: JobRow) -> JobRecord:
     return JobRecord(**{name: getattr(row, name) for name in _JOB_FIELDS})
 
 
+def _for_request(session, row_type, tenant_id: str, request_id: str):
+    """The tenant's dataset or job (by `row_type`) stored under this idempotency key, as a record."""
+    row = session.scalars(select(row_type).where(row_type.tenant_id == tenant_id,
+                                                 row_type.request_id == request_id)).first()
+    return None if row is None else (_dataset if row_type is DatasetRow else _job)(row)
+
+
 def _newest_first(query, model, page: paging.Page):
     if page.after:
         created, last_id = dt.datetime.fromisoformat(page.after[0]), page.after[1]
@@ -62,24 +69,14 @@ class TrainerStore:
         """Stores `record`; returns it, or the dataset an earlier upload stored under the same request_id."""
         with self.db.write() as session:
             self._refuse_deleted_tenant(session, record.tenant_id, tenant_field)
-            if record.request_id is not None:
-                # Two concurrent retries: the second waits here and then finds the first's dataset.
-                self.db.lock(session, "trainer-dataset-request", record.tenant_id, record.request_id)
-                earlier = self._dataset_for_request(session, record.tenant_id, record.request_id)
-                if earlier is not None:
-                    return earlier
+            if (earlier := self._earlier(session, DatasetRow, record)) is not None:
+                return earlier
             session.add(DatasetRow(**dataclasses.asdict(record)))
         return record
 
     def dataset_for_request(self, tenant_id: str, request_id: str) -> DatasetRecord | None:
         with self.db.read() as session:
-            return self._dataset_for_request(session, tenant_id, request_id)
-
-    @staticmethod
-    def _dataset_for_request(session, tenant_id: str, request_id: str) -> DatasetRecord | None:
-        row = session.scalars(select(DatasetRow).where(DatasetRow.tenant_id == tenant_id,
-                                                       DatasetRow.request_id == request_id)).first()
-        return _dataset(row) if row is not None else None
+            return _for_request(session, DatasetRow, tenant_id, request_id)
 
     def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
         with self.db.read() as session:
@@ -116,12 +113,8 @@ class TrainerStore:
     def insert_job(self, record: JobRecord) -> JobRecord:
         """Stores `record`; returns it, or the job an earlier call stored under the same request_id."""
         with self.db.write() as session:
-            if record.request_id is not None:
-                # Two concurrent retries: the second waits here and then finds the first's job.
-                self.db.lock(session, "trainer-job-request", record.tenant_id, record.request_id)
-                earlier = self._job_for_request(session, record.tenant_id, record.request_id)
-                if earlier is not None:
-                    return earlier
+            if (earlier := self._earlier(session, JobRow, record)) is not None:
+                return earlier
             self.db.lock(session, "trainer-dataset", record.dataset_id)
             if session.get(DatasetRow, record.dataset_id) is None:
                 raise NotFound(f"dataset '{record.dataset_id}' not found", reason="DATASET_NOT_FOUND",
@@ -136,13 +129,15 @@ class TrainerStore:
 
     def job_for_request(self, tenant_id: str, request_id: str) -> JobRecord | None:
         with self.db.read() as session:
-            return self._job_for_request(session, tenant_id, request_id)
+            return _for_request(session, JobRow, tenant_id, request_id)
 
-    @staticmethod
-    def _job_for_request(session, tenant_id: str, request_id: str) -> JobRecord | None:
-        row = session.scalars(select(JobRow).where(JobRow.tenant_id == tenant_id,
-                                                   JobRow.request_id == request_id)).first()
-        return _job(row) if row is not None else None
+    def _earlier(self, session, row_type, record):
+        """The row an earlier call stored under `record`'s request_id (None without a key). Two
+        concurrent retries: the second waits on the lock, then finds the first's row."""
+        if record.request_id is None:
+            return None
+        self.db.lock(session, f"{row_type.__tablename__}-request", record.tenant_id, record.request_id)
+        return _for_request(session, row_type, record.tenant_id, record.request_id)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self.db.read() as session:

@@ -31,8 +31,8 @@ class BlobStoreUnavailable(ConnectionError):
 
     It says nothing about the object, unlike KeyError, so a caller must not read it as
     "missing": the same call may succeed once the store is back. Stores raise only this for
-    such failures (one translation point per store), and the Registry maps it to UNAVAILABLE
-    in one place (services/registry/context.py, `store_down`). A ConnectionError, so code
+    such failures (one translation point per store), and callers map it to UNAVAILABLE in
+    one place (outage.py, `store_down`). A ConnectionError, so code
     that already catches those keeps working.
     """
 

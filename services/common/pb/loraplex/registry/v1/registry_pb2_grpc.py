@@ -175,8 +175,7 @@ class RegistryServicer:
 
     def DeleteTenant(self, request, context):
         """Deletes a tenant with its keys, adapters, deployments and datasets. FAILED_PRECONDITION
-        if it still owns deployments and `force` is false. Rows only: adapter weights wait for
-        CollectGarbage, so this works while the blob store is down. Emits TENANT_DELETED.
+        if it still owns deployments and `force` is false. Emits TENANT_DELETED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -222,9 +221,7 @@ class RegistryServicer:
         (a trailing "/" does not make another location). ALREADY_EXISTS if the name is taken
         with another location or a deployment uses it (model names and deployment names share
         one namespace); INVALID_ARGUMENT if the location has no readable config.json or an
-        unsupported model_type, or a field is too long; UNAVAILABLE (retryable, nothing
-        registered) if an s3:// location's blob store does not answer. Emits
-        BASE_MODEL_REGISTERED.
+        unsupported model_type, or a field is too long. Emits BASE_MODEL_REGISTERED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,15 +245,13 @@ class RegistryServicer:
         """--- Adapters (immutable versions) ---
 
         Uploads a PEFT LoRA adapter: first message is the header, then byte chunks.
-        Everything is validated before anything becomes visible; on any failure no row remains
-        (weights stored just before a failure are unreferenced; CollectGarbage removes them).
-        UNAVAILABLE (retryable, no version created) if the blob store is down.
-        INVALID_ARGUMENT names the file/tensor and expected vs actual (zip entry rules, size
-        limits, non-safetensors weights, peft_type, base model mismatch, unknown layer/module,
-        shape, dtype, NaN/Inf, rank above the limit); NOT_FOUND if the base model or tenant
-        does not exist; the first message not a header -> INVALID_ARGUMENT.
-        Identical bytes for the same tenant/name/base return the existing version
-        (created=false). Emits ADAPTER_CREATED.
+        All is validated before anything is visible; on any failure no row remains (weights
+        stored just before are left to CollectGarbage). INVALID_ARGUMENT names the file/tensor
+        and expected vs actual (zip entry rules, size limits, non-safetensors weights, peft_type,
+        base model mismatch, unknown layer/module, shape, dtype, NaN/Inf, rank above the limit),
+        also for a first message that is not the header; NOT_FOUND if the base model or tenant
+        does not exist. Identical bytes for the same tenant/name/base return the existing
+        version (created=false). Emits ADAPTER_CREATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,9 +273,7 @@ class RegistryServicer:
 
     def DeleteAdapter(self, request, context):
         """Deletes one version. FAILED_PRECONDITION if a deployment pins it (or follows "latest"
-        of its name and it is the only version). Rows only: the weights wait for CollectGarbage
-        (identical uploads share them), so this works while the blob store is down.
-        Emits ADAPTER_DELETED.
+        of its name and it is the only version). Emits ADAPTER_DELETED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,8 +282,7 @@ class RegistryServicer:
     def DownloadAdapter(self, request, context):
         """For inference nodes: streams the adapter's config and weights. First message is the
         manifest (with sha256 of the weights, to verify), then chunks. NOT_FOUND if unknown.
-        UNAVAILABLE (retryable) if the blob store is down, before the manifest or after some
-        chunks: then download again from the start.
+        UNAVAILABLE after some chunks (blob store down): download again from the start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,9 +293,8 @@ class RegistryServicer:
 
         Binds a public model name. ALREADY_EXISTS if the name is bound (by anyone) and
         `replace` is false or it belongs to another tenant, or if it is a base model's name;
-        NOT_FOUND if the adapter or base
-        model is unknown; FAILED_PRECONDITION if the adapter was trained for another base
-        model. Emits DEPLOYMENT_BOUND.
+        NOT_FOUND if the adapter or base model is unknown; FAILED_PRECONDITION if the adapter
+        was trained for another base model. Emits DEPLOYMENT_BOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -336,9 +327,8 @@ class RegistryServicer:
 
         Streams change events with sequence > `after_sequence`, then keeps streaming new ones
         until the client cancels. Reconnect with the last sequence seen to miss nothing.
-        OUT_OF_RANGE if `after_sequence` is older than the retained history (the client must
-        drop its caches and restart from `current_sequence` of a fresh call with
-        after_sequence = -1, which starts at the present).
+        OUT_OF_RANGE if `after_sequence` is older than the retained history: drop caches and
+        restart with after_sequence = -1, which starts at the present.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -349,8 +339,7 @@ class RegistryServicer:
 
         Removes blobs no row references (left by a crash between blob write and commit)
         older than `min_age_seconds` (at most 315360000, ten years: INVALID_ARGUMENT above).
-        Returns what was removed. UNAVAILABLE (retryable) if the blob store is down; its
-        message says how many blobs were removed before (no row is ever changed).
+        Returns what was removed (no row is ever changed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

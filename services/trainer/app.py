@@ -32,6 +32,7 @@ from services.trainer.db import TrainerDatabase
 from services.trainer.events import EventHub
 from services.trainer.feed import TenantDeletionWatcher
 from services.trainer.jobs import JobService
+from services.trainer.outage import OutageWait
 from services.trainer.publish import Publisher
 from services.trainer.queue import JobQueue
 from services.trainer.registry_client import RegistryClient
@@ -92,8 +93,9 @@ class TrainerApp:
         models = BaseModels(self.registry)
         datasets = DatasetService(store, blobs, models, auth, self._run, config.data_dir / "spool",
                                   config.max_dataset_bytes)
+        outage = OutageWait(config.outage_wait_seconds)
         env = RunnerEnv(jobs_dir=config.data_dir / "jobs", store=store, datasets=datasets, models=models,
-                        publisher=Publisher(self.registry), run=self._run, dtype=config.dtype,
+                        publisher=Publisher(self.registry, outage), outage=outage, run=self._run, dtype=config.dtype,
                         torch_threads=config.torch_threads, keep_checkpoints=config.keep_checkpoints)
         hub = EventHub()
         self.queue = JobQueue(store, hub, lambda job, device, on_event: JobRunner(job, device, env, on_event),

@@ -48,6 +48,9 @@ class TrainerConfig(StateConfig):
     keep_checkpoints: int = option(2, "checkpoints kept per running job (older ones are deleted)")
     cancel_grace_seconds: float = option(5.0, "after a cancel, how long a worker may take to exit before it "
                                               "is killed")
+    outage_wait_seconds: float = option(300.0, "how long a job waits, retrying with backoff, for its dataset "
+                                               "store or the Registry to come back before it fails (0: fail at "
+                                               "once); a finished training run waits this long to be published")
     max_interruptions: int = option(3, "a running job found interrupted at start-up resumes from its last "
                                        "checkpoint; after this many interruptions it is marked failed")
 
@@ -68,8 +71,9 @@ class TrainerConfig(StateConfig):
         for name in ("registry_timeout_seconds", "cancel_grace_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.auth_cache_seconds < 0:
-            raise ValueError(f"--auth-cache-seconds must be >= 0, got {self.auth_cache_seconds}")
+        for name in ("auth_cache_seconds", "outage_wait_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
     @property
     def max_dataset_bytes(self) -> int:

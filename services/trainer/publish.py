@@ -5,22 +5,19 @@ validated exactly like any other (safetensors only, shapes, NaN/Inf, rank). The 
 with its admin token on behalf of the job's tenant. Uploading identical bytes again returns the
 existing version (the Registry is idempotent), which makes a publication retried after a
 restart safe. The deployment is pinned to the exact version just published (rebinding a name
-the tenant already owns). UNAVAILABLE is retried a few times; other refusals fail the job.
+the tenant already owns). UNAVAILABLE is retried for --outage-wait-seconds (outage.py), so a
+Registry restart does not throw a finished training run away; other refusals fail the job.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 from pathlib import Path
 
 from services.common.errors import LoraplexError, Unavailable
+from services.trainer.outage import OutageWait
 from services.trainer.records import JobRecord
 from services.trainer.registry_client import PublishedAdapter, RegistryClient
-
-log = logging.getLogger("loraplex.trainer.publish")
-ATTEMPTS, FIRST_BACKOFF_S = 4, 1.0
 
 
 class PublishError(Exception):
@@ -34,32 +31,29 @@ class PublishError(Exception):
 @dataclasses.dataclass
 class Publisher:
     registry: RegistryClient
+    outage: OutageWait
 
     async def _retrying(self, what: str, call):
-        delay = FIRST_BACKOFF_S
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                return await call()
-            except Unavailable as exc:
-                if attempt == ATTEMPTS:
-                    raise
-                log.warning("%s failed (attempt %d of %d), retrying in %.0fs: %s", what, attempt, ATTEMPTS, delay, exc)
-                await asyncio.sleep(delay)
-                delay *= 2
+        return await self.outage.retrying(what, call, (Unavailable,))
+
+    def _refusal(self, exc: LoraplexError) -> str:
+        if isinstance(exc, Unavailable):
+            return f"the registry stayed unavailable past --outage-wait-seconds ({self.outage.budget_s:g}s): {exc.message}"
+        return f"the registry refused it: {exc.message}"
 
     async def publish(self, job: JobRecord, folder: Path) -> PublishedAdapter:
         labels = {"trainer-job": job.id, "trainer-dataset": job.dataset_id}
         try:
-            adapter = await self._retrying("upload", lambda: self.registry.upload_adapter(
+            adapter = await self._retrying(f"job {job.id}: adapter upload", lambda: self.registry.upload_adapter(
                 job.tenant_id, job.output_adapter_name, job.base_model, folder,
                 f"trained by loraplex trainer job {job.id}", labels))
         except LoraplexError as exc:
-            raise PublishError(f"the registry refused the trained adapter: {exc.message}") from exc
+            raise PublishError(f"the trained adapter was not published: {self._refusal(exc)}") from exc
         if job.deployment_name:
             try:
-                await self._retrying("bind", lambda: self.registry.bind_deployment(
+                await self._retrying(f"job {job.id}: deployment bind", lambda: self.registry.bind_deployment(
                     job.deployment_name, job.tenant_id, job.base_model, adapter.name, adapter.version))
             except LoraplexError as exc:
-                raise PublishError(f"adapter published as '{adapter.name}' v{adapter.version}, but binding "
-                                   f"deployment '{job.deployment_name}' failed: {exc.message}", adapter) from exc
+                raise PublishError(f"adapter published as '{adapter.name}' v{adapter.version}, but binding deployment "
+                                   f"'{job.deployment_name}' failed: {self._refusal(exc)}", adapter) from exc
         return adapter

@@ -12,6 +12,9 @@ The runner decides the job's outcome and the queue (queue.py) records it:
   --cancel-grace-seconds; publication in flight is abandoned);
 - trainer shutting down -> back to queued (the worker checkpoints first when it can);
 - anything else -> failed, with the reason.
+
+The dataset store and the Registry being down is waited out for --outage-wait-seconds
+(outage.py) before the job fails; a cancel or shutdown ends that wait at once.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.common.errors import LoraplexError
+from services.common.errors import LoraplexError, Unavailable
 from services.registry.blobstore.base import BlobStoreUnavailable
 from services.trainer.base_models import BaseModels
 from services.trainer.datasets import DatasetService
 from services.trainer.hyperparams import TrainingSettings, plan_schedule
+from services.trainer.outage import OutageWait
 from services.trainer.publish import PublishError, Publisher
 from services.trainer.records import CANCELLED, EVAL, FAILED, PROGRESS, QUEUED, SUCCEEDED, JobRecord
 from services.trainer.store import TrainerStore
@@ -59,6 +63,7 @@ class RunnerEnv:
     datasets: DatasetService
     models: BaseModels
     publisher: Publisher
+    outage: OutageWait
     run: Callable[..., Awaitable]
     dtype: str
     torch_threads: int
@@ -83,6 +88,7 @@ class JobRunner:
         self.cancel_reason = "cancelled by request"
         self.finalized = asyncio.Event()  # set by the queue once the outcome is recorded
         self._done = asyncio.Event()
+        self._interrupted = asyncio.Event()  # set with cancel_requested / stop_requested: ends outage waits
         self._process: WorkerProcess | None = None
         self._publishing: asyncio.Future | None = None
         self._worker_error = ""
@@ -90,10 +96,10 @@ class JobRunner:
     async def run(self) -> Outcome:
         try:
             return await self._run()
-        except LoraplexError as exc:
-            return Outcome(FAILED, exc.message)
-        except BlobStoreUnavailable as exc:  # reading the dataset: not the job's fault, and not a trainer bug
-            return Outcome(FAILED, f"the dataset store is down ({exc}); start the job again once it is back")
+        except (LoraplexError, BlobStoreUnavailable) as exc:
+            if self.cancel_requested or self.stop_requested:  # asked while waiting out an outage
+                return Outcome(CANCELLED, self.cancel_reason) if self.cancel_requested else Outcome(QUEUED)
+            return Outcome(FAILED, self._outage_failure(exc))
         finally:
             self._done.set()
 
@@ -124,6 +130,14 @@ class JobRunner:
             return Outcome(FAILED, str(exc), published.id if published else "", published.version if published else 0)
         return Outcome(SUCCEEDED, adapter_id=adapter.id, adapter_version=adapter.version)
 
+    def _outage_failure(self, exc: LoraplexError | BlobStoreUnavailable) -> str:
+        waited = f"down past --outage-wait-seconds ({self.env.outage.budget_s:g}s)"
+        if isinstance(exc, BlobStoreUnavailable):  # reading the dataset: not the job's fault, nor a trainer bug
+            return f"the dataset store stayed {waited} ({exc}); start the job again once it is back"
+        if isinstance(exc, Unavailable):
+            return f"the registry stayed {waited}: {exc.message}"
+        return exc.message
+
     async def _prepare(self) -> Path:
         job, env = self.record, self.env
         await env.run(self.job_dir.mkdir, parents=True, exist_ok=True)
@@ -131,8 +145,10 @@ class JobRunner:
         if dataset is None:
             raise LoraplexError(f"dataset '{job.dataset_id}' no longer exists")
         data_path = self.job_dir / "dataset.jsonl"
-        await env.run(env.datasets.read_into, dataset, data_path)
-        base = await env.models.get(job.base_model)
+        await env.outage.retrying(f"job {job.id}: dataset read", lambda: env.run(env.datasets.read_into, dataset,
+                                  data_path), (BlobStoreUnavailable,), self._interrupted)
+        base = await env.outage.retrying(f"job {job.id}: base model lookup", lambda: env.models.get(job.base_model),
+                                         (Unavailable,), self._interrupted)
         schedule = plan_schedule(TrainingSettings(**job.training), dataset.num_examples, dataset.longest_example)
         device, _ = device_environment(self.device)
         spec = WorkerSpec(job_id=job.id, base_model_name=base.name, base_model_path=base.location,
@@ -182,6 +198,7 @@ class JobRunner:
         return f"the training worker exited with status {code}; see worker.log of job {self.record.id}"
 
     async def _end(self, command: str, grace: float) -> None:
+        self._interrupted.set()
         if self._publishing is not None:
             self._publishing.cancel()
         if self._process is not None:

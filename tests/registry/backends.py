@@ -173,6 +173,14 @@ class CuttableProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
+    def resume(self) -> None:
+        """Accepts connections again on the same endpoint: the store is back."""
+        with self._lock:
+            self._listener = socket.create_server(("127.0.0.1", int(self.endpoint.rsplit(":", 1)[1])))
+            self._listener.settimeout(0.1)
+            self._sockets, self._cut, self._budget = [], False, None
+        threading.Thread(target=self._accept, daemon=True).start()
+
     def _accept(self) -> None:
         while not self._cut:
             try:

@@ -1,0 +1,127 @@
+"""A job waits out an outage of its dataset store or of the Registry (--outage-wait-seconds)
+instead of failing at once: it finishes when the dependency comes back, a cancel ends the wait
+at once, and a finished training run is published once the Registry is back rather than thrown
+away."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
+from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
+from services.registry.config import RegistryConfig
+from tests.conftest import free_port
+from tests.registry.backends import CuttableProxy, InProcessRegistry, MotoS3
+from tests.registry.client import Client
+from tests.trainer.conftest import ADMIN_TOKEN
+from tests.trainer.harness import InProcessTrainer, finance_chat_lines, s3_settings, trainer_config
+
+@contextlib.contextmanager
+def logged(needle: str) -> Iterator[threading.Event]:
+    """An event set once the trainer logs a retry whose message contains `needle`: proof that
+    the job met the outage (rather than the dependency being back before it looked)."""
+    seen = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if needle in record.getMessage():
+                seen.set()
+
+    handler, logger = Watch(logging.WARNING), logging.getLogger("loraplex.trainer.outage")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_job_waits_for_its_dataset_store_to_come_back(registry, tmp_path, tenant):
+    moto = MotoS3(tmp_path / "moto.log").start()
+    proxy = CuttableProxy(moto.endpoint)  # the store goes away and comes back at the same endpoint
+    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, outage_wait_seconds=600,
+                            **s3_settings(proxy.endpoint))
+    trainer = InProcessTrainer(config).start()
+    try:
+        client = trainer.client(tenant.key)
+        dataset = client.upload(finance_chat_lines())
+        proxy.cut()
+        with logged("dataset read failed") as waiting:
+            job = client.start(dataset.id, max_steps=2)
+            assert waiting.wait(60), "the job never met the outage"
+        proxy.resume()
+        done = client.wait(job.id)  # failed at once before --outage-wait-seconds
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    finally:
+        trainer.stop()
+        proxy.cut()
+        moto.stop()
+
+
+def test_cancelling_a_job_that_waits_for_its_dataset_store_ends_the_wait(registry, tmp_path, tenant):
+    moto = MotoS3(tmp_path / "moto.log").start()
+    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, outage_wait_seconds=3600,
+                            **s3_settings(moto.endpoint))
+    trainer = InProcessTrainer(config).start()
+    try:
+        client = trainer.client(tenant.key)
+        dataset = client.upload(finance_chat_lines())
+        moto.stop()
+        with logged("dataset read failed") as waiting:
+            job = client.start(dataset.id, max_steps=2)
+            assert waiting.wait(60), "the job never met the outage"
+        client.call("CancelJob", pb.CancelJobRequest(id=job.id))
+        done = client.wait(job.id, timeout=120)  # not after the hour the outage budget allows
+        assert done.state == pb.JOB_STATE_CANCELLED, (done.state, done.error)
+        # The slot is free again: the next job is not stuck behind a waiting one.
+        assert client.call("GetJob", pb.GetJobRequest(id=job.id)).state == pb.JOB_STATE_CANCELLED
+    finally:
+        trainer.stop()
+        moto.stop()
+
+
+def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny_model_dir):
+    config = RegistryConfig(port=free_port(), metrics_port=0, data_dir=tmp_path / "registry", admin_token=ADMIN_TOKEN)
+    registry = InProcessRegistry(config).start()
+    admin = Client(registry.stub, ADMIN_TOKEN)
+    admin.RegisterBaseModel(rpb.RegisterBaseModelRequest(name="tiny", location=str(tiny_model_dir)))
+    tenant = admin.CreateTenant(rpb.CreateTenantRequest(name="outage-tenant"))
+    key = admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=tenant.id, name="test")).secret
+    # A long auth cache: the job is started while the Registry is down, on the key verified before.
+    trainer = InProcessTrainer(trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN,
+                                              outage_wait_seconds=600, auth_cache_seconds=600)).start()
+    try:
+        client = trainer.client(key)
+        dataset = client.upload(finance_chat_lines())
+        registry.stop()
+        with logged("adapter upload failed") as waiting:
+            job = client.start(dataset.id, name="fin-outage", max_steps=2)
+            assert waiting.wait(240), "publication never met the outage"
+        registry = InProcessRegistry(config).start()  # same port, same database and blobs
+        done = client.wait(job.id)  # failed after 7 s of retries before, and the trained adapter was deleted
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        admin = Client(registry.stub, ADMIN_TOKEN)
+        adapter = admin.GetAdapter(rpb.GetAdapterRequest(tenant=tenant.id, name="fin-outage"))
+        assert adapter.version == done.adapter_version
+    finally:
+        trainer.stop()
+        registry.stop()
+
+
+def test_a_job_fails_saying_so_when_its_store_stays_down(registry, tmp_path, tenant):
+    moto = MotoS3(tmp_path / "moto.log").start()
+    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, outage_wait_seconds=0,
+                            **s3_settings(moto.endpoint))
+    trainer = InProcessTrainer(config).start()
+    try:
+        client = trainer.client(tenant.key)
+        dataset = client.upload(finance_chat_lines())
+        moto.stop()
+        done = client.wait(client.start(dataset.id, max_steps=2).id)
+        assert done.state == pb.JOB_STATE_FAILED
+        assert done.error.startswith("the dataset store stayed down past --outage-wait-seconds (0s)"), done.error
+    finally:
+        trainer.stop()
+        moto.stop()

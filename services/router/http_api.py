@@ -163,7 +163,40 @@ async def json_body(request: Request, limit: int) -> dict:
         raise errors.InvalidArgument("the request body is not valid JSON", field="body") from None
     if not isinstance(body, dict):
         raise errors.InvalidArgument("the request body must be a JSON object", field="body")
+    where = unencodable(body)
+    if where is not None:
+        raise errors.InvalidArgument(f"'{where}': a JSON string holds an unpaired UTF-16 surrogate (an escape like "
+                                     "\\ud800 without its pair), which is not Unicode text", field=where)
     return body
+
+
+def unencodable(body: dict) -> str | None:
+    """Where the body holds a string UTF-8 cannot encode, or None. JSON lets an escape name half a
+    surrogate pair and json.loads keeps it, but protobuf (the node call, the Registry lookup) and
+    our own JSON answers encode UTF-8 and would fail on it: a 500 for the caller's bad input. A
+    walk with its own stack, as a body nested as deep as the parser allows must not overflow ours."""
+    pending: list[tuple[str, object]] = [("", body)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            if not _encodes(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodes(key):  # the key cannot name itself in an answer either
+                    return path or "body"
+                pending.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def client_request_id(request: Request) -> str:
@@ -173,6 +206,18 @@ def client_request_id(request: Request) -> str:
         if value:
             return check_request_id(value, field=header)
     return ""
+
+
+def in_callers_terms(error: errors.LoraplexError, renames: dict[str, str]) -> errors.LoraplexError:
+    """The error with `param` (and a message that opens with the node's name for it) naming the
+    request's field: chat's `messages` for the node's prompt, `max_completion_tokens` when that
+    is what the caller set, never a parameter the caller did not send."""
+    field = error.metadata.get("field", "")
+    if renames.get(field, field) != field:
+        error.metadata["field"] = renames[field]
+        if field != "prompt" and error.message.startswith(f"{field} "):  # "prompt of N tokens" reads right as is
+            error.message = renames[field] + error.message[len(field):]
+    return error
 
 
 class SSEResponse(StreamingResponse):
@@ -234,10 +279,13 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
     async def generate(request: Request, parse, respond, events, prompt_param: str) -> Response:
         # before anything can fail, so every answer can name it
         response_id = request_id = uuid.uuid4().hex
+        # the node's names for what this API calls otherwise, for the errors it raises
+        renames = {"prompt": prompt_param}
         try:
             request_id = client_request_id(request) or request_id
             caller = await core.authenticate(request.headers.get("authorization"))
             call, options = parse(await json_body(request, max_body_bytes))
+            renames["max_tokens"] = options.max_tokens_param
             call = dataclasses.replace(call, request_id=request_id)
             created = int(time.time())
             if not options.stream:
@@ -246,9 +294,7 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
                                     headers={"x-request-id": done.request_id})
             stream = await unless_disconnected(request, core.open(caller, call))
         except errors.LoraplexError as exc:
-            if exc.metadata.get("field") == "prompt":  # the node's name for what this API calls it
-                exc.metadata["field"] = prompt_param
-            return error_response(exc, request_id)
+            return error_response(in_callers_terms(exc, renames), request_id)
         except ClientGone:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: still a 500 that names the request, as the log does

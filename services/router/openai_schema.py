@@ -3,9 +3,10 @@
 Pure functions (no HTTP, no gRPC). As OpenAI does, a field it does not define is refused with
 a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-range value.
 Fields OpenAI defines that we cannot honour are refused with a 400 that names them (n > 1,
-penalties, tools, logit_bias, echo, suffix, audio, predictions, reasoning effort, non-text
-response formats) rather than silently ignored; fields that change nothing here (user,
-metadata, store, service_tier, ...) are accepted, type-checked as OpenAI does. Two common
+penalties, tools, logit_bias, echo, suffix, audio, predictions, reasoning effort, moderation,
+non-text response formats) rather than silently ignored; fields that change nothing here (user,
+metadata, store, service_tier, prompt caching hints, ...) are accepted, type-checked as OpenAI
+does, so a typo'd value fails here as it would there. Two common
 extensions are taken as vLLM takes them: top_k and ignore_eos. Limits the node would enforce
 after placement (stop sequences) are checked here too, so the caller gets OpenAI's kind of
 400 naming the parameter instead of the node's `node_rejected`.
@@ -19,14 +20,13 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-from typing import Any
 
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.inference.engine.sampling_params import MAX_STOP_STRINGS
+from services.router.openai_messages import chat_turns
 from services.router.proxy import Completion, GenerateCall
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH = {gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_LENGTH: "length"}
 #: OpenAI's default for /v1/completions; chat generates until the context is full, as OpenAI's does.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -36,15 +36,22 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = MAX_STOP_STRINGS
 UINT32, UINT64, INT64_MIN = 2**32 - 1, 2**64 - 1, -(2**63)
 
-#: Accepted and without effect here.
-NO_OP_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-                "parallel_tool_calls"}
+#: Accepted and without effect here, each with the JSON type OpenAI requires of it.
+NO_OP_FIELDS = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "safety_identifier": str,
+                "prompt_cache_key": str, "prompt_cache_retention": str, "prompt_cache_options": dict,
+                "parallel_tool_calls": bool}
+#: The JSON names of those types, for the error message.
+JSON_TYPES = {str: "a string", bool: "true or false", dict: "an object"}
+#: OpenAI's limits on `metadata`, which it refuses past them.
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
+#: stream_options keys: include_usage is honoured; we never obfuscate, so asking not to is a no-op.
+STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 #: Every field OpenAI's chat API defines, plus our two extensions; value checks come after.
-CHAT_FIELDS = NO_OP_FIELDS | {
+CHAT_FIELDS = set(NO_OP_FIELDS) | {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
     "top_logprobs", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
     "functions", "tool_choice", "function_call", "response_format", "modalities", "audio", "prediction",
-    "reasoning_effort", "verbosity", "web_search_options", "top_k", "ignore_eos"}
+    "reasoning_effort", "verbosity", "web_search_options", "moderation", "top_k", "ignore_eos"}
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "stream_options",
     "n", "best_of", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
@@ -52,7 +59,8 @@ COMPLETION_FIELDS = {
 #: Defined by OpenAI, meaningful only for what we do not serve: refused when set at all.
 NOT_SERVED = {"audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
               "reasoning_effort": "the models served here are not reasoning models",
-              "verbosity": "verbosity is not supported", "web_search_options": "web search is not supported"}
+              "verbosity": "verbosity is not supported", "web_search_options": "web search is not supported",
+              "moderation": "moderation is not supported"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +68,9 @@ class Options:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    #: The request's name for the token limit: the node names it max_tokens in its errors (a
+    #: limit beyond the context), which must name the parameter the caller actually sent.
+    max_tokens_param: str = "max_tokens"
 
 
 def _bad(field: str, message: str) -> InvalidArgument:
@@ -103,9 +114,23 @@ def _flag(body: dict, field: str) -> bool:
     return value
 
 
+def _check_no_ops(body: dict) -> None:
+    """Fields without effect here are still typed as OpenAI types them: a wrong one is a 400."""
+    for field, kind in NO_OP_FIELDS.items():
+        value = body.get(field)
+        if value is not None and not isinstance(value, kind):
+            raise _bad(field, f"expected {JSON_TYPES[kind]}, got {value!r}")
+    metadata = body.get("metadata") or {}
+    if len(metadata) > METADATA_MAX_PAIRS:
+        raise _bad("metadata", f"at most {METADATA_MAX_PAIRS} key-value pairs, got {len(metadata)}")
+    for key, value in metadata.items():
+        if len(key) > METADATA_MAX_KEY or not isinstance(value, str) or len(value) > METADATA_MAX_VALUE:
+            raise _bad(f"metadata.{key}", f"keys are strings of at most {METADATA_MAX_KEY} characters, values "
+                                          f"strings of at most {METADATA_MAX_VALUE}")
+
+
 def _refuse_unsupported(body: dict) -> None:
-    if not isinstance(body.get("user", ""), str):  # accepted without effect, but typed as OpenAI types it
-        raise _bad("user", f"expected a string, got {body['user']!r}")
+    _check_no_ops(body)
     if _integer(body, "n", 1, UINT32) not in (None, 1):
         raise _bad("n", "only n = 1 is supported")
     for field in ("presence_penalty", "frequency_penalty"):
@@ -179,53 +204,35 @@ def _max_tokens_field(body: dict) -> str:
 def _options(body: dict) -> Options:
     stream = _flag(body, "stream")
     stream_options = body.get("stream_options")
-    if stream_options is not None:
-        if not stream:
-            raise _bad("stream_options", "only allowed when 'stream' is true")
-        if not isinstance(stream_options, dict):
-            raise _bad("stream_options", "expected an object")
-    include_usage = _flag(stream_options or {}, "include_usage")
-    return Options(stream=stream, include_usage=include_usage)
-
-
-def _text(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"messages[{index}].content", "only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    if content is None:
-        return ""
-    raise _bad(f"messages[{index}].content", "expected a string or a list of text parts")
+    if stream_options is None:
+        return Options(stream=stream)
+    if not stream:
+        raise _bad("stream_options", "only allowed when 'stream' is true")
+    if not isinstance(stream_options, dict):
+        raise _bad("stream_options", "expected an object")
+    unknown = sorted(set(stream_options) - STREAM_OPTIONS)
+    if unknown:  # as for the body's own fields: a typo'd option must not pass for an honoured one
+        raise _bad(f"stream_options.{unknown[0]}", f"unrecognized stream option: {', '.join(unknown)}")
+    for key, value in stream_options.items():  # each option is a boolean (null: unset)
+        if value is not None and not isinstance(value, bool):
+            raise _bad(f"stream_options.{key}", f"expected true or false, got {value!r}")
+    return Options(stream=stream, include_usage=bool(stream_options.get("include_usage")))
 
 
 def chat_call(body: dict) -> tuple[GenerateCall, Options]:
     body = _present(body, CHAT_FIELDS)
     _refuse_unsupported(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "expected a non-empty list of {role, content} objects")
-    turns = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _bad(f"messages[{i}]", f"expected an object with role and content, got {message!r}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise _bad(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
-        turns.append((ROLES[role], _text(message.get("content"), i)))
-    sampling = _sampling(body, _max_tokens_field(body), None)
+    turns = chat_turns(body.get("messages"))
+    max_tokens_param = _max_tokens_field(body)
+    sampling = _sampling(body, max_tokens_param, None)
     sampling.logprobs = _flag(body, "logprobs")
     top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs:
         if not sampling.logprobs:
             raise _bad("top_logprobs", "needs logprobs: true")
         sampling.top_logprobs = top_logprobs
-    call = GenerateCall(model=_model(body), messages=tuple(turns), sampling=sampling)
-    return call, dataclasses.replace(_options(body), logprobs=sampling.logprobs)
+    call = GenerateCall(model=_model(body), messages=turns, sampling=sampling)
+    return call, dataclasses.replace(_options(body), logprobs=sampling.logprobs, max_tokens_param=max_tokens_param)
 
 
 def completion_call(body: dict) -> tuple[GenerateCall, Options]:

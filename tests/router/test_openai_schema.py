@@ -24,7 +24,8 @@ def test_chat_bodies_become_calls():
     s = call.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, list(s.stop)) == (20, 0.0, 0.5, 7, ["END"])
     assert s.logprobs and s.top_logprobs == 3
-    assert options == schema.Options(stream=True, include_usage=True, logprobs=True)
+    assert options == schema.Options(stream=True, include_usage=True, logprobs=True,
+                                     max_tokens_param="max_completion_tokens")
     bare, _ = schema.chat_call({"model": "fin", "messages": [{"role": "user", "content": "x"}]})
     assert not bare.sampling.HasField("max_tokens") and not bare.sampling.HasField("temperature")
     assert bare.sampling.until_context_full  # OpenAI's chat default, not the node's 256

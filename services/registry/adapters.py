@@ -43,8 +43,10 @@ def find_version(session, tenant_id: str, name: str, version: int, base_model: s
     return session.scalar(query.order_by(Adapter.version.desc()).limit(1))
 
 
-def _load(session, principal: Principal, adapter_id: str) -> Adapter:
-    row = session.get(Adapter, require(adapter_id, "id"))
+def _load(session, principal: Principal, adapter_id: str, lock: bool = False) -> Adapter:
+    """`lock` (a deletion): FOR UPDATE, so a racing DeleteTenant and this call cannot both remove
+    the row and announce it (tenants.py); the loser waits and then finds it gone."""
+    row = session.get(Adapter, require(adapter_id, "id"), with_for_update=lock or None)
     if row is None:
         raise _not_found(f"'{adapter_id}'")
     check_owner(principal, row.tenant_id, f"adapter '{adapter_id}'")
@@ -91,7 +93,7 @@ def list_adapters(ctx: RegistryContext, principal: Principal, tenant: str, name:
 
 def delete_adapter(ctx: RegistryContext, principal: Principal, adapter_id: str) -> None:
     with ctx.db.write() as session:
-        row = _load(session, principal, adapter_id)
+        row = _load(session, principal, adapter_id, lock=True)
         ctx.db.lock(session, "adapter", row.tenant_id, row.name)
         users = session.scalars(select(Deployment).where(
             Deployment.tenant_id == row.tenant_id, Deployment.adapter_name == row.name,

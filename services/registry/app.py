@@ -40,7 +40,8 @@ def build_context(config: RegistryConfig) -> RegistryContext:
                            admin_token=config.admin_token, spool_dir=config.data_dir / "spool",
                            notifier=FeedNotifier(),
                            change_retention=dt.timedelta(hours=config.change_retention_hours),
-                           watch_poll_seconds=config.watch_poll_seconds)
+                           watch_poll_seconds=config.watch_poll_seconds,
+                           stale_upload_age=dt.timedelta(hours=config.s3_stale_upload_hours))
 
 
 def blob_location(config: RegistryConfig) -> str:

@@ -15,6 +15,8 @@ from services.common.config import ServerConfig, option
 
 DEFAULT_PORT = 50051
 BLOB_STORES = ("local", "s3")
+#: 100 years: the collector's cutoff date must stay a date, and anything that long means "never".
+MAX_STALE_UPLOAD_HOURS = 100 * 365 * 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,12 @@ class RegistryConfig(StateConfig):
                                                   "(at start and by CollectGarbage)")
     watch_poll_seconds: float = option(0.5, "how often WatchChanges polls the database for events "
                                             "written by other registry processes")
+    # 24 h: far longer than any upload of adapter weights to the store runs (minutes for the
+    # largest), so one in progress is never cut off, yet an outage's leftovers go within a day.
+    s3_stale_upload_hours: float = option(24.0, "CollectGarbage aborts incomplete S3 multipart uploads under "
+                                                 "adapters/ begun longer ago than this (an upload cut off by an S3 "
+                                                 "outage leaves one, holding storage); 0 aborts all, even uploads "
+                                                 "in progress")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +84,9 @@ class RegistryConfig(StateConfig):
             raise ValueError(f"--change-retention-hours must be > 0, got {self.change_retention_hours}")
         if self.watch_poll_seconds <= 0:
             raise ValueError(f"--watch-poll-seconds must be > 0, got {self.watch_poll_seconds}")
+        if not 0 <= self.s3_stale_upload_hours <= MAX_STALE_UPLOAD_HOURS:
+            raise ValueError(f"--s3-stale-upload-hours must be between 0 and {MAX_STALE_UPLOAD_HOURS} (100 years), "
+                             f"got {self.s3_stale_upload_hours}")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -34,4 +34,6 @@ class RegistryContext:
     notifier: FeedNotifier
     change_retention: dt.timedelta
     watch_poll_seconds: float
+    #: Incomplete multipart uploads of adapter blobs begun longer ago are aborted by GC (gc.py).
+    stale_upload_age: dt.timedelta
 

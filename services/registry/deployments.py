@@ -89,10 +89,12 @@ def bind_deployment(ctx: RegistryContext, principal: Principal, name: str, tenan
     return deployment
 
 
-def _owned(session, principal: Principal, name: str, tenant: str) -> Deployment:
+def _owned(session, principal: Principal, name: str, tenant: str, lock: bool = False) -> Deployment:
+    """`lock` (an unbind): FOR UPDATE, so a racing DeleteTenant and the unbind cannot both remove the
+    row and announce it (tenants.py); the loser waits and then finds it gone."""
     require(name, "name")
     owner = scoped_tenant(session, principal, tenant)
-    deployment = session.get(Deployment, name)
+    deployment = session.get(Deployment, name, with_for_update=lock or None)
     if deployment is None or deployment.tenant_id != owner.id:
         raise NotFound(f"deployment '{name}' not found", reason="DEPLOYMENT_NOT_FOUND", field="name")
     return deployment
@@ -100,7 +102,7 @@ def _owned(session, principal: Principal, name: str, tenant: str) -> Deployment:
 
 def unbind_deployment(ctx: RegistryContext, principal: Principal, name: str, tenant: str) -> None:
     with ctx.db.write() as session:
-        deployment = _owned(session, principal, name, tenant)
+        deployment = _owned(session, principal, name, tenant, lock=True)
         session.delete(deployment)
         feed.record(ctx, session, feed.DEPLOYMENT_UNBOUND, deployment.tenant_id, name)
 

@@ -71,7 +71,9 @@ def list_keys(ctx: RegistryContext, principal: Principal, tenant: str,
 def revoke_key(ctx: RegistryContext, principal: Principal, key_id: str) -> ApiKey:
     require(key_id, "key_id")
     with ctx.db.write() as session:
-        key = session.get(ApiKey, key_id)
+        # FOR UPDATE: a racing DeleteTenant either waits for this revoke (and then deletes the key
+        # already revoked, announcing nothing more) or deletes it first (and we find no key).
+        key = session.get(ApiKey, key_id, with_for_update=True)
         if key is None:
             raise NotFound(f"API key '{key_id}' not found", reason="KEY_NOT_FOUND", field="key_id")
         check_owner(principal, key.tenant_id, f"API key '{key_id}'")

@@ -4,6 +4,12 @@ Deleting a tenant removes its keys, adapter rows and deployments in one transact
 emits one event per removed object (so caches keyed by key, adapter or deployment need no
 tenant index) and finally TENANT_DELETED. Adapter weights stay in the blob store until
 garbage collection, because another tenant may have uploaded identical bytes.
+
+Each object's deletion event is emitted exactly once, by the transaction whose statement
+removed (or revoked) its row: DeleteTenant announces what its DELETEs returned, and the
+single-object calls (DeleteAdapter, UnbindDeployment, RevokeApiKey) lock their row before
+they check and change it. Whichever of the two reaches the row first holds its lock to commit;
+the other waits and then finds the row gone (NOT_FOUND, or skipped by the DELETE) or revoked.
 """
 
 from __future__ import annotations
@@ -78,18 +84,29 @@ def delete_tenant(ctx: RegistryContext, principal: Principal, ref: str, force: b
             shown = ", ".join(deployments[:5]) + (" ..." if len(deployments) > 5 else "")
             raise FailedPrecondition(f"tenant '{tenant.name}' still owns {len(deployments)} deployment(s) ({shown}); "
                                      "unbind them or pass force", reason="TENANT_HAS_DEPLOYMENTS")
-        keys = list(session.scalars(select(ApiKey.id).where(ApiKey.tenant_id == tenant.id,
-                                                            ApiKey.revoked_at.is_(None))))
-        adapters = list(session.scalars(select(Adapter.id).where(Adapter.tenant_id == tenant.id)))
         # Explicit deletes (not only ON DELETE CASCADE): the same on every database and every
-        # foreign-key setting.
-        for model in (Deployment, Adapter, AdapterName, ApiKey):
-            session.execute(delete(model).where(model.tenant_id == tenant.id))
+        # foreign-key setting. The events come from the rows the deletes RETURN, never from the
+        # reads above: a single-object deletion that committed after those reads has announced its
+        # object itself (it used to be announced twice), and one still in progress holds its row,
+        # so our DELETE waits for it and then skips the row, or returns it already revoked.
+        unbound = [name for name, in _delete_returning(session, Deployment, tenant.id, Deployment.name)]
+        removed = [adapter_id for adapter_id, in _delete_returning(session, Adapter, tenant.id, Adapter.id)]
+        session.execute(delete(AdapterName).where(AdapterName.tenant_id == tenant.id))
+        keys = _delete_returning(session, ApiKey, tenant.id, ApiKey.id, ApiKey.revoked_at)
+        revoked = [key_id for key_id, revoked_at in keys if revoked_at is None]  # earlier revokes had theirs
         session.delete(tenant)
-        for name in deployments:
+        for name in unbound:
             feed.record(ctx, session, feed.DEPLOYMENT_UNBOUND, tenant.id, name)
-        for adapter_id in adapters:
+        for adapter_id in removed:
             feed.record(ctx, session, feed.ADAPTER_DELETED, tenant.id, adapter_id)
-        for key_id in keys:
+        for key_id in revoked:
             feed.record(ctx, session, feed.API_KEY_REVOKED, tenant.id, key_id)
         feed.record(ctx, session, feed.TENANT_DELETED, tenant.id, tenant.name)
+
+
+def _delete_returning(session, model, tenant_id: str, *columns) -> list[tuple]:
+    """Deletes the tenant's rows of `model` and returns `columns` of the rows it removed, sorted by
+    the first (a key: RETURNING's order is unspecified, and sorted the feed reads the same on both
+    databases)."""
+    result = session.execute(delete(model).where(model.tenant_id == tenant_id).returning(*columns))
+    return sorted((tuple(row) for row in result), key=lambda row: row[0])

@@ -19,6 +19,7 @@ from tests.registry.backends import CuttableProxy, MotoS3
 from tests.registry.client import bearer, expect_error, sha256
 from tests.registry.conftest import start_registry
 from tests.registry.lora_files import variant
+from tests.registry.s3_uploads import leave_upload
 
 
 @pytest.fixture
@@ -155,3 +156,20 @@ def test_garbage_collection_says_how_far_it_got(s3, peft_adapter, tmp_path, monk
     error = expect_error(grpc.StatusCode.UNAVAILABLE, registry.admin.CollectGarbage, pb.CollectGarbageRequest())
     assert_store_down(error, moto.endpoint, "garbage collection removed 1 unreferenced blob(s)")
     assert tenant.GetAdapter(pb.GetAdapterRequest(id=kept.id)).id == kept.id
+
+
+def test_garbage_collection_says_how_many_stale_uploads_it_aborted(s3, monkeypatch):
+    """moto dates every upload 2010-11-10, so both are older than the default 24 h."""
+    registry, moto = s3
+    store = registry.ctx.store
+    for digest in ("ab" * 32, "cd" * 32):
+        leave_upload(store, f"adapters/{digest}")
+
+    def abort_then_die(upload):
+        aborted = type(store).abort_upload(store, upload)
+        moto.stop()
+        return aborted
+
+    monkeypatch.setattr(store, "abort_upload", abort_then_die)
+    error = expect_error(grpc.StatusCode.UNAVAILABLE, registry.admin.CollectGarbage, pb.CollectGarbageRequest())
+    assert_store_down(error, moto.endpoint, "removed 0 unreferenced blob(s) and aborted 1 stale upload(s)")

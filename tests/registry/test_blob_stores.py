@@ -1,9 +1,11 @@
 """Both blob stores through the one interface: atomic puts, reads, listing, deletion, and S3
-multipart uploads and bucket creation against moto's S3 server; an S3 endpoint that refuses,
-never answers or answers 5xx is BlobStoreUnavailable, within bounded timeouts and retries."""
+multipart uploads (incomplete ones listed and aborted) and bucket creation against moto's S3
+server; an S3 endpoint that refuses, never answers or answers 5xx is BlobStoreUnavailable,
+within bounded timeouts and retries."""
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import os
 import socket
@@ -11,12 +13,15 @@ import threading
 from pathlib import Path
 
 import pytest
+import urllib3
+from minio.error import S3Error
 
 from services.registry.blobstore import LocalBlobStore, S3BlobStore
-from services.registry.blobstore.base import BlobStoreUnavailable, check_key
+from services.registry.blobstore.base import BlobStoreUnavailable, IncompleteUpload, check_key
 from services.registry.blobstore.s3 import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, RETRIES
 from tests.conftest import free_port
 from tests.registry.client import unique
+from tests.registry.s3_uploads import incomplete_keys, leave_upload
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -67,6 +72,49 @@ def test_s3_large_objects_go_up_in_parts(moto, tmp_path):
     assert store.client.stat_object(store.bucket, "adapters/big").etag.endswith("-3")  # 3 parts
 
 
+def test_s3_incomplete_uploads_are_listed_under_their_prefix_only_and_aborted(moto):
+    store = S3BlobStore(moto.endpoint, unique("bucket"), "k", "s", region="us-east-1", secure=False,
+                        part_size=5 * 1024 * 1024)
+    store.start()
+    first, second = leave_upload(store, "adapters/aa"), leave_upload(store, "adapters/aa")
+    for other in ("datasets/aa", "adaptersx/aa"):  # another prefix, and one that merely starts the same
+        leave_upload(store, other)
+    listed = list(store.incomplete_uploads("adapters"))
+    assert sorted((u.key, u.upload_id) for u in listed) == sorted([("adapters/aa", first), ("adapters/aa", second)])
+    assert all(u.initiated_at.tzinfo is not None for u in listed)
+    store.abort_upload(IncompleteUpload("adapters/aa", first, listed[0].initiated_at))
+    store.abort_upload(IncompleteUpload("adapters/aa", first, listed[0].initiated_at))  # gone already: fine
+    assert [u.upload_id for u in store.incomplete_uploads("adapters")] == [second]
+    assert incomplete_keys(store) == ["adapters/aa", "adaptersx/aa", "datasets/aa"]
+    assert not store.exists("adapters/aa")  # an incomplete upload never was an object
+
+
+def test_s3_credentials_without_the_multipart_permissions_skip_the_aborts(moto, monkeypatch):
+    """Credentials scoped before garbage collection aborted uploads must not make it fail. moto
+    grants everything, so the refusal S3 answers (403 AccessDenied) is raised at minio's call."""
+    store = S3BlobStore(moto.endpoint, unique("bucket"), "k", "s", region="us-east-1", secure=False,
+                        part_size=5 * 1024 * 1024)
+    store.start()
+    upload_id = leave_upload(store, "adapters/aa")
+    listed = list(store.incomplete_uploads("adapters"))
+
+    def denied(*args, **kwargs):
+        raise S3Error(urllib3.HTTPResponse(status=403), "AccessDenied", "Access Denied", None, None, None)
+
+    monkeypatch.setattr(store.client, "_abort_multipart_upload", denied)
+    assert store.abort_upload(listed[0]) is False
+    monkeypatch.setattr(store.client, "_list_multipart_uploads", denied)
+    assert list(store.incomplete_uploads("adapters")) == []
+    monkeypatch.undo()
+    assert [u.upload_id for u in store.incomplete_uploads("adapters")] == [upload_id]  # kept, not half-aborted
+
+
+def test_the_local_store_has_no_incomplete_uploads(tmp_path):
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.start()
+    assert list(store.incomplete_uploads("adapters")) == []
+
+
 def test_local_put_is_atomic_and_leaves_no_temp_file(tmp_path):
     store = LocalBlobStore(tmp_path / "blobs")
     store.start()
@@ -93,7 +141,9 @@ def every_call(store: S3BlobStore, tmp_path: Path):
     return {"start": store.start, "put_file": lambda: store.put_file("adapters/aa", source),
             "exists": lambda: store.exists("adapters/aa"), "open": lambda: store.open("adapters/aa"),
             "delete": lambda: store.delete("adapters/aa"), "list": lambda: list(store.list("adapters")),
-            "read_object": lambda: store.read_object("models", "tiny/config.json", 1024)}
+            "read_object": lambda: store.read_object("models", "tiny/config.json", 1024),
+            "incomplete_uploads": lambda: list(store.incomplete_uploads("adapters")),
+            "abort_upload": lambda: store.abort_upload(IncompleteUpload("adapters/aa", "id", dt.datetime.now()))}
 
 
 def test_s3_endpoint_refusing_connections_is_blob_store_unavailable(tmp_path):

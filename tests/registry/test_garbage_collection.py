@@ -1,6 +1,9 @@
-"""Garbage collection of unreferenced blobs, and the blob-before-row ordering (every backend pair)."""
+"""Garbage collection of unreferenced blobs, and the blob-before-row ordering (every backend pair);
+stale incomplete S3 uploads of adapter blobs aborted, and nothing else in the bucket touched."""
 
 from __future__ import annotations
+
+import datetime as dt
 
 import grpc
 import pytest
@@ -9,9 +12,13 @@ from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.registry import feed
 from services.common.rpc import error_info
 from services.registry.context import adapter_blob_key
+from services.registry.config import MAX_STALE_UPLOAD_HOURS, RegistryConfig
+from services.registry.db.models import utcnow
 from services.registry.gc import MAX_MIN_AGE_SECONDS
 from tests.registry.client import expect_error, sha256
+from tests.registry.conftest import start_registry
 from tests.registry.lora_files import variant
+from tests.registry.s3_uploads import incomplete_keys, leave_upload
 
 
 def write_orphan(registry, tmp_path, data: bytes) -> str:
@@ -97,3 +104,46 @@ def test_an_upload_rewrites_a_blob_collected_under_its_feet(registry, tenant, pe
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_collect_garbage_is_admin_only(registry, tenant, dry_run):
     expect_error(grpc.StatusCode.PERMISSION_DENIED, tenant.CollectGarbage, pb.CollectGarbageRequest(dry_run=dry_run))
+
+
+@pytest.fixture
+def s3_registry(request, tmp_path, tiny_model_dir):
+    """A registry on moto whose --s3-stale-upload-hours is the test's parameter."""
+    registry = start_registry("sqlite-s3", tmp_path, request, tiny_model_dir, s3_stale_upload_hours=request.param)
+    yield registry
+    registry.stop()
+
+
+@pytest.mark.parametrize("s3_registry", [0], indirect=True)
+def test_stale_incomplete_uploads_of_adapter_blobs_are_aborted_and_nothing_else(s3_registry):
+    """An upload cut off by an S3 outage used to keep its parts (and their storage) forever."""
+    store = s3_registry.ctx.store
+    ours = [adapter_blob_key("ab" * 32), adapter_blob_key("cd" * 32)]
+    # Never ours to abort: the Trainer's prefix, a look-alike prefix, and a key no upload of ours has.
+    others = ["datasets/" + "ab" * 32, "adaptersx/" + "ab" * 32, "adapters/notes/readme"]
+    for key in ours + others:
+        leave_upload(store, key)
+    assert gc(s3_registry, dry_run=True) == pb.CollectGarbageResponse()
+    assert incomplete_keys(store) == sorted(ours + others)  # a dry run aborts nothing
+    assert gc(s3_registry) == pb.CollectGarbageResponse()  # no object was removed: none existed
+    assert incomplete_keys(store) == sorted(others)
+    assert gc(s3_registry) == pb.CollectGarbageResponse() and incomplete_keys(store) == sorted(others)
+
+
+@pytest.mark.parametrize("s3_registry", [MAX_STALE_UPLOAD_HOURS], indirect=True)
+def test_incomplete_uploads_younger_than_the_stale_age_are_kept(s3_registry):
+    """The age decides. moto dates every upload 2010-11-10 (a fixed Initiated), so the age that
+    keeps one there is the longest allowed; against real S3 the default 24 h does the same."""
+    store = s3_registry.ctx.store
+    key = adapter_blob_key("ef" * 32)
+    leave_upload(store, key)
+    (upload,) = store.incomplete_uploads("adapters")
+    assert upload.initiated_at > utcnow() - dt.timedelta(hours=MAX_STALE_UPLOAD_HOURS)
+    gc(s3_registry)
+    assert incomplete_keys(store) == [key]
+
+
+@pytest.mark.parametrize("hours", [-1, MAX_STALE_UPLOAD_HOURS + 1, float("nan")])
+def test_a_stale_upload_age_out_of_range_is_refused(tmp_path, hours):
+    with pytest.raises(ValueError, match="--s3-stale-upload-hours must be between 0 and"):
+        RegistryConfig(data_dir=tmp_path, s3_stale_upload_hours=hours)

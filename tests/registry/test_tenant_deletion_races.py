@@ -1,10 +1,12 @@
 """PostgreSQL: writers racing DeleteTenant. Every writer that adds rows under a tenant takes the
 tenant row FOR SHARE and DeleteTenant takes it FOR UPDATE first, so a racing writer either
 finishes before the deletion reads what to delete (and gets its deletion event) or waits and
-answers NOT_FOUND with nothing written. (SQLite serializes all writers: nothing to race.)
+answers NOT_FOUND with nothing written. Deletions racing DeleteTenant (DeleteAdapter,
+UnbindDeployment, RevokeApiKey) leave each object's deletion event in the feed exactly once.
+SQLite serializes all writers, so only the free-running race runs there too.
 
-Each test holds a lock in a transaction of its own, waits (on pg_stat_activity, not on time)
-until the call under test is blocked behind it, then lets go."""
+Each choreographed test holds a lock in a transaction of its own, waits (on pg_stat_activity,
+not on time) until the call under test is blocked behind it, then lets go."""
 
 from __future__ import annotations
 
@@ -117,3 +119,120 @@ def test_tenant_deletion_emits_adapter_deleted_for_every_adapter_it_removes(regi
     assert deleted == created
     assert late == (grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND")  # it waited for the deletion
     assert rows_of(registry_pg, Adapter, tenant.tenant_id) == 0
+
+
+# --- Deletion events racing DeleteTenant: each removed object's event exactly once ---
+
+DELETION_KINDS = {pb.CHANGE_KIND_ADAPTER_DELETED, pb.CHANGE_KIND_DEPLOYMENT_UNBOUND, pb.CHANGE_KIND_API_KEY_REVOKED}
+
+
+def feed_head(admin) -> int:
+    stream = admin.WatchChanges(pb.WatchChangesRequest(after_sequence=-1), timeout=30)
+    marker = next(stream)
+    stream.cancel()
+    return marker.sequence
+
+
+def deletions_in_feed(admin, tenant_id: str, start: int) -> list[tuple[int, str]]:
+    """(kind, subject) of every deletion event of the tenant that WatchChanges carried after `start`."""
+    end, seen = feed_head(admin), []
+    stream = admin.WatchChanges(pb.WatchChangesRequest(after_sequence=start), timeout=30)
+    assert next(stream).is_position_marker
+    while end > start:
+        event = next(stream)
+        if event.tenant_id == tenant_id and event.kind in DELETION_KINDS:
+            seen.append((event.kind, event.subject))
+        if event.sequence >= end:
+            break
+    stream.cancel()
+    return seen
+
+
+class DoomedTenant:
+    """A tenant with two adapters, two deployments and two keys; the race deletes one of each."""
+
+    def __init__(self, registry, peft_adapter) -> None:
+        self.admin, self.client = registry.admin, registry.new_tenant()
+        self.id = self.client.tenant_id
+        fin = self.client.upload(peft_adapter, name="fin").adapter.id
+        self.spare = self.client.upload(peft_adapter, name="spare").adapter.id  # no deployment needs it
+        self.deployments = [unique("dep") for _ in range(2)]
+        for name in self.deployments:
+            self.client.BindDeployment(pb.BindDeploymentRequest(name=name, adapter_name="fin"))
+        self.extra_key = self.admin.CreateApiKey(pb.CreateApiKeyRequest(tenant=self.id, name="extra")).key.id
+        with registry.ctx.db.read() as session:
+            keys = set(session.scalars(select(ApiKey.id).where(ApiKey.tenant_id == self.id)))
+        self.expected = sorted([(pb.CHANGE_KIND_ADAPTER_DELETED, a) for a in (fin, self.spare)]
+                               + [(pb.CHANGE_KIND_DEPLOYMENT_UNBOUND, d) for d in self.deployments]
+                               + [(pb.CHANGE_KIND_API_KEY_REVOKED, k) for k in keys])
+        self.start = feed_head(self.admin)
+
+    def delete_one(self, kind: str):
+        """The single-object deletion of `kind`, as a call returning its outcome."""
+        calls = {"DeleteAdapter": lambda: self.admin.DeleteAdapter(pb.DeleteAdapterRequest(id=self.spare)),
+                 "UnbindDeployment": lambda: self.admin.UnbindDeployment(
+                     pb.UnbindDeploymentRequest(tenant=self.id, name=self.deployments[0])),
+                 "RevokeApiKey": lambda: self.admin.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=self.extra_key))}
+        return lambda: outcome(calls[kind])
+
+    def delete_tenant(self):
+        return outcome(lambda: self.admin.DeleteTenant(pb.DeleteTenantRequest(tenant=self.id, force=True)))
+
+    def deletions(self) -> list[tuple[int, str]]:
+        return sorted(deletions_in_feed(self.admin, self.id, self.start))
+
+
+SINGLE_DELETIONS = ["DeleteAdapter", "UnbindDeployment", "RevokeApiKey"]
+
+
+def done_or_gone(result) -> bool:
+    """A single deletion that lost the race answers NOT_FOUND; anything else is a bug."""
+    return not isinstance(result, tuple) or result[0] == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("kind", SINGLE_DELETIONS)
+def test_deletion_inside_a_tenant_deletion_is_in_the_feed_once(registry_pg, peft_adapter, kind):
+    """DeleteTenant has read what to delete and waits on the deployment rows when the single deletion
+    runs. It used to emit events from that read, so an object the single call removed (and announced)
+    meanwhile was announced a second time."""
+    doomed, db = DoomedTenant(registry_pg, peft_adapter), registry_pg.ctx.db
+    with ThreadPoolExecutor(2) as pool:
+        with db.write() as session:
+            session.execute(select(Deployment.name).where(Deployment.tenant_id == doomed.id).with_for_update())
+            deletion = pool.submit(doomed.delete_tenant)
+            wait_until(lambda: lock_waiters(db) >= 1, "DeleteTenant waits for the deployment rows")
+            single = pool.submit(doomed.delete_one(kind))
+            wait_until(lambda: single.done() or lock_waiters(db) >= 2, "the single deletion finished or waits")
+        assert deletion.result() == pb.DeleteTenantResponse()
+        assert done_or_gone(single.result()), single.result()
+    assert doomed.deletions() == doomed.expected
+
+
+@pytest.mark.parametrize("kind", SINGLE_DELETIONS)
+def test_tenant_deletion_inside_a_deletion_is_in_the_feed_once(registry_pg, peft_adapter, kind):
+    """The single deletion has removed its row and waits for the feed lock when DeleteTenant reads what
+    to delete (the row is still committed) and then waits on that row. It used to announce the object
+    again after the single deletion committed."""
+    doomed, db = DoomedTenant(registry_pg, peft_adapter), registry_pg.ctx.db
+    with ThreadPoolExecutor(2) as pool:
+        with db.write() as session:
+            db.lock(session, "feed")
+            single = pool.submit(doomed.delete_one(kind))
+            wait_until(lambda: lock_waiters(db) >= 1, "the single deletion waits for the feed lock")
+            deletion = pool.submit(doomed.delete_tenant)
+            wait_until(lambda: lock_waiters(db) >= 2, "DeleteTenant waits for the single deletion's row")
+        assert not isinstance(single.result(), tuple)  # it got there first: it succeeds
+        assert deletion.result() == pb.DeleteTenantResponse()
+    assert doomed.deletions() == doomed.expected
+
+
+def test_deletions_racing_a_tenant_deletion_are_each_in_the_feed_once(registry_sql, peft_adapter):
+    """Every single deletion at once with DeleteTenant, on both databases: whatever the interleaving,
+    each object's deletion event is in the feed exactly once, and none is missing."""
+    doomed = DoomedTenant(registry_sql, peft_adapter)
+    calls = [doomed.delete_one(kind) for kind in SINGLE_DELETIONS] + [doomed.delete_tenant]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        results = list(pool.map(lambda call: call(), calls))
+    assert results[-1] == pb.DeleteTenantResponse()
+    assert all(done_or_gone(r) for r in results[:-1]), results
+    assert doomed.deletions() == doomed.expected

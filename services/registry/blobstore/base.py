@@ -48,6 +48,16 @@ class BlobInfo:
     modified_at: dt.datetime  # UTC
 
 
+@dataclasses.dataclass(frozen=True)
+class IncompleteUpload:
+    """An S3 multipart upload begun and neither completed nor aborted. It shows no object (so
+    `list` never sees it), but the parts sent so far hold storage until it is aborted."""
+
+    key: str
+    upload_id: str
+    initiated_at: dt.datetime  # UTC
+
+
 class BlobStore(Protocol):
     """What the Registry needs from an object store."""
 
@@ -76,5 +86,12 @@ class BlobStore(Protocol):
         """Removes the object; a missing object is not an error."""
 
     def list(self, prefix: str) -> Iterator[BlobInfo]: ...
+
+    def incomplete_uploads(self, prefix: str) -> Iterator[IncompleteUpload]:
+        """Multipart uploads under `prefix` never completed nor aborted (the local store has none)."""
+
+    def abort_upload(self, upload: IncompleteUpload) -> bool:
+        """Aborts the upload, freeing its parts; one completed or aborted meanwhile is not an error.
+        False when the store refused (credentials without the permission): logged, not raised."""
 
     def close(self) -> None: ...

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from services.registry.blobstore.base import BlobInfo, check_key
+from services.registry.blobstore.base import BlobInfo, IncompleteUpload, check_key
 
 _TEMP = ".tmp"
 
@@ -84,6 +84,13 @@ class LocalBlobStore:
                 stat = path.stat()
                 yield BlobInfo(path.relative_to(self.root).as_posix(), stat.st_size,
                                dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc))
+
+    def incomplete_uploads(self, prefix: str) -> Iterator[IncompleteUpload]:
+        """None: a put here is one file, and an interrupted one leaves a temp file (`sweep_temp`)."""
+        return iter(())
+
+    def abort_upload(self, upload: IncompleteUpload) -> bool:
+        return True
 
     def sweep_temp(self, min_age_seconds: float) -> int:
         """Deletes temp files of interrupted puts older than `min_age_seconds`; returns bytes freed."""

@@ -337,9 +337,9 @@ class RegistryServicer:
     def CollectGarbage(self, request, context):
         """--- Maintenance (admin only) ---
 
-        Removes blobs no row references (left by a crash between blob write and commit)
-        older than `min_age_seconds` (at most 315360000, ten years: INVALID_ARGUMENT above).
-        Returns what was removed (no row is ever changed).
+        Removes unreferenced blobs older than `min_age_seconds` (at most 315360000, ten years:
+        INVALID_ARGUMENT above); aborts S3 uploads older than --s3-stale-upload-hours (logged).
+        Returns the blobs removed (no row is ever changed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

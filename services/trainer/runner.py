@@ -99,7 +99,7 @@ class JobRunner:
         except (LoraplexError, BlobStoreUnavailable) as exc:
             if self.cancel_requested or self.stop_requested:  # asked while waiting out an outage
                 return Outcome(CANCELLED, self.cancel_reason) if self.cancel_requested else Outcome(QUEUED)
-            return Outcome(FAILED, self._outage_failure(exc))
+            return Outcome(FAILED, self._failure_reason(exc))
         finally:
             self._done.set()
 
@@ -130,7 +130,7 @@ class JobRunner:
             return Outcome(FAILED, str(exc), published.id if published else "", published.version if published else 0)
         return Outcome(SUCCEEDED, adapter_id=adapter.id, adapter_version=adapter.version)
 
-    def _outage_failure(self, exc: LoraplexError | BlobStoreUnavailable) -> str:
+    def _failure_reason(self, exc: LoraplexError | BlobStoreUnavailable) -> str:
         waited = f"down past --outage-wait-seconds ({self.env.outage.budget_s:g}s)"
         if isinstance(exc, BlobStoreUnavailable):  # reading the dataset: not the job's fault, nor a trainer bug
             return f"the dataset store stayed {waited} ({exc}); start the job again once it is back"

@@ -69,6 +69,9 @@ class LruGate:
         assert self.references[key] > 0
         self.references[key] -= 1
 
+    def awaits_fetch(self, key: str, sha256: str = "") -> bool:
+        return key in self.loading
+
 
 def make_scheduler(num_blocks=64, max_num_seqs=8, budget=64, max_waiting=1024, gate=None,
                    max_context=128, starvation_limit=64) -> Scheduler:

@@ -168,6 +168,12 @@ class AdapterManager:
     def release(self, adapter_key: str) -> None:
         self.pool.release(adapter_key)
 
+    def awaits_fetch(self, adapter_key: str, sha256: str = "") -> bool:
+        """No host copy of the bytes asked for: try_acquire asked for a re-fetch (see _refetch)."""
+        with self._host_lock:
+            weights = self._host.get(adapter_key)
+        return weights is None or bool(sha256 and weights.sha256 != sha256)
+
     def _refetch(self, adapter_id: str, sha256: str = "") -> None:
         if adapter_id not in self._fetching:
             task = asyncio.ensure_future(self.ensure_host(adapter_id, sha256))

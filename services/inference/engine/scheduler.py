@@ -32,6 +32,11 @@ class AdapterGate(Protocol):
 
     def release(self, adapter_key: str) -> None: ...
 
+    def awaits_fetch(self, adapter_key: str, sha256: str = "") -> bool:
+        """After a refusal: True when the adapter's bytes are still on their way (a fetch from
+        its source is in flight), so what it lacks is not room in the pool."""
+        ...
+
 
 class AlwaysReadyGate:
     """Every adapter is always resident; counts references (tests, base-only serving)."""
@@ -50,6 +55,9 @@ class AlwaysReadyGate:
         if not self.references[adapter_key]:
             del self.references[adapter_key]
 
+    def awaits_fetch(self, adapter_key: str, sha256: str = "") -> bool:
+        return False
+
     @property
     def total_references(self) -> int:
         return sum(self.references.values())
@@ -60,9 +68,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences at once
     max_num_batched_tokens: int = 2048  # tokens per forward
     max_waiting: int = 1024  # queue depth; beyond it add() raises ResourceExhausted
-    # Starvation guard for a full adapter pool: once a waiting adapter has been refused by the
-    # gate while this many sequences of other adapters were admitted, admissions of other
+    # Starvation guard for a full adapter pool: once a waiting adapter has been refused room by
+    # the gate while this many sequences of other adapters were admitted, admissions of other
     # adapters pause (base-only continues) so their references drain and the pool can make room.
+    # An adapter whose bytes are still being fetched is not refused room and pauses nothing.
     adapter_starvation_limit: int = 64
 
 
@@ -289,7 +298,12 @@ class Scheduler:
             if starving and key not in starving:
                 return False
             if not self.gate.try_acquire(key, seq.adapter_sha256):
-                self._refused_at.setdefault(key, self._num_adapter_admissions)
+                if self.gate.awaits_fetch(key, seq.adapter_sha256):
+                    # Pausing the other adapters frees pool room, which is not what it lacks: a
+                    # slow or hung re-fetch would stall them all for as long as it takes.
+                    self._refused_at.pop(key, None)
+                else:
+                    self._refused_at.setdefault(key, self._num_adapter_admissions)
                 return False
             self._refused_at.pop(key, None)
             self._num_adapter_admissions += 1

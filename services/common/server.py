@@ -2,7 +2,7 @@
 
 `serve(app, config)` is the whole life of a service process:
   bind -> health NOT_SERVING -> app.start() (warm-up) -> SERVING -> wait for SIGTERM/SIGINT
-  -> NOT_SERVING -> server.stop(grace) -> app.close() -> return 0.
+  -> NOT_SERVING -> app.drain() -> server.stop(grace) -> app.close() -> return 0.
 Every service gets the standard grpc.health.v1 service, server reflection (so
 `grpcurl -plaintext HOST:PORT list` works without .proto files), the error-mapping
 interceptor, configured message size limits and a Prometheus endpoint.
@@ -43,6 +43,10 @@ class ServiceApp(Protocol):
 
     async def close(self) -> None:
         """Release resources after the server has stopped taking calls."""
+
+    # Optional: `async def drain(self) -> None`, awaited when shutdown begins, before the grace
+    # period in which calls in flight finish: tell whoever sends us calls to stop (a node
+    # deregisters from its router, so new requests go elsewhere instead of being refused here).
 
 
 def configure_logging(level: str) -> None:
@@ -126,6 +130,9 @@ async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> in
     else:
         await stop_during_warm_up(warm_up, running, app, service_label)
     log.info("%s stopping: NOT_SERVING, draining for up to %.1fs", service_label, config.grace_seconds)
+    drain = getattr(app, "drain", None)
+    if drain is not None:
+        await drain()
     await running.stop(config.grace_seconds)
     await app.close()
     log.info("%s stopped", service_label)

@@ -30,6 +30,7 @@ class InferenceApp:
         self._metrics_task: asyncio.Task | None = None
         self._agent: NodeAgent | None = None
         self._agent_task: asyncio.Task | None = None
+        self._deregistered = False
 
     def add_to_server(self, server) -> None:
         inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, server)
@@ -63,13 +64,24 @@ class InferenceApp:
             publish(await admin.stats())
             await asyncio.sleep(2)
 
+    async def drain(self) -> None:
+        """Shutdown began: the router places nothing more here while calls in flight finish."""
+        if self._agent is not None and not self._deregistered:
+            self._deregistered = True
+            await _cancelled(self._agent_task)  # a heartbeat after this would register us again
+            await self._agent.deregister()
+
     async def close(self) -> None:
-        for task in (self._metrics_task, self._agent_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.drain()  # when `serve` did not (a stop during warm-up, an in-process server)
+        await _cancelled(self._metrics_task)
         if self._agent is not None:
-            await self._agent.stop()  # deregister: the router drains us instead of waiting for timeouts
+            await self._agent.close()
         if self.node is not None:
             self.node.close()
+
+
+async def _cancelled(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

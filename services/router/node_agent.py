@@ -2,8 +2,11 @@
 
 `NodeAgent.run` registers, then heartbeats at the interval the router asks for with the
 node's current load and resident adapters; a NOT_FOUND heartbeat (the router restarted
-and forgot us) registers again, and an unreachable router is retried with backoff. `stop`
-deregisters, so the router drains the node instead of waiting for missed heartbeats.
+and forgot us) registers again, and an unreachable router is retried with backoff.
+`deregister` (when the node starts shutting down, with `run` cancelled first so it cannot
+register again) tells the router to place nothing more on the node while its calls in flight
+finish, instead of the router finding out from refused calls or missed heartbeats; `close`
+then closes the channel.
 An inference process (or a sidecar next to one) runs it with `stats` reading its Stats.
 """
 
@@ -71,11 +74,19 @@ class NodeAgent:
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
 
-    async def stop(self) -> None:
+    async def deregister(self) -> None:
         try:
             await self._stub.DeregisterNode(nodes_pb2.DeregisterNodeRequest(node_id=self.node_id),
                                             metadata=self._metadata, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("could not deregister node %s: %s", self.node_id, exc.details())
-        finally:
-            await self._channel.close()
+        else:
+            log.info("node %s deregistered from its router: no new requests while it drains", self.node_id)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stop(self) -> None:
+        """Deregisters and closes (a caller that has already cancelled `run`)."""
+        await self.deregister()
+        await self.close()

@@ -1,8 +1,16 @@
-"""Domain records <-> protobuf messages. No logic beyond field mapping lives here."""
+"""Domain records <-> protobuf messages. No logic beyond field mapping lives here.
+
+Hyperparameters that are `float` on the wire arrive as float32: 1.1 epochs is 1.100000023841858,
+which made a job of 10 steps per epoch train 12 steps instead of 11 (the schedule rounds up),
+and a dropout of 0.1 reached adapter_config.json as 0.10000000149011612. They are read back as
+the shortest decimal that is the same float32, i.e. what the caller wrote.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import math
+import struct
 
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
@@ -26,6 +34,21 @@ _KINDS = {records.SNAPSHOT: pb.JOB_EVENT_KIND_SNAPSHOT, records.STATE_CHANGED: p
           records.PROGRESS: pb.JOB_EVENT_KIND_PROGRESS, records.EVAL: pb.JOB_EVENT_KIND_EVAL}
 
 
+_FLOAT32_MAX = struct.unpack("f", bytes.fromhex("ffff7f7f"))[0]
+
+
+def _as_written(value: float) -> float:
+    """The shortest decimal whose float32 is `value` (a float32 widened to a Python float)."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        candidate = float(f"{value:.{digits}g}")
+        # A decimal above the largest float32 (3.4028235e38) would pass no float32 range check.
+        if abs(candidate) <= _FLOAT32_MAX and struct.unpack("f", struct.pack("f", candidate))[0] == value:
+            return candidate
+    return value
+
+
 def dataset_header(header: pb.UploadDatasetHeader) -> DatasetHeader:
     if header.format not in _FORMATS:
         raise InvalidArgument(f"header.format {header.format} is not a DatasetFormat", field="header.format")
@@ -46,15 +69,16 @@ def job_request(request: pb.StartJobRequest) -> JobRequest:
                               field="training.lr_schedule")
     return JobRequest(
         tenant=request.tenant, base_model=request.base_model, dataset_id=request.dataset_id,
-        lora=LoraRequest(r=lora.r, alpha=lora.alpha if lora.HasField("alpha") else None, dropout=lora.dropout,
+        lora=LoraRequest(r=lora.r, alpha=_as_written(lora.alpha) if lora.HasField("alpha") else None,
+                         dropout=_as_written(lora.dropout),
                          target_modules=tuple(lora.target_modules), use_rslora=lora.use_rslora),
         training=TrainingRequest(
-            epochs=training.epochs if training.HasField("epochs") else None,
+            epochs=_as_written(training.epochs) if training.HasField("epochs") else None,
             max_steps=training.max_steps if training.HasField("max_steps") else None,
-            learning_rate=training.learning_rate if training.HasField("learning_rate") else None,
+            learning_rate=_as_written(training.learning_rate) if training.HasField("learning_rate") else None,
             lr_schedule=_SCHEDULES[training.lr_schedule], warmup_steps=training.warmup_steps,
             batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
-            max_seq_len=training.max_seq_len, seed=training.seed, eval_fraction=training.eval_fraction,
+            max_seq_len=training.max_seq_len, seed=training.seed, eval_fraction=_as_written(training.eval_fraction),
             checkpoint_every_steps=training.checkpoint_every_steps),
         output_adapter_name=request.output_adapter_name, deployment_name=request.deployment_name,
         request_id=request.request_id)

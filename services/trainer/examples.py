@@ -4,10 +4,12 @@ The same code serves dataset validation (is the line well-formed, how many token
 training worker (inputs and labels), so what was validated is exactly what is trained.
 
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`, rendered
-  with the base tokenizer's chat template. Loss is on assistant tokens only. When the template
-  marks assistant turns with `{% generation %}`, transformers gives the mask
-  (`return_assistant_tokens_mask=True`); otherwise each assistant turn is located by rendering
-  the conversation up to it (with the generation prompt) and up to its end, the usual fallback.
+  with the base tokenizer's chat template; loss on what the model generates for each assistant
+  turn and its end-of-turn token (chat_masks.py). An assistant message may carry `"weight": 0`
+  or `1` (OpenAI's fine-tuning format): 0 keeps it as context without learning it. Any other
+  key that holds something is refused, naming it: dropping a participant `name` or the
+  `tool_calls` of a turn would train on a conversation other than the one written (the
+  Router refuses the same keys at inference; null and empty values count as absent).
 - prompt_completion: `{"prompt": "...", "completion": "..."}`: prompt tokens (with the
   tokenizer's special tokens, e.g. BOS) + completion tokens + EOS; loss on completion + EOS, so
   the adapter learns where to stop.
@@ -16,16 +18,16 @@ training worker (inputs and labels), so what was validated is exactly what is tr
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 from jinja2 import TemplateError
+
+from services.trainer.chat_masks import assistant_mask
 
 CHAT, PROMPT_COMPLETION = "chat", "prompt_completion"
 FORMATS = (CHAT, PROMPT_COMPLETION)
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class BadExample(ValueError):
@@ -75,6 +77,22 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
+def _extras(message: dict, role: str, i: int) -> dict[str, int]:
+    """{"weight": 0} for an assistant message not to learn, else {}; BadExample for any other key."""
+    for key, value in message.items():
+        if key not in ("role", "content", "weight") and value not in (None, "", [], {}):
+            raise BadExample(f"messages[{i}] has {_brief(key)}, which training would drop (only role, content "
+                             "and an assistant's weight are read); remove it")
+    weight = message.get("weight")
+    if weight is None:
+        return {}
+    if role != "assistant":
+        raise BadExample(f"messages[{i}].weight is only for assistant messages (this one is {role})")
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise BadExample(f"messages[{i}].weight must be 0 (keep as context, do not learn) or 1, got {_brief(weight)}")
+    return {"weight": 0} if weight == 0 else {}
+
+
 def check_example(obj: Any, fmt: str) -> dict[str, Any]:
     """The example in canonical form; BadExample when `obj` does not fit `fmt`."""
     if not isinstance(obj, dict):
@@ -92,39 +110,16 @@ def check_example(obj: Any, fmt: str) -> dict[str, Any]:
             role = message.get("role")
             if role not in ROLES:
                 raise BadExample(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_brief(role)}")
-            checked.append({"role": role, "content": _text(message.get("content"), f"messages[{i}].content")})
+            checked.append({"role": role, "content": _text(message.get("content"), f"messages[{i}].content"),
+                            **_extras(message, role, i)})
         if not any(message["role"] == "assistant" for message in checked):
             raise BadExample("no assistant message: there is nothing to learn from")
+        if all(message.get("weight") == 0 for message in checked if message["role"] == "assistant"):
+            raise BadExample('every assistant message has "weight": 0: there is nothing to learn from')
         return {"messages": checked}
     if "prompt" not in obj or "completion" not in obj:
         raise BadExample('expected "prompt" and "completion" (this dataset is in prompt/completion format)')
     return {"prompt": _text(obj["prompt"], "prompt"), "completion": _text(obj["completion"], "completion")}
-
-
-def has_generation_markers(tokenizer) -> bool:
-    template = getattr(tokenizer, "chat_template", None)
-    return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
-    return list(ids)
-
-
-def _mask_by_prefix(tokenizer, messages: list[dict], length: int) -> list[int]:
-    mask = [0] * length
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        try:
-            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        except Exception:  # noqa: BLE001 - some templates refuse a conversation that starts mid-way
-            start = 0
-        end = len(_render(tokenizer, messages[:i + 1], add_generation_prompt=False))
-        for position in range(start, min(end, length)):
-            mask[position] = 1
-    return mask
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
@@ -138,13 +133,13 @@ def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
 
 
 def _encode_chat(tokenizer, messages: list[dict]) -> Encoded:
-    if has_generation_markers(tokenizer):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    else:
-        ids = _render(tokenizer, messages, add_generation_prompt=False)
-        mask = _mask_by_prefix(tokenizer, messages, len(ids))
+    skipped = {i for i, message in enumerate(messages) if message.get("weight") == 0}
+    turns = [{"role": message["role"], "content": message["content"]} for message in messages]
+    located = assistant_mask(tokenizer, turns, skipped)
+    if located is None:
+        raise BadExample('an assistant message has "weight": 0 but the chat template does not show its text as '
+                         "written, so its tokens cannot be left out")
+    ids, mask = located
     return Encoded(ids, [token if keep else IGNORE_INDEX for token, keep in zip(ids, mask)])
 
 

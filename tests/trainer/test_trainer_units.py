@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from services.common.config import build_parser, parse_config
 from services.trainer.config import TrainerConfig
-from services.trainer.examples import IGNORE_INDEX, encode, encode_chat
+from services.trainer.examples import IGNORE_INDEX, encode
 from services.trainer.hyperparams import (LoraRequest, TrainingRequest, plan_schedule, resolve_lora,
                                           resolve_training)
 from services.trainer.worker.data import StepPlan
@@ -40,19 +40,6 @@ def test_chat_loss_is_on_assistant_turns_only(tokenizer):
     encoded = encode(tokenizer, "chat", {"messages": CHAT})
     assert learned_text(tokenizer, encoded) == "FIN: up.<|im_end|>FIN: flat.<|im_end|>"
     assert len(encoded.labels) == len(encoded.input_ids)
-
-
-def test_templates_without_generation_markers_get_the_same_mask_by_prefix_rendering(tokenizer):
-    plain = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    marked = encode_chat(tokenizer, CHAT)
-    tokenizer.chat_template, original = plain, tokenizer.chat_template
-    try:
-        unmarked = encode_chat(tokenizer, CHAT)
-    finally:
-        tokenizer.chat_template = original
-    assert unmarked.input_ids == marked.input_ids
-    # The fallback also learns the newline after each turn's end token; the content is the same.
-    assert learned_text(tokenizer, unmarked).replace("\n", "") == learned_text(tokenizer, marked)
 
 
 def test_prompt_completion_loss_is_on_the_completion_and_eos(tokenizer):

@@ -50,6 +50,9 @@ def run(control: Control, spec_path: Path) -> int:
         return train.Run(WorkerSpec.read(spec_path), control).run()
     except Cancelled:
         return EXIT_ORPHANED if control.orphaned.is_set() else EXIT_CANCELLED
+    except train.Diverged as exc:  # the job's settings, not a trainer bug: no traceback, just why
+        control.emit("error", message=str(exc))
+        return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - reported to the trainer, which fails the job with it
         traceback.print_exc()
         control.emit("error", message=f"{type(exc).__name__}: {exc}"[:2000])

@@ -11,6 +11,11 @@ that reproduces an uninterrupted run bit for bit, and events in our own protocol
   the same job gives the same adapter, resumed or not.
 - Precision: base weights in --dtype (bfloat16 on CUDA by default), LoRA weights in float32
   (peft's autocast_adapter_dtype), loss in float32. Gradients are clipped to norm 1.0.
+- Divergence: a step whose loss or gradient norm is not finite fails the job before the
+  optimizer applies it. Clipping an infinite norm zeroes every gradient (the adapter silently
+  stops learning and the job "succeeds" with it) and a NaN one poisons the weights, which the
+  Registry then refuses only after the whole run; either way the hyperparameters are at fault
+  (learning rate or alpha too high), and the job says so at the step it happened.
 - Checkpoint (and evaluation on the held-out split) every `checkpoint_every` steps and at the
   end; the final adapter is written with save_pretrained to OUTPUT (renamed into place when
   complete) with base_model_name_or_path set to the Registry's base model name.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -65,6 +71,10 @@ def build_model(spec: WorkerSpec, lora: LoraSettings, device: torch.device):
                         target_modules=list(lora.target_modules), use_rslora=lora.use_rslora, bias="none",
                         task_type="CAUSAL_LM")
     return get_peft_model(base, config).to(device)
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient is no longer a finite number."""
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -147,7 +157,11 @@ class Run:
             loss.backward()
             loss_total += loss.item()
             tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM))
+        if not (math.isfinite(loss_total) and math.isfinite(norm)):
+            raise Diverged(f"training diverged at step {step + 1} of {self.spec.total_steps}: the loss is "
+                           f"{loss_total:g} and the gradient norm {norm:g}; lower training.learning_rate "
+                           f"({self.training.learning_rate:g}) or lora.alpha ({self.lora.alpha:g})")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,6 +194,9 @@ class Run:
         config_path = partial / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = self.spec.base_model_name
+        # peft keeps target_modules as a set and writes it in string-hash order, which differs per
+        # trainer process (PYTHONHASHSEED): sorted, the same job gives the same bytes everywhere.
+        config["target_modules"] = sorted(config["target_modules"])
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
         shutil.rmtree(output, ignore_errors=True)
         os.replace(partial, output)

@@ -164,8 +164,13 @@ class Node:
             chat = [{"role": role, "content": content} for role, content in prompt.messages]
             ids = list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                           return_dict=False))
+        elif prompt.text:
+            # With the tokenizer's special tokens (a leading BOS for Llama and Mistral), as the
+            # trainer tokenizes prompt/completion examples and as HF and vLLM's completions do:
+            # an adapter trained with BOS must not be served without it.
+            ids = self.tokenizer.encode(prompt.text, add_special_tokens=True)
         else:
-            ids = self.tokenizer.encode(prompt.text or "", add_special_tokens=False)
+            ids = []
         if not ids:
             raise InvalidArgument("the prompt is empty", field="input")
         return ids

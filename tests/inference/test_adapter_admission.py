@@ -140,7 +140,7 @@ def test_a_request_naming_new_bytes_runs_with_them_not_the_resident_copy(tiny_mo
     """legal is resident; its folder then holds other weights. A request naming the new digest
     used to run with the stale device copy; it must match HF + PEFT on the new weights."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompt_ids = tokenizer.encode("the market is", add_special_tokens=False)
+    prompt_ids = tokenizer.encode("the market is")
 
     async def body(stub, app):
         await stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id="legal", pin=True))

@@ -80,7 +80,7 @@ def assert_matches_reference(base: Path, adapter_root: Path, mix, results) -> in
         if key not in references:
             model = AutoModelForCausalLM.from_pretrained(base)
             references[key] = (PeftModel.from_pretrained(model, adapter_root / key) if key else model).eval()
-        expected, logprobs = hf_greedy(references[key], tokenizer.encode(prompt, add_special_tokens=False))
+        expected, logprobs = hf_greedy(references[key], tokenizer.encode(prompt))
         assert len(tokens) == NEW_TOKENS
         for step, (ours, theirs) in enumerate(zip(tokens, expected)):
             if ours != theirs:
@@ -240,7 +240,7 @@ def test_bfloat16_serving_is_as_accurate_as_hf_peft_in_bfloat16(tiny_model_dir, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ours_errors, hf_errors = [], []
     for (prompt, key), (tokens, sampled) in zip(mix, results):
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = tokenizer.encode(prompt)
         forced = {}
         for dtype, where in ((torch.float32, "cpu"), (torch.bfloat16, device)):
             model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).to(where)

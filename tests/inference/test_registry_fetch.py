@@ -64,7 +64,7 @@ def test_node_serves_an_adapter_downloaded_from_the_registry(registry, tiny_mode
     tokens = asyncio.run(run())
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
-    ids = tokenizer.encode("the contract", add_special_tokens=False)
+    ids = tokenizer.encode("the contract")
     with torch.no_grad():
         expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()

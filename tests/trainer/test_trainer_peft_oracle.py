@@ -47,7 +47,7 @@ def chat_targets(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def completion_targets(tokenizer) -> tuple[list[int], list[int]]:
-    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(PROMPT)["input_ids"]  # with special tokens, as the node tokenizes text prompts
     completion = tokenizer(COMPLETION, add_special_tokens=False)["input_ids"]
     return list(prompt), list(completion) + [tokenizer.eos_token_id]
 

@@ -110,7 +110,8 @@ def job(record: records.JobRecord) -> pb.Job:
                                 tokens_per_second=record.tokens_per_second, eta_seconds=record.eta_seconds),
         adapter_id=record.adapter_id, adapter_version=record.adapter_version, error=record.error,
         created_at=timestamp(record.created_at), started_at=timestamp(record.started_at),
-        finished_at=timestamp(record.finished_at), request_id=record.request_id or "")
+        finished_at=timestamp(record.finished_at), request_id=record.request_id or "",
+        waiting_for=record.waiting_for)
 
 
 def job_event(kind: str, record: records.JobRecord, at: dt.datetime) -> pb.JobEvent:

@@ -12,6 +12,7 @@ Registry restart does not throw a finished training run away; other refusals fai
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from services.common.errors import LoraplexError, Unavailable
@@ -33,26 +34,31 @@ class Publisher:
     registry: RegistryClient
     outage: OutageWait
 
-    async def _retrying(self, what: str, call):
-        return await self.outage.retrying(what, call, (Unavailable,))
+    async def _retrying(self, what: str, call, on_wait: Callable[[str], None] | None):
+        return await self.outage.retrying(what, call, (Unavailable,), on_wait=on_wait)
 
     def _refusal(self, exc: LoraplexError) -> str:
         if isinstance(exc, Unavailable):
             return f"the registry stayed unavailable past --outage-wait-seconds ({self.outage.budget_s:g}s): {exc.message}"
         return f"the registry refused it: {exc.message}"
 
-    async def publish(self, job: JobRecord, folder: Path) -> PublishedAdapter:
+    async def publish(self, job: JobRecord, folder: Path,
+                      on_wait: Callable[[str], None] | None = None) -> PublishedAdapter:
+        """Uploads and binds; `on_wait` is told while a Registry outage is waited out (outage.py)."""
         labels = {"trainer-job": job.id, "trainer-dataset": job.dataset_id}
         try:
-            adapter = await self._retrying(f"job {job.id}: adapter upload", lambda: self.registry.upload_adapter(
-                job.tenant_id, job.output_adapter_name, job.base_model, folder,
-                f"trained by loraplex trainer job {job.id}", labels))
+            adapter = await self._retrying(f"job {job.id}: uploading the adapter to the registry",
+                                           lambda: self.registry.upload_adapter(
+                                               job.tenant_id, job.output_adapter_name, job.base_model, folder,
+                                               f"trained by loraplex trainer job {job.id}", labels), on_wait)
         except LoraplexError as exc:
             raise PublishError(f"the trained adapter was not published: {self._refusal(exc)}") from exc
         if job.deployment_name:
             try:
-                await self._retrying(f"job {job.id}: deployment bind", lambda: self.registry.bind_deployment(
-                    job.deployment_name, job.tenant_id, job.base_model, adapter.name, adapter.version))
+                await self._retrying(f"job {job.id}: binding its deployment in the registry",
+                                     lambda: self.registry.bind_deployment(job.deployment_name, job.tenant_id,
+                                                                           job.base_model, adapter.name,
+                                                                           adapter.version), on_wait)
             except LoraplexError as exc:
                 raise PublishError(f"adapter published as '{adapter.name}' v{adapter.version}, but binding deployment "
                                    f"'{job.deployment_name}' failed: {self._refusal(exc)}", adapter) from exc

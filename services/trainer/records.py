@@ -79,6 +79,8 @@ class JobRecord:
     # settings, to tell a retry from a different job reusing the key (jobs.py).
     request_id: str | None = None
     request_digest: str = ""
+    # Live only, never stored: what a running job waits for (an outage, outage.py), else "".
+    waiting_for: str = dataclasses.field(default="", metadata={"stored": False})
 
     @property
     def is_terminal(self) -> bool:

@@ -116,7 +116,7 @@ class JobRunner:
                 return Outcome(FAILED, self._failure(code))
         if self.cancel_requested or self.stop_requested:
             return Outcome(CANCELLED, self.cancel_reason) if self.cancel_requested else Outcome(QUEUED)
-        self._publishing = asyncio.ensure_future(self.env.publisher.publish(self.record, output))
+        self._publishing = asyncio.ensure_future(self.env.publisher.publish(self.record, output, self._waiting))
         try:
             adapter = await self._publishing
         except asyncio.CancelledError:
@@ -129,6 +129,11 @@ class JobRunner:
             published = exc.adapter
             return Outcome(FAILED, str(exc), published.id if published else "", published.version if published else 0)
         return Outcome(SUCCEEDED, adapter_id=adapter.id, adapter_version=adapter.version)
+
+    def _waiting(self, what: str) -> None:
+        """Shows (or, with "", clears) what the job waits for to GetJob and WatchJob."""
+        self.record.waiting_for = what
+        self.on_event(PROGRESS, self.record, False)
 
     def _failure_reason(self, exc: LoraplexError | BlobStoreUnavailable) -> str:
         waited = f"down past --outage-wait-seconds ({self.env.outage.budget_s:g}s)"
@@ -145,10 +150,12 @@ class JobRunner:
         if dataset is None:
             raise LoraplexError(f"dataset '{job.dataset_id}' no longer exists")
         data_path = self.job_dir / "dataset.jsonl"
-        await env.outage.retrying(f"job {job.id}: dataset read", lambda: env.run(env.datasets.read_into, dataset,
-                                  data_path), (BlobStoreUnavailable,), self._interrupted)
-        base = await env.outage.retrying(f"job {job.id}: base model lookup", lambda: env.models.get(job.base_model),
-                                         (Unavailable,), self._interrupted)
+        await env.outage.retrying(f"job {job.id}: reading the dataset from its store",
+                                  lambda: env.run(env.datasets.read_into, dataset, data_path),
+                                  (BlobStoreUnavailable,), self._interrupted, self._waiting)
+        base = await env.outage.retrying(f"job {job.id}: looking up the base model in the registry",
+                                         lambda: env.models.get(job.base_model), (Unavailable,), self._interrupted,
+                                         self._waiting)
         schedule = plan_schedule(TrainingSettings(**job.training), dataset.num_examples, dataset.longest_example)
         device, _ = device_environment(self.device)
         spec = WorkerSpec(job_id=job.id, base_model_name=base.name, base_model_path=base.location,

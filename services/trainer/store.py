@@ -25,7 +25,7 @@ from services.trainer.db.models import DatasetRow, DeletedTenantRow, FeedStateRo
 from services.trainer.records import ACTIVE, QUEUED, RUNNING, DatasetRecord, JobRecord
 
 _DATASET_FIELDS = [field.name for field in dataclasses.fields(DatasetRecord)]
-_JOB_FIELDS = [field.name for field in dataclasses.fields(JobRecord)]
+_JOB_FIELDS = [field.name for field in dataclasses.fields(JobRecord) if field.metadata.get("stored", True)]
 
 
 def _dataset(row: DatasetRow) -> DatasetRecord:
@@ -120,7 +120,7 @@ class TrainerStore:
                 raise NotFound(f"dataset '{record.dataset_id}' not found", reason="DATASET_NOT_FOUND",
                                field="dataset_id")
             self._refuse_deleted_tenant(session, record.tenant_id, "tenant")
-            session.add(JobRow(**dataclasses.asdict(record)))
+            session.add(JobRow(**{name: getattr(record, name) for name in _JOB_FIELDS}))
         return record
 
     def dataset_blob_keys(self) -> set[str]:

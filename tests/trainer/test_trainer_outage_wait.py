@@ -48,12 +48,16 @@ def test_a_job_waits_for_its_dataset_store_to_come_back(registry, tmp_path, tena
         client = trainer.client(tenant.key)
         dataset = client.upload(finance_chat_lines())
         proxy.cut()
-        with logged("dataset read failed") as waiting:
+        with logged("reading the dataset from its store failed") as waiting:
             job = client.start(dataset.id, max_steps=2)
             assert waiting.wait(60), "the job never met the outage"
+        shown = client.call("GetJob", pb.GetJobRequest(id=job.id))
+        assert shown.state == pb.JOB_STATE_RUNNING
+        assert shown.waiting_for.startswith(f"job {job.id}: reading the dataset from its store failed"), shown
+        assert "retrying until" in shown.waiting_for and "last error" in shown.waiting_for
         proxy.resume()
         done = client.wait(job.id)  # failed at once before --outage-wait-seconds
-        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.state == pb.JOB_STATE_SUCCEEDED and not done.waiting_for, done
     finally:
         trainer.stop()
         proxy.cut()
@@ -69,7 +73,7 @@ def test_cancelling_a_job_that_waits_for_its_dataset_store_ends_the_wait(registr
         client = trainer.client(tenant.key)
         dataset = client.upload(finance_chat_lines())
         moto.stop()
-        with logged("dataset read failed") as waiting:
+        with logged("reading the dataset from its store failed") as waiting:
             job = client.start(dataset.id, max_steps=2)
             assert waiting.wait(60), "the job never met the outage"
         client.call("CancelJob", pb.CancelJobRequest(id=job.id))
@@ -96,9 +100,11 @@ def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny
         client = trainer.client(key)
         dataset = client.upload(finance_chat_lines())
         registry.stop()
-        with logged("adapter upload failed") as waiting:
+        with logged("uploading the adapter to the registry failed") as waiting:
             job = client.start(dataset.id, name="fin-outage", max_steps=2)
             assert waiting.wait(240), "publication never met the outage"
+        shown = client.call("GetJob", pb.GetJobRequest(id=job.id))
+        assert "uploading the adapter to the registry failed" in shown.waiting_for, shown
         registry = InProcessRegistry(config).start()  # same port, same database and blobs
         done = client.wait(job.id)  # failed after 7 s of retries before, and the trained adapter was deleted
         assert done.state == pb.JOB_STATE_SUCCEEDED, done.error

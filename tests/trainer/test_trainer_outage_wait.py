@@ -38,52 +38,54 @@ def logged(needle: str) -> Iterator[threading.Event]:
         logger.removeHandler(handler)
 
 
-def test_a_job_waits_for_its_dataset_store_to_come_back(registry, tmp_path, tenant):
+@contextlib.contextmanager
+def trainer_on_s3(registry, tmp_path, tenant, outage_wait_seconds: float):
+    """A trainer keeping datasets in moto's S3 behind a proxy (so the store can go away and come
+    back at the same endpoint), one dataset uploaded: yields (client, dataset id, proxy)."""
     moto = MotoS3(tmp_path / "moto.log").start()
-    proxy = CuttableProxy(moto.endpoint)  # the store goes away and comes back at the same endpoint
-    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, outage_wait_seconds=600,
-                            **s3_settings(proxy.endpoint))
-    trainer = InProcessTrainer(config).start()
+    proxy = CuttableProxy(moto.endpoint)
+    trainer = InProcessTrainer(trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN,
+                                              outage_wait_seconds=outage_wait_seconds, **s3_settings(proxy.endpoint)))
     try:
-        client = trainer.client(tenant.key)
-        dataset = client.upload(finance_chat_lines())
+        client = trainer.start().client(tenant.key)
+        yield client, client.upload(finance_chat_lines()).id, proxy
+    finally:
+        trainer.stop()
         proxy.cut()
-        with logged("reading the dataset from its store failed") as waiting:
-            job = client.start(dataset.id, max_steps=2)
-            assert waiting.wait(60), "the job never met the outage"
+        moto.stop()
+
+
+def start_in_outage(client, dataset_id: str, needle: str, timeout: float = 60, **job) -> pb.Job:
+    """Starts a job and returns once it has met the outage (logged a retry containing `needle`)."""
+    with logged(needle) as waiting:
+        started = client.start(dataset_id, max_steps=2, **job)
+        assert waiting.wait(timeout), "the job never met the outage"
+    return started
+
+
+READING = "reading the dataset from its store failed"
+
+
+def test_a_job_waits_for_its_dataset_store_to_come_back(registry, tmp_path, tenant):
+    with trainer_on_s3(registry, tmp_path, tenant, outage_wait_seconds=600) as (client, dataset_id, proxy):
+        proxy.cut()
+        job = start_in_outage(client, dataset_id, READING)
         shown = client.call("GetJob", pb.GetJobRequest(id=job.id))
         assert shown.state == pb.JOB_STATE_RUNNING
-        assert shown.waiting_for.startswith(f"job {job.id}: reading the dataset from its store failed"), shown
+        assert shown.waiting_for.startswith(f"job {job.id}: {READING}"), shown
         assert "retrying until" in shown.waiting_for and "last error" in shown.waiting_for
         proxy.resume()
         done = client.wait(job.id)  # failed at once before --outage-wait-seconds
         assert done.state == pb.JOB_STATE_SUCCEEDED and not done.waiting_for, done
-    finally:
-        trainer.stop()
-        proxy.cut()
-        moto.stop()
 
 
 def test_cancelling_a_job_that_waits_for_its_dataset_store_ends_the_wait(registry, tmp_path, tenant):
-    moto = MotoS3(tmp_path / "moto.log").start()
-    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, outage_wait_seconds=3600,
-                            **s3_settings(moto.endpoint))
-    trainer = InProcessTrainer(config).start()
-    try:
-        client = trainer.client(tenant.key)
-        dataset = client.upload(finance_chat_lines())
-        moto.stop()
-        with logged("reading the dataset from its store failed") as waiting:
-            job = client.start(dataset.id, max_steps=2)
-            assert waiting.wait(60), "the job never met the outage"
+    with trainer_on_s3(registry, tmp_path, tenant, outage_wait_seconds=3600) as (client, dataset_id, proxy):
+        proxy.cut()
+        job = start_in_outage(client, dataset_id, READING)
         client.call("CancelJob", pb.CancelJobRequest(id=job.id))
         done = client.wait(job.id, timeout=120)  # not after the hour the outage budget allows
         assert done.state == pb.JOB_STATE_CANCELLED, (done.state, done.error)
-        # The slot is free again: the next job is not stuck behind a waiting one.
-        assert client.call("GetJob", pb.GetJobRequest(id=job.id)).state == pb.JOB_STATE_CANCELLED
-    finally:
-        trainer.stop()
-        moto.stop()
 
 
 def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny_model_dir):
@@ -100,9 +102,8 @@ def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny
         client = trainer.client(key)
         dataset = client.upload(finance_chat_lines())
         registry.stop()
-        with logged("uploading the adapter to the registry failed") as waiting:
-            job = client.start(dataset.id, name="fin-outage", max_steps=2)
-            assert waiting.wait(240), "publication never met the outage"
+        job = start_in_outage(client, dataset.id, "uploading the adapter to the registry failed", 240,
+                              name="fin-outage")
         shown = client.call("GetJob", pb.GetJobRequest(id=job.id))
         assert "uploading the adapter to the registry failed" in shown.waiting_for, shown
         registry = InProcessRegistry(config).start()  # same port, same database and blobs
@@ -117,17 +118,8 @@ def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny
 
 
 def test_a_job_fails_saying_so_when_its_store_stays_down(registry, tmp_path, tenant):
-    moto = MotoS3(tmp_path / "moto.log").start()
-    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN, outage_wait_seconds=0,
-                            **s3_settings(moto.endpoint))
-    trainer = InProcessTrainer(config).start()
-    try:
-        client = trainer.client(tenant.key)
-        dataset = client.upload(finance_chat_lines())
-        moto.stop()
-        done = client.wait(client.start(dataset.id, max_steps=2).id)
+    with trainer_on_s3(registry, tmp_path, tenant, outage_wait_seconds=0) as (client, dataset_id, proxy):
+        proxy.cut()
+        done = client.wait(client.start(dataset_id, max_steps=2).id)
         assert done.state == pb.JOB_STATE_FAILED
         assert done.error.startswith("the dataset store stayed down past --outage-wait-seconds (0s)"), done.error
-    finally:
-        trainer.stop()
-        moto.stop()

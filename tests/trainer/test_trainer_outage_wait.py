@@ -19,6 +19,7 @@ from tests.registry.client import Client
 from tests.trainer.conftest import ADMIN_TOKEN
 from tests.trainer.harness import InProcessTrainer, finance_chat_lines, s3_settings, trainer_config
 
+
 @contextlib.contextmanager
 def logged(needle: str) -> Iterator[threading.Event]:
     """An event set once the trainer logs a retry whose message contains `needle`: proof that

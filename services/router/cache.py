@@ -9,9 +9,14 @@ key or a rebound name from surviving:
   goes to the Registry and nothing is stored, because no invalidation could reach us.
 - Every invalidation bumps an epoch. A lookup that started before an invalidation does not
   store its (possibly stale) answer: "verify, then revoke event, then store" cannot happen.
+  Nor does one that started before the feed (re)connected: a change committed before the
+  new stream's position marker is never delivered (at start-up, or after the cursor
+  expired), so an answer read before it could otherwise be stored after it and trusted.
 
 Concurrent lookups of the same key share one Registry call (single flight), so a burst
-of requests with a new key costs one verification.
+of requests with a new key costs one verification. Only lookups of the same era share it:
+a request that arrives after a revocation or a rebind must not be handed the answer of a
+Registry call that started before it (the revoked key accepted, the old version served).
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ V = TypeVar("V")
 
 
 class FeedState:
-    """Whether the change feed is connected and caught up enough to trust caches."""
+    """Whether the change feed is connected and caught up enough to trust caches, and how many
+    times it has connected (the watcher counts each position marker)."""
 
     def __init__(self) -> None:
         self.live = False
+        self.connections = 0
 
 
 class FeedCache(Generic[K, V]):
@@ -37,8 +44,14 @@ class FeedCache(Generic[K, V]):
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s, self.feed, self.cache_errors, self.clock = ttl_s, feed, cache_errors, clock
         self._entries: dict[K, tuple[float, V | Exception]] = {}
-        self._inflight: dict[K, asyncio.Future] = {}
+        #: key -> (the era its load started in, the load's result)
+        self._inflight: dict[K, tuple[tuple[int, int], asyncio.Future]] = {}
         self._epoch = 0
+
+    @property
+    def _era(self) -> tuple[int, int]:
+        """Changes when an answer loaded before may be stale: an invalidation or a feed (re)connect."""
+        return self._epoch, self.feed.connections
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -68,37 +81,40 @@ class FeedCache(Generic[K, V]):
                 if isinstance(value, Exception):
                     raise value
                 return value
-            pending = self._inflight.get(key)
-            if pending is None:
-                break
+            era, pending = self._inflight.get(key, (None, None))
+            if pending is None or era != self._era:
+                break  # none, or one that may return what has been invalidated since it started
             try:
                 return await asyncio.shield(pending)
             except asyncio.CancelledError:
-                if not pending.cancelled():
-                    raise  # we were cancelled ourselves
-                # the caller doing the load was cancelled: look again, maybe load in our own name
+                # Cancelled ourselves (maybe together with the caller doing the load: two clients
+                # hanging up at once): stop, rather than load and run a request nobody awaits.
+                if not pending.cancelled() or asyncio.current_task().cancelling():
+                    raise
+                # only the caller doing the load was cancelled: look again, maybe load in our own name
         future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        epoch = self._epoch
+        era = self._era
+        self._inflight[key] = (era, future)
         try:
             value = await load()
         except Exception as exc:
             if isinstance(exc, self.cache_errors):
-                self._store(key, exc, epoch, self.ttl_s)
+                self._store(key, exc, era, self.ttl_s)
             _settle(future, error=exc)
             raise
         except BaseException:  # cancelled: waiters must not hang on our future
             future.cancel()
             raise
         finally:
-            self._inflight.pop(key, None)
+            if self._inflight.get(key, (None, None))[1] is future:  # a newer load may have replaced it
+                del self._inflight[key]
         ttl = self.ttl_s if ttl_of is None else min(self.ttl_s, ttl_of(value))
-        self._store(key, value, epoch, ttl)
+        self._store(key, value, era, ttl)
         _settle(future, result=value)
         return value
 
-    def _store(self, key: K, value: V | Exception, epoch: int, ttl: float) -> None:
-        if epoch == self._epoch and self.feed.live and ttl > 0:
+    def _store(self, key: K, value: V | Exception, era: tuple[int, int], ttl: float) -> None:
+        if era == self._era and self.feed.live and ttl > 0:
             self._entries[key] = (self.clock() + ttl, value)
 
     def invalidate(self, predicate: Callable[[K], bool]) -> int:

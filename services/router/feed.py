@@ -56,6 +56,7 @@ class ChangeFeedWatcher:
                     if event.is_position_marker:
                         self.cursor = event.sequence
                         self.state.live = True
+                        self.state.connections += 1  # answers loaded before this may predate it
                         self.connects += 1
                         backoff = self.min_backoff_s
                         continue

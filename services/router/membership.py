@@ -1,18 +1,33 @@
 """The inference nodes the Router knows, their health and their load.
 
-Two ways in: static nodes from `--node` are polled (GetStats every --node-poll-seconds,
-GetInfo once for the base model); registered nodes (Nodes.RegisterNode) push their load
-and resident adapters in heartbeats and are unhealthy after 3 missed intervals.
+Two ways in: static nodes from `--node` are polled (GetInfo for the base model and GetStats
+every --node-poll-seconds); registered nodes (Nodes.RegisterNode) push their load and
+resident adapters in heartbeats and are unhealthy after 3 missed intervals.
 
 Health: a node is placeable only while HEALTHY. A poll the node refuses or answers "not
 serving", a missed heartbeat window, or a request that finds the node unreachable marks it
-UNHEALTHY at once (no new requests; streams already running finish or fail on their own).
+UNHEALTHY at once: no new requests, and those still waiting there for their first token are
+placed again elsewhere (a frozen or partitioned node never answers, and nothing has been sent
+to their callers yet); streams already running finish or fail on their own.
 A poll that only runs past its deadline counts as slow: a node busy with a burst (a huge
 prompt, a GC pause) answers late now and then, and taking it out for one late answer would
 push its whole load onto the others; `slow_polls` late answers in a row mark it. Polls keep
-trying an unhealthy node, and the first successful one brings it back. DRAINING
-(DeregisterNode) takes a node out for good: it leaves the table when the router has no
-request left on it.
+trying an unhealthy node, and the first successful one brings it back.
+
+A registered node is HEALTHY only once this router has reached it itself (a health check and
+GetStats at its registered address): a heartbeat proves the node can reach the router, not
+that the router can reach the node (a wrong --advertise-address, a firewall), and trusting it
+would put a request on it after every heartbeat, each failing over. The poll probes a
+registered node only while it is UNHEALTHY, so it comes back after a failure once it answers.
+
+A static node's base model is read on every poll, not once: another process can come up at
+the same address serving another model, and requests for the old one must not run there.
+
+DRAINING (DeregisterNode) takes a node out until RegisterNode returns it (a restarted node
+registers again by itself). A drained registered node that keeps heartbeating stays listed
+as DRAINING; it leaves the table once it is silent for 3 intervals with no request left on
+it. Dropping it as soon as it was idle let its next heartbeat get NOT_FOUND, which tells the
+node agent "the router restarted, register again": an operator's drain undid itself.
 
 Load = requests this router has in flight on the node + what the node reports running or
 waiting beyond those (other routers' traffic). The local count moves with every request,
@@ -59,6 +74,11 @@ class Node:
     in_flight: int = 0
     in_flight_at_report: int = 0
     slow_polls: int = 0  # consecutive polls past their deadline
+    unreachable: str = ""  # why this router's last probe of a registered node failed (logged once)
+    #: Set when the node is marked failed: requests still waiting for their first token there
+    #: stop waiting and go elsewhere (proxy.py). Cleared when it is healthy again.
+    down: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    down_reason: str = ""
     #: adapter id -> monotonic time this router last sent it here (residency not yet reported).
     placed: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -117,17 +137,19 @@ class Membership:
             node = Node(node_id=node_id, address=address, client=self.connect(address), is_static=False)
             self.nodes[node_id] = node
         node.base_model = base_model
-        node.health = Health.UNHEALTHY  # (re-)registering asks for traffic again, even after a drain
-        self._seen(node, node.stats)
+        # (Re-)registering asks for traffic again, even after a drain; the next poll makes it
+        # HEALTHY once the router reaches it.
+        node.health = Health.UNHEALTHY
+        self._report(node, node.stats)
         log.info("node %s registered at %s (base model %s)", node_id, address, base_model)
         return self.heartbeat_s
 
     def heartbeat(self, node_id: str, stats: NodeStats) -> None:
+        """Load and liveness only: health is the poll's to give (see the module docstring)."""
         node = self.nodes.get(node_id)
         if node is None or node.is_static:
             raise NotFound(f"node {node_id!r} is not registered; call RegisterNode again", field="node_id")
-        if node.health is not Health.DRAINING:
-            self._seen(node, stats)
+        self._report(node, stats)
 
     def deregister(self, node_id: str) -> None:
         node = self.nodes.get(node_id)
@@ -136,11 +158,13 @@ class Membership:
             self._forget_if_idle(node)
 
     # --- health and load ---
-    def _seen(self, node: Node, stats: NodeStats) -> None:
+    def _healthy(self, node: Node) -> None:
         if node.health is Health.UNHEALTHY:
             log.info("node %s (%s) is healthy", node.node_id, node.address)
-        if node.health is not Health.DRAINING:
             node.health = Health.HEALTHY
+            node.down.clear()
+
+    def _report(self, node: Node, stats: NodeStats) -> None:
         now = self.clock()
         node.stats, node.in_flight_at_report = stats, node.in_flight
         node.last_seen, node.last_seen_mono = time.time(), now
@@ -151,6 +175,8 @@ class Membership:
         if node.health is Health.HEALTHY:
             log.warning("node %s (%s) is unhealthy: %s", node.node_id, node.address, why)
             node.health = Health.UNHEALTHY
+            node.down_reason = why
+            node.down.set()
 
     def placeable(self) -> list[NodeView]:
         return [n.view() for n in self.nodes.values() if n.health is Health.HEALTHY and n.base_model]
@@ -168,15 +194,21 @@ class Membership:
         node.in_flight -= 1
         self._forget_if_idle(node)
 
+    def _silent_for(self, node: Node) -> float | None:
+        """Seconds since a registered node's last heartbeat, when that is 3 intervals or more."""
+        silent = self.clock() - node.last_seen_mono
+        return silent if silent > MISSED_HEARTBEATS * self.heartbeat_s else None
+
     def _forget_if_idle(self, node: Node) -> None:
-        if node.health is Health.DRAINING and node.in_flight == 0 and not node.is_static:
+        if (node.health is Health.DRAINING and node.in_flight == 0 and not node.is_static
+                and self._silent_for(node) is not None):
             if self.nodes.get(node.node_id) is node:
                 del self.nodes[node.node_id]
                 asyncio.ensure_future(node.client.close())
 
     # --- the loop ---
     async def run(self) -> None:
-        """Polls static nodes and expires silent registered ones, forever."""
+        """Polls static nodes, expires silent registered ones and probes unhealthy ones, forever."""
         while True:
             results = await asyncio.gather(*(self.poll(n) for n in list(self.nodes.values())),
                                            return_exceptions=True)
@@ -188,15 +220,13 @@ class Membership:
 
     async def poll(self, node: Node) -> None:
         if not node.is_static:
-            silent = self.clock() - node.last_seen_mono
-            if silent > MISSED_HEARTBEATS * self.heartbeat_s:
-                self.mark_failed(node, f"no heartbeat for {silent:.1f}s")
+            await self._check_registered(node)
             return
         if node.health is Health.DRAINING:
             return
         try:
-            if not node.base_model:
-                node.base_model = await node.client.base_model(self.timeout_s)
+            # Recorded even if the node is not serving yet: "loading" is not "serves nothing".
+            self._set_base_model(node, await node.client.base_model(self.timeout_s))
             stats = await node.client.stats(self.timeout_s)
         except NodeFailure as failure:
             node.slow_polls = node.slow_polls + 1 if failure.timed_out else self.slow_polls
@@ -207,7 +237,38 @@ class Membership:
                          node.address, node.slow_polls, failure.error.message)
             return
         node.slow_polls = 0
-        self._seen(node, stats)
+        self._report(node, stats)
+        self._healthy(node)
+
+    @staticmethod
+    def _set_base_model(node: Node, base_model: str) -> None:
+        if base_model != node.base_model:
+            if node.base_model:
+                log.warning("static node %s now serves base model %r instead of %r (a new process at its "
+                            "address); placing requests for %r there", node.address, base_model,
+                            node.base_model, base_model)
+            node.base_model, node.placed = base_model, {}  # what was resident belonged to the old model
+
+    async def _check_registered(self, node: Node) -> None:
+        silent = self._silent_for(node)
+        if silent is not None:
+            if node.health is Health.DRAINING:
+                self._forget_if_idle(node)
+            else:
+                self.mark_failed(node, f"no heartbeat for {silent:.1f}s")
+            return
+        if node.health is not Health.UNHEALTHY:
+            return
+        try:
+            await node.client.stats(self.timeout_s)
+        except NodeFailure as failure:
+            if failure.error.message != node.unreachable:
+                log.warning("registered node %s heartbeats, but this router cannot use it at %s: %s",
+                            node.node_id, node.address, failure.error.message)
+            node.unreachable = failure.error.message
+            return
+        node.unreachable = ""
+        self._healthy(node)  # not if it was drained meanwhile: only UNHEALTHY turns HEALTHY
 
     async def close(self) -> None:
         await asyncio.gather(*(n.client.close() for n in self.nodes.values()), return_exceptions=True)

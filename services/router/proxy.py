@@ -2,10 +2,11 @@
 
 `RouterCore.open` does everything up to and including the first token: resolution and
 quota errors, placement, and failover. A node that fails before its first token (down,
-queue full, crashed) is excluded and the request is placed again, up to --max-attempts
-nodes, invisibly to the caller: nothing has been sent yet, so a retry cannot duplicate
-output. Because `open` returns only once a token exists, the HTTP API can still answer
-an honest status code (404, 429, 503) before it commits to a 200 event stream.
+queue full, crashed, or marked unhealthy by its polls or heartbeats while the request
+waited) is excluded and the request is placed again, up to --max-attempts nodes, invisibly
+to the caller: nothing has been sent yet, so a retry cannot duplicate output. Because
+`open` returns only once a token exists, the HTTP API can still answer an honest status
+code (404, 429, 503) before it commits to a 200 event stream.
 
 `Stream` then relays the rest one message at a time (the caller's pace is the node's pace:
 see node_client.py on backpressure). After the first token a node failure cannot be hidden:
@@ -16,11 +17,12 @@ call, which cancels the request on the node and frees its KV blocks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.common.fields import check_request_id
@@ -137,6 +139,42 @@ class Stream:
             self._lease.release()
 
 
+async def _first_token(node: Node, deltas: AsyncIterator,
+                       elsewhere: Callable[[], bool]) -> generation_pb2.GenerationDelta:
+    """The node's first delta, or NodeFailure as soon as the node is marked failed meanwhile
+    while another node could take the request (`elsewhere`).
+
+    A node that freezes or drops off the network (no RST) never answers: without this, the
+    request would wait for the caller's deadline (or forever) while other nodes idle. Giving up
+    is safe because nothing has been sent to the caller yet; streams past their first token
+    are left to finish or fail on their own (a node merely slow to answer polls keeps them).
+    With no other node to go to, the request keeps waiting: a node marked failed for late
+    polls may only be busy, and giving up would turn its answer into a 503.
+    """
+    async def read():
+        return await anext(deltas)
+
+    reading = asyncio.ensure_future(read())
+    down = asyncio.ensure_future(node.down.wait())
+    try:
+        await asyncio.wait({reading, down}, return_when=asyncio.FIRST_COMPLETED)
+        if not reading.done() and not elsewhere():
+            await asyncio.wait({reading})
+    finally:
+        down.cancel()
+        if not reading.done():
+            reading.cancel()  # unwinds the node call (cancelling it on the node) before anyone closes it
+            with contextlib.suppress(asyncio.CancelledError, NodeFailure, StopAsyncIteration):
+                await reading
+        elif not reading.cancelled():
+            reading.exception()  # seen, even if we are leaving by our own cancellation
+    if reading.done() and not reading.cancelled():
+        return reading.result()  # NodeFailure / StopAsyncIteration are raised as the caller expects
+    raise NodeFailure(Unavailable(f"inference node {node.address} was marked unhealthy ({node.down_reason}) "
+                                  "before it sent a first token", reason="NODE_FAILED", node=node.address),
+                      retryable=True, node_down=True)
+
+
 class RouterCore:
     def __init__(self, authenticator: Authenticator, resolver: Resolver, membership: Membership,
                  quotas: QuotaManager, load_factor: float, max_attempts: int) -> None:
@@ -188,7 +226,9 @@ class RouterCore:
             self.membership.started(node, target.adapter_id)
             deltas = node.client.generate(request)
             try:
-                first = await anext(deltas)
+                first = await _first_token(node, deltas, lambda: place(
+                    self.membership.placeable(), target.base_model, target.adapter_id, self.load_factor,
+                    exclude=tried) is not None)
             except (NodeFailure, StopAsyncIteration) as exc:
                 await deltas.aclose()
                 self.membership.finished(node)

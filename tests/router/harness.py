@@ -12,12 +12,14 @@ from pathlib import Path
 import grpc
 
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.common.pb.loraplex.router.v1 import nodes_pb2_grpc, router_pb2_grpc
+from services.common.pb.loraplex.router.v1 import nodes_pb2, nodes_pb2_grpc, router_pb2_grpc
 from services.router.app import RouterApp
 from services.router.config import RouterConfig
+from services.router.node_agent import NodeAgent
+from services.router.nodes import NodeStats
 from tests.conftest import free_port, start_module
 from tests.inprocess import InProcessServer
-from tests.registry.client import bearer  # noqa: F401 - part of this harness's API
+from tests.registry.client import bearer
 
 ADMIN_TOKEN = "router-test-admin"
 
@@ -67,12 +69,13 @@ def router_config(nodes: list[str], registry_address: str, **overrides) -> Route
 class NodeProcess:
     """`python -m services.inference` downloading adapters from the registry."""
 
-    def __init__(self, model_dir: Path, registry_address: str, log: Path, port: int = 0) -> None:
+    def __init__(self, model_dir: Path, registry_address: str, log: Path, port: int = 0,
+                 base_model_name: str = "tiny") -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.process = start_module(
             "services.inference", "--port", str(self.port), "--metrics-port", "0", "--base-model", str(model_dir),
-            "--base-model-name", "tiny", "--registry-address", registry_address, "--admin-token", ADMIN_TOKEN,
+            "--base-model-name", base_model_name, "--registry-address", registry_address, "--admin-token", ADMIN_TOKEN,
             "--kv-cache-mb", "4", "--adapter-pool-pages", "128", "--grace-seconds", "1", log=log)
         self.log = log
         self.channel = grpc.insecure_channel(self.address)
@@ -94,3 +97,31 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30, what: str =
             return
         time.sleep(0.05)
     raise AssertionError(f"not reached within {timeout}s: {what}")
+
+
+def node_entry(router: InProcessRouter, node_id: str) -> nodes_pb2.NodeStatus | None:
+    """The router's ListNodes entry for the node, or None."""
+    listed = router.nodes_stub.ListNodes(nodes_pb2.ListNodesRequest(), metadata=bearer(ADMIN_TOKEN), timeout=10)
+    return next((n for n in listed.nodes if n.node_id == node_id), None)
+
+
+def node_health(router: InProcessRouter, node_id: str) -> int | None:
+    found = node_entry(router, node_id)
+    return None if found is None else found.health
+
+
+def start_agent(router: InProcessRouter, node_id: str, address: str) -> tuple[NodeAgent, object]:
+    """A NodeAgent registering `address` and heartbeating an idle load, on the router's loop
+    (it is not the node process: freezing the node does not stop its heartbeats, cancelling
+    the returned future does). Returns (agent, its running future)."""
+    async def stats() -> NodeStats:
+        return NodeStats()
+
+    agent = router.run(lambda: NodeAgent(router.address, ADMIN_TOKEN, node_id, address, "tiny", stats))
+    return agent, asyncio.run_coroutine_threadsafe(agent.run(), router.loop)
+
+
+def stop_agent(router: InProcessRouter, agent: NodeAgent, beating) -> None:
+    """Stops heartbeating and deregisters."""
+    beating.cancel()
+    asyncio.run_coroutine_threadsafe(agent.stop(), router.loop).result(10)

@@ -338,18 +338,26 @@ def test_registered_nodes_heartbeat_expire_and_drain():
                                 clock=lambda: now[0])
         assert membership.register("n1", "10.0.0.1:5", "tiny") == 2
         membership.heartbeat("n1", NodeStats(running_requests=3, resident_adapter_ids=("adp_1",)))
+        assert membership.placeable() == []  # not before the router has reached the node itself
+        await poll_all(membership)
         (view,) = membership.placeable()
         assert view.load == 3 and "adp_1" in view.resident
         now[0] = 6.5  # three intervals without a heartbeat
         await poll_all(membership)
         assert membership.placeable() == []
         membership.heartbeat("n1", NodeStats())
+        await poll_all(membership)
         assert len(membership.placeable()) == 1
         node = membership.nodes["n1"]
         membership.started(node, "adp_2")
         membership.deregister("n1")
         assert membership.placeable() == [] and "n1" in membership.nodes  # draining its request
         membership.finished(node)
+        membership.heartbeat("n1", NodeStats())  # still alive: stays drained, not forgotten
+        await poll_all(membership)
+        assert membership.placeable() == [] and membership.nodes["n1"].health is Health.DRAINING
+        now[0] = 13.0  # then silent: it has shut down
+        await poll_all(membership)
         assert "n1" not in membership.nodes
         with pytest.raises(NotFound):
             membership.heartbeat("n1", NodeStats())

@@ -61,6 +61,8 @@ class NodesServicer:
 
     def RegisterNode(self, request, context):
         """Registers (or re-registers) a node; returns the heartbeat interval the router expects.
+        The node is placed on only once the router's own health check and stats call at its
+        address succeed (a wrong advertised address leaves it UNHEALTHY, never used).
         INVALID_ARGUMENT if the address is not host:port, or if node_id is a static node of the
         router (`--node`) -- except that a static node drained with DeregisterNode is returned to
         service by RegisterNode with its id and address (its health polls resume).
@@ -78,8 +80,9 @@ class NodesServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeregisterNode(self, request, context):
-        """Removes a node (graceful shutdown): no new requests are placed on it. Idempotent. A
-        static node stays listed as DRAINING until RegisterNode returns it.
+        """Removes a node (graceful shutdown): no new requests are placed on it; its streams finish.
+        Idempotent. It stays listed as DRAINING until RegisterNode returns it; a registered node
+        leaves the list once idle and silent for 3 heartbeat intervals.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,12 +56,17 @@ def test_an_operators_drain_of_a_registered_node_holds_until_it_is_registered_ag
         expect_error(grpc.StatusCode.UNAVAILABLE, router.stub.Complete, SHORT, metadata=bearer(world.a.token),
                      timeout=30)
 
-        router.nodes_stub.RegisterNode(nodes_pb2.RegisterNodeRequest(
-            node_id="node-d", address=nodes[0].address, base_model="tiny"), metadata=ADMIN, timeout=10)
-        wait_until(lambda: node_health(router, "node-d") == nodes_pb2.NODE_HEALTH_HEALTHY, what="back in service")
-        assert router.stub.Complete(SHORT, metadata=bearer(world.a.token), timeout=60).usage.completion_tokens == 2
+        register_and_serve(router, world, "node-d", nodes[0].address)  # back in service
     finally:
         stop_agent(router, agent, beating)
+
+
+def register_and_serve(router, world, node_id: str, address: str) -> None:
+    """RegisterNode as an operator would; the node turns HEALTHY and answers a request."""
+    router.nodes_stub.RegisterNode(nodes_pb2.RegisterNodeRequest(node_id=node_id, address=address, base_model="tiny"),
+                                   metadata=ADMIN, timeout=10)
+    wait_until(lambda: node_health(router, node_id) == nodes_pb2.NODE_HEALTH_HEALTHY, what=f"{node_id} in service")
+    assert router.stub.Complete(SHORT, metadata=bearer(world.a.token), timeout=60).usage.completion_tokens == 2
 
 
 def test_a_registered_node_the_router_cannot_reach_is_never_placed_on(make_router, world, nodes):
@@ -82,11 +87,7 @@ def test_a_registered_node_the_router_cannot_reach_is_never_placed_on(make_route
                              metadata=bearer(world.a.token), timeout=30)
         assert "no healthy inference node serves base model 'tiny'" in error.details()
 
-        # The operator fixes the address: the router reaches it and uses it.
-        router.nodes_stub.RegisterNode(nodes_pb2.RegisterNodeRequest(
-            node_id="node-u", address=nodes[0].address, base_model="tiny"), metadata=ADMIN, timeout=10)
-        wait_until(lambda: node_health(router, "node-u") == nodes_pb2.NODE_HEALTH_HEALTHY, what="reachable")
-        assert router.stub.Complete(SHORT, metadata=bearer(world.a.token), timeout=60).usage.completion_tokens == 2
+        register_and_serve(router, world, "node-u", nodes[0].address)  # the operator fixed the address
     finally:
         stop_agent(router, agent, beating)
 

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common import keepalive
 from services.common.config import ServerConfig
 from services.common.errors import LoraplexError
 from services.common.metrics import start_metrics_server
@@ -80,6 +81,7 @@ async def start_server(app: ServiceApp, config: ServerConfig) -> RunningServer:
             # gRPC turns SO_REUSEPORT on by default: a second copy of a service would then
             # silently share the port. We want "address in use" instead.
             ("grpc.so_reuseport", 0),
+            *keepalive.SERVER_OPTIONS,  # our clients ping (keepalive.py)
         ],
     )
     app.add_to_server(server)

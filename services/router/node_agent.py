@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from services.common import keepalive
 from services.common.pb.loraplex.router.v1 import nodes_pb2, nodes_pb2_grpc
 from services.router.nodes import NodeStats
 
@@ -30,7 +31,7 @@ class NodeAgent:
         self.node_id, self.address, self.base_model, self.stats = node_id, address, base_model, stats
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {admin_token}"),)
-        self._channel = grpc.aio.insecure_channel(router_address)
+        self._channel = grpc.aio.insecure_channel(router_address, options=keepalive.client_options())
         self._stub = nodes_pb2_grpc.NodesStub(self._channel)
         self.interval_s = 1.0
         self.registered = asyncio.Event()

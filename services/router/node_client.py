@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import errors
+from services.common import errors, keepalive
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.rpc import STATUS_OF, error_info
@@ -60,7 +60,7 @@ class GrpcNodeClient:
         # next health poll, so it is capped at a few seconds.
         self._channel = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-            *RECONNECT_OPTIONS])
+            *RECONNECT_OPTIONS, *keepalive.client_options()])
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()

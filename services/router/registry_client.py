@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common import errors
+from services.common import errors, keepalive
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.common.rpc import error_info
@@ -41,7 +41,7 @@ class RegistryClient:
         self._metadata = (("authorization", f"Bearer {admin_token}"),)
         limit = max_message_mb * 1024 * 1024
         self._channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", limit),
-                                                                   *RECONNECT_OPTIONS])
+                                                                   *RECONNECT_OPTIONS, *keepalive.client_options()])
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> errors.LoraplexError:

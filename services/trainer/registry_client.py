@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common import errors
+from services.common import errors, keepalive
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
@@ -68,7 +68,8 @@ class RegistryClient:
     def _stub(self) -> registry_pb2_grpc.RegistryStub:
         if self._channel is None:  # created on first use: an aio channel belongs to its event loop
             self._channel = grpc.aio.insecure_channel(self.address, options=[
-                ("grpc.max_receive_message_length", self._limit), ("grpc.max_send_message_length", self._limit)])
+                ("grpc.max_receive_message_length", self._limit), ("grpc.max_send_message_length", self._limit),
+                *keepalive.client_options()])
         return registry_pb2_grpc.RegistryStub(self._channel)
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> errors.LoraplexError:

@@ -11,6 +11,7 @@ import hashlib
 
 import grpc
 
+from services.common import keepalive
 from services.common.errors import FailedPrecondition, NotFound, Unavailable
 from services.common.pb.loraplex.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.inference.adapters.sources import FetchedAdapter
@@ -26,7 +27,7 @@ class RegistrySource:
         # Created on first use: an aio channel belongs to the event loop that creates it.
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(
-                self.address, options=[("grpc.max_receive_message_length", self._limit)])
+                self.address, options=[("grpc.max_receive_message_length", self._limit), *keepalive.client_options()])
         return registry_pb2_grpc.RegistryStub(self._channel)
 
     async def fetch(self, adapter_id: str) -> FetchedAdapter:

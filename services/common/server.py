@@ -81,7 +81,7 @@ async def start_server(app: ServiceApp, config: ServerConfig) -> RunningServer:
             # gRPC turns SO_REUSEPORT on by default: a second copy of a service would then
             # silently share the port. We want "address in use" instead.
             ("grpc.so_reuseport", 0),
-            *keepalive.SERVER_OPTIONS,  # our clients ping (keepalive.py)
+            *keepalive.server_options(),  # our clients ping (keepalive.py)
         ],
     )
     app.add_to_server(server)

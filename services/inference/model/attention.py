@@ -124,8 +124,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[decode.rows] = paged_decode_attention(q[decode.rows], k_cache, v_cache, decode.block_tables,
                                                   decode.context_lens, scale)
     elif decode is not None:
-        keys = _expand_heads(flat_k[decode.slots].transpose(1, 2), num_heads)  # [Sd, heads, C, D]
-        values = _expand_heads(flat_v[decode.slots].transpose(1, 2), num_heads)
+        # Padding reads slot 0: another sequence's K/V, or a finished one's left in the cache.
+        # The mask gives it weight 0, but 0 x Inf (or NaN) is NaN: an adapter whose values
+        # overflow (finite weights can) poisoned every shorter row of the step, other
+        # tenants' included, for as long as its values sat there. Zeroed, padding is inert.
+        padding = ~decode.mask[:, 0, 0, :, None, None]  # [Sd, C, 1, 1]
+        gathered_k = flat_k[decode.slots].masked_fill(padding, 0)  # [Sd, C, kv_heads, D]
+        gathered_v = flat_v[decode.slots].masked_fill(padding, 0)
+        keys = _expand_heads(gathered_k.transpose(1, 2), num_heads)  # [Sd, heads, C, D]
+        values = _expand_heads(gathered_v.transpose(1, 2), num_heads)
         query = q[decode.rows][:, :, None, :]  # [Sd, heads, 1, D]
         attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask, scale=scale)
         out[decode.rows] = attended[:, :, 0, :]

@@ -49,7 +49,7 @@ def _load(session, principal: Principal, adapter_id: str, lock: bool = False) ->
     row = session.get(Adapter, require(adapter_id, "id"), with_for_update=lock or None)
     if row is None:
         raise _not_found(f"'{adapter_id}'")
-    check_owner(principal, row.tenant_id, f"adapter '{adapter_id}'")
+    check_owner(principal, row.tenant_id, _not_found(f"'{adapter_id}'"))
     return row
 
 

@@ -101,7 +101,12 @@ def scoped_tenant(session: Session, principal: Principal, ref: str, *, field: st
     return tenant
 
 
-def check_owner(principal: Principal, tenant_id: str, what: str) -> None:
-    """NOT_FOUND (never PERMISSION_DENIED) when a tenant key reaches for another tenant's object."""
+def check_owner(principal: Principal, tenant_id: str, not_found: NotFound) -> None:
+    """Raises `not_found` when a tenant key reaches for another tenant's object.
+
+    `not_found` must be the very error the caller raises for an id that does not exist: the
+    client sees the status, the message *and* the ErrorInfo (reason, metadata), so any
+    difference, even a reason of NOT_FOUND instead of ADAPTER_NOT_FOUND, tells a probing
+    tenant that the id belongs to someone else."""
     if not principal.is_admin and principal.tenant_id != tenant_id:
-        raise NotFound(f"{what} not found", reason="NOT_FOUND")
+        raise not_found

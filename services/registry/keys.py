@@ -74,9 +74,10 @@ def revoke_key(ctx: RegistryContext, principal: Principal, key_id: str) -> ApiKe
         # FOR UPDATE: a racing DeleteTenant either waits for this revoke (and then deletes the key
         # already revoked, announcing nothing more) or deletes it first (and we find no key).
         key = session.get(ApiKey, key_id, with_for_update=True)
+        not_found = NotFound(f"API key '{key_id}' not found", reason="KEY_NOT_FOUND", field="key_id")
         if key is None:
-            raise NotFound(f"API key '{key_id}' not found", reason="KEY_NOT_FOUND", field="key_id")
-        check_owner(principal, key.tenant_id, f"API key '{key_id}'")
+            raise not_found
+        check_owner(principal, key.tenant_id, not_found)
         if key.revoked_at is None:  # idempotent: a second revoke changes nothing and emits nothing
             key.revoked_at = utcnow()
             feed.record(ctx, session, feed.API_KEY_REVOKED, key.tenant_id, key.id)

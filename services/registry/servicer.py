@@ -23,6 +23,7 @@ from services.registry.blobstore.base import BlobStoreUnavailable
 from services.registry.blobstore.outage import store_unavailable
 from services.registry.context import RegistryContext
 from services.common.request_text import check_no_nul
+from services.common.upload_slots import UploadSlots
 
 
 def _authenticate_key(ctx: RegistryContext, token: str) -> auth.Principal:
@@ -34,6 +35,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
         self._ctx: RegistryContext | None = None
+        self.upload_slots = UploadSlots()  # bounds one tenant's share of the spool disk
 
     def attach(self, ctx: RegistryContext) -> None:
         self._ctx = ctx
@@ -135,17 +137,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         check_no_nul(first.header, "header.")
         ctx = self.ctx
         plan = await self._run(uploads.begin_upload, ctx, principal, convert.upload_header(first.header))
-        body = await self._run(uploads.UploadBody, ctx.spool_dir, plan, ctx.limits.max_upload_bytes)
-        try:
-            async for message in messages:
-                if message.WhichOneof("payload") != "chunk":
-                    raise InvalidArgument("only the first UploadAdapter message may be a header",
-                                          reason="BAD_HEADER", field="header")
-                body.write(message.chunk)
-        except BaseException:
-            body.discard()
-            raise
-        row, created = await self._run(uploads.finish_upload, ctx, plan, body)
+        async with self.upload_slots.hold("" if principal.is_admin else principal.tenant_id):
+            body = await self._run(uploads.UploadBody, ctx.spool_dir, plan, ctx.limits.max_upload_bytes)
+            try:
+                async for message in messages:
+                    if message.WhichOneof("payload") != "chunk":
+                        raise InvalidArgument("only the first UploadAdapter message may be a header",
+                                              reason="BAD_HEADER", field="header")
+                    body.write(message.chunk)
+            except BaseException:
+                body.discard()
+                raise
+            row, created = await self._run(uploads.finish_upload, ctx, plan, body)
         return pb.UploadAdapterResponse(adapter=convert.adapter(row), created=created)
 
     async def GetAdapter(self, request, context):

@@ -4,7 +4,8 @@ Order of a successful upload, and why:
 1. `begin_upload` checks the header, the tenant and the base model before the body arrives,
    so a wrong name fails fast.
 2. `UploadBody` receives the chunks into a scratch folder, refusing bytes past --max-upload-mb
-   at once (FILES bodies are split as they arrive, so weights are written once).
+   at once (FILES bodies are split as they arrive, so weights are written once). A tenant key
+   has at most a few uploads here at a time (services/common/upload_slots.py).
 3. `finish_upload` validates everything (services/registry/validation) in a scratch folder.
 4. The weights go to the blob store under their sha256 *before* the row commits; a crash
    between leaves an unreferenced blob that garbage collection removes, never a row

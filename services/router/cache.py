@@ -17,6 +17,13 @@ Concurrent lookups of the same key share one Registry call (single flight), so a
 of requests with a new key costs one verification. Only lookups of the same era share it:
 a request that arrives after a revocation or a rebind must not be handed the answer of a
 Registry call that started before it (the revoked key accepted, the old version served).
+
+The cache holds at most `max_entries`. Keys come from callers (every unknown model name a
+tenant sends is cached as NOT_FOUND), and an expired entry is otherwise only dropped when
+the same key is read again: unbounded, one tenant sending fresh names grew the shared
+router's memory without limit. When full, expired entries go first, then the oldest, down
+to 90% (so the sweep runs once per tenth of the bound, not on every store). Dropping an
+entry is always safe: the next lookup asks the Registry.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+#: Entries are small (a name, a target or an error), so this is tens of MB at most.
+MAX_ENTRIES = 100_000
 
 
 class FeedState:
@@ -41,8 +51,9 @@ class FeedState:
 
 class FeedCache(Generic[K, V]):
     def __init__(self, ttl_s: float, feed: FeedState, *, cache_errors: tuple[type[Exception], ...] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_entries: int = MAX_ENTRIES) -> None:
         self.ttl_s, self.feed, self.cache_errors, self.clock = ttl_s, feed, cache_errors, clock
+        self.max_entries = max_entries
         self._entries: dict[K, tuple[float, V | Exception]] = {}
         #: key -> (the era its load started in, the load's result)
         self._inflight: dict[K, tuple[tuple[int, int], asyncio.Future]] = {}
@@ -115,7 +126,18 @@ class FeedCache(Generic[K, V]):
 
     def _store(self, key: K, value: V | Exception, era: tuple[int, int], ttl: float) -> None:
         if era == self._era and self.feed.live and ttl > 0:
+            if key not in self._entries and len(self._entries) >= self.max_entries:
+                self._make_room()
             self._entries[key] = (self.clock() + ttl, value)
+
+    def _make_room(self) -> None:
+        """Drops expired entries, then the oldest stored, until the cache is at 90% of its bound."""
+        now = self.clock()
+        for stale in [key for key, (expires, _) in self._entries.items() if now >= expires]:
+            del self._entries[stale]
+        target = self.max_entries * 9 // 10
+        while len(self._entries) > target:
+            del self._entries[next(iter(self._entries))]  # dicts keep insertion order: the oldest
 
     def invalidate(self, predicate: Callable[[K], bool]) -> int:
         """Drops entries whose key matches; returns how many."""

@@ -6,7 +6,10 @@ tenant), so another tenant's deployment is NOT_FOUND exactly like a name that do
 exist: the message is the same, and existence is never leaked. A name that is no
 deployment of the caller is then tried as a base model (every tenant may run the base
 models without an adapter). Unknown names are cached too (negative caching), which is safe
-because a bind or a base-model registration publishes a feed event that drops them.
+because a bind or a base-model registration publishes a feed event that drops them. A
+name longer than any deployment or base model name can be (MAX_MODEL_NAME) is unknown
+without asking: it costs no Registry call and no cache entry, and is not echoed whole
+(names come from callers, up to the message limit of 64 MiB).
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class Catalog(Protocol):
     async def list_base_models(self) -> list[ModelEntry]: ...
 
 
+#: The longest deployment or base model name the Registry accepts (its DEPLOYMENT_NAME and
+#: BASE_MODEL_NAME patterns: 1-128 characters).
+MAX_MODEL_NAME = 128
+
+
 def unknown_model(name: str) -> NotFound:
     return NotFound(f"model '{name}' not found: it is neither one of your deployments nor a base model "
                     "(ListModels, or GET /v1/models, lists the names you can use)",
@@ -67,6 +75,10 @@ class Resolver:
     async def resolve(self, caller: Caller, name: str) -> Target:
         if not name:
             raise InvalidArgument("model is required: a deployment name or a base model name", field="model")
+        if len(name) > MAX_MODEL_NAME:
+            raise NotFound(f"model '{name[:MAX_MODEL_NAME]}…' ({len(name)} characters) not found: no deployment or "
+                           f"base model name is longer than {MAX_MODEL_NAME} characters", reason="MODEL_NOT_FOUND",
+                           field="model")
         return await self.targets.get_or_load((caller.tenant_id, name), lambda: self._resolve(caller, name))
 
     async def _resolve(self, caller: Caller, name: str) -> Target:

@@ -105,7 +105,7 @@ class TrainerApp:
         jobs = JobService(store, self.queue, hub, models, auth, self.registry, self._run, config.max_rank)
         self.servicer.attach(TrainerDomain(auth, datasets, jobs))
         purger = TenantPurger(store, self.queue, blobs, auth, self._run, env.jobs_dir)
-        watcher = TenantDeletionWatcher(self.registry, store, purger, self._run)
+        watcher = TenantDeletionWatcher(self.registry, store, purger, self._run, key_revoked=auth.forget_key)
         self.feed_task = asyncio.create_task(watcher.run_forever(), name="trainer-tenant-feed")
         self.sweep_task = asyncio.create_task(sweep_forever(store, blobs, self._run), name="trainer-orphan-sweep")
         log.info("trainer ready: database %s, %s dataset store, devices %s",

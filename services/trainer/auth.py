@@ -3,7 +3,10 @@
 - The trainer's admin token (the one it presents to the Registry) makes the caller an
   operator, compared in constant time; an empty admin token makes nobody an operator.
 - Anything else is a tenant API key, verified by the Registry (VerifyApiKey). Answers are
-  cached for --auth-cache-seconds, so a revoked key keeps working here at most that long.
+  cached for --auth-cache-seconds, never past the key's expiry, and dropped as soon as the
+  change feed reports the key revoked or its tenant deleted (feed.py); the TTL only bounds
+  staleness while the feed is down. A verification that was in flight when such an event
+  arrived is not cached (it may predate the revocation).
 - A tenant key sees only its tenant: `tenant` fields may be empty or name it (id or name);
   another tenant is NOT_FOUND, exactly like an object that does not exist.
 - Operators must name the tenant they act for when creating things; listings without a
@@ -12,16 +15,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
 
 from services.common.auth import bearer_token, is_admin_token
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, Unauthenticated
 from services.trainer.records import ADMIN, Principal
 from services.trainer.registry_client import RegistryClient, TenantInfo
 
 MAX_CACHED = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedKey:
+    principal: Principal
+    key_id: str
+    expires_at: float | None  # unix seconds
 
 
 class _TtlCache:
@@ -39,12 +50,14 @@ class _TtlCache:
     def drop(self, matches: Callable[[object], bool]) -> None:
         self._items = {key: item for key, item in self._items.items() if not matches(item[1])}
 
-    def put(self, key: str, value: object) -> None:
-        if self.seconds <= 0:
+    def put(self, key: str, value: object, seconds: float | None = None) -> None:
+        """`seconds`: a shorter lifetime for this value (never longer than the cache's)."""
+        seconds = self.seconds if seconds is None else min(self.seconds, seconds)
+        if seconds <= 0:
             return
         if len(self._items) >= MAX_CACHED:
             self._items.clear()
-        self._items[key] = (self.clock() + self.seconds, value)
+        self._items[key] = (self.clock() + seconds, value)
 
 
 class Authenticator:
@@ -53,6 +66,7 @@ class Authenticator:
         self.admin_token, self.registry = admin_token, registry
         self._keys = _TtlCache(cache_seconds, clock)
         self._tenants = _TtlCache(cache_seconds, clock)
+        self._forgets = 0  # bumped by every revocation or deletion: see principal()
 
     async def principal(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
@@ -61,15 +75,28 @@ class Authenticator:
         key = hashlib.sha256(token.encode()).hexdigest()
         cached = self._keys.get(key)
         if cached is None:
-            tenant = await self.registry.verify_api_key(token)
-            cached = Principal(is_admin=False, tenant_id=tenant.id, tenant_name=tenant.name)
-            self._keys.put(key, cached)
-        return cached
+            forgets = self._forgets
+            verified = await self.registry.verify_api_key(token)
+            principal = Principal(is_admin=False, tenant_id=verified.tenant.id, tenant_name=verified.tenant.name)
+            cached = _CachedKey(principal, verified.key_id, verified.expires_at)
+            if forgets == self._forgets:  # else a revocation arrived meanwhile: this answer may predate it
+                left = None if verified.expires_at is None else verified.expires_at - time.time()
+                self._keys.put(key, cached, left)
+        elif cached.expires_at is not None and cached.expires_at <= time.time():
+            self._keys.drop(lambda entry: entry is cached)
+            raise Unauthenticated("unknown, revoked or expired token", reason="INVALID_CREDENTIALS")
+        return cached.principal
+
+    def forget_key(self, key_id: str) -> None:
+        """Drops a revoked key, so it is refused at once instead of for up to --auth-cache-seconds."""
+        self._forgets += 1
+        self._keys.drop(lambda entry: entry.key_id == key_id)
 
     def forget_tenant(self, tenant_id: str) -> None:
         """Drops cached keys and names of a deleted tenant, so its callers are refused at once
         instead of for up to --auth-cache-seconds."""
-        self._keys.drop(lambda principal: principal.tenant_id == tenant_id)
+        self._forgets += 1
+        self._keys.drop(lambda entry: entry.principal.tenant_id == tenant_id)
         self._tenants.drop(lambda tenant: tenant.id == tenant_id)
 
     async def _lookup(self, ref: str) -> TenantInfo:

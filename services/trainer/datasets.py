@@ -2,7 +2,8 @@
 
 Order of an upload, and why:
 1. The header is checked (tenant, name, format, base model, max_seq_len) before any byte.
-2. Chunks are spooled to `<data-dir>/spool` while counted (--max-dataset-mb) and hashed.
+2. Chunks are spooled to `<data-dir>/spool` while counted (--max-dataset-mb) and hashed, at
+   most a few uploads per tenant at a time (services/common/upload_slots.py).
 3. Every line is validated (validation.py) with the base model's tokenizer.
 4. The file goes to the blob store, then the row commits; if the row fails the blob is removed.
 Any failure deletes the spool file: nothing half-written is left and nothing is stored.
@@ -34,6 +35,7 @@ from services.trainer.blobs import dataset_key
 from services.trainer.db.models import utcnow
 from services.trainer.examples import FORMATS
 from services.common.fields import check_request_id, require
+from services.common.upload_slots import UploadSlots
 from services.trainer.records import DatasetRecord, Principal, request_digest
 from services.trainer.store import TrainerStore
 from services.trainer.validation import AUTO, validate_jsonl
@@ -96,6 +98,7 @@ class DatasetService:
                  run: Callable[..., Awaitable], spool_dir: Path, max_bytes: int) -> None:
         self.store, self.blobs, self.models, self.auth = store, blobs, models, auth
         self.run, self.spool_dir, self.max_bytes = run, spool_dir, max_bytes
+        self.upload_slots = UploadSlots()
 
     async def upload(self, principal: Principal, header: DatasetHeader, chunks: AsyncIterator[bytes]) -> DatasetRecord:
         tenant_id = await self.auth.tenant(principal, header.tenant, field="header.tenant")
@@ -112,30 +115,32 @@ class DatasetService:
         if not 1 <= max_seq_len <= limit:
             raise InvalidArgument(f"header.max_seq_len must be in [1, {limit}] (the base model's context), got "
                                   f"{max_seq_len}", field="header.max_seq_len")
-        spool = _Spool(self.spool_dir, self.max_bytes)
-        try:
-            async for chunk in chunks:
-                spool.write(chunk)
-            sha256 = spool.finish()
-            if spool.size == 0:
-                raise InvalidArgument("the upload has a header but no bytes", reason="EMPTY_DATASET", field="chunk")
-            digest = header.digest(sha256)
-            if header.request_id:
-                earlier = await self.run(self.store.dataset_for_request, tenant_id, header.request_id)
-                if earlier is not None:
-                    return _same_upload(earlier, header, digest)
-            tokenizer = await self.run(self.models.tokenizer, base)
-            summary = await self.run(validate_jsonl, spool.path, header.format, tokenizer, max_seq_len)
-            dataset_id = "ds_" + uuid.uuid4().hex
-            record = DatasetRecord(id=dataset_id, tenant_id=tenant_id, name=header.name, format=summary.format,
-                                   base_model=base.name, max_seq_len=max_seq_len,
-                                   longest_example=summary.longest_example, num_examples=summary.num_examples,
-                                   size_bytes=spool.size, sha256=sha256, blob_key=dataset_key(tenant_id, dataset_id),
-                                   created_at=utcnow(), request_id=header.request_id or None, request_digest=digest)
-            with store_down(f"dataset '{header.name}' was validated but not stored (no dataset was created)"):
-                stored = await self.run(self._persist, record, spool.path)
-        finally:
-            spool.discard()
+        async with self.upload_slots.hold("" if principal.is_admin else tenant_id):  # the spool disk is shared
+            spool = _Spool(self.spool_dir, self.max_bytes)
+            try:
+                async for chunk in chunks:
+                    spool.write(chunk)
+                sha256 = spool.finish()
+                if spool.size == 0:
+                    raise InvalidArgument("the upload has a header but no bytes", reason="EMPTY_DATASET", field="chunk")
+                digest = header.digest(sha256)
+                if header.request_id:
+                    earlier = await self.run(self.store.dataset_for_request, tenant_id, header.request_id)
+                    if earlier is not None:
+                        return _same_upload(earlier, header, digest)
+                tokenizer = await self.run(self.models.tokenizer, base)
+                summary = await self.run(validate_jsonl, spool.path, header.format, tokenizer, max_seq_len)
+                dataset_id = "ds_" + uuid.uuid4().hex
+                record = DatasetRecord(id=dataset_id, tenant_id=tenant_id, name=header.name, format=summary.format,
+                                       base_model=base.name, max_seq_len=max_seq_len,
+                                       longest_example=summary.longest_example, num_examples=summary.num_examples,
+                                       size_bytes=spool.size, sha256=sha256,
+                                       blob_key=dataset_key(tenant_id, dataset_id), created_at=utcnow(),
+                                       request_id=header.request_id or None, request_digest=digest)
+                with store_down(f"dataset '{header.name}' was validated but not stored (no dataset was created)"):
+                    stored = await self.run(self._persist, record, spool.path)
+            finally:
+                spool.discard()
         if stored.id != record.id:  # a concurrent upload with the same request_id stored its dataset first
             return _same_upload(stored, header, digest)
         log.info("dataset %s (%s, %d examples) stored for tenant %s", record.id, record.format, record.num_examples,

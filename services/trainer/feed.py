@@ -1,4 +1,5 @@
-"""Follows the Registry's change feed and purges the data of deleted tenants (tenants.py).
+"""Follows the Registry's change feed: purges the data of deleted tenants (tenants.py) and
+forgets revoked API keys at once (auth.py), so neither outlives --auth-cache-seconds here.
 
 One WatchChanges stream stays open (all kinds: the cursor then moves with every change, which
 keeps it inside the Registry's retained history even when tenants are rarely deleted). The
@@ -23,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from services.common.errors import OutOfRange
-from services.trainer.records import TENANT_DELETED, FeedEvent
+from services.trainer.records import API_KEY_REVOKED, TENANT_DELETED, FeedEvent
 from services.trainer.store import TrainerStore
 from services.trainer.tenants import TenantPurger
 
@@ -39,8 +40,10 @@ class FeedSource(Protocol):
 
 class TenantDeletionWatcher:
     def __init__(self, source: FeedSource, store: TrainerStore, purger: TenantPurger, run: Callable[..., Awaitable],
-                 min_backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
+                 min_backoff_s: float = 0.1, max_backoff_s: float = 5.0,
+                 key_revoked: Callable[[str], None] = lambda key_id: None) -> None:
         self.source, self.store, self.purger, self.run = source, store, purger, run
+        self.key_revoked = key_revoked
         self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
         self._backoff = min_backoff_s
         self._failing = False
@@ -81,5 +84,7 @@ class TenantDeletionWatcher:
                 continue
             if event.kind == TENANT_DELETED:
                 await self.purger.purge(event.tenant_id)
+            elif event.kind == API_KEY_REVOKED:
+                self.key_revoked(event.subject)
             cursor = event.sequence
             await self.run(self.store.save_feed_cursor, cursor)

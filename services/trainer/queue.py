@@ -1,7 +1,9 @@
-"""The job queue: FIFO over queued jobs, one running job per device slot.
+"""The job queue: tenants take turns, FIFO within each; one running job per device slot.
 
-- Dispatch: whenever a job is queued or a slot frees up, the oldest queued job is claimed
-  (queued -> running in one SQL transaction) and handed to a JobRunner on the free device.
+- Dispatch: whenever a job is queued or a slot frees up, the next queued job is claimed
+  (queued -> running in one SQL transaction) and handed to a JobRunner on the free device:
+  the oldest of the tenant whose turn it is (store.py, _next_tenant), so one tenant's long
+  queue cannot keep every other tenant's jobs waiting.
 - Live state: a running job's figures live in its runner's record; events go to watchers at
   once and to SQL at most every PERSIST_INTERVAL_S (always at start, eval, checkpoint and end).
 - Cancel: a queued job is cancelled by a conditional update; a running one by its runner

@@ -90,8 +90,9 @@ class JobRecord:
         return dataclasses.replace(self)
 
 
-# The Registry change kind the trainer acts on (feed.py).
+# The Registry change kinds the trainer acts on (feed.py).
 TENANT_DELETED = "TENANT_DELETED"
+API_KEY_REVOKED = "API_KEY_REVOKED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ class FeedEvent:
     sequence: int
     kind: str = ""  # TENANT_DELETED, API_KEY_REVOKED, ... (the Registry's change kinds)
     tenant_id: str = ""
+    subject: str = ""  # what changed: the key id of API_KEY_REVOKED
     is_position_marker: bool = False
 
 

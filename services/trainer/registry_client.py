@@ -44,6 +44,15 @@ class TenantInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyInfo:
+    """A verified API key: its tenant, its id (what a revocation names) and when it expires."""
+
+    tenant: TenantInfo
+    key_id: str
+    expires_at: float | None = None  # unix seconds; None: never
+
+
+@dataclasses.dataclass(frozen=True)
 class BaseModelInfo:
     name: str
     location: str
@@ -91,7 +100,7 @@ class RegistryClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, what) from None
 
-    async def verify_api_key(self, secret: str) -> TenantInfo:
+    async def verify_api_key(self, secret: str) -> KeyInfo:
         try:
             reply = await self._stub().VerifyApiKey(pb.VerifyApiKeyRequest(secret=secret), metadata=self._metadata,
                                                     timeout=self.timeout_s)
@@ -101,7 +110,9 @@ class RegistryClient:
                 raise errors.Unauthenticated("unknown, revoked or expired token",
                                              reason="INVALID_CREDENTIALS") from None
             raise self._error(exc, "verifying an API key") from None
-        return TenantInfo(reply.tenant.id, reply.tenant.name)
+        expires = reply.key.expires_at.seconds + reply.key.expires_at.nanos / 1e9 \
+            if reply.key.HasField("expires_at") else None
+        return KeyInfo(TenantInfo(reply.tenant.id, reply.tenant.name), reply.key.id, expires)
 
     async def get_tenant(self, ref: str) -> TenantInfo:
         reply = await self._call(f"looking up tenant '{ref}'", "GetTenant", pb.GetTenantRequest(tenant=ref))
@@ -123,7 +134,7 @@ class RegistryClient:
                     kind = pb.ChangeKind.Name(event.kind).removeprefix("CHANGE_KIND_")
                 except ValueError:  # a kind newer than this trainer: nothing it acts on
                     kind = ""
-                yield FeedEvent(sequence=event.sequence, kind=kind, tenant_id=event.tenant_id,
+                yield FeedEvent(sequence=event.sequence, kind=kind, tenant_id=event.tenant_id, subject=event.subject,
                                 is_position_marker=event.is_position_marker)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # the caller must start over: not a failure

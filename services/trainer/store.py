@@ -16,7 +16,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterable
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.registry import paging
@@ -52,6 +52,36 @@ def _newest_first(query, model, page: paging.Page):
 
 def _page_key(record) -> list:
     return [record.created_at.isoformat(), record.id]
+
+
+def _next_tenant(session) -> str | None:
+    """The tenant whose oldest queued job runs next: fair across tenants, FIFO within one.
+
+    Devices are shared by every tenant, and a plain FIFO let one tenant that queued a hundred
+    jobs hold them all until its last job ran, every other tenant waiting behind. So tenants
+    take turns: fewest jobs running first, then the one whose last job started longest ago
+    (never: first), then the one whose oldest queued job is oldest. A deleted tenant's queued
+    job is never started, even before its purge cancels it."""
+    deleted = select(DeletedTenantRow.tenant_id)
+    heads = session.execute(select(JobRow.tenant_id, func.min(JobRow.created_at))
+                            .where(JobRow.state == QUEUED, JobRow.tenant_id.not_in(deleted))
+                            .group_by(JobRow.tenant_id)).all()
+    if not heads:
+        return None
+    waiting = [tenant_id for tenant_id, _ in heads]
+    running = dict(session.execute(select(JobRow.tenant_id, func.count())
+                                   .where(JobRow.state == RUNNING, JobRow.tenant_id.in_(waiting))
+                                   .group_by(JobRow.tenant_id)).all())
+    last_start = dict(session.execute(select(JobRow.tenant_id, func.max(JobRow.started_at))
+                                      .where(JobRow.tenant_id.in_(waiting), JobRow.started_at.is_not(None))
+                                      .group_by(JobRow.tenant_id)).all())
+
+    def turn(head):
+        tenant_id, oldest = head
+        started = last_start.get(tenant_id)
+        return running.get(tenant_id, 0), started is not None, started or oldest, oldest, tenant_id
+
+    return min(heads, key=turn)[0]
 
 
 class TrainerStore:
@@ -162,14 +192,13 @@ class TrainerStore:
             return [_job(row) for row in session.scalars(query)]
 
     def claim_next(self) -> JobRecord | None:
-        """The oldest queued job, now marked running; None when nothing is queued."""
+        """The next queued job (see _next_tenant), now marked running; None when nothing is queued."""
         with self.db.write() as session:
-            # A deleted tenant's queued job is never started, even before its purge cancels it.
-            deleted = select(DeletedTenantRow.tenant_id)
-            row = session.scalars(select(JobRow).where(JobRow.state == QUEUED, JobRow.tenant_id.not_in(deleted))
-                                  .order_by(JobRow.created_at, JobRow.id).limit(1)).first()
-            if row is None:
+            tenant_id = _next_tenant(session)
+            if tenant_id is None:
                 return None
+            row = session.scalars(select(JobRow).where(JobRow.state == QUEUED, JobRow.tenant_id == tenant_id)
+                                  .order_by(JobRow.created_at, JobRow.id).limit(1)).first()
             row.state = RUNNING
             row.started_at = row.started_at or utcnow()
             return _job(row)

@@ -3,7 +3,7 @@
   loraplex up [--data-dir DIR] [--base-model PATH] [ports...]   start all four services
   loraplex demo [--once] [--attach ...]                         train, deploy and serve customers A, B, C
   loraplex health HOST:PORT                                     exit 0 when a service reports SERVING
-  loraplex model tiny DIR [--preset tiny|small] [--arch ...]     build an offline test model
+  loraplex model tiny DIR [--preset tiny|small] [--arch ...]    build an offline test model
   loraplex proto                                                regenerate gRPC stubs
 """
 
@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
+    # The module docstring's command list is the epilog: `loraplex --help` showed only the bare
+    # choices {up,demo,...}, leaving what each does to the README.
+    lines = __doc__.strip().splitlines()
+    parser = argparse.ArgumentParser(prog="loraplex", description=lines[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="commands:\n" + "\n".join(lines[1:]).strip("\n"))
     parser.add_argument("command", choices=["up", "demo", "health", "model", "proto"], help="what to do")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -70,7 +75,7 @@ def _dispatch(argv: list[str]) -> int:
     if command == "health":
         from services.common.healthcheck import main as health_main
 
-        return health_main(rest)
+        return health_main(rest, prog="loraplex health")
     if command == "model":
         if not rest or rest[0] != "tiny":
             parser.error("usage: loraplex model tiny DIR [--preset tiny|small] [--arch llama|mistral|qwen2|qwen3]")

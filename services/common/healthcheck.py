@@ -33,8 +33,8 @@ def health_status(address: str, timeout: float = 1.0, service: str = "") -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.common.healthcheck",
+def main(argv: list[str] | None = None, prog: str = "python -m services.common.healthcheck") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Exit 0 when a gRPC server reports SERVING, 1 otherwise.")
     parser.add_argument("address", help="HOST:PORT of the gRPC server")
     parser.add_argument("--service", default="", help="fully qualified service name (default: the whole server)")

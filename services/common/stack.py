@@ -22,6 +22,7 @@ from pathlib import Path
 
 from services.common.config import option
 from services.common.healthcheck import health_status
+from services.common.stack_base_model import RegistrationFailed, register_base_model
 from services.common.tiny_model import build_model_folder
 
 SERVICES = ("registry", "trainer", "inference", "router")
@@ -102,9 +103,7 @@ def child_commands(config: StackConfig, base_model: Path) -> dict[str, list[str]
               for name in SERVICES}
     common["registry"] += ["--data-dir", str(config.data_dir / "registry")]
     common["trainer"] += ["--data-dir", str(config.data_dir / "trainer"), "--registry-address", registry]
-    for name in ("registry", "trainer"):
-        if config.database_url:
-            common[name] += ["--database-url", config.database_url]
+    for name in ("registry", "trainer"):  # the database URL, which may hold a password, goes by environment
         if config.blob_store == "s3":
             common[name] += ["--blob-store", "s3", "--s3-endpoint", config.s3_endpoint, "--s3-bucket", config.s3_bucket]
     common["inference"] += ["--base-model", str(base_model), "--base-model-name", config.base_model_name,
@@ -115,10 +114,13 @@ def child_commands(config: StackConfig, base_model: Path) -> dict[str, list[str]
 
 
 def child_environment(config: StackConfig, admin_token: str) -> dict[str, str]:
-    """Every child's environment: the admin token and S3 keys travel here, not on the command
-    line, so they stay out of `ps` output, and a token that starts with "-" (token_urlsafe
-    makes one in 64) is not taken for a flag."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_ADMIN_TOKEN": admin_token}
+    """Every child's environment: the admin token, the S3 keys and the database URL (whose
+    password any local user could otherwise read in `ps` output or /proc/PID/cmdline) travel
+    here, not on the command line, and a token that starts with "-" (token_urlsafe makes one
+    in 64) is not taken for a flag. The URL is always set, empty meaning the embedded SQLite,
+    so a LORAPLEX_DATABASE_URL inherited from our own environment never overrides ours."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_ADMIN_TOKEN": admin_token,
+           "LORAPLEX_DATABASE_URL": config.database_url}
     if config.blob_store == "s3":
         env.update(LORAPLEX_S3_ACCESS_KEY=config.s3_access_key, LORAPLEX_S3_SECRET_KEY=config.s3_secret_key)
     return env
@@ -243,7 +245,11 @@ def run_stack(config: StackConfig) -> int:
     try:
         stack.start()
         stack.wait_serving()
-        token_path = config.admin_token and "(given with --admin-token)" or str(config.data_dir / "admin_token")
+        location = register_base_model(f"{config.host}:{config.registry_port}", admin_token_of(config),
+                                       config.base_model_name, base_model_folder(config))
+        token_path = (config.admin_token and "(given with --admin-token or LORAPLEX_ADMIN_TOKEN)"
+                      or str(config.data_dir / "admin_token"))
+        print(f"base model {config.base_model_name!r} is registered in the Registry ({location})", flush=True)
         print(banner(config, token_path), flush=True)
         while not stack.stop_requested:
             if (dead := stack.dead_child()) is not None:
@@ -254,7 +260,8 @@ def run_stack(config: StackConfig) -> int:
     except StartInterrupted as exc:
         print(f"loraplex up interrupted: {exc}; stopping the services", file=sys.stderr, flush=True)
         return 130
-    except (ChildDied, TimeoutError, OSError) as exc:  # OSError: a taken port, an unusable --data-dir
+    # OSError: a taken port, an unusable --data-dir
+    except (ChildDied, TimeoutError, OSError, RegistrationFailed) as exc:
         print(f"loraplex up failed: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:

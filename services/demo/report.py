@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from services.common.pb.loraplex.inference.v1 import inference_pb2 as ipb
 from services.common.pb.loraplex.router.v1 import nodes_pb2 as npb
@@ -71,6 +73,8 @@ def connect(endpoints: Endpoints, tenants: list[Tenant]) -> None:
     messages = customer.chat(customer.questions(1)[0])
     body = json.dumps({"model": customer.deployment, "messages": {"messages": messages},
                        "sampling": {"temperature": 0, "max_tokens": 64}})
+    if hint := shell_hint():
+        print(f"\n{hint}")
     print("\ngrpcurl (customer A over gRPC):")
     print(f"  grpcurl -plaintext -H {shlex.quote('authorization: Bearer ' + first.api_key)} "
           f"-d {shlex.quote(body)} {router} loraplex.router.v1.Router/Generate")
@@ -79,3 +83,15 @@ def connect(endpoints: Endpoints, tenants: list[Tenant]) -> None:
               f"messages={messages!r}, temperature=0); print(r.choices[0].message.content)")
     print(f"  OPENAI_BASE_URL={base_url} OPENAI_API_KEY={first.api_key} "
           f"python -c {shlex.quote(python)}", flush=True)
+
+
+def shell_hint() -> str:
+    """Where a pasted command finds grpcurl and the OpenAI SDK when the demo runs from a virtual
+    environment (`make demo`: .venv, which also holds grpcurl): a fresh shell has neither on its
+    PATH, and `grpcurl: command not found` is not what the printout promised."""
+    if sys.prefix == sys.base_prefix:
+        return ""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if activate.is_relative_to(Path.cwd()):
+        activate = activate.relative_to(Path.cwd())
+    return f"In a new shell, run `. {activate}` first: the grpcurl and python below are the ones it holds."

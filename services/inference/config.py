@@ -44,7 +44,8 @@ class InferenceConfig(ServerConfig):
                                   "when set, every call to this node must present it too")
     router_address: str = option("", "register with this router (host:port) and heartbeat load and resident "
                                      "adapters (empty: the router lists this node statically)")
-    advertise_address: str = option("", "host:port the router should dial (default: --host:--port)")
+    advertise_address: str = option("", "host:port the router should dial (default: --host:--port; with --host "
+                                        "0.0.0.0 or ::, this machine's hostname:--port)")
     kernels: str = option("auto", "LoRA and attention kernels: torch, triton (with varlen prefill attention), or "
                                   "auto (PyTorch until the Triton kernels are verified on a GPU)")
     cuda_graphs: str = option("auto", "decode steps replayed from CUDA graphs: auto (on CUDA with Triton kernels), on, "

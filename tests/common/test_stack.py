@@ -114,7 +114,7 @@ def test_state_flags_reach_registry_and_trainer_and_secrets_stay_off_the_command
     commands = child_commands(config, tmp_path / "model")
     for name in ("registry", "trainer"):
         line = " ".join(commands[name])
-        assert "--database-url postgresql+psycopg://u@db/x" in line and "--blob-store s3" in line
+        assert "--database-url" not in line and "--blob-store s3" in line  # the URL goes by environment
         assert "--s3-endpoint minio:9000 --s3-bucket b" in line
     assert not any("SECRET" in arg or "AK" == arg for command in commands.values() for arg in command)
     assert "--base-model-name base-llm" in " ".join(commands["inference"])

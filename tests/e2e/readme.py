@@ -48,9 +48,20 @@ def blocks(readme: Path) -> list[Block]:
 
 
 def commands(block: Block) -> list[list[str]]:
-    """A bash block's commands as argument lists (continuations joined, comments dropped)."""
-    joined = block.text.replace("\\\n", " ")
-    return [tokens for line in joined.splitlines() if (tokens := shlex.split(line, comments=True))]
+    """A bash block's commands as argument lists (continuations joined, comments dropped; a
+    quoted argument may span lines, as a grpcurl -d JSON body does)."""
+    found, pending = [], ""
+    for line in block.text.replace("\\\n", " ").splitlines():
+        pending = f"{pending}\n{line}" if pending else line
+        try:
+            tokens = shlex.split(pending, comments=True)
+        except ValueError:  # a quote still open: the command goes on on the next line
+            continue
+        pending = ""
+        if tokens:
+            found.append(tokens)
+    assert not pending, f"{block}: unclosed quote in {pending!r}"
+    return found
 
 
 def split_assignments(tokens: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -40,8 +40,12 @@ class LoraWeights:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
 
+#: What a config without `lora_alpha` means: PEFT's LoraConfig default, as the Registry reads it.
+PEFT_DEFAULT_ALPHA = 8
+
+
 def _scaling(config: dict, rank: int) -> float:
-    alpha = float(config.get("lora_alpha", rank))
+    alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 

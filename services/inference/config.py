@@ -22,7 +22,8 @@ class InferenceConfig(ServerConfig):
     port: int = option(DEFAULT_PORT, "gRPC port")
     metrics_port: int = option(9403, "Prometheus /metrics HTTP port (0 disables it)")
     base_model: Path | None = option(None, "Hugging Face checkpoint folder of the base model (required)")
-    base_model_name: str = option("tiny", "the base model's name in the Registry")
+    base_model_name: str = option("", "the base model's name in the Registry (default: the --base-model folder's "
+                                      "name)")
     node_id: str = option("", "stable node id (default: hostname:port)")
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1 ...")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on cpu, bfloat16 on cuda)")
@@ -80,6 +81,12 @@ class InferenceConfig(ServerConfig):
             raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
         if self.max_model_len < 0:
             raise ValueError("--max-model-len must be >= 0")
+
+    @property
+    def resolved_base_model_name(self) -> str:
+        # The folder's name, as vLLM serves a model under its path: a fixed default ("tiny", once)
+        # named every checkpoint the same, so a Llama node answered requests for the tiny model.
+        return self.base_model_name or (self.base_model.name if self.base_model is not None else "")
 
     @property
     def resolved_node_id(self) -> str:

@@ -172,7 +172,7 @@ class PoolAdmin:
     def info(self) -> InfoView:
         config, runner = self.node.config, self.node.engine.runner
         fingerprint = fingerprint_from_config(json.loads((Path(config.base_model) / "config.json").read_text()))
-        return InfoView(config.resolved_node_id, config.base_model_name, fingerprint,
+        return InfoView(config.resolved_node_id, config.resolved_base_model_name, fingerprint,
                         str(self.node.dtype).removeprefix("torch."),
                         config.device, self.node.max_context, config.block_size, config.max_batched_tokens,
                         config.adapter_pool_pages, config.max_adapter_rank, "0.1.0", runner.kernels,

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from services.common.auth import bearer_token, is_admin_token
-from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.common.errors import InvalidArgument, NotFound
 from services.trainer.records import ADMIN, Principal
 from services.trainer.registry_client import RegistryClient, TenantInfo
 
@@ -32,7 +32,6 @@ MAX_CACHED = 10_000
 class _CachedKey:
     principal: Principal
     key_id: str
-    expires_at: float | None  # unix seconds
 
 
 class _TtlCache:
@@ -78,13 +77,11 @@ class Authenticator:
             forgets = self._forgets
             verified = await self.registry.verify_api_key(token)
             principal = Principal(is_admin=False, tenant_id=verified.tenant.id, tenant_name=verified.tenant.name)
-            cached = _CachedKey(principal, verified.key_id, verified.expires_at)
+            cached = _CachedKey(principal, verified.key_id)
             if forgets == self._forgets:  # else a revocation arrived meanwhile: this answer may predate it
+                # Kept no longer than the key lives: past its expiry the Registry is asked again.
                 left = None if verified.expires_at is None else verified.expires_at - time.time()
                 self._keys.put(key, cached, left)
-        elif cached.expires_at is not None and cached.expires_at <= time.time():
-            self._keys.drop(lambda entry: entry is cached)
-            raise Unauthenticated("unknown, revoked or expired token", reason="INVALID_CREDENTIALS")
         return cached.principal
 
     def forget_key(self, key_id: str) -> None:

@@ -15,6 +15,9 @@ import re
 from services.common.errors import InvalidArgument
 
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+#: The longest deployment or base model name (the Registry's rule; the router refuses longer
+#: model names without asking it).
+MAX_MODEL_NAME = 128
 
 
 def require(value: str, field: str) -> str:

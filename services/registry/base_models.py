@@ -26,11 +26,11 @@ from services.registry.auth import Principal, require_admin
 from services.registry.blobstore.outage import store_down
 from services.registry.context import RegistryContext
 from services.registry.db.models import BaseModel, Deployment, utcnow
-from services.common.fields import require
+from services.common.fields import MAX_MODEL_NAME, require
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
 
 # Checked with fullmatch: `$` alone also matches before a trailing newline.
-BASE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+BASE_MODEL_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_NAME - 1}}}$")
 #: Taken by whoever claims a base model or deployment name, so the two never share one.
 MODEL_NAME_LOCK = "model-name"
 MAX_CONFIG_BYTES = 1024 * 1024

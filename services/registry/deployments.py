@@ -28,10 +28,10 @@ from services.registry.auth import SHARE, Principal, scoped_tenant
 from services.registry.base_models import MODEL_NAME_LOCK, load_base_model
 from services.registry.context import RegistryContext
 from services.registry.db.models import Adapter, BaseModel, Deployment, utcnow
-from services.common.fields import require
+from services.common.fields import MAX_MODEL_NAME, require
 
 # Checked with fullmatch: `$` alone also matches before a trailing newline.
-DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+DEPLOYMENT_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_MODEL_NAME - 1}}}$")
 
 
 def _pick_adapter(session, tenant_id: str, base_model: str, adapter_name: str, version: int) -> Adapter:

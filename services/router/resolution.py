@@ -18,6 +18,7 @@ import dataclasses
 from typing import Protocol
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.fields import MAX_MODEL_NAME
 from services.router.auth import Caller
 from services.router.cache import FeedCache, FeedState
 
@@ -52,11 +53,6 @@ class Catalog(Protocol):
     async def list_deployments(self, tenant_id: str) -> list[ModelEntry]: ...
 
     async def list_base_models(self) -> list[ModelEntry]: ...
-
-
-#: The longest deployment or base model name the Registry accepts (its DEPLOYMENT_NAME and
-#: BASE_MODEL_NAME patterns: 1-128 characters).
-MAX_MODEL_NAME = 128
 
 
 def unknown_model(name: str) -> NotFound:

@@ -34,6 +34,11 @@ class OutageWait:
     first_backoff_s: float = FIRST_BACKOFF_S
     max_backoff_s: float = MAX_BACKOFF_S
 
+    @property
+    def spent(self) -> str:
+        """How a failure message says the wait ran out."""
+        return f"past --outage-wait-seconds ({self.budget_s:g}s)"
+
     async def retrying(self, what: str, call: Callable[[], Awaitable[T]], retryable: tuple[type[BaseException], ...],
                        interrupted: asyncio.Event | None = None, on_wait: Callable[[str], None] | None = None) -> T:
         """`await call()`, retried while it raises one of `retryable` and the budget lasts.

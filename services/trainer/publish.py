@@ -39,7 +39,7 @@ class Publisher:
 
     def _refusal(self, exc: LoraplexError) -> str:
         if isinstance(exc, Unavailable):
-            return f"the registry stayed unavailable past --outage-wait-seconds ({self.outage.budget_s:g}s): {exc.message}"
+            return f"the registry stayed unavailable {self.outage.spent}: {exc.message}"
         return f"the registry refused it: {exc.message}"
 
     async def publish(self, job: JobRecord, folder: Path,

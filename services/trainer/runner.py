@@ -136,7 +136,7 @@ class JobRunner:
         self.on_event(PROGRESS, self.record, False)
 
     def _failure_reason(self, exc: LoraplexError | BlobStoreUnavailable) -> str:
-        waited = f"down past --outage-wait-seconds ({self.env.outage.budget_s:g}s)"
+        waited = f"down {self.env.outage.spent}"
         if isinstance(exc, BlobStoreUnavailable):  # reading the dataset: not the job's fault, nor a trainer bug
             return f"the dataset store stayed {waited} ({exc}); start the job again once it is back"
         if isinstance(exc, Unavailable):

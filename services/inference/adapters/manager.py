@@ -146,9 +146,8 @@ class AdapterManager:
         if resident is not None and (not sha256 or resident.sha256 == sha256):
             self.pool.acquire(adapter_key)
             return True
-        with self._host_lock:
-            weights = self._host.get(adapter_key)
-        if weights is None or (sha256 and weights.sha256 != sha256):
+        weights = self._host_copy(adapter_key, sha256)
+        if weights is None:
             if self.loop is not None:  # dropped from (or replaced in) the host tier since the request queued
                 self.loop.call_soon_threadsafe(self._refetch, adapter_key, sha256)
             return False
@@ -170,9 +169,13 @@ class AdapterManager:
 
     def awaits_fetch(self, adapter_key: str, sha256: str = "") -> bool:
         """No host copy of the bytes asked for: try_acquire asked for a re-fetch (see _refetch)."""
+        return self._host_copy(adapter_key, sha256) is None
+
+    def _host_copy(self, adapter_key: str, sha256: str) -> LoraWeights | None:
+        """The host tier's copy of the adapter, if it holds these bytes ("" = any)."""
         with self._host_lock:
             weights = self._host.get(adapter_key)
-        return weights is None or bool(sha256 and weights.sha256 != sha256)
+        return weights if weights is not None and (not sha256 or weights.sha256 == sha256) else None
 
     def _refetch(self, adapter_id: str, sha256: str = "") -> None:
         if adapter_id not in self._fetching:

@@ -5,6 +5,7 @@ has lost it meanwhile, queued requests fail instead of waiting."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 
 import pytest
@@ -101,8 +102,8 @@ def test_queued_requests_fail_when_their_evicted_adapter_is_gone_from_the_source
                                                                          ignore_eos=True), "")
             first = await long_stream.__anext__()  # the base request holds the only slot
             queued = asyncio.ensure_future(_drain(node.generate(Prompt(text="x"), short, "fin")))
-            await asyncio.sleep(0.05)
-            assert node.engine.scheduler.waiting_for("fin")  # queued without touching the host tier
+            await _until(lambda: node.engine.scheduler.waiting_for("fin"))  # queued, host tier untouched
+            assert source.fetches == ["fin"]
             node.manager.drop_host("fin")
             await node.async_engine.call(lambda: node.pool.evict("fin"))
             shutil.rmtree(root / "fin")
@@ -120,3 +121,63 @@ def test_queued_requests_fail_when_their_evicted_adapter_is_gone_from_the_source
 
 async def _drain(stream) -> list:
     return [output async for output in stream]
+
+
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+class HeldSource(CountingSource):
+    """Fetches wait until `release` is set, so several requests meet on one fetch in flight."""
+
+    def __init__(self, root) -> None:
+        super().__init__(root)
+        self.release = asyncio.Event()
+
+    async def fetch(self, adapter_id: str):
+        self.fetches.append(adapter_id)
+        await self.release.wait()
+        return await LocalFolderSource.fetch(self, adapter_id)
+
+
+def test_a_wrong_digest_fails_only_the_request_that_named_it(tiny_model_dir, varied_adapters):
+    """One fetch serves every request for an adapter. A request naming a wrong sha256 that
+    starts it must fail alone: the fetched bytes are the source's (checked against what the
+    source promised), and another request that named no digest, or the right one, runs on them."""
+    root = varied_adapters["legal"].parent
+    source = HeldSource(root)
+    node = Node.build(InferenceConfig(base_model=tiny_model_dir, adapter_dir=root, kv_cache_mb=2,
+                                      adapter_pool_pages=64), source=source)
+    sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    right = CountingSource(root)
+
+    waiting: list[str] = []  # the digests of the requests waiting for the host copy
+    ensure_host = node.manager.ensure_host
+
+    async def counted_ensure_host(adapter_id: str, sha256: str = ""):
+        waiting.append(sha256)  # then joins the fetch in flight without yielding first
+        return await ensure_host(adapter_id, sha256)
+
+    node.manager.ensure_host = counted_ensure_host
+
+    async def run():
+        node.start()
+        try:
+            wrong = asyncio.ensure_future(_drain(node.generate(Prompt(text="x"), sampling, "legal", "0" * 64)))
+            await _until(lambda: source.fetches)  # the wrong digest's request started the fetch
+            digest = hashlib.sha256((await right.fetch("legal")).weights).hexdigest()
+            any_bytes = asyncio.ensure_future(_drain(node.generate(Prompt(text="x"), sampling, "legal")))
+            named = asyncio.ensure_future(_drain(node.generate(Prompt(text="x"), sampling, "legal", digest)))
+            await _until(lambda: len(waiting) == 3)
+            source.release.set()
+            with pytest.raises(FailedPrecondition, match="does not match"):
+                await wrong
+            return await any_bytes, await named
+        finally:
+            node.close()
+
+    any_bytes, named = asyncio.run(run())
+    assert any_bytes[-1].finish_reason is not None and named[-1].finish_reason is not None
+    assert source.fetches == ["legal"]  # one fetch, shared

@@ -66,15 +66,16 @@ class AdapterManager:
                 return weights
         task = self._fetching.get(adapter_id)
         if task is None:
-            task = asyncio.ensure_future(self._fetch(adapter_id, sha256))
+            task = asyncio.ensure_future(self._fetch(adapter_id))
             self._fetching[adapter_id] = task
             task.add_done_callback(lambda _: self._fetching.pop(adapter_id, None))
         weights = await asyncio.shield(task)
-        # A fetch already in flight may have been started without this digest: check it here too.
+        # The fetch is shared, so each caller checks its own digest: one naming wrong bytes fails
+        # alone, not every request that met it on the same fetch.
         _check_digest(adapter_id, weights, sha256)
         return weights
 
-    async def _fetch(self, adapter_id: str, sha256: str) -> LoraWeights:
+    async def _fetch(self, adapter_id: str) -> LoraWeights:
         started = time.perf_counter()
         fetched = await self.source.fetch(adapter_id)
         try:
@@ -85,8 +86,7 @@ class AdapterManager:
             # another one, or a variant we do not serve): a state of the adapter, not of the call.
             raise FailedPrecondition(f"adapter {adapter_id} cannot be served by this node's base model: "
                                      f"{exc.message}", reason="ADAPTER_INCOMPATIBLE", adapter_id=adapter_id) from exc
-        for expected in (sha256, fetched.expected_sha256):
-            _check_digest(adapter_id, weights, expected)
+        _check_digest(adapter_id, weights, fetched.expected_sha256)
         if weights.rank > self.max_rank:
             raise FailedPrecondition(f"adapter {adapter_id} has rank {weights.rank}; this node serves "
                                      f"ranks up to {self.max_rank}")

@@ -25,7 +25,7 @@ from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.llm_engine import LLMEngine
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.sampling_params import UNTIL_CONTEXT_FULL, SamplingParams
-from services.inference.engine.scheduler import Scheduler, SchedulerConfig
+from services.inference.engine.scheduler import Admission, Scheduler, SchedulerConfig
 from services.inference.model.loader import load_model
 from tests.inference.peft_adapters import ALL_MODULES, AdapterSpec, build_peft_adapter
 
@@ -49,9 +49,9 @@ class PoolGate:
     def __init__(self, pool: AdapterPool) -> None:
         self.pool = pool
 
-    def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> Admission:
         self.pool.acquire(adapter_key)
-        return True
+        return Admission.ADMITTED
 
     def release(self, adapter_key: str) -> None:
         self.pool.release(adapter_key)

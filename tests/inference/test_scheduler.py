@@ -11,7 +11,7 @@ import pytest
 from services.common.errors import ResourceExhausted
 from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.sampling_params import SamplingParams
-from services.inference.engine.scheduler import AlwaysReadyGate, Scheduler, SchedulerConfig
+from services.inference.engine.scheduler import Admission, AlwaysReadyGate, Scheduler, SchedulerConfig
 from services.inference.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 EOS = 1
@@ -46,31 +46,28 @@ class LruGate:
         self.loading: dict[str, int] = {}
         self.max_in_flight = 0
 
-    def try_acquire(self, key: str, sha256: str = "") -> bool:
+    def try_acquire(self, key: str, sha256: str = "") -> Admission:
         if key in self.loading:
             self.loading[key] -= 1
             if self.loading[key] > 0:
-                return False
+                return Admission.FETCHING
             del self.loading[key]
             self.references[key] = 0
         if key in self.references:
             self.references[key] = self.references.pop(key) + 1
             self.max_in_flight = max(self.max_in_flight, sum(1 for r in self.references.values() if r))
-            return True
+            return Admission.ADMITTED
         if len(self.references) + len(self.loading) >= self.capacity:
             idle = next((k for k, refs in self.references.items() if refs == 0), None)
             if idle is None:
-                return False
+                return Admission.NO_ROOM
             del self.references[idle]
         self.loading[key] = self.load_calls
-        return False
+        return Admission.FETCHING
 
     def release(self, key: str) -> None:
         assert self.references[key] > 0
         self.references[key] -= 1
-
-    def awaits_fetch(self, key: str, sha256: str = "") -> bool:
-        return key in self.loading
 
 
 def make_scheduler(num_blocks=64, max_num_seqs=8, budget=64, max_waiting=1024, gate=None,
@@ -215,7 +212,7 @@ def test_adapter_not_ready_does_not_block_others_behind_it():
     class Gate(AlwaysReadyGate):
         def try_acquire(self, key, sha256=""):
             asked.append(key)
-            return key in ready and super().try_acquire(key)
+            return super().try_acquire(key) if key in ready else Admission.FETCHING
 
     scheduler = make_scheduler(gate=Gate())
     a_seqs = [make_seq(i, adapter="a") for i in range(3)]

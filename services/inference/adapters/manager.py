@@ -20,6 +20,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Resource
 from services.inference.adapters.pool import AdapterPool
 from services.inference.adapters.sources import AdapterSource
 from services.inference.adapters.weights import LoraWeights, parse_adapter
+from services.inference.engine.scheduler import Admission
 from services.inference.model.config import ModelArgs
 
 
@@ -141,35 +142,31 @@ class AdapterManager:
                                  pinned_pages=pinned)
 
     # --- engine thread side: the scheduler's AdapterGate ---
-    def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> Admission:
         resident = self.pool.get(adapter_key)
         if resident is not None and (not sha256 or resident.sha256 == sha256):
             self.pool.acquire(adapter_key)
-            return True
+            return Admission.ADMITTED
         weights = self._host_copy(adapter_key, sha256)
         if weights is None:
             if self.loop is not None:  # dropped from (or replaced in) the host tier since the request queued
                 self.loop.call_soon_threadsafe(self._refetch, adapter_key, sha256)
-            return False
+            return Admission.FETCHING
         if resident is not None and resident.refs:
-            return False  # other bytes under this id serve running requests: replaced once they finish
+            return Admission.NO_ROOM  # other bytes under this id serve running requests: replaced once they finish
         if not self.pool.can_fit(weights.rank, replacing=adapter_key):
             # Pins taken since these requests queued (check_room passed then) can leave no room
             # until an unpin: fail them as if they had arrived after the pin. Through the node, not
             # here: the scheduler is walking its queues.
             if (error := self._pinned_out(adapter_key, weights.rank)) is not None:
                 self.fail_waiting(adapter_key, sha256, error)
-            return False
+            return Admission.NO_ROOM
         self.pool.load(adapter_key, weights)  # replaces a resident copy with other bytes
         self.pool.acquire(adapter_key)
-        return True
+        return Admission.ADMITTED
 
     def release(self, adapter_key: str) -> None:
         self.pool.release(adapter_key)
-
-    def awaits_fetch(self, adapter_key: str, sha256: str = "") -> bool:
-        """No host copy of the bytes asked for: try_acquire asked for a re-fetch (see _refetch)."""
-        return self._host_copy(adapter_key, sha256) is None
 
     def _host_copy(self, adapter_key: str, sha256: str) -> LoraWeights | None:
         """The host tier's copy of the adapter, if it holds these bytes ("" = any)."""

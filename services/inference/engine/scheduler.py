@@ -10,6 +10,7 @@ never blocks the others, and keys take turns so a flood for one adapter cannot s
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections import Counter, deque
 from typing import Protocol
 
@@ -20,22 +21,25 @@ from services.inference.engine.sequence import FinishReason, Sequence, SequenceS
 AdapterKey = str | None  # None = base model only; it queues as a key of its own
 
 
+class Admission(enum.Enum):
+    """The adapter gate's answer to one admission, with the reason for a refusal: the
+    scheduler pauses other adapters only for one that lacks pool room, never for one whose
+    bytes are still on their way."""
+
+    ADMITTED = "admitted"  # resident and referenced once more (not evictable until released)
+    FETCHING = "fetching"  # its bytes are not in host memory yet: the gate asked for them
+    NO_ROOM = "no_room"  # in host memory, but the pool has no room for it now
+
+
 class AdapterGate(Protocol):
     """The adapter pool as the scheduler sees it."""
 
-    def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
-        """True: the adapter is resident (with these bytes, when sha256 is given) and now
-        referenced once more (not evictable until released). False: not resident yet (the gate
-        starts an async load itself) or no room now; the sequence stays waiting and others are
-        scheduled."""
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> Admission:
+        """Admit a sequence for this adapter (with these bytes, when sha256 is given). Refused,
+        the sequence stays waiting and others are scheduled; the gate loads it itself."""
         ...
 
     def release(self, adapter_key: str) -> None: ...
-
-    def awaits_fetch(self, adapter_key: str, sha256: str = "") -> bool:
-        """After a refusal: True when the adapter's bytes are still on their way (a fetch from
-        its source is in flight), so what it lacks is not room in the pool."""
-        ...
 
 
 class AlwaysReadyGate:
@@ -44,9 +48,9 @@ class AlwaysReadyGate:
     def __init__(self) -> None:
         self.references: Counter[str] = Counter()
 
-    def try_acquire(self, adapter_key: str, sha256: str = "") -> bool:
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> Admission:
         self.references[adapter_key] += 1
-        return True
+        return Admission.ADMITTED
 
     def release(self, adapter_key: str) -> None:
         if self.references[adapter_key] <= 0:
@@ -54,9 +58,6 @@ class AlwaysReadyGate:
         self.references[adapter_key] -= 1
         if not self.references[adapter_key]:
             del self.references[adapter_key]
-
-    def awaits_fetch(self, adapter_key: str, sha256: str = "") -> bool:
-        return False
 
     @property
     def total_references(self) -> int:
@@ -297,13 +298,14 @@ class Scheduler:
         if key is not None:
             if starving and key not in starving:
                 return False
-            if not self.gate.try_acquire(key, seq.adapter_sha256):
-                if self.gate.awaits_fetch(key, seq.adapter_sha256):
-                    # Pausing the other adapters frees pool room, which is not what it lacks: a
-                    # slow or hung re-fetch would stall them all for as long as it takes.
-                    self._refused_at.pop(key, None)
-                else:
-                    self._refused_at.setdefault(key, self._num_adapter_admissions)
+            admission = self.gate.try_acquire(key, seq.adapter_sha256)
+            if admission is Admission.FETCHING:
+                # Pausing the other adapters frees pool room, which is not what it lacks: a slow
+                # or hung re-fetch would stall them all for as long as it takes.
+                self._refused_at.pop(key, None)
+                return False
+            if admission is Admission.NO_ROOM:
+                self._refused_at.setdefault(key, self._num_adapter_admissions)
                 return False
             self._refused_at.pop(key, None)
             self._num_adapter_admissions += 1

@@ -179,7 +179,7 @@ class Node:
                        request_id: str = "") -> AsyncIterator[RequestOutput]:
         """Validates, fetches the adapter if needed (this request waits, others run), streams."""
         token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
-        sampling = sampling.validate(len(token_ids), self.max_context)
+        sampling = sampling.validate(len(token_ids), self.max_context, self.args.vocab_size)
         sha256 = _digest(sha256)
         # A hit: the bytes asked for are on the device as the request arrives (counted once queued).
         hit = bool(adapter_id) and self.manager.on_device(adapter_id, sha256)

@@ -55,7 +55,9 @@ def sampling_from(params: generation_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams.from_request(
         max_tokens=optional("max_tokens"), temperature=optional("temperature"), top_p=optional("top_p"),
         top_k=optional("top_k"), seed=optional("seed"), stop=tuple(params.stop), logprobs=params.logprobs,
-        top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos, until_context_full=params.until_context_full)
+        top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos, until_context_full=params.until_context_full,
+        presence_penalty=optional("presence_penalty"), frequency_penalty=optional("frequency_penalty"),
+        repetition_penalty=optional("repetition_penalty"), logit_bias=params.logit_bias)
 
 
 def delta_from(output: RequestOutput, tokenizer, token_bytes: TokenBytes,

@@ -3,13 +3,16 @@
 Pure functions (no HTTP, no gRPC). As OpenAI does, a field it does not define is refused with
 a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-range value.
 Fields OpenAI defines that we cannot honour are refused with a 400 that names them (n > 1,
-penalties, tools, logit_bias, echo, suffix, audio, predictions, reasoning effort, moderation,
-non-text response formats) rather than silently ignored; fields that change nothing here (user,
-metadata, store, service_tier, prompt caching hints, ...) are accepted, type-checked as OpenAI
-does, so a typo'd value fails here as it would there. Two common
-extensions are taken as vLLM takes them: top_k and ignore_eos. Limits the node would enforce
-after placement (stop sequences) are checked here too, so the caller gets OpenAI's kind of
-400 naming the parameter instead of the node's `node_rejected`.
+tools, echo, suffix, audio, predictions, reasoning effort, moderation, non-text response
+formats) rather than silently ignored; fields that change nothing here (user, metadata, store,
+service_tier, prompt caching hints, ...) are accepted, type-checked as OpenAI does, so a
+typo'd value fails here as it would there. presence_penalty, frequency_penalty and logit_bias
+are honoured (semantics: the node's Sampler). Three common extensions are taken as vLLM takes
+them: top_k, ignore_eos and repetition_penalty (the SDK sends them through `extra_body`).
+Limits the node would enforce after placement (stop sequences, penalty and bias ranges) are
+checked here too, so the caller gets OpenAI's kind of 400 naming the parameter instead of the
+node's `node_rejected`; only the node knows its vocabulary, so a logit_bias id past it is the
+node's 400 (still naming logit_bias).
 
 A response's `id` (chatcmpl-..., cmpl-...) is the caller's handle on one answer, so it is
 built from an id the HTTP layer makes fresh per response, never from the request id, which
@@ -20,10 +23,16 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import re
 
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
-from services.inference.engine.sampling_params import MAX_STOP_STRINGS
+from services.inference.engine.sampling_params import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_STOP_STRINGS,
+)
 from services.router.openai_messages import chat_turns
 from services.router.proxy import Completion, GenerateCall
 
@@ -35,6 +44,11 @@ MAX_TOP_LOGPROBS = 20
 #: The node's limit on stop sequences, checked here so the caller gets OpenAI's kind of 400.
 MAX_STOP = MAX_STOP_STRINGS
 UINT32, UINT64, INT64_MIN = 2**32 - 1, 2**64 - 1, -(2**63)
+#: The proto's floats are float32: a larger repetition_penalty would reach the node as infinity.
+FLOAT32_MAX = 3.4028234663852886e38
+#: A logit_bias key: a token id in decimal digits (int() would also take "+5", " 5" and "٥", and
+#: raise on a string of over 4300 digits); at most 10 digits, as a uint32 has.
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 
 #: Accepted and without effect here, each with the JSON type OpenAI requires of it.
 NO_OP_FIELDS = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "safety_identifier": str,
@@ -46,16 +60,16 @@ JSON_TYPES = {str: "a string", bool: "true or false", dict: "an object"}
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 #: stream_options keys: include_usage is honoured; we never obfuscate, so asking not to is a no-op.
 STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
-#: Every field OpenAI's chat API defines, plus our two extensions; value checks come after.
+#: Every field OpenAI's chat API defines, plus vLLM's extensions we take; value checks come after.
 CHAT_FIELDS = set(NO_OP_FIELDS) | {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
     "top_logprobs", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
     "functions", "tool_choice", "function_call", "response_format", "modalities", "audio", "prediction",
-    "reasoning_effort", "verbosity", "web_search_options", "moderation", "top_k", "ignore_eos"}
+    "reasoning_effort", "verbosity", "web_search_options", "moderation", "top_k", "ignore_eos", "repetition_penalty"}
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "stream_options",
     "n", "best_of", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
-    "ignore_eos"}
+    "ignore_eos", "repetition_penalty"}
 #: Defined by OpenAI, meaningful only for what we do not serve: refused when set at all.
 NOT_SERVED = {"audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
               "reasoning_effort": "the models served here are not reasoning models",
@@ -86,7 +100,11 @@ def _present(body: dict, allowed: set[str]) -> dict:
 
 
 def _number(body: dict, field: str, low: float, high: float) -> float | None:
-    value = body.get(field)
+    return _in_range(body.get(field), field, low, high)
+
+
+def _in_range(value, field: str, low: float, high: float) -> float | None:
+    """A JSON number in [low, high] as a float (None stays None), else a 400 naming `field`."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -133,11 +151,6 @@ def _refuse_unsupported(body: dict) -> None:
     _check_no_ops(body)
     if _integer(body, "n", 1, UINT32) not in (None, 1):
         raise _bad("n", "only n = 1 is supported")
-    for field in ("presence_penalty", "frequency_penalty"):
-        if _number(body, field, -2.0, 2.0) not in (None, 0.0):
-            raise _bad(field, "penalties are not supported")
-    if body.get("logit_bias"):
-        raise _bad("logit_bias", "logit_bias is not supported")
     for field in ("tools", "functions", "tool_choice", "function_call"):
         if body.get(field):
             raise _bad(field, "tool and function calling are not supported")
@@ -192,7 +205,33 @@ def _sampling(body: dict, max_tokens_field: str, default_max_tokens: int | None)
         raise _bad("stop", "stop sequences must be non-empty strings")
     params.stop.extend(stop or [])
     params.ignore_eos = _flag(body, "ignore_eos")
+    _penalties(body, params)
     return params
+
+
+def _penalties(body: dict, params: gen.SamplingParams) -> None:
+    """presence/frequency penalties (OpenAI), repetition_penalty (vLLM) and logit_bias."""
+    for field in ("presence_penalty", "frequency_penalty"):
+        value = _number(body, field, -MAX_ABS_PENALTY, MAX_ABS_PENALTY)
+        if value:  # 0 is off: left unset, as the node's default
+            setattr(params, field, value)
+    repetition = _number(body, "repetition_penalty", -FLOAT32_MAX, FLOAT32_MAX)
+    if repetition is not None and repetition <= 0.0:
+        raise _bad("repetition_penalty", f"must be greater than 0 (1 = off), got {body['repetition_penalty']}")
+    if repetition is not None and repetition != 1.0:
+        params.repetition_penalty = repetition
+    bias = body.get("logit_bias", {})
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", f"expected an object mapping token ids to biases, got {bias!r}")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise _bad("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+    for key in bias:
+        if not TOKEN_ID_KEY.fullmatch(key) or int(key) > UINT32:
+            raise _bad("logit_bias", f"invalid key {key[:40]!r}: keys are token ids (non-negative integers)")
+        value = _in_range(bias[key], "logit_bias", -MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS)
+        if value is None:  # null means "unset" for a field, but a bias must be a number
+            raise _bad("logit_bias", f"the bias for token {key} must be a number, got null")
+        params.logit_bias[int(key)] = value
 
 
 def _max_tokens_field(body: dict) -> str:

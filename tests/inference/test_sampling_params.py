@@ -49,11 +49,54 @@ def test_is_greedy_for_zero_or_numerically_zero_temperature():
     (dict(stop=("ok", "")), "stop"),
     (dict(top_logprobs=21), "top_logprobs"),
     (dict(top_logprobs=-1), "top_logprobs"),
+    (dict(presence_penalty=2.01), "presence_penalty"),
+    (dict(presence_penalty=math.nan), "presence_penalty"),
+    (dict(frequency_penalty=-2.5), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    (dict(repetition_penalty=math.inf), "repetition_penalty"),
+    (dict(logit_bias=((5, 100.5),)), "logit_bias"),
+    (dict(logit_bias=((5, math.nan),)), "logit_bias"),
+    (dict(logit_bias=((-1, 1.0),)), "logit_bias"),
+    (dict(logit_bias=((64, 1.0),)), "logit_bias"),  # the vocabulary is [0, 64)
+    (dict(logit_bias=tuple((i, 1.0) for i in range(301))), "logit_bias"),
 ])
 def test_bad_parameters_raise_invalid_argument_naming_the_field(kwargs, field):
     with pytest.raises(InvalidArgument) as excinfo:
-        SamplingParams(**kwargs).validate(prompt_len=4, max_context=64)
+        SamplingParams(**kwargs).validate(prompt_len=4, max_context=64, vocab_size=64)
     assert field_of(excinfo) == field
+
+
+def test_logit_processing_edge_values_are_accepted():
+    params = SamplingParams(max_tokens=1, presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=1e-3,
+                            logit_bias=tuple((i, (-100.0, 100.0)[i % 2]) for i in range(300)))
+    assert params.validate(prompt_len=4, max_context=64, vocab_size=300) == params
+    assert params.processes_logits and params.has_penalties and not SamplingParams().processes_logits
+
+
+def test_a_logit_bias_id_beyond_the_vocabulary_is_named():
+    with pytest.raises(InvalidArgument, match="logit_bias token id 9 is not in the vocabulary") as e:
+        SamplingParams(logit_bias=((9, 1.0),)).validate(prompt_len=4, max_context=64, vocab_size=9)
+    assert field_of(e) == "logit_bias" and e.value.metadata["token_id"] == "9"
+
+
+def test_from_request_reads_penalties_and_sorts_the_bias_map():
+    params = SamplingParams.from_request(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
+                                         logit_bias={9: 1, 3: -2.5})
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert params.logit_bias == ((3, -2.5), (9, 1.0))
+    unset = SamplingParams.from_request(presence_penalty=None, logit_bias={})
+    assert unset == SamplingParams() and not unset.processes_logits
+
+
+def test_a_huge_logit_bias_map_is_refused_before_it_is_copied():
+    class Huge(dict):
+        def items(self):
+            raise AssertionError("copied")
+
+    with pytest.raises(InvalidArgument) as e:
+        SamplingParams.from_request(logit_bias=Huge({i: 1.0 for i in range(301)}))
+    assert field_of(e) == "logit_bias"
 
 
 def test_edge_values_are_accepted():

@@ -48,6 +48,20 @@ def test_top_p_zero_is_greedy():
     assert call.sampling.temperature == 0.0 and not call.sampling.HasField("top_p")
 
 
+def test_penalties_and_logit_bias_become_sampling_params():
+    for build, body in ((schema.chat_call, {"messages": [{"role": "user", "content": "x"}]}),
+                        (schema.completion_call, {"prompt": "x"})):
+        call, _ = build({"model": "fin", **body, "presence_penalty": 0.5, "frequency_penalty": -2,
+                         "repetition_penalty": 1.25, "logit_bias": {"7": 100, "0012": -3.5}})
+        s = call.sampling
+        assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -2.0, 1.25)
+        assert dict(s.logit_bias) == {7: 100.0, 12: -3.5}
+        off, _ = build({"model": "fin", **body, "presence_penalty": 0, "frequency_penalty": 0.0,
+                        "repetition_penalty": 1, "logit_bias": {}})
+        assert not any(off.sampling.HasField(f) for f in ("presence_penalty", "frequency_penalty",
+                                                          "repetition_penalty")) and not off.sampling.logit_bias
+
+
 def test_completion_bodies_become_calls():
     call, options = schema.completion_call({"model": "fin", "prompt": ["once"], "logprobs": 2,
                                             "stop": ["a", "b"]})
@@ -61,7 +75,17 @@ def test_completion_bodies_become_calls():
     ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": 1}, "frequency_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"+5": 1}}, "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5" * 5000: 1}}, "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"4294967296": 1}},
+     "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": None}}, "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": True}}, "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": [5]}, "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1e39},
+     "repetition_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),

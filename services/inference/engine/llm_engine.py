@@ -80,7 +80,8 @@ class LLMEngine:
             return []
         seqs, logits = self.runner.run(batch)
         requests = [self._requests[seq.seq_id] for seq in seqs]
-        tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [r.generator for r in requests]) if seqs else []
+        tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [r.generator for r in requests],
+                                     seqs) if seqs else []
         self.scheduler.postprocess(batch, {seq.seq_id: t.token_id for seq, t in zip(seqs, tokens)})
         return [self._output(request, token) for request, token in zip(requests, tokens)]
 

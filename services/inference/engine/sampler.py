@@ -7,6 +7,7 @@ import secrets
 
 import torch
 
+from services.inference.engine.logits_processors import TokenHistory, process_logits
 from services.inference.engine.sampling_params import SamplingParams
 
 _SEED_MODULUS = 2**64  # torch.Generator takes a 64-bit seed; proto seeds are uint64
@@ -27,13 +28,26 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 class Sampler:
-    """Greedy, temperature, top-k and top-p (nucleus) sampling, one set of params per row.
+    """Penalties, logit bias, then greedy, temperature, top-k and top-p (nucleus) sampling,
+    one set of params per row.
+
+    Semantics, for one row with raw logits l[V], prompt tokens P and generated tokens G so far
+    (c[t] = how often t occurs in G), applied in this order:
+      1. repetition_penalty r > 0 (HF transformers / vLLM; 1 = off):
+           for t in set(P + G): l[t] = l[t] / r if l[t] > 0 else l[t] * r
+      2. frequency_penalty f, presence_penalty p in [-2, 2] (OpenAI / vLLM; 0 = off; G only):
+           l[t] -= f * c[t] + p * (c[t] > 0)
+      3. logit_bias b (token id -> [-100, 100], at most 300 ids, each < V):  l[t] += b[t]
+      4. greedy (temperature < 1e-5): argmax(l), the lowest id among ties; else
+         softmax(l / temperature) after top-k, then top-p masking, drawn from.
+    A row without options 1-3 is left as it is, and a batch where no row has any skips that
+    work entirely (no [N, V] copy).
 
     Each row draws from its own torch.Generator, so a seeded request yields the same tokens
-    whatever else shares its batch. Logprobs are log_softmax of the raw logits, before
-    temperature/top-k/top-p: they report what the model believes, not the distorted
-    distribution we happened to draw from (vLLM's default too), so they are comparable across
-    requests with different sampling settings.
+    whatever else shares its batch. Logprobs are log_softmax of the RAW logits, before steps
+    1-4: they report what the model believes, not the distorted distribution we happened to
+    draw from (vLLM's default `raw_logprobs` too), so they are comparable across requests with
+    different sampling settings. A token banned by a -100 bias still shows its raw logprob.
     """
 
     def __init__(self) -> None:
@@ -44,17 +58,21 @@ class Sampler:
             self._unseeded[device] = make_generator(None, device)
         return self._unseeded[device]
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[SampledToken]:
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+               histories: list[TokenHistory] | None = None) -> list[SampledToken]:
+        """histories: each row's tokens so far (the engine's Sequences); needed by penalties only."""
         # logits: [N, V], one row per sequence that completes its prefill this step
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(f"logits {tuple(logits.shape)} vs {len(params)} params, {len(generators)} generators")
+        if histories is not None and len(histories) != len(params):
+            raise ValueError(f"{len(histories)} histories vs {len(params)} params")
         logits = logits.float()
-        token_ids = logits.argmax(dim=-1)  # [N]; the answer for greedy rows
+        processed = process_logits(logits, params, histories)  # [N, V]; `logits` itself when no row asks
+        token_ids = processed.argmax(dim=-1)  # [N]; the answer for greedy rows
         sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
-            probs = self._filtered_probs(logits[rows], [params[i] for i in sampled_rows])  # [S, V]
+            probs = self._filtered_probs(processed[rows], [params[i] for i in sampled_rows])  # [S, V]
             for row_probs, i in zip(probs, sampled_rows):
                 generator = generators[i] or self._unseeded_on(row_probs.device)
                 if generator.device != row_probs.device:  # a generator made elsewhere: correct, but slow on GPU

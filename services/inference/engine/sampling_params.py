@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from services.common.errors import InvalidArgument
 
@@ -15,6 +15,12 @@ MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 # Temperatures below this divide logits into overflow; they mean "greedy" in practice (as in vLLM).
 GREEDY_TEMPERATURE_EPS = 1e-5
+#: OpenAI's range for presence_penalty and frequency_penalty.
+MAX_ABS_PENALTY = 2.0
+#: OpenAI's range for a logit_bias value: +-100 all but forces or bans a token.
+MAX_ABS_LOGIT_BIAS = 100.0
+#: At most this many logit_bias entries (OpenAI-like): each is applied to every step's logits.
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +36,10 @@ class SamplingParams:
     the request carried one.
 
     top_logprobs > 0 implies logprobs of the chosen token too.
+
+    presence_penalty, frequency_penalty, repetition_penalty and logit_bias change the logits
+    before sampling; their exact semantics and order are in the Sampler's docstring. logit_bias
+    is a tuple of (token id, bias) pairs, sorted by id, so the params stay hashable.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -42,6 +52,10 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     max_tokens_explicit: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def from_request(
@@ -56,9 +70,17 @@ class SamplingParams:
         top_logprobs: int | None = None,
         ignore_eos: bool | None = None,
         until_context_full: bool = False,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> SamplingParams:
         """Build from request fields where None means "not set": defaults apply.
         until_context_full turns an unset max_tokens into "as many as the context leaves"."""
+        if logit_bias and len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            # Refused before copying: a 64 MB request holds millions of entries, and sorting
+            # them here would hold the caller's thread (the node's event loop) for seconds.
+            raise _too_many_logit_biases(len(logit_bias))
         defaults = cls()
         default_max_tokens = UNTIL_CONTEXT_FULL if until_context_full else defaults.max_tokens
         return cls(
@@ -72,6 +94,10 @@ class SamplingParams:
             top_logprobs=int(top_logprobs or 0),
             ignore_eos=bool(ignore_eos),
             max_tokens_explicit=max_tokens is not None,
+            presence_penalty=defaults.presence_penalty if presence_penalty is None else float(presence_penalty),
+            frequency_penalty=defaults.frequency_penalty if frequency_penalty is None else float(frequency_penalty),
+            repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
+            logit_bias=tuple(sorted((int(t), float(b)) for t, b in (logit_bias or {}).items())),
         )
 
     @property
@@ -82,13 +108,24 @@ class SamplingParams:
     def wants_logprobs(self) -> bool:
         return self.logprobs or self.top_logprobs > 0
 
-    def validate(self, prompt_len: int, max_context: int) -> SamplingParams:
+    @property
+    def has_penalties(self) -> bool:
+        """Needs the request's token history: counts or the set of tokens seen."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Changes the logits before sampling (rows without it skip that work entirely)."""
+        return self.has_penalties or bool(self.logit_bias)
+
+    def validate(self, prompt_len: int, max_context: int, vocab_size: int | None = None) -> SamplingParams:
         """Check every field; return a copy whose max_tokens fits the context.
 
         Raises InvalidArgument (metadata `field` names the culprit) for a bad parameter, an
         empty prompt, a prompt that leaves no room to generate, or an explicit max_tokens
-        that does not fit after the prompt.
+        that does not fit after the prompt. vocab_size, where known, bounds logit_bias's ids.
         """
+        self._validate_logit_processing(vocab_size)
         if math.isnan(self.temperature) or math.isinf(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}",
                                   field="temperature")
@@ -118,3 +155,28 @@ class SamplingParams:
                 f"{prompt_len} tokens leaves room for {room} in the context of {max_context}",
                 field="max_tokens", max_tokens=self.max_tokens, room=room)
         return dataclasses.replace(self, max_tokens=min(self.max_tokens, room))
+
+    def _validate_logit_processing(self, vocab_size: int | None) -> None:
+        for field in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, field)
+            if not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:  # NaN fails this comparison too
+                raise InvalidArgument(f"{field} must be in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}], got {value}",
+                                      field=field)
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise InvalidArgument(f"repetition_penalty must be a finite number > 0 (1 = off), got "
+                                  f"{self.repetition_penalty}", field="repetition_penalty")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise _too_many_logit_biases(len(self.logit_bias))
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                where = f"[0, {vocab_size})" if vocab_size is not None else "the ids >= 0"
+                raise InvalidArgument(f"logit_bias token id {token_id} is not in the vocabulary {where}",
+                                      field="logit_bias", token_id=token_id)
+            if not -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS:
+                raise InvalidArgument(f"logit_bias for token {token_id} must be in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                                      f"{MAX_ABS_LOGIT_BIAS:g}], got {bias}", field="logit_bias", token_id=token_id)
+
+
+def _too_many_logit_biases(count: int) -> InvalidArgument:
+    return InvalidArgument(f"logit_bias has at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {count}",
+                           field="logit_bias")

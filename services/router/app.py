@@ -25,6 +25,7 @@ from services.router.http_api import build_app
 from services.router.http_server import HttpServer
 from services.router.membership import Membership
 from services.router.node_client import GrpcNodeClient
+from services.router.open_streams import OpenStreams
 from services.router.proxy import RouterCore
 from services.router.quotas import Limits, QuotaManager
 from services.router.registry_client import RegistryClient
@@ -68,17 +69,21 @@ class RouterApp:
         quotas = QuotaManager(Limits(config.tenant_max_concurrent, config.tenant_tokens_per_minute),
                               [(o.tenant, Limits(o.max_concurrent, o.tokens_per_minute))
                                for o in config.quota_overrides])
+        open_streams = OpenStreams()
         self.core = RouterCore(authenticator, resolver, membership, quotas, config.load_balance_factor,
-                               config.max_attempts)
+                               config.max_attempts, open_streams)
         self._router.attach(self.core)
         self._nodes.attach(membership)
 
         def apply(event: FeedEvent) -> None:
+            # Revocations also end the requests in flight; unbinds and deletions do not (open_streams.py).
             if event.kind == "API_KEY_REVOKED":
                 authenticator.key_revoked(event.subject)
+                open_streams.key_revoked(event.tenant_id, event.subject)
             elif event.kind == "TENANT_DELETED":
                 authenticator.tenant_deleted(event.tenant_id)
                 resolver.adapters_changed(event.tenant_id)
+                open_streams.tenant_deleted(event.tenant_id)
             elif event.kind in ("DEPLOYMENT_BOUND", "DEPLOYMENT_UNBOUND"):
                 resolver.deployment_changed(event.tenant_id, event.subject)
             elif event.kind in ("ADAPTER_CREATED", "ADAPTER_DELETED"):
@@ -86,7 +91,7 @@ class RouterApp:
             elif event.kind == "BASE_MODEL_REGISTERED":
                 resolver.base_model_registered(event.subject)
 
-        def reset() -> None:
+        def reset() -> None:  # ends no stream: nothing is known to be revoked (open_streams.py)
             authenticator.clear()
             resolver.clear()
 

@@ -8,7 +8,9 @@ Health: a node is placeable only while HEALTHY. A poll the node refuses or answe
 serving", a missed heartbeat window, or a request that finds the node unreachable marks it
 UNHEALTHY at once: no new requests, and those still waiting there for their first token are
 placed again elsewhere (a frozen or partitioned node never answers, and nothing has been sent
-to their callers yet); streams already running finish or fail on their own.
+to their callers yet). Streams already running finish or fail on their own, except when the
+node is marked for not answering (late polls, missed heartbeats): then `silent_since` says
+from when it has been silent, and a stream that got nothing since ends at once (proxy.py).
 A poll that only runs past its deadline counts as slow: a node busy with a burst (a huge
 prompt, a GC pause) answers late now and then, and taking it out for one late answer would
 push its whole load onto the others; `slow_polls` late answers in a row mark it. Polls keep
@@ -79,6 +81,10 @@ class Node:
     #: stop waiting and go elsewhere (proxy.py). Cleared when it is healthy again.
     down: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     down_reason: str = ""
+    #: When marked failed for not answering: a time (self.clock) by which the node had surely
+    #: gone silent, the start of the last probe window it left unanswered. None when it was
+    #: marked for answering "no" (refused, not serving): it is alive and may finish its streams.
+    silent_since: float | None = None
     #: adapter id -> monotonic time this router last sent it here (residency not yet reported).
     placed: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -171,11 +177,12 @@ class Membership:
         # A report taken after a placement had time to load the adapter supersedes it.
         node.placed = {a: t for a, t in node.placed.items() if now - t < 2 * max(self.poll_s, self.heartbeat_s)}
 
-    def mark_failed(self, node: Node, why: str) -> None:
+    def mark_failed(self, node: Node, why: str, silent_since: float | None = None) -> None:
+        """silent_since: see Node.silent_since."""
         if node.health is Health.HEALTHY:
             log.warning("node %s (%s) is unhealthy: %s", node.node_id, node.address, why)
             node.health = Health.UNHEALTHY
-            node.down_reason = why
+            node.down_reason, node.silent_since = why, silent_since
             node.down.set()
 
     def placeable(self) -> list[NodeView]:
@@ -224,6 +231,7 @@ class Membership:
             return
         if node.health is Health.DRAINING:
             return
+        asked_at = self.clock()
         try:
             # Recorded even if the node is not serving yet: "loading" is not "serves nothing".
             self._set_base_model(node, await node.client.base_model(self.timeout_s))
@@ -231,7 +239,9 @@ class Membership:
         except NodeFailure as failure:
             node.slow_polls = node.slow_polls + 1 if failure.timed_out else self.slow_polls
             if node.slow_polls >= self.slow_polls:
-                self.mark_failed(node, failure.error.message)
+                # A node that answered nothing since an earlier late poll was already silent when
+                # this one began (with --node-slow-polls 1 the window is this poll alone).
+                self.mark_failed(node, failure.error.message, silent_since=asked_at if failure.timed_out else None)
             else:
                 log.info("node %s (%s) answered its health poll late (%d in a row): %s", node.node_id,
                          node.address, node.slow_polls, failure.error.message)
@@ -255,7 +265,10 @@ class Membership:
             if node.health is Health.DRAINING:
                 self._forget_if_idle(node)
             else:
-                self.mark_failed(node, f"no heartbeat for {silent:.1f}s")
+                # Its next heartbeat was due about an interval after the last one: an interval more
+                # of margin, and it was surely silent by then.
+                self.mark_failed(node, f"no heartbeat for {silent:.1f}s",
+                                 silent_since=node.last_seen_mono + 2 * self.heartbeat_s)
             return
         if node.health is not Health.UNHEALTHY:
             return

@@ -11,8 +11,15 @@ code (404, 429, 503) before it commits to a 200 event stream.
 `Stream` then relays the rest one message at a time (the caller's pace is the node's pace:
 see node_client.py on backpressure). After the first token a node failure cannot be hidden:
 the text already delivered cannot be replayed elsewhere token-identically, so the stream
-ends with UNAVAILABLE saying so. Closing the stream early (client cancel) closes the node
-call, which cancels the request on the node and frees its KV blocks.
+ends with UNAVAILABLE saying so. That includes a node that freezes mid-stream (a hung host, a
+partition without RST): when the router's own probes mark it failed for not answering, a
+stream that has had nothing from it since that silence began ends at once, instead of
+hanging until HTTP/2 keepalive gives the connection up. A stream that did get deltas within
+the silence is being served and runs on (a node busy enough to answer polls late, or one
+refusing polls while it drains). No timer of its own decides this: a legitimately slow stream
+on a node that answers its probes is never cut. Closing the stream early (client cancel,
+a revoked key: open_streams.py) closes the node call, which cancels the request on the node
+and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from services.router import metrics
 from services.router.auth import Authenticator, Caller
 from services.router.membership import Membership, Node
 from services.router.nodes import NodeFailure
+from services.router.open_streams import InFlight, OpenStreams
 from services.router.placement import place
 from services.router.quotas import Lease, QuotaManager
 from services.router.resolution import ModelEntry, Resolver, Target
@@ -78,17 +86,29 @@ class Stream:
     """The deltas of one placed request; iterate once, then (or instead) `aclose`."""
 
     def __init__(self, request_id: str, target: Target, node: Node, deltas: AsyncIterator, first,
-                 lease: Lease, membership: Membership) -> None:
+                 lease: Lease, membership: Membership, in_flight: InFlight) -> None:
         self.request_id, self.target, self.node = request_id, target, node
         self._deltas, self._first, self._lease, self._membership = deltas, first, lease, membership
+        self._in_flight = in_flight
         self._closed = False
         self._prompt_charged = False
         self.tokens = 0
+        self._last_delta_at = membership.clock()
+        self._node_down = asyncio.ensure_future(node.down.wait())
+        self._node_down.add_done_callback(self._node_marked_failed)
+
+    def _node_marked_failed(self, waited: asyncio.Future) -> None:
+        """Ends the stream if its node was marked failed for not answering and nothing came on this
+        stream since that silence began (see the module docstring)."""
+        silent_since = self.node.silent_since
+        if not waited.cancelled() and silent_since is not None and self._last_delta_at < silent_since:
+            self._in_flight.cut(self._lost(f"it stopped answering mid-stream: {self.node.down_reason}"))
 
     async def __aiter__(self) -> AsyncIterator[generation_pb2.GenerationDelta]:
         try:
             delta = self._first
             while True:
+                self._in_flight.check()  # cut while this delta was on its way: it is not passed on
                 self.tokens += len(delta.token_ids)
                 self._lease.charge(len(delta.token_ids) + self._prompt_tokens(delta))
                 yield delta
@@ -99,7 +119,7 @@ class Stream:
                         await anext(self._deltas, None)
                     return
                 try:
-                    delta = await anext(self._deltas)
+                    delta = await self._in_flight.run(lambda: anext(self._deltas))
                 except StopAsyncIteration:
                     raise self._lost("the node ended the stream without a finish reason") from None
                 except NodeFailure as failure:
@@ -108,6 +128,7 @@ class Stream:
                     if not failure.retryable:
                         raise failure.error from None
                     raise self._lost(failure.error.message) from None
+                self._last_delta_at = self._membership.clock()
         finally:
             await self.aclose()
 
@@ -132,11 +153,13 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        self._node_down.cancel()
         try:
             await self._deltas.aclose()  # cancels the node call if it is still running
         finally:
             self._membership.finished(self.node)
             self._lease.release()
+            self._in_flight.close()
 
 
 async def _first_token(node: Node, deltas: AsyncIterator,
@@ -146,8 +169,9 @@ async def _first_token(node: Node, deltas: AsyncIterator,
 
     A node that freezes or drops off the network (no RST) never answers: without this, the
     request would wait for the caller's deadline (or forever) while other nodes idle. Giving up
-    is safe because nothing has been sent to the caller yet; streams past their first token
-    are left to finish or fail on their own (a node merely slow to answer polls keeps them).
+    is safe because nothing has been sent to the caller yet; a stream past its first token is
+    cut only when silent since its node went quiet (Stream: a node merely slow to answer polls
+    keeps its streams).
     With no other node to go to, the request keeps waiting: a node marked failed for late
     polls may only be busy, and giving up would turn its answer into a 503.
     """
@@ -177,9 +201,11 @@ async def _first_token(node: Node, deltas: AsyncIterator,
 
 class RouterCore:
     def __init__(self, authenticator: Authenticator, resolver: Resolver, membership: Membership,
-                 quotas: QuotaManager, load_factor: float, max_attempts: int) -> None:
+                 quotas: QuotaManager, load_factor: float, max_attempts: int,
+                 open_streams: OpenStreams | None = None) -> None:
         self.authenticator, self.resolver, self.membership, self.quotas = authenticator, resolver, membership, quotas
         self.load_factor, self.max_attempts = load_factor, max_attempts
+        self.open_streams = open_streams if open_streams is not None else OpenStreams()
 
     async def authenticate(self, authorization: str | None) -> Caller:
         return await self.authenticator.authenticate(authorization)
@@ -191,13 +217,22 @@ class RouterCore:
         return await self.resolver.resolve(caller, model)
 
     async def open(self, caller: Caller, call: GenerateCall) -> Stream:
-        """Resolves, admits and places the request; returns once its first token exists."""
+        """Resolves, admits and places the request; returns once its first token exists. From here
+        until the stream closes, revoking the caller's key ends it (open_streams.py)."""
         if call.prompt is None and call.messages is None:
             raise InvalidArgument("set prompt or messages", field="input")
         if call.messages is not None and not call.messages:
             raise InvalidArgument("messages must not be empty", field="messages")
         if call.request_id:
             check_request_id(call.request_id)
+        in_flight = self.open_streams.add(caller)
+        try:
+            return await in_flight.run(lambda: self._admit_and_place(caller, call, in_flight))
+        except BaseException:
+            in_flight.close()
+            raise
+
+    async def _admit_and_place(self, caller: Caller, call: GenerateCall, in_flight: InFlight) -> Stream:
         target = await self.resolver.resolve(caller, call.model)
         try:
             lease = self.quotas.admit(caller.tenant_id, caller.tenant_name)
@@ -205,12 +240,12 @@ class RouterCore:
             metrics.QUOTA_REJECTIONS.labels(exc.reason).inc()
             raise
         try:
-            return await self._place(call, target, lease)
+            return await self._place(call, target, lease, in_flight)
         except BaseException:
             lease.release()
             raise
 
-    async def _place(self, call: GenerateCall, target: Target, lease: Lease) -> Stream:
+    async def _place(self, call: GenerateCall, target: Target, lease: Lease, in_flight: InFlight) -> Stream:
         request_id = call.request_id or uuid.uuid4().hex
         request = call.node_request(request_id, target)
         tried: list[str] = []
@@ -248,7 +283,7 @@ class RouterCore:
                 await deltas.aclose()
                 self.membership.finished(node)
                 raise
-            return Stream(request_id, target, node, deltas, first, lease, self.membership)
+            return Stream(request_id, target, node, deltas, first, lease, self.membership, in_flight)
         raise self._no_node(target, tried, failures)
 
     def _no_node(self, target: Target, tried: list[str], failures: list[NodeFailure]) -> Exception:

@@ -21,7 +21,7 @@ from tests.conftest import stop_process, wait_for_health
 from tests.registry.backends import InProcessRegistry
 from tests.registry.client import Client, unique
 from tests.registry.lora_files import make_peft_adapter
-from tests.router.harness import ADMIN_TOKEN, InProcessRouter, NodeProcess, router_config
+from tests.router.harness import ADMIN_TOKEN, HeldNode, InProcessRouter, NodeProcess, router_config
 
 CUSTOMER_A_MODEL = "base-llm-with-customerA-adapter"
 #: deployment name -> (tenant, adapter name, seed)
@@ -117,3 +117,22 @@ def make_router(world) -> Iterator:
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def held_node(make_router) -> Iterator:
+    """Builds a router in front of one HeldNode (extra router settings as keywords); returns
+    (router, node). The nodes stop at the end of the test, before their routers' loops do."""
+    started: list[HeldNode] = []
+
+    def make(**overrides) -> tuple[InProcessRouter, HeldNode]:
+        node = HeldNode()
+        router = make_router([node.address], **overrides)
+        node.serve(router)
+        started.append(node)
+        router.wait_healthy(1)
+        return router, node
+
+    yield make
+    for node in started:
+        node.stop()

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.pb.loraplex.router.v1 import nodes_pb2, nodes_pb2_grpc, router_pb2_grpc
 from services.router.app import RouterApp
@@ -125,3 +127,73 @@ def stop_agent(router: InProcessRouter, agent: NodeAgent, beating) -> None:
     """Stops heartbeating and deregisters."""
     beating.cancel()
     asyncio.run_coroutine_threadsafe(agent.stop(), router.loop).result(10)
+
+
+class HeldNode(inference_pb2_grpc.InferenceServicer, health_pb2_grpc.HealthServicer):
+    """A real gRPC inference node (base model "tiny") whose every generation sends two tokens and
+    then holds the stream open, as a long generation does, until `finish` releases it with a
+    final token or the router cancels the call; `freeze` makes it stop answering anything, health
+    checks included (a hung host: the connection stays up, nothing comes back). Served on the
+    router's loop, so its counters are read with `router.run`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.started = 0  # Generate calls received
+        self.cancelled = 0  # Generate calls the router cancelled
+        self._frozen: asyncio.Event | None = None
+        self._finish: asyncio.Event | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def serve(self, router: InProcessRouter) -> None:
+        async def start() -> None:
+            self._frozen, self._finish = asyncio.Event(), asyncio.Event()
+            self._server = grpc.aio.server()
+            inference_pb2_grpc.add_InferenceServicer_to_server(self, self._server)
+            health_pb2_grpc.add_HealthServicer_to_server(self, self._server)
+            self._server.add_insecure_port(self.address)
+            await self._server.start()
+
+        self._loop = router.loop
+        asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+
+    def freeze(self) -> None:
+        self._loop.call_soon_threadsafe(self._frozen.set)
+
+    def finish(self) -> None:
+        self._loop.call_soon_threadsafe(self._finish.set)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(10)
+
+    async def _answer_unless_frozen(self) -> None:
+        if self._frozen.is_set():
+            await asyncio.Event().wait()  # never answers; the caller's deadline ends the call
+
+    async def Check(self, request, context):
+        await self._answer_unless_frozen()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def GetInfo(self, request, context):
+        await self._answer_unless_frozen()
+        return inference_pb2.ModelInfo(base_model="tiny")
+
+    async def GetStats(self, request, context):
+        await self._answer_unless_frozen()
+        return inference_pb2.Stats()
+
+    async def Generate(self, request, context):
+        self.started += 1
+        try:
+            for i in range(2):
+                yield inference_pb2.GenerateResponse(delta=generation_pb2.GenerationDelta(
+                    text=f"t{i}", token_ids=[i], prompt_tokens=1 if i == 0 else 0))
+            await self._finish.wait()
+            final = generation_pb2.GenerationDelta(text="t2", token_ids=[2],
+                                                   finish_reason=generation_pb2.FINISH_REASON_LENGTH)
+            final.usage.prompt_tokens, final.usage.completion_tokens = 1, 3
+            yield inference_pb2.GenerateResponse(delta=final)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise

@@ -1,8 +1,8 @@
 """A node marked failed (missed heartbeats, refused or late polls) while requests wait there
 for their first token: they are placed again elsewhere, invisibly, instead of waiting for the
 caller's deadline (or forever) on a node that froze or fell off the network; with no other
-node to go to they keep waiting (the node may only be busy); a stream past its first token is
-not cut by the mark."""
+node to go to they keep waiting (the node may only be busy); a stream past its first token that
+the node still serves is not cut by the mark (test_frozen_node.py has the one that is)."""
 
 from __future__ import annotations
 
@@ -86,14 +86,18 @@ def test_with_no_other_node_a_request_keeps_waiting_on_a_node_marked_failed():
     asyncio.run(main())
 
 
-def test_a_stream_past_its_first_token_is_not_cut_when_its_node_is_marked_failed():
+def test_a_stream_its_node_still_serves_is_not_cut_when_the_node_is_marked_failed():
+    """Marked for refusing polls (a node draining its streams), or for late polls that began
+    before this stream's last token (a node busy, not frozen): the stream runs to its end."""
     async def main():
-        fake = FakeNode()
-        core, membership, quotas = build({"a:1": fake})
-        await poll_all(membership)
-        stream = await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))
-        membership.mark_failed(membership.nodes["a:1"], "three late polls")
-        assert await drain(stream) == [0, 1, 2]
-        assert membership.nodes["a:1"].in_flight == 0 and quotas.in_flight(CALLER.tenant_id) == 0
+        for late_polls in (False, True):
+            fake = FakeNode()
+            core, membership, quotas = build({"a:1": fake})
+            await poll_all(membership)
+            silent_since = membership.clock() if late_polls else None
+            stream = await core.open(CALLER, GenerateCall(model="tiny", prompt="hi"))
+            membership.mark_failed(membership.nodes["a:1"], "three late polls", silent_since=silent_since)
+            assert await drain(stream) == [0, 1, 2]
+            assert membership.nodes["a:1"].in_flight == 0 and quotas.in_flight(CALLER.tenant_id) == 0
 
     asyncio.run(main())

@@ -23,20 +23,17 @@ from services.router.cache import FeedCache, FeedState
 
 @dataclasses.dataclass(frozen=True)
 class Caller:
+    """A verified API key: whose it is, and until when it is valid."""
+
     tenant_id: str
     tenant_name: str
     key_id: str
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifiedKey:
-    caller: Caller
     #: Unix time the key expires, or None.
     expires_at: float | None = None
 
 
 class KeyVerifier(Protocol):
-    async def verify_api_key(self, secret: str) -> VerifiedKey:
+    async def verify_api_key(self, secret: str) -> Caller:
         """The key's tenant; Unauthenticated when unknown/revoked/expired, Unavailable when the
         Registry cannot answer."""
 
@@ -44,29 +41,29 @@ class KeyVerifier(Protocol):
 class Authenticator:
     def __init__(self, verifier: KeyVerifier, ttl_s: float, feed: FeedState) -> None:
         self.verifier = verifier
-        self.cache: FeedCache[str, VerifiedKey] = FeedCache(ttl_s, feed)
+        self.cache: FeedCache[str, Caller] = FeedCache(ttl_s, feed)
 
     async def authenticate(self, authorization: str | None) -> Caller:
         secret = bearer_token(authorization, credential="API key")
         digest = hashlib.sha256(secret.encode()).hexdigest()
-        verified = await self.cache.get_or_load(digest, lambda: self.verifier.verify_api_key(secret),
-                                                ttl_of=_seconds_left)
-        if verified.expires_at is not None and verified.expires_at <= time.time():
+        caller = await self.cache.get_or_load(digest, lambda: self.verifier.verify_api_key(secret),
+                                              ttl_of=_seconds_left)
+        if caller.expires_at is not None and caller.expires_at <= time.time():
             self.cache.invalidate(lambda key: key == digest)
             raise Unauthenticated("the API key has expired", reason="INVALID_API_KEY")
-        return verified.caller
+        return caller
 
     def key_revoked(self, key_id: str) -> None:
-        self.cache.invalidate_values(lambda verified: verified.caller.key_id == key_id)
+        self.cache.invalidate_values(lambda caller: caller.key_id == key_id)
 
     def tenant_deleted(self, tenant_id: str) -> None:
-        self.cache.invalidate_values(lambda verified: verified.caller.tenant_id == tenant_id)
+        self.cache.invalidate_values(lambda caller: caller.tenant_id == tenant_id)
 
     def clear(self) -> None:
         self.cache.clear()
 
 
-def _seconds_left(verified: VerifiedKey) -> float:
-    if verified.expires_at is None:
+def _seconds_left(caller: Caller) -> float:
+    if caller.expires_at is None:
         return float("inf")
-    return verified.expires_at - time.time()
+    return caller.expires_at - time.time()

@@ -18,7 +18,7 @@ from services.common import errors, keepalive
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.common.rpc import error_info
-from services.router.auth import Caller, VerifiedKey
+from services.router.auth import Caller
 from services.router.feed import FeedEvent
 from services.router.node_client import RECONNECT_OPTIONS
 from services.router.resolution import ModelEntry, Target
@@ -59,7 +59,7 @@ class RegistryClient:
         return errors.Unavailable(f"the registry at {self.address} could not {what}: {code.name} {exc.details()}",
                                   reason="REGISTRY_UNAVAILABLE")
 
-    async def verify_api_key(self, secret: str) -> VerifiedKey:
+    async def verify_api_key(self, secret: str) -> Caller:
         try:
             reply = await self._stub.VerifyApiKey(pb.VerifyApiKeyRequest(secret=secret), metadata=self._metadata,
                                                   timeout=self.timeout_s)
@@ -70,7 +70,7 @@ class RegistryClient:
                                              reason="INVALID_API_KEY") from None
             raise self._error(exc, "verify an API key") from None
         expires = _seconds(reply.key.expires_at) if reply.key.HasField("expires_at") else None
-        return VerifiedKey(Caller(reply.tenant.id, reply.tenant.name, reply.key.id), expires)
+        return Caller(reply.tenant.id, reply.tenant.name, reply.key.id, expires)
 
     async def resolve_deployment(self, name: str, tenant_id: str) -> Target:
         try:

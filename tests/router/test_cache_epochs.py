@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from services.common.errors import NotFound, Unauthenticated
-from services.router.auth import Authenticator, Caller, VerifiedKey
+from services.router.auth import Authenticator, Caller
 from services.router.cache import FeedState
 from services.router.resolution import Resolver, Target
 
@@ -42,7 +42,7 @@ def test_a_key_used_after_its_revocation_is_verified_again_not_joined_to_an_olde
             await self.gate.wait()
             if revoked_when_asked:
                 raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
-            return VerifiedKey(CALLER)
+            return CALLER
 
     async def main():
         registry = Registry()
@@ -124,7 +124,7 @@ def test_a_waiter_cancelled_together_with_the_caller_it_waits_on_stops_too():
             self.calls.append(secret)
             if len(self.calls) == 1:
                 await self.gate.wait()
-            return VerifiedKey(CALLER)
+            return CALLER
 
     async def main():
         registry = Registry()
@@ -156,7 +156,7 @@ def test_an_answer_read_before_the_feed_connected_is_not_stored_after_it():
                 await self.gate.wait()
             if revoked_when_asked:
                 raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
-            return VerifiedKey(CALLER)
+            return CALLER
 
     async def main():
         registry, feed = Registry(), FeedState()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.common.errors import NotFound, OutOfRange, Unauthenticated, Unavailable
-from services.router.auth import Authenticator, Caller, VerifiedKey, bearer_token
+from services.router.auth import Authenticator, Caller, bearer_token
 from services.router.cache import FeedCache, FeedState
 from services.router.feed import ChangeFeedWatcher, FeedEvent
 from services.router.resolution import ModelEntry, Resolver, Target
@@ -22,10 +22,10 @@ def live() -> FeedState:
 class Verifier:
     def __init__(self) -> None:
         self.calls = 0
-        self.valid = {"good": VerifiedKey(Caller("tnt_a", "a", "key_1"))}
+        self.valid = {"good": Caller("tnt_a", "a", "key_1")}
         self.gate: asyncio.Event | None = None
 
-    async def verify_api_key(self, secret: str) -> VerifiedKey:
+    async def verify_api_key(self, secret: str) -> Caller:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -107,7 +107,7 @@ def test_concurrent_lookups_share_one_registry_call_and_survive_a_cancelled_lead
 def test_keys_expire_by_their_own_deadline():
     async def main():
         verifier = Verifier()
-        verifier.valid["old"] = VerifiedKey(Caller("tnt_a", "a", "key_2"), expires_at=1.0)
+        verifier.valid["old"] = Caller("tnt_a", "a", "key_2", expires_at=1.0)
         auth = Authenticator(verifier, 60, live())
         with pytest.raises(Unauthenticated, match="expired"):
             await auth.authenticate("Bearer old")

@@ -6,6 +6,7 @@ says why). The node holds each stream open after two tokens, as a long generatio
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -13,8 +14,11 @@ import openai
 import pytest
 from openai import OpenAI
 
+from services.common.errors import Unauthenticated
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
 from services.common.pb.loraplex.router.v1 import router_pb2 as pb
+from services.router.auth import Caller
+from services.router.open_streams import OpenStreams
 from tests.registry.backends import CuttableProxy
 from tests.registry.client import unique
 from tests.router.harness import bearer, wait_until
@@ -131,3 +135,40 @@ def test_unbinding_the_name_of_an_open_stream_lets_it_finish(held_node, world):
     node.finish()
     assert [response.delta.text for response in call] == ["t2"]
     assert router.run(lambda: node.cancelled) == 0
+
+
+def test_a_key_that_expires_mid_stream_ends_its_stream_at_its_expiry(held_node, world):
+    """The Registry sends no event when a key expires: the router ends the stream at the expiry
+    its verification reported, as a new request with that key would be refused from then on."""
+    router, node = held_node()
+    key = world.admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=world.a.tenant_id, name=unique("k"), ttl_seconds=4))
+    call = router.stub.Generate(GO_ON, metadata=bearer(key.secret), timeout=60)
+    assert texts(call, 2) == ["t0", "t1"]
+    with pytest.raises(grpc.RpcError) as caught:
+        next(call)  # the held node never sends more: only the expiry ends this
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert f"API key {key.key.id} expired while this request was in progress" in caught.value.details()
+    assert_all_released(router, node, world.a.tenant_id)
+
+
+def test_a_key_revoked_while_it_was_being_verified_ends_its_request_as_it_registers():
+    """The Registry can answer "valid" just before a revocation commits, whose event then
+    arrives before the request registers: the revocation is remembered, not missed."""
+    streams = OpenStreams()
+    revoked, kept = Caller("tnt_a", "acme", "key_1"), Caller("tnt_a", "acme", "key_2")
+    streams.key_revoked("tnt_a", "key_1")  # while key_1's verification was in flight
+
+    async def start(caller: Caller) -> str:
+        in_flight = streams.add(caller)
+        try:
+            return await in_flight.run(lambda: asyncio.sleep(0, "placed"))
+        finally:
+            in_flight.close()
+
+    with pytest.raises(Unauthenticated, match="API key key_1 was revoked"):
+        asyncio.run(start(revoked))
+    assert asyncio.run(start(kept)) == "placed"
+    streams.tenant_deleted("tnt_b")
+    with pytest.raises(Unauthenticated, match="tenant beta was deleted"):
+        asyncio.run(start(Caller("tnt_b", "beta", "key_3")))
+    assert len(streams) == 0

@@ -41,7 +41,10 @@ def _pick_adapter(session, tenant_id: str, base_model: str, adapter_name: str, v
         raise FailedPrecondition(f"adapter {label} has no version for base model '{base_model}'",
                                  reason="BASE_MODEL_MISMATCH", field="base_model")
     if row is None:
-        raise NotFound(f"adapter {label} not found", reason="ADAPTER_NOT_FOUND", field="adapter_name")
+        # A version the name does not have: the field to correct is the version, not the name.
+        missing_version = version and find_version(session, tenant_id, adapter_name, 0) is not None
+        raise NotFound(f"adapter {label} not found", reason="ADAPTER_NOT_FOUND",
+                       field="adapter_version" if missing_version else "adapter_name")
     if base_model and row.base_model != base_model:
         raise FailedPrecondition(f"adapter {label} was trained for base model '{row.base_model}', not "
                                  f"'{base_model}'", reason="BASE_MODEL_MISMATCH", field="base_model",

@@ -67,8 +67,12 @@ def test_bind_checks_names_adapters_and_base_models(registry_sql, owner, peft_ad
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, bind, owner, "has space", "fin")
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, bind, owner, unique("d") + "\n", "fin")  # `$` matches before \n
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, bind, owner, unique("d"), "")
-    expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "nope")
-    expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "fin", version=7)
+    error = expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "nope")
+    assert error_info(error).metadata["field"] == "adapter_name"
+    error = expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "fin", version=7)
+    assert error_info(error).metadata["field"] == "adapter_version"  # was adapter_name, which is right
+    error = expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "nope", version=7)
+    assert error_info(error).metadata["field"] == "adapter_name"
     expect_error(grpc.StatusCode.NOT_FOUND, bind, owner, unique("d"), "fin", base_model="nope")
     twin = unique("tiny-twin")
     registry_sql.admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=twin, location=str(tiny_model_dir)))

@@ -36,7 +36,7 @@ from services.trainer.outage import OutageWait
 from services.trainer.publish import Publisher
 from services.trainer.queue import JobQueue
 from services.trainer.registry_client import RegistryClient
-from services.trainer.runner import JobRunner, RunnerEnv
+from services.trainer.runner import JobRunner, RunnerEnv, clear_job_folder
 from services.trainer.servicer import TrainerDomain, TrainerServicer
 from services.trainer.store import TrainerStore
 from services.trainer.tenants import TenantPurger
@@ -99,7 +99,8 @@ class TrainerApp:
                         torch_threads=config.torch_threads, keep_checkpoints=config.keep_checkpoints)
         hub = EventHub()
         self.queue = JobQueue(store, hub, lambda job, device, on_event: JobRunner(job, device, env, on_event),
-                              config.devices, self._run, config.cancel_grace_seconds, config.max_interruptions)
+                              config.devices, self._run, config.cancel_grace_seconds, config.max_interruptions,
+                              lambda job_id: clear_job_folder(env.jobs_dir / job_id))
         await self._run(warm_up)  # the fork server imports the training stack while we are idle
         await self.queue.start()
         jobs = JobService(store, self.queue, hub, models, auth, self.registry, self._run, config.max_rank)

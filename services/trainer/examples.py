@@ -122,6 +122,13 @@ def check_example(obj: Any, fmt: str) -> dict[str, Any]:
     return {"prompt": _text(obj["prompt"], "prompt"), "completion": _text(obj["completion"], "completion")}
 
 
+def text_chars(example: dict[str, Any]) -> int:
+    """How many characters of the caller's text a checked example holds (templates add more)."""
+    if "messages" in example:
+        return sum(len(message["content"]) for message in example["messages"])
+    return len(example["prompt"]) + len(example["completion"])
+
+
 def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
     try:
         return _encode_chat(tokenizer, messages)

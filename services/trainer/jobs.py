@@ -3,7 +3,8 @@
 StartJob refuses before queueing anything: unknown dataset or base model (NOT_FOUND, other
 tenants' datasets included), bad hyperparameters (INVALID_ARGUMENT naming the field, see
 hyperparams.py), a dataset validated for another base model (its token lengths would not
-hold), and a deployment name bound by another tenant (ALREADY_EXISTS).
+hold), and a deployment name bound by another tenant or naming a base model (ALREADY_EXISTS,
+as the Registry would answer at publication, after the whole run).
 
 A `request_id` makes StartJob safe to retry: the tenant's job stored under that key is returned
 as it is now, before any other check (a retry must not fail because the dataset was deleted
@@ -74,10 +75,7 @@ class JobService:
         training = resolve_training(request.training, base.max_position_embeddings)
         schedule = plan_schedule(training, dataset.num_examples, dataset.longest_example)
         if request.deployment_name:
-            owner = await self.registry.deployment_owner(request.deployment_name, tenant_id)
-            if owner == "taken":
-                raise AlreadyExists(f"deployment name '{request.deployment_name}' is taken",
-                                    reason="DEPLOYMENT_EXISTS", field="deployment_name")
+            await self._check_deployment_name(request.deployment_name, tenant_id)
         record = JobRecord(id="job_" + uuid.uuid4().hex, tenant_id=tenant_id, state=QUEUED, base_model=base.name,
                            dataset_id=dataset.id, lora=dataclasses.asdict(lora),
                            training=dataclasses.asdict(training), output_adapter_name=request.output_adapter_name,
@@ -90,6 +88,16 @@ class JobService:
             return self._same_request(stored, request)
         self.queue.notify()
         return record
+
+    async def _check_deployment_name(self, name: str, tenant_id: str) -> None:
+        """The Registry's binding rules, checked now: at publication a refusal comes after the
+        whole training run, and the job ends FAILED with its adapter published but not bound."""
+        if await self.registry.is_base_model(name):  # base model and deployment names share `model`
+            raise AlreadyExists(f"'{name}' is the name of a base model; a deployment needs a name of its own",
+                                reason="NAME_IS_BASE_MODEL", field="deployment_name")
+        if await self.registry.deployment_owner(name, tenant_id) == "taken":
+            raise AlreadyExists(f"deployment name '{name}' is taken", reason="DEPLOYMENT_EXISTS",
+                                field="deployment_name")
 
     async def _earlier_job(self, tenant_id: str, request: JobRequest) -> JobRecord | None:
         check_request_id(request.request_id)

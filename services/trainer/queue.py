@@ -6,11 +6,12 @@
   queue cannot keep every other tenant's jobs waiting.
 - Live state: a running job's figures live in its runner's record; events go to watchers at
   once and to SQL at most every PERSIST_INTERVAL_S (always at start, eval, checkpoint and end).
-- Cancel: a queued job is cancelled by a conditional update; a running one by its runner
-  (worker told to exit, killed after the grace period). CancelJob returns once the job is
-  recorded as cancelled and its device is free. A running job may end otherwise all the same
-  (it had finished publishing, or failed, when the cancel came): the cancel then answers
-  FAILED_PRECONDITION as it would have a moment later, never a succeeded or failed job.
+- Cancel: a queued job is cancelled by a conditional update (and its folder cleaned: it may
+  have run before a restart); a running one by its runner (worker told to exit, killed after
+  the grace period). CancelJob returns once the job is recorded as cancelled and its device
+  is free. A running job may end otherwise all the same (it had finished publishing, or
+  failed, when the cancel came): the cancel then answers FAILED_PRECONDITION as it would
+  have a moment later, never a succeeded or failed job.
 - Shutdown: running workers are asked to checkpoint and exit; their jobs go back to queued.
 - Restart (decision): a job found `running` at start-up was interrupted by a crash or a kill.
   It goes back to the queue and *resumes from its last checkpoint* (the worker restores
@@ -52,12 +53,16 @@ def _finished(job_id: str, state: str) -> FailedPrecondition:
 
 
 MakeRunner = Callable[[JobRecord, str, JobRunner.OnEvent], JobRunner]
+#: Clears the folder of a job that ended without a runner (runner.py, clear_job_folder).
+ClearFolder = Callable[[str], None]
 
 
 class JobQueue:
     def __init__(self, store: TrainerStore, hub: EventHub, make_runner: MakeRunner, devices: list[str],
-                 run: Callable[..., Awaitable], cancel_grace_s: float, max_interruptions: int) -> None:
+                 run: Callable[..., Awaitable], cancel_grace_s: float, max_interruptions: int,
+                 clear_folder: ClearFolder) -> None:
         self.store, self.hub, self.make_runner, self.run = store, hub, make_runner, run
+        self.clear_folder = clear_folder
         self.cancel_grace_s, self.max_interruptions = cancel_grace_s, max_interruptions
         self._free = list(devices)
         self._runners: dict[str, JobRunner] = {}
@@ -88,7 +93,7 @@ class JobQueue:
                                             f"(last progress: step {job.step} of {job.total_steps}); giving up")
                 log.warning("job %s failed after %d interruptions", job.id, count)
                 # As after any other end: its checkpoints and dataset copy go, its worker log stays.
-                self.make_runner(job, "", lambda *_: None).cleanup()
+                self.clear_folder(job.id)
             else:
                 self.store.transition(job.id, [RUNNING], state=QUEUED, interruptions=count, eta_seconds=None)
                 log.info("job %s was interrupted at step %d; requeued to resume from its last checkpoint",
@@ -171,6 +176,9 @@ class JobQueue:
                                          error=reason, finished_at=utcnow())
                 if updated is not None:
                     self.hub.publish(STATE_CHANGED, updated)
+                    # A queued job may have run before (put back by a shutdown or a crash): its
+                    # checkpoints and its copy of the tenant's dataset must not outlive it.
+                    await self.run(self.clear_folder, job_id)
                     return updated
                 current = await self.run(self.store.get_job, job_id)
                 if current is None:

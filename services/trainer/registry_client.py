@@ -147,6 +147,13 @@ class RegistryClient:
         reply = await self._call(f"looking up base model '{name}'", "GetBaseModel", pb.GetBaseModelRequest(name=name))
         return BaseModelInfo(reply.name, reply.location, reply.fingerprint.max_position_embeddings)
 
+    async def is_base_model(self, name: str) -> bool:
+        try:
+            await self.get_base_model(name)
+        except errors.NotFound:
+            return False
+        return True
+
     async def _deployment_names(self, tenant_id: str) -> AsyncIterator[str]:
         token = ""
         while True:

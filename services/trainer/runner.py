@@ -190,7 +190,9 @@ class JobRunner:
         elif kind == "eval":
             record.eval_loss = event["eval_loss"]
             self.on_event(EVAL, record, True)
-        elif kind == "checkpoint":
+        elif kind in ("checkpoint", "done"):
+            # "done": publication may wait out a Registry outage for minutes, and a crash then
+            # must not lose the finished run's figures (they are what the job shows once published).
             self.on_event(None, record, True)
         elif kind == "error":
             self._worker_error = str(event.get("message", ""))
@@ -235,8 +237,13 @@ class JobRunner:
 
     def cleanup(self) -> None:
         """Removes the job folder's contents except the worker log (blocking)."""
-        if not self.job_dir.is_dir():
-            return
-        for entry in self.job_dir.iterdir():
-            if entry.name not in KEEP_AFTER_END:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        clear_job_folder(self.job_dir)
+
+
+def clear_job_folder(job_dir: Path) -> None:
+    """What a job leaves once it has ended: its worker log only (blocking)."""
+    if not job_dir.is_dir():
+        return
+    for entry in job_dir.iterdir():
+        if entry.name not in KEEP_AFTER_END:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

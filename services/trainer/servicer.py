@@ -5,10 +5,10 @@ services/common/rpc.py. Statuses: UNAUTHENTICATED (no, bad or revoked token), NO
 (unknown or another tenant's dataset/job/tenant, a deleted tenant's, unknown base model),
 INVALID_ARGUMENT (bad header, dataset lines, hyperparameters, names, an empty id, a NUL
 character in any request string; the message and ErrorInfo name the field), ALREADY_EXISTS
-(deployment name taken, a request_id reused for another job or dataset), FAILED_PRECONDITION
-(cancel a finished job, delete a dataset in use, base model not local to the trainer),
-UNAVAILABLE (still starting, or the Registry cannot be reached). Until the app has started
-every RPC answers UNAVAILABLE.
+(deployment name taken or a base model's, a request_id reused for another job or dataset),
+FAILED_PRECONDITION (cancel a finished job, delete a dataset in use, base model not local to
+the trainer), UNAVAILABLE (still starting, or the Registry cannot be reached). Until the app
+has started every RPC answers UNAVAILABLE.
 """
 
 from __future__ import annotations

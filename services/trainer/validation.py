@@ -2,9 +2,11 @@
 
 Every line is read as UTF-8 JSON, checked against the dataset's format (given, or detected
 from the first line that parses) and tokenized with the base model's tokenizer to compare its
-length with max_seq_len. Blank lines are skipped (line numbers still count them). Validation
-does not stop at the first bad line: the caller learns how many lines are bad and which ones
-(the first MAX_REPORTED, with reasons) so one upload round trip fixes most files.
+length with max_seq_len (a line far too long to fit is refused before it is tokenized; a
+UTF-16 or UTF-32 file is refused as a whole, saying so; a UTF-8 BOM is fine). Blank lines
+are skipped (line numbers still count them). Validation does not stop at the first bad line:
+the caller learns how many lines are bad and which ones (the first MAX_REPORTED, with
+reasons) so one upload round trip fixes most files.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument
-from services.trainer.examples import CHAT, BadExample, check_example, detect_format, encode
+from services.trainer.examples import CHAT, BadExample, check_example, detect_format, encode, text_chars
 
 AUTO = "auto"
 MAX_REPORTED = 10
+#: Normalizers may shorten text before it is split into tokens (NFKC composes characters): a
+#: margin, so that the length guard (`max_text_chars`) never refuses a line that could fit.
+NORMALIZATION_MARGIN = 4
+#: Byte order marks of UTF-16 (either order) and UTF-32 (UTF-32LE's starts with UTF-16LE's):
+#: what Windows PowerShell's `>` and Notepad's "Unicode" write instead of UTF-8.
+WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +74,32 @@ def _refusal(errors: list[tuple[int, str]], total_bad: int) -> InvalidArgument:
                            invalid_lines=total_bad)
 
 
+def _refuse_wide_encodings(path: Path) -> None:
+    """Read line by line, such a file was refused with its first line "not UTF-8" and every
+    other one "not valid JSON" (its NULs decode as UTF-8), though each looks right in an editor."""
+    with open(path, "rb") as source:
+        head = source.read(4)
+    if head.startswith(WIDE_BOMS):
+        raise InvalidArgument("the dataset is UTF-16 or UTF-32 text (it starts with that byte order mark); JSONL "
+                              "must be UTF-8: save it as UTF-8 (PowerShell: Out-File -Encoding utf8)",
+                              reason="NOT_UTF8", field="chunk")
+
+
+def max_text_chars(tokenizer, max_seq_len: int) -> int:
+    """Characters of text that surely make more than `max_seq_len` tokens, so a line with more is
+    refused without tokenizing it: tokenizing takes ~140 bytes of memory per character (a 20 MB
+    line: about 3 GB, 18 s), so one line of a few hundred MB, within --max-dataset-mb, could exhaust
+    the trainer's memory and end every job on it. Sound for the Llama family's tokenizers
+    (byte-level BPE, SentencePiece with byte fallback): every character lies in one token, and
+    no token spells more characters than its vocabulary string has."""
+    longest_token = max(map(len, tokenizer.get_vocab()), default=1)
+    return max_seq_len * longest_token * NORMALIZATION_MARGIN
+
+
 def validate_jsonl(path: Path, fmt: str, tokenizer, max_seq_len: int) -> DatasetSummary:
     """Checks every line; InvalidArgument naming the bad lines, or the dataset's summary."""
+    _refuse_wide_encodings(path)
+    char_limit = max_text_chars(tokenizer, max_seq_len)
     errors: list[tuple[int, str]] = []
     total_bad = count = longest = 0
     template_checked = False
@@ -91,7 +123,12 @@ def validate_jsonl(path: Path, fmt: str, tokenizer, max_seq_len: int) -> Dataset
                                           "cannot be rendered; upload prompt/completion examples instead",
                                           reason="NO_CHAT_TEMPLATE", field="header.format")
                 template_checked = True
-            encoded = encode(tokenizer, fmt, check_example(parsed, fmt))
+            example = check_example(parsed, fmt)
+            if (chars := text_chars(example)) > char_limit:
+                bad(number, f"too long: {chars} characters of text, far more than max_seq_len {max_seq_len} tokens "
+                            "can hold")
+                continue
+            encoded = encode(tokenizer, fmt, example)
         except BadExample as exc:
             bad(number, str(exc))
             continue

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import types
 from collections.abc import Iterator
 
 import grpc
@@ -87,8 +86,8 @@ def test_queue_order_conditional_transitions_and_recovery(store):
     assert store.claim_next().id == "job_2"
     assert store.claim_next() is None
 
-    make_runner = lambda job, device, on_event: types.SimpleNamespace(cleanup=lambda: None)  # noqa: E731
-    queue = JobQueue(store, None, make_runner, ["cpu"], None, cancel_grace_s=1, max_interruptions=1)
+    queue = JobQueue(store, None, None, ["cpu"], None, cancel_grace_s=1, max_interruptions=1,
+                     clear_folder=lambda job_id: None)
     queue.recover()  # both running jobs were interrupted once: back to the queue
     assert [j.id for j in store.jobs_in_state(QUEUED)] == ["job_0", "job_2"]
     assert store.get_job("job_0").interruptions == 1
@@ -217,7 +216,7 @@ def test_cancelling_a_running_job_whose_tenant_was_purged_meanwhile_is_not_found
 
     async def main():
         queue = JobQueue(store, None, None, ["cpu"], lambda fn, *args: asyncio.to_thread(fn, *args),
-                         cancel_grace_s=1, max_interruptions=1)
+                         cancel_grace_s=1, max_interruptions=1, clear_folder=lambda job_id: None)
         queue._runners["job_0"] = StoppingRunner()
         with pytest.raises(NotFound):  # was None, INTERNAL for the caller
             await queue.cancel("job_0")

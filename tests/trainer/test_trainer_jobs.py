@@ -129,6 +129,17 @@ def test_a_deployment_name_bound_by_another_tenant_is_already_exists(shared, reg
     assert client.call("ListJobs", pb.ListJobsRequest()).jobs == []
 
 
+def test_a_deployment_name_that_names_a_base_model_is_refused_before_training(shared):
+    # The Registry refuses to bind a base model's name; asked only at publication, the job
+    # trained in full, published its adapter and then ended FAILED.
+    client, dataset = shared
+    error = expect_error(grpc.StatusCode.ALREADY_EXISTS, client.start, dataset.id, deployment="tiny")
+    info = error_info(error)
+    assert (info.reason, info.metadata["field"]) == ("NAME_IS_BASE_MODEL", "deployment_name")
+    assert "'tiny' is the name of a base model" in error.details()
+    assert client.call("ListJobs", pb.ListJobsRequest()).jobs == []
+
+
 def test_the_same_job_and_seed_train_the_same_adapter_and_defaults_are_reported(tenant, registry_admin):
     client = tenant.trainer
     dataset = client.upload(finance_chat_lines())

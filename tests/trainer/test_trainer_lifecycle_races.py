@@ -83,8 +83,9 @@ class FakeRunner:
 
 class Setup:
     def __init__(self, store: TrainerStore) -> None:
-        self.steps, self.hub, self.made = Steps(), EventHub(), asyncio.Queue()
-        self.queue = JobQueue(store, self.hub, self._make, ["cpu"], self.steps, cancel_grace_s=1, max_interruptions=1)
+        self.steps, self.hub, self.made, self.cleared = Steps(), EventHub(), asyncio.Queue(), []
+        self.queue = JobQueue(store, self.hub, self._make, ["cpu"], self.steps, cancel_grace_s=1, max_interruptions=1,
+                              clear_folder=self.cleared.append)
         self.jobs = JobService(store, self.queue, self.hub, None, _AllTenants(), None, self.steps, 64)
 
     def _make(self, record: JobRecord, device: str, on_event) -> FakeRunner:
@@ -232,6 +233,7 @@ def test_a_job_cancelled_while_queued_emits_exactly_one_state_change(store):
                                              return_exceptions=True)
         assert first.state == CANCELLED and isinstance(second, FailedPrecondition)
         assert [(kind, record.state) for kind, record in await _rest(watch)] == [(STATE_CHANGED, CANCELLED)]
+        assert setup.cleared == ["job_1"]  # once: what it left, had it run before a restart, goes
 
     asyncio.run(main())
 
@@ -242,15 +244,8 @@ def test_an_interrupted_job_shows_no_stale_eta_and_fails_with_the_reason(store):
     running = store.claim_next()
     store.save_progress(JobRecord(**{**running.__dict__, "step": 3, "eta_seconds": 12.5}))
     cleaned = []
-
-    class Folder:  # what the queue asks of a runner for a job it fails at start-up
-        def __init__(self, job, device, on_event) -> None:
-            self.job_id = job.id
-
-        def cleanup(self) -> None:
-            cleaned.append(self.job_id)
-
-    queue = JobQueue(store, None, Folder, ["cpu"], None, cancel_grace_s=1, max_interruptions=1)
+    queue = JobQueue(store, None, None, ["cpu"], None, cancel_grace_s=1, max_interruptions=1,
+                     clear_folder=cleaned.append)
     queue.recover()
     requeued = store.get_job("job_0")
     assert (requeued.state, requeued.interruptions, requeued.error) == (QUEUED, 1, "")

@@ -1,6 +1,6 @@
 """Requests and dataset lines at the edges: NUL characters in request text, names with a final
 newline, JSON the parser gives up on, text that is no text, reasons too long to travel, and
-dataset encodings a real file has (BOM, CRLF, blank lines, no final newline)."""
+dataset encodings a real file has (BOM, CRLF, blank lines, no final newline, UTF-16)."""
 
 from __future__ import annotations
 
@@ -115,6 +115,45 @@ def test_bom_crlf_blank_lines_and_no_final_newline_are_accepted(tenant):
     body = "\ufeff" + "\r\n".join(lines[:3]) + "\r\n\r\n  \r\n" + lines[3]  # no final newline
     dataset = tenant.trainer.upload(body.encode())
     assert (dataset.num_examples, dataset.format) == (4, pb.DATASET_FORMAT_PROMPT_COMPLETION)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_or_utf32_file_is_refused_as_such(tenant, encoding):
+    # What Windows PowerShell's `>` and Notepad's "Unicode" write: it was refused line by line,
+    # the first "not UTF-8" and every other "not valid JSON" though each looks right in an editor.
+    body = ("\ufeff" if encoding == "utf-16-be" else "") + "\n".join(prompt_completion_lines()) + "\n"
+    error = expect_error(grpc.StatusCode.INVALID_ARGUMENT, tenant.trainer.upload, body.encode(encoding))
+    assert (_field(error), error_info(error).reason) == ("chunk", "NOT_UTF8")
+    assert "UTF-16 or UTF-32" in error.details() and "save it as UTF-8" in error.details()
+    assert "line" not in error.details()
+    assert tenant.trainer.call("ListDatasets", pb.ListDatasetsRequest()).datasets == []
+
+
+def test_a_line_far_too_long_is_refused_without_being_tokenized(tmp_path):
+    # Tokenizing takes ~140 bytes per character, in the trainer process: one line of a few
+    # hundred MB (within --max-dataset-mb) could exhaust its memory, ending every job on it.
+    tokenized: list[int] = []
+
+    class Measured:  # the tiny tokenizer, noting the length of every text it tokenizes
+        def __init__(self, tokenizer) -> None:
+            self._tokenizer = tokenizer
+
+        def __getattr__(self, name: str):
+            return getattr(self._tokenizer, name)
+
+        def __call__(self, text: str, **kwargs):
+            tokenized.append(len(text))
+            return self._tokenizer(text, **kwargs)
+
+    huge = "the market is up. " * 30_000
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps({"prompt": "Q: up?", "completion": " yes."}),
+                               json.dumps({"prompt": "Q: and?", "completion": huge})]) + "\n")
+    with pytest.raises(InvalidArgument) as caught:
+        validate_jsonl(path, "auto", Measured(build_tokenizer()), 512)
+    assert caught.value.metadata["lines"] == "2"
+    assert f"too long: {len(huge) + 7} characters" in caught.value.message and "max_seq_len 512" in caught.value.message
+    assert tokenized and max(tokenized) < 100  # the short line's texts only
 
 
 def test_a_chat_template_refusing_a_conversation_names_the_line(tmp_path):

@@ -15,7 +15,10 @@ import grpc
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
+from services.registry.config import RegistryConfig
 from tests.conftest import free_port, start_module, stop_process, wait_for_health
+from tests.registry.backends import InProcessRegistry
+from tests.registry.client import Client
 from tests.trainer.conftest import ADMIN_TOKEN
 from tests.trainer.harness import (InProcessTrainer, TrainerClient, finance_chat_lines, trainer_config, wait_until,
                                    worker_pids)
@@ -29,11 +32,12 @@ def resumed_from(data_dir: Path, job_id: str) -> list[int]:
     return [int(step) for step in re.findall(r"resuming from the checkpoint at step (\d+)", text)]
 
 
-def start_trainer_process(data_dir: Path, registry_address: str, log: Path):
+def start_trainer_process(data_dir: Path, registry_address: str, log: Path, *flags: str):
+    """A trainer process; `flags` come last, so they override the defaults here."""
     port = free_port()
     process = start_module("services.trainer", "--port", str(port), "--metrics-port", "0", "--data-dir",
                            str(data_dir), "--registry-address", registry_address, "--admin-token", ADMIN_TOKEN,
-                           "--torch-threads", "1", "--auth-cache-seconds", "0", log=log)
+                           "--torch-threads", "1", "--auth-cache-seconds", "0", *flags, log=log)
     wait_for_health(f"127.0.0.1:{port}", process=process)
     return process, grpc.insecure_channel(f"127.0.0.1:{port}")
 
@@ -96,3 +100,69 @@ def test_a_clean_shutdown_checkpoints_the_running_job_which_resumes_after_restar
         assert len(steps) == 1 and 5 <= steps[0] < STEPS
     finally:
         second.stop()
+
+
+def test_cancelling_a_job_the_shutdown_put_back_in_the_queue_removes_its_files(new_tenant, registry, tmp_path):
+    # Its checkpoints and its copy of the dataset stayed on disk for good (and outlived a
+    # DeleteDataset of that dataset): only a job that ended while running was cleaned up.
+    config = trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN)
+    resumable, blocking = new_tenant("resumable"), new_tenant("blocking")
+    first = InProcessTrainer(config).start()
+    client = first.client(resumable.key)
+    job = client.start(client.upload(finance_chat_lines()).id, name="requeued", max_steps=STEPS,
+                       checkpoint_every_steps=10 * STEPS)
+    client.wait_for(job.id, lambda current: current.progress.step >= 2)
+    blocker_client = first.client(blocking.key)
+    blocker = blocker_client.start(blocker_client.upload(finance_chat_lines()).id, name="blocker", max_steps=100_000)
+    first.stop()  # the job checkpoints and goes back to the queue
+
+    second = InProcessTrainer(config).start()
+    try:
+        # The blocker's tenant has had no turn yet, so it takes the one device and the job waits.
+        blocker_client, client = second.client(blocking.key), second.client(resumable.key)
+        blocker_client.wait_for(blocker.id, lambda current: current.state == pb.JOB_STATE_RUNNING)
+        folder = config.data_dir / "jobs" / job.id
+        assert (folder / "checkpoints").is_dir() and (folder / "dataset.jsonl").is_file()
+        cancelled = client.call("CancelJob", pb.CancelJobRequest(id=job.id))
+        assert cancelled.state == pb.JOB_STATE_CANCELLED
+        assert sorted(entry.name for entry in folder.iterdir()) == ["worker.log"]
+        blocker_client.call("CancelJob", pb.CancelJobRequest(id=blocker.id))
+    finally:
+        second.stop()
+
+
+def test_a_crash_while_publishing_keeps_the_figures_of_the_finished_run(tiny_model_dir, tmp_path, processes):
+    # The last figures of a run were only in memory until the job ended: a crash while its
+    # adapter waited for the Registry left the job, once published, SUCCEEDED at step 0 with no loss.
+    config = RegistryConfig(port=free_port(), metrics_port=0, data_dir=tmp_path / "registry", admin_token=ADMIN_TOKEN)
+    registry = InProcessRegistry(config).start()
+    admin = Client(registry.stub, ADMIN_TOKEN)
+    admin.RegisterBaseModel(rpb.RegisterBaseModelRequest(name="tiny", location=str(tiny_model_dir)))
+    tenant = admin.CreateTenant(rpb.CreateTenantRequest(name="crash-while-publishing"))
+    key = admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=tenant.id, name="test")).secret
+    data_dir = tmp_path / "trainer"
+    # Long enough caches and waits that the job starts, and waits to publish, with the Registry down.
+    first, channel = start_trainer_process(data_dir, registry.address, tmp_path / "first.log",
+                                           "--auth-cache-seconds", "600", "--outage-wait-seconds", "600")
+    processes.append(first)
+    client = TrainerClient(trainer_pb2_grpc.TrainerStub(channel), key)
+    dataset = client.upload(finance_chat_lines())
+    registry.stop()
+    job = client.start(dataset.id, name="published-after-crash", max_steps=3)
+    client.wait_for(job.id, lambda current: "uploading the adapter" in current.waiting_for)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    channel.close()
+
+    registry = InProcessRegistry(config).start()  # same port, database and blobs
+    try:
+        second, channel = start_trainer_process(data_dir, registry.address, tmp_path / "second.log")
+        processes.append(second)
+        done = TrainerClient(trainer_pb2_grpc.TrainerStub(channel), key).wait(job.id)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert (done.progress.step, done.progress.total_steps, done.progress.epoch) == (3, 3, 1.0)
+        assert done.progress.HasField("loss")
+        channel.close()
+        assert stop_process(second) == 0
+    finally:
+        registry.stop()

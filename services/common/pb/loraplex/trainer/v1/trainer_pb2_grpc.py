@@ -121,7 +121,8 @@ class TrainerServicer:
         """Queues a training job. All hyperparameters are checked up front: INVALID_ARGUMENT
         names the bad field (r < 1 or above the registry's max rank, unknown target module,
         learning_rate <= 0, eval_fraction outside [0, 0.5], ...); NOT_FOUND if the dataset or
-        base model is unknown; ALREADY_EXISTS if `deployment_name` is bound by another tenant.
+        base model is unknown; ALREADY_EXISTS if `deployment_name` is bound by another tenant
+        or is a base model's name (reason NAME_IS_BASE_MODEL).
         With `request_id`, a retried call returns the job the first call queued (see below).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

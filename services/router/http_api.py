@@ -52,7 +52,8 @@ from starlette.routing import Route
 from services.common import errors
 from services.common.fields import check_request_id
 from services.router import openai_schema as schema
-from services.router.proxy import RouterCore, Stream
+from services.router.openai_choices import Streams, choice_calls, complete_all, open_all, total_usage
+from services.router.proxy import RouterCore
 
 log = logging.getLogger("loraplex.router.http")
 
@@ -223,12 +224,12 @@ def in_callers_terms(error: errors.LoraplexError, renames: dict[str, str]) -> er
 class SSEResponse(StreamingResponse):
     """A stream of `data:` events that always closes its source, however the response ends."""
 
-    def __init__(self, events: AsyncIterator[dict], stream: Stream) -> None:
+    def __init__(self, events: AsyncIterator[dict], stream: Streams) -> None:
         super().__init__(self._encode(events, stream), media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-request-id": stream.request_id})
 
     @staticmethod
-    async def _encode(events: AsyncIterator[dict], stream: Stream) -> AsyncIterator[str]:
+    async def _encode(events: AsyncIterator[dict], stream: Streams) -> AsyncIterator[str]:
         try:
             async for payload in events:
                 yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
@@ -247,32 +248,40 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def chat_events(stream: Stream, response_id: str, created: int,
+async def chat_events(streams: Streams, response_id: str, created: int,
                       options: schema.Options) -> AsyncIterator[dict]:
-    model = stream.target.model
-    chunk = functools.partial(schema.chat_chunk, response_id, created, model, include_usage=options.include_usage)
-    yield chunk({"role": "assistant", "content": ""})
-    async for delta in stream:
+    chunk = functools.partial(schema.chat_chunk, response_id, created, streams.target.model,
+                              include_usage=options.include_usage)
+    for index in range(len(streams.streams)):
+        yield chunk({"role": "assistant", "content": ""}, index=index)
+    usages = []
+    async for index, delta in streams.deltas():
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = schema.chat_logprobs(delta.logprobs) if options.logprobs and delta.logprobs else None
         if delta.text or finish or logprobs:
-            yield chunk({"content": delta.text} if delta.text else {}, finish, logprobs)
-        if finish and options.include_usage:
-            yield chunk({}, usage_=schema.usage(delta.usage), with_choice=False)
+            yield chunk({"content": delta.text} if delta.text else {}, finish, logprobs, index=index)
+        if finish:
+            usages.append(delta.usage)
+    if options.include_usage:  # after every choice has finished: the usage of them all
+        yield chunk({}, usage_=schema.usage(total_usage(usages)), with_choice=False)
 
 
-async def completion_events(stream: Stream, response_id: str, created: int,
+async def completion_events(streams: Streams, response_id: str, created: int,
                             options: schema.Options) -> AsyncIterator[dict]:
-    model, offsets = stream.target.model, schema.TextOffsets()
-    chunk = functools.partial(schema.completion_chunk, response_id, created, model,
+    offsets = [schema.TextOffsets() for _ in streams.streams]  # each choice's text counts from 0
+    chunk = functools.partial(schema.completion_chunk, response_id, created, streams.target.model,
                               include_usage=options.include_usage)
-    async for delta in stream:
+    usages = []
+    async for index, delta in streams.deltas():
         finish = schema.FINISH.get(delta.finish_reason)
-        logprobs = schema.completion_logprobs(delta.logprobs, offsets) if options.logprobs and delta.logprobs else None
+        logprobs = (schema.completion_logprobs(delta.logprobs, offsets[index])
+                    if options.logprobs and delta.logprobs else None)
         if delta.text or finish or logprobs:
-            yield chunk(delta.text, finish, logprobs)
-        if finish and options.include_usage:
-            yield chunk("", usage_=schema.usage(delta.usage), with_choice=False)
+            yield chunk(delta.text, finish, logprobs, index=index)
+        if finish:
+            usages.append(delta.usage)
+    if options.include_usage:
+        yield chunk("", usage_=schema.usage(total_usage(usages)), with_choice=False)
 
 
 def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
@@ -286,13 +295,13 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
             caller = await core.authenticate(request.headers.get("authorization"))
             call, options = parse(await json_body(request, max_body_bytes))
             renames["max_tokens"] = options.max_tokens_param
-            call = dataclasses.replace(call, request_id=request_id)
+            calls = choice_calls(dataclasses.replace(call, request_id=request_id), options.n)
             created = int(time.time())
             if not options.stream:
-                done = await unless_disconnected(request, core.complete(caller, call))
+                done = await unless_disconnected(request, complete_all(core, caller, calls))
                 return JSONResponse(respond(done, response_id, created, options),
-                                    headers={"x-request-id": done.request_id})
-            stream = await unless_disconnected(request, core.open(caller, call))
+                                    headers={"x-request-id": done[0].request_id})
+            stream = await unless_disconnected(request, open_all(core, caller, calls))
         except errors.LoraplexError as exc:
             return error_response(in_callers_terms(exc, renames), request_id)
         except ClientGone:

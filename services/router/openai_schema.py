@@ -2,12 +2,12 @@
 
 Pure functions (no HTTP, no gRPC). As OpenAI does, a field it does not define is refused with
 a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-range value.
-Fields OpenAI defines that we cannot honour are refused with a 400 that names them (n > 1,
-tools, echo, suffix, audio, predictions, reasoning effort, moderation, non-text response
+Fields OpenAI defines that we cannot honour are refused with a 400 that names them (best_of
+beyond n, tools, echo, suffix, audio, predictions, reasoning effort, moderation, non-text response
 formats) rather than silently ignored; fields that change nothing here (user, metadata, store,
 service_tier, prompt caching hints, ...) are accepted, type-checked as OpenAI does, so a
 typo'd value fails here as it would there. presence_penalty, frequency_penalty and logit_bias
-are honoured (semantics: the node's Sampler). Three common extensions are taken as vLLM takes
+are honoured (semantics: the node's Sampler), and so is n (up to 16 choices: openai_choices.py). Three common extensions are taken as vLLM takes
 them: top_k, ignore_eos and repetition_penalty (the SDK sends them through `extra_body`).
 Limits the node would enforce after placement (stop sequences, penalty and bias ranges) are
 checked here too, so the caller gets OpenAI's kind of 400 naming the parameter instead of the
@@ -35,6 +35,7 @@ from services.inference.engine.sampling_params import (
 )
 from services.router.openai_messages import chat_turns
 from services.router.proxy import Completion, GenerateCall
+from services.router.openai_choices import MAX_CHOICES, total_usage
 
 FINISH = {gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_LENGTH: "length"}
 #: OpenAI's default for /v1/completions; chat generates until the context is full, as OpenAI's does.
@@ -85,6 +86,8 @@ class Options:
     #: The request's name for the token limit: the node names it max_tokens in its errors (a
     #: limit beyond the context), which must name the parameter the caller actually sent.
     max_tokens_param: str = "max_tokens"
+    #: How many choices (openai_choices.py).
+    n: int = 1
 
 
 def _bad(field: str, message: str) -> InvalidArgument:
@@ -149,13 +152,9 @@ def _check_no_ops(body: dict) -> None:
 
 def _refuse_unsupported(body: dict) -> None:
     _check_no_ops(body)
-    if _integer(body, "n", 1, UINT32) not in (None, 1):
-        raise _bad("n", "only n = 1 is supported")
     for field in ("tools", "functions", "tool_choice", "function_call"):
         if body.get(field):
             raise _bad(field, "tool and function calling are not supported")
-    if _integer(body, "best_of", 1, UINT32) not in (None, 1):
-        raise _bad("best_of", "only best_of = 1 is supported")
     if _flag(body, "echo"):
         raise _bad("echo", "echo is not supported")
     if body.get("suffix"):
@@ -242,9 +241,13 @@ def _max_tokens_field(body: dict) -> str:
 
 def _options(body: dict) -> Options:
     stream = _flag(body, "stream")
+    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+    best_of = _integer(body, "best_of", 1, UINT32)
+    if best_of not in (None, n):  # more candidates than choices means ranking them: not done here
+        raise _bad("best_of", f"best_of must equal n ({n}): ranking extra candidates is not supported")
     stream_options = body.get("stream_options")
     if stream_options is None:
-        return Options(stream=stream)
+        return Options(stream=stream, n=n)
     if not stream:
         raise _bad("stream_options", "only allowed when 'stream' is true")
     if not isinstance(stream_options, dict):
@@ -255,7 +258,7 @@ def _options(body: dict) -> Options:
     for key, value in stream_options.items():  # each option is a boolean (null: unset)
         if value is not None and not isinstance(value, bool):
             raise _bad(f"stream_options.{key}", f"expected true or false, got {value!r}")
-    return Options(stream=stream, include_usage=bool(stream_options.get("include_usage")))
+    return Options(stream=stream, include_usage=bool(stream_options.get("include_usage")), n=n)
 
 
 def chat_call(body: dict) -> tuple[GenerateCall, Options]:
@@ -359,22 +362,22 @@ def completion_logprobs(entries, offsets: TextOffsets | None = None) -> dict:
             "text_offset": (offsets or TextOffsets())(entries)}
 
 
-def chat_completion(done: Completion, response_id: str, created: int, options: Options) -> dict:
+def chat_completion(done: list[Completion], response_id: str, created: int, options: Options) -> dict:
     return {"id": f"chatcmpl-{response_id}", "object": "chat.completion", "created": created,
-            "model": done.target.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "logprobs": chat_logprobs(done.logprobs) if options.logprobs else None,
-                         "finish_reason": FINISH.get(done.finish_reason)}],
-            "usage": usage(done.usage)}
+            "model": done[0].target.model, "system_fingerprint": None,
+            "choices": [{"index": index, "message": {"role": "assistant", "content": choice.text},
+                         "logprobs": chat_logprobs(choice.logprobs) if options.logprobs else None,
+                         "finish_reason": FINISH.get(choice.finish_reason)} for index, choice in enumerate(done)],
+            "usage": usage(total_usage([choice.usage for choice in done]))}
 
 
-def text_completion(done: Completion, response_id: str, created: int, options: Options) -> dict:
+def text_completion(done: list[Completion], response_id: str, created: int, options: Options) -> dict:
     return {"id": f"cmpl-{response_id}", "object": "text_completion", "created": created,
-            "model": done.target.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "text": done.text,
-                         "logprobs": completion_logprobs(done.logprobs) if options.logprobs else None,
-                         "finish_reason": FINISH.get(done.finish_reason)}],
-            "usage": usage(done.usage)}
+            "model": done[0].target.model, "system_fingerprint": None,
+            "choices": [{"index": index, "text": choice.text,
+                         "logprobs": completion_logprobs(choice.logprobs) if options.logprobs else None,
+                         "finish_reason": FINISH.get(choice.finish_reason)} for index, choice in enumerate(done)],
+            "usage": usage(total_usage([choice.usage for choice in done]))}
 
 
 def model_object(entry, owner: str) -> dict:
@@ -384,8 +387,8 @@ def model_object(entry, owner: str) -> dict:
 
 def chat_chunk(response_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
                logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True,
-               include_usage: bool = False) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+               include_usage: bool = False, index: int = 0) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     choices = [choice] if with_choice else []
     chunk = {"id": f"chatcmpl-{response_id}", "object": "chat.completion.chunk", "created": created, "model": model,
              "system_fingerprint": None, "choices": choices}
@@ -396,8 +399,8 @@ def chat_chunk(response_id: str, created: int, model: str, delta: dict, finish_r
 
 def completion_chunk(response_id: str, created: int, model: str, text: str, finish_reason: str | None = None,
                      logprobs: dict | None = None, usage_: dict | None = None, with_choice: bool = True,
-                     include_usage: bool = False) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                     include_usage: bool = False, index: int = 0) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     choices = [choice] if with_choice else []
     chunk = {"id": f"cmpl-{response_id}", "object": "text_completion", "created": created, "model": model,
              "system_fingerprint": None, "choices": choices}

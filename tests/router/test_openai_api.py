@@ -105,7 +105,7 @@ def test_openai_shaped_errors_with_matching_status_codes(router, world, client_a
         bad_key.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}])
     assert caught.value.code == "invalid_api_key"
     with pytest.raises(openai.BadRequestError) as caught:
-        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}], n=17)
     assert caught.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as caught:
         client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "tool", "content": "x"}])

@@ -74,7 +74,8 @@ def test_completion_bodies_become_calls():
     ({"model": "m", "messages": []}, "messages"),
     ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2, "best_of": 3}, "best_of"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}, "frequency_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"+5": 1}}, "logit_bias"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5" * 5000: 1}}, "logit_bias"),
@@ -138,13 +139,13 @@ def test_responses_are_openai_shaped():
     entry = gen.TokenLogprob(token_id=5, token="ab", logprob=-0.5, top=[gen.TopLogprob(token="ab", logprob=-0.5)])
     done = Completion("rid", Target("fin", "tiny", "t"), "ab", [5], [entry], gen.FINISH_REASON_STOP, "",
                       gen.Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4))
-    chat = schema.chat_completion(done, "resp", 123, schema.Options(logprobs=True))
+    chat = schema.chat_completion([done], "resp", 123, schema.Options(logprobs=True))
     assert chat["id"] == "chatcmpl-resp" and chat["object"] == "chat.completion" and chat["model"] == "fin"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
     assert chat["choices"][0]["finish_reason"] == "stop"
     assert chat["choices"][0]["logprobs"]["content"][0]["bytes"] == [97, 98]
     assert chat["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-    text = schema.text_completion(done, "resp", 123, schema.Options())
+    text = schema.text_completion([done], "resp", 123, schema.Options())
     assert text["id"] == "cmpl-resp"  # the response's own id, not the (client-chosen) request id
     assert text["choices"][0]["text"] == "ab" and text["choices"][0]["logprobs"] is None
     offsets = schema.TextOffsets()

@@ -1,0 +1,122 @@
+"""OpenAI's `n`: several choices for one request, each its own generation on the nodes.
+
+Each choice is a request of its own to RouterCore (placement, failover, quotas: a tenant
+limited to 4 requests at a time cannot ask for n = 8, and gets the 429 a ninth request would).
+All of them must reach their first token before the answer starts, so an error before it is
+still a real status code for the whole request, and the choices already opened are closed.
+After that, a choice that fails ends the response with an error event, as one choice would.
+
+Seeds: with `seed`, choice i draws with seed + i, so the choices differ from one another and the
+request stays reproducible (choice 0 is exactly what n = 1 gives). Without one, each choice
+draws from its node's own randomness. Greedy choices are all alike, as OpenAI's are.
+
+Usage counts the prompt once and every choice's completion tokens, as OpenAI reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
+from services.router.auth import Caller
+from services.router.proxy import Completion, GenerateCall, RouterCore, Stream
+
+#: The most choices one request may ask for: each is a full generation on a node.
+MAX_CHOICES = 16
+
+T = TypeVar("T")
+
+
+def choice_calls(call: GenerateCall, n: int) -> list[GenerateCall]:
+    """The n requests behind n choices (see the module docstring on seeds)."""
+    calls = [call]
+    for index in range(1, n):
+        sampling = gen.SamplingParams()
+        sampling.CopyFrom(call.sampling)
+        if sampling.HasField("seed"):
+            sampling.seed = (sampling.seed + index) % 2**64
+        calls.append(dataclasses.replace(call, sampling=sampling))
+    return calls
+
+
+async def complete_all(core: RouterCore, caller: Caller, calls: list[GenerateCall]) -> list[Completion]:
+    """Every choice's completion; the first failure cancels the others and is raised."""
+    return await _together([core.complete(caller, call) for call in calls])
+
+
+async def open_all(core: RouterCore, caller: Caller, calls: list[GenerateCall]) -> Streams:
+    """Every choice's stream, each past its first token; on a failure the others are closed."""
+    return Streams(await _together([core.open(caller, call) for call in calls]))
+
+
+async def _together(work: list[Awaitable[T]]) -> list[T]:
+    """All results, or the first failure as it is (not in an ExceptionGroup: callers map it to
+    a status) after cancelling the rest and closing the streams already opened."""
+    tasks = [asyncio.ensure_future(item) for item in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Stream):
+                await result.aclose()
+        raise
+
+
+class Streams:
+    """The streams of one response's choices, read together in the order their deltas arrive."""
+
+    def __init__(self, streams: list[Stream]) -> None:
+        self.streams = streams
+        self.request_id = streams[0].request_id
+        self.target = streams[0].target
+        #: The reads in flight (task -> choice index): `aclose` ends them before it closes the
+        #: streams, which cannot be closed while a read is running inside them.
+        self._reads: dict[asyncio.Future, int] = {}
+
+    async def deltas(self) -> AsyncIterator[tuple[int, gen.GenerationDelta]]:
+        """(choice index, delta). One read is outstanding per stream at a time, so each node
+        still goes at its caller's pace (node_client.py on backpressure)."""
+        if len(self.streams) == 1:
+            async for delta in self.streams[0]:
+                yield 0, delta
+            return
+        readers = [aiter(stream) for stream in self.streams]
+        pending = self._reads
+        pending.update({asyncio.ensure_future(anext(reader)): index for index, reader in enumerate(readers)})
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=pending.__getitem__):
+                    index = pending.pop(task)
+                    try:
+                        delta = task.result()
+                    except StopAsyncIteration:
+                        continue
+                    yield index, delta
+                    pending[asyncio.ensure_future(anext(readers[index]))] = index
+        finally:
+            await self._end_reads()
+
+    async def _end_reads(self) -> None:
+        reads = list(self._reads)
+        self._reads.clear()  # in place: the reading loop holds this dict
+        for task in reads:
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self._end_reads()
+        for stream in self.streams:
+            await stream.aclose()
+
+
+def total_usage(usages: list[gen.Usage]) -> gen.Usage:
+    """The prompt once, every choice's completion tokens."""
+    prompt = usages[0].prompt_tokens
+    completion = sum(usage.completion_tokens for usage in usages)
+    return gen.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -96,8 +96,9 @@ def build_adapters(config, folder: Path, count: int, rank: int, dtype: torch.dty
 def engine_options(args) -> dict:
     """InferenceConfig fields chosen by flags: the kernels, CUDA graphs when asked, and the
     largest rank this run's adapters have (each rank padding beyond it would be one more set
-    of decode graphs captured and kernels compiled for nothing)."""
-    return {"kernels": args.kernels, "max_adapter_rank": args.rank,
+    of decode graphs captured and kernels compiled for nothing). No prefix caching: every timed
+    run repeats the same prompts, whose KV it would read back instead of computing it as HF does."""
+    return {"kernels": args.kernels, "max_adapter_rank": args.rank, "prefix_caching": False,
             **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {})}
 
 

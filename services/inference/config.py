@@ -34,6 +34,9 @@ class InferenceConfig(ServerConfig):
     max_num_seqs: int = option(64, "sequences running at once")
     max_batched_tokens: int = option(2048, "tokens per forward pass (prefill chunks + decodes)")
     max_waiting: int = option(256, "queued requests before RESOURCE_EXHAUSTED")
+    prefix_caching: bool = option(True, "reuse the KV of full prompt blocks already computed for a request of the "
+                                        "same cache scope (the router's tenant) and adapter bytes, computing only "
+                                        "the rest (off: every prompt is computed in full)")
     adapter_pool_pages: int = option(1024, "device adapter pool size in pages (one page = one rank of one "
                                            "adapter across all layers and projections)")
     max_adapter_rank: int = option(64, "largest LoRA rank this node accepts")

@@ -33,6 +33,10 @@ _GAUGES = {
         "preemptions": "sequences preempted (KV exhausted)",
         "graph_steps": "engine steps through the graphed decode step (a CUDA graph replay unless --cuda-graphs static)",
         "eager_steps": "engine steps run eagerly (prefill, mixed, or no graph for the batch)",
+        "prompt_tokens_cached": "tokens of admitted requests whose KV was read from the prefix cache",
+        "prompt_tokens_computed": "tokens of admitted requests left to compute (not in the prefix cache)",
+        "prefix_cache_hit_rate": "prompt_tokens_cached / (prompt_tokens_cached + prompt_tokens_computed)",
+        "kv_blocks_cached": "free paged KV blocks still holding a cached prefix (evictable)",
     }.items()
 }
 

@@ -109,10 +109,12 @@ class Node:
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),
-            BlockManager(num_kv_blocks, config.block_size), manager, set(args.eos_token_ids), max_context)
+            BlockManager(num_kv_blocks, config.block_size, prefix_caching=config.prefix_caching), manager,
+            set(args.eos_token_ids), max_context)
         engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
-        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, prefill LoRA %s) with %d KV blocks and %d adapter "
-                 "pages", folder, args.model_type, dtype, kernels, graphs, runner.prefill_lora.summary(), num_kv_blocks,
+        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, prefill LoRA %s) with %d KV blocks (prefix caching "
+                 "%s) and %d adapter pages", folder, args.model_type, dtype, kernels, graphs,
+                 runner.prefill_lora.summary(), num_kv_blocks, "on" if config.prefix_caching else "off",
                  config.adapter_pool_pages)
         if runner.prefill_lora.report:
             log.info("prefill LoRA kernels measured (median µs, or why dropped): %s", runner.prefill_lora.report)
@@ -176,8 +178,9 @@ class Node:
         return ids
 
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str = "", sha256: str = "",
-                       request_id: str = "") -> AsyncIterator[RequestOutput]:
-        """Validates, fetches the adapter if needed (this request waits, others run), streams."""
+                       request_id: str = "", cache_scope: str = "") -> AsyncIterator[RequestOutput]:
+        """Validates, fetches the adapter if needed (this request waits, others run), streams.
+        cache_scope: the request shares cached prompt KV only with requests of the same scope."""
         token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
         sampling = sampling.validate(len(token_ids), self.max_context, self.args.vocab_size)
         sha256 = _digest(sha256)
@@ -191,7 +194,7 @@ class Node:
             await self.async_engine.call(lambda: self.manager.check_room(adapter_id, weights.rank))
         on_queued = (lambda: self.manager.count_request(hit)) if adapter_id else (lambda: None)
         async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id, sha256,
-                                                       on_queued):
+                                                       cache_scope, on_queued):
             yield output
 
 

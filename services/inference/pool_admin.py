@@ -62,6 +62,10 @@ class StatsView:
     resident_adapter_ids: list[str]
     graph_steps: int
     eager_steps: int
+    prompt_tokens_cached: int
+    prompt_tokens_computed: int
+    prefix_cache_hit_rate: float
+    kv_blocks_cached: int
 
 
 @dataclasses.dataclass
@@ -146,10 +150,12 @@ class PoolAdmin:
         slots, usage = await self.snapshot()
         engine, manager, pool = self.node.engine, self.node.manager, self.node.pool
         scheduler = engine.scheduler
+        blocks = scheduler.block_manager
         load_ms = sorted(manager.load_ms)
+        admitted_tokens = blocks.prompt_tokens_cached + blocks.prompt_tokens_computed
         return StatsView(
             running_requests=scheduler.num_running, waiting_requests=scheduler.num_waiting,
-            kv_blocks_used=scheduler.block_manager.num_used_blocks, kv_blocks_total=self.node.num_kv_blocks,
+            kv_blocks_used=blocks.num_used_blocks, kv_blocks_total=self.node.num_kv_blocks,
             resident_adapters=len(pool.resident()), pool=usage, adapter_hits=manager.hits,
             adapter_misses=manager.misses, adapter_loads=pool.counters.loads,
             adapter_evictions=pool.counters.evictions,
@@ -159,7 +165,10 @@ class PoolAdmin:
             generated_tokens_total=engine.generated_tokens, preemptions=scheduler.num_preemptions,
             generation_tokens_per_second=self._tokens_per_second(engine.generated_tokens),
             resident_adapter_ids=[s.adapter_id for s in slots if s.tier == "DEVICE"],
-            graph_steps=engine.runner.steps["graph"], eager_steps=engine.runner.steps["eager"])
+            graph_steps=engine.runner.steps["graph"], eager_steps=engine.runner.steps["eager"],
+            prompt_tokens_cached=blocks.prompt_tokens_cached, prompt_tokens_computed=blocks.prompt_tokens_computed,
+            prefix_cache_hit_rate=blocks.prompt_tokens_cached / admitted_tokens if admitted_tokens else 0.0,
+            kv_blocks_cached=blocks.num_cached_free_blocks)
 
     def _tokens_per_second(self, generated: int) -> float:
         now = time.monotonic()

@@ -77,6 +77,7 @@ def delta_from(output: RequestOutput, tokenizer, token_bytes: TokenBytes,
         delta.usage.prompt_tokens = output.prompt_tokens
         delta.usage.completion_tokens = output.completion_tokens
         delta.usage.total_tokens = output.prompt_tokens + output.completion_tokens
+        delta.usage.cached_prompt_tokens = output.cached_prompt_tokens
     return delta
 
 
@@ -116,7 +117,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):
         self._authorize(context)
         outputs = self.node.generate(prompt_from(request), sampling_from(request.sampling),
-                                     request.adapter.adapter_id, request.adapter.sha256, request.request_id)
+                                     request.adapter.adapter_id, request.adapter.sha256, request.request_id,
+                                     request.cache_scope)
         first = True
         async for output in outputs:
             delta = delta_from(output, self.node.tokenizer, self._token_bytes, self._special)

@@ -56,14 +56,19 @@ class PoolGate:
     def release(self, adapter_key: str) -> None:
         self.pool.release(adapter_key)
 
+    def resident_sha256(self, adapter_key: str) -> str | None:
+        return self.pool.get(adapter_key).sha256
 
-def make_engine(base: Path, adapters: dict[str, Path], num_blocks: int, budget: int, max_context: int) -> LLMEngine:
+
+def make_engine(base: Path, adapters: dict[str, Path], num_blocks: int, budget: int, max_context: int,
+                prefix_caching: bool = False) -> LLMEngine:
     model, args = load_model(base)
     pool = AdapterPool(args, num_pages=160)
     for key in KEYS[1:]:
         pool.load(key, load_adapter_folder(adapters[key], args))
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
-                          BlockManager(num_blocks, BLOCK_SIZE), PoolGate(pool), set(args.eos_token_ids), max_context)
+                          BlockManager(num_blocks, BLOCK_SIZE, prefix_caching), PoolGate(pool), set(args.eos_token_ids),
+                          max_context)
     runner = ModelRunner(model, pool, num_blocks, BLOCK_SIZE)
     return LLMEngine(runner, scheduler, AutoTokenizer.from_pretrained(base), BLOCK_SIZE)
 

@@ -168,6 +168,10 @@ class AdapterManager:
     def release(self, adapter_key: str) -> None:
         self.pool.release(adapter_key)
 
+    def resident_sha256(self, adapter_key: str) -> str | None:
+        resident = self.pool.get(adapter_key)
+        return resident.sha256 if resident is not None else None
+
     def _host_copy(self, adapter_key: str, sha256: str) -> LoraWeights | None:
         """The host tier's copy of the adapter, if it holds these bytes ("" = any)."""
         with self._host_lock:

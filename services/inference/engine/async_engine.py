@@ -73,7 +73,7 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None,
-                       request_id: str = "", adapter_sha256: str = "",
+                       request_id: str = "", adapter_sha256: str = "", cache_scope: str = "",
                        on_queued: Callable[[], None] = lambda: None) -> AsyncIterator[RequestOutput]:
         """Streams a request's outputs; leaving early (cancel) aborts it on the engine at once.
         on_queued runs once the engine accepted it (not when the queue was full)."""
@@ -83,7 +83,7 @@ class AsyncEngine:
         finished = False
         try:
             await self.call(lambda: self.engine.add(prompt_token_ids, sampling, adapter_key, request_id, seq_id,
-                                                    adapter_sha256))
+                                                    adapter_sha256, cache_scope))
             on_queued()
             while not finished:
                 item = await stream.get()

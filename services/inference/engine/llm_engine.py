@@ -30,6 +30,7 @@ class RequestOutput:
     matched_stop: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclasses.dataclass
@@ -53,10 +54,12 @@ class LLMEngine:
         self.idle = False
 
     def add(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None = None,
-            request_id: str = "", seq_id: int | None = None, adapter_sha256: str = "") -> int:
-        """Queues a request (ResourceExhausted when the queue is full); returns its seq id."""
+            request_id: str = "", seq_id: int | None = None, adapter_sha256: str = "", cache_scope: str = "") -> int:
+        """Queues a request (ResourceExhausted when the queue is full); returns its seq id.
+        cache_scope: it shares cached prompt KV only with requests of the same scope."""
         seq_id = next(self._ids) if seq_id is None else seq_id
-        seq = Sequence(seq_id, prompt_token_ids, sampling, adapter_key, self.block_size, request_id, adapter_sha256)
+        seq = Sequence(seq_id, prompt_token_ids, sampling, adapter_key, self.block_size, request_id, adapter_sha256,
+                       cache_scope)
         self.scheduler.add(seq)
         # On the logits' device, so sampling never copies a row of probabilities to the host.
         generator = None if sampling.is_greedy else make_generator(sampling.seed, self.runner.device)
@@ -98,7 +101,7 @@ class LLMEngine:
         output = RequestOutput(seq.seq_id, text, [token.token_id],
                                [token] if seq.sampling.wants_logprobs else [],
                                finish_reason if seq.is_finished else None, matched,
-                               seq.num_prompt_tokens, seq.num_completion_tokens)
+                               seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_cached_prompt_tokens)
         if seq.is_finished:
             self._requests.pop(seq.seq_id, None)
             self.finished_requests += 1

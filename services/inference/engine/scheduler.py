@@ -3,8 +3,10 @@
 Per step: running sequences first (decodes, 1 token each, then prefills already under way),
 then admissions from the waiting queues into the remaining max_num_batched_tokens budget.
 Admission needs KV blocks and, for a LoRA request, a reference on its adapter from the pool
-(`AdapterGate`). Waiting sequences queue per adapter key so one adapter that is still loading
-never blocks the others, and keys take turns so a flood for one adapter cannot starve another.
+(`AdapterGate`); with prefix caching, an admitted sequence starts past the leading blocks it
+shares with earlier ones of the same scope and adapter bytes (block_manager.py). Waiting
+sequences queue per adapter key so one adapter that is still loading never blocks the
+others, and keys take turns so a flood for one adapter cannot starve another.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class AdapterGate(Protocol):
 
     def release(self, adapter_key: str) -> None: ...
 
+    def resident_sha256(self, adapter_key: str) -> str | None:
+        """The digest of the adapter's bytes on the device now, None if it is not there. No
+        side effects: the prefix cache asks it before try_acquire, to name a request's KV
+        when the request takes whichever bytes are resident."""
+        ...
+
 
 class AlwaysReadyGate:
     """Every adapter is always resident; counts references (tests, base-only serving)."""
@@ -58,6 +66,9 @@ class AlwaysReadyGate:
         self.references[adapter_key] -= 1
         if not self.references[adapter_key]:
             del self.references[adapter_key]
+
+    def resident_sha256(self, adapter_key: str) -> str | None:
+        return ""  # one fixed set of bytes per key, whatever they are
 
     @property
     def total_references(self) -> int:
@@ -210,6 +221,7 @@ class Scheduler:
             if seq.is_finished:  # aborted since schedule()
                 continue
             seq.num_cached_tokens += num_new
+            self.block_manager.publish_written_blocks(seq)
             if seq.num_cached_tokens < seq.num_tokens:
                 continue  # mid-prefill: no token this step
             if seq.seq_id not in sampled:
@@ -290,9 +302,11 @@ class Scheduler:
     def _try_admit(self, seq: Sequence, batch: ScheduledBatch, starving: set[str]) -> bool | None:
         """True if admitted, False if its adapter cannot run now, None if nothing more can be
         admitted this step (token budget, sequence slots or KV blocks are spent)."""
-        num_new = min(seq.num_uncached_tokens, self._budget_left(batch))
-        if (num_new == 0 or len(self.running) >= self.config.max_num_seqs
-                or not self.block_manager.can_allocate(seq, num_new)):
+        budget = self._budget_left(batch)
+        if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            return None
+        plan = self.block_manager.plan_admission(seq, budget, self._adapter_sha256(seq))
+        if plan is None:
             return None
         key = seq.adapter_key
         if key is not None:
@@ -311,9 +325,19 @@ class Scheduler:
             self._num_adapter_admissions += 1
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        self.block_manager.allocate(seq, num_new)
-        batch.add(seq, num_new)
+        self.block_manager.admit(seq, plan, self._adapter_sha256(seq))  # admitted: its bytes are settled
+        batch.add(seq, plan.num_new_tokens)
         return True
+
+    def _adapter_sha256(self, seq: Sequence) -> str | None:
+        """The digest of the adapter bytes seq runs with if admitted now ("" without adapter),
+        which names its cached KV; None while unsettled (it takes any bytes and none are
+        resident: the gate may load some) or unneeded (no prefix caching)."""
+        if not self.block_manager.prefix_caching:
+            return None
+        if seq.adapter_key is None or seq.adapter_sha256:
+            return seq.adapter_sha256
+        return self.gate.resident_sha256(seq.adapter_key)
 
     def _preempt(self, seq: Sequence) -> None:
         """Preemption by recompute: drop the KV, keep the tokens, resume first when room returns."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from services.inference.engine.prefix_cache import BlockHashes
 from services.inference.engine.sampling_params import SamplingParams
 
 
@@ -25,7 +26,8 @@ class Sequence:
     token_ids holds the prompt followed by the generated tokens. num_cached_tokens counts the
     leading tokens whose KV is already in the paged cache: the next forward computes tokens
     [num_cached_tokens, num_cached_tokens + n). After a preemption it drops to 0 and all tokens,
-    generated ones included, are recomputed as a prefill.
+    generated ones included, are recomputed as a prefill (less what the prefix cache still
+    holds: with prefix caching, admission starts num_cached_tokens past the shared blocks).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class Sequence:
         block_size: int = 16,
         request_id: str = "",
         adapter_sha256: str = "",
+        cache_scope: str = "",
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -46,9 +49,15 @@ class Sequence:
         self.adapter_key = adapter_key  # None = base model only
         self.adapter_sha256 = adapter_sha256  # the adapter bytes it must run with ("" = any)
         self.block_size = block_size
+        self.cache_scope = cache_scope  # shares cached prompt KV only with sequences of the same scope
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        # Prefix caching (block_manager.py): the hashes of its full blocks, how many leading
+        # blocks of block_table the cache knows, and the prompt tokens read from the cache.
+        self.block_hashes: BlockHashes | None = None
+        self.num_published_blocks = 0
+        self.num_cached_prompt_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.arrival_index = -1  # set by Scheduler.add
         self.num_preemptions = 0

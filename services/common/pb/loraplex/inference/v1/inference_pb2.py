@@ -27,43 +27,43 @@ from services.common.pb.loraplex.common.v1 import generation_pb2 as loraplex_dot
 from services.common.pb.loraplex.common.v1 import model_pb2 as loraplex_dot_common_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%loraplex/inference/v1/inference.proto\x12\x15loraplex.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#loraplex/common/v1/generation.proto\x1a\x1eloraplex/common/v1/model.proto\"C\n\nAdapterRef\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"\x93\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32!.loraplex.inference.v1.AdapterRef\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x34\n\x08messages\x18\x04 \x01(\x0b\x32 .loraplex.common.v1.ChatMessagesH\x00\x12\x31\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x1c.loraplex.common.v1.TokenIdsH\x00\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".loraplex.common.v1.SamplingParamsB\x07\n\x05input\"F\n\x10GenerateResponse\x12\x32\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32#.loraplex.common.v1.GenerationDelta\"\x81\x02\n\x0b\x41\x64\x61pterSlot\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x30\n\x04tier\x18\x03 \x01(\x0e\x32\".loraplex.inference.v1.AdapterTier\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05pages\x18\x05 \x01(\r\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12-\n\tlast_used\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07load_ms\x18\t \x01(\x02\x12\x16\n\x0etarget_modules\x18\n \x03(\t\"5\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"K\n\x13\x45victAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tall_tiers\x18\x02 \x01(\x08\x12\r\n\x05unpin\x18\x03 \x01(\x08\"\x16\n\x14\x45victAdapterResponse\"\x15\n\x13ListAdaptersRequest\"{\n\tPoolUsage\x12\x13\n\x0bpages_total\x18\x01 \x01(\r\x12\x12\n\npages_used\x18\x02 \x01(\r\x12\x12\n\npages_free\x18\x03 \x01(\r\x12\x17\n\x0fhost_bytes_used\x18\x04 \x01(\x04\x12\x18\n\x10host_bytes_total\x18\x05 \x01(\x04\"|\n\x14ListAdaptersResponse\x12\x34\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\".loraplex.inference.v1.AdapterSlot\x12.\n\x04pool\x18\x02 \x01(\x0b\x32 .loraplex.inference.v1.PoolUsage\"\x11\n\x0fGetStatsRequest\"\xad\x04\n\x05Stats\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11resident_adapters\x18\x05 \x01(\r\x12.\n\x04pool\x18\x06 \x01(\x0b\x32 .loraplex.inference.v1.PoolUsage\x12\x14\n\x0c\x61\x64\x61pter_hits\x18\x07 \x01(\x04\x12\x16\n\x0e\x61\x64\x61pter_misses\x18\x08 \x01(\x04\x12\x15\n\radapter_loads\x18\t \x01(\x04\x12\x19\n\x11\x61\x64\x61pter_evictions\x18\n \x01(\x04\x12\x1c\n\x14\x61\x64\x61pter_load_ms_mean\x18\x0b \x01(\x02\x12\x1b\n\x13\x61\x64\x61pter_load_ms_p99\x18\x0c \x01(\x02\x12\x19\n\x11requests_finished\x18\r \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x0e \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x0f \x01(\x04\x12\x13\n\x0bpreemptions\x18\x10 \x01(\x04\x12$\n\x1cgeneration_tokens_per_second\x18\x11 \x01(\x02\x12\x1c\n\x14resident_adapter_ids\x18\x12 \x03(\t\x12\x13\n\x0bgraph_steps\x18\x13 \x01(\x04\x12\x13\n\x0b\x65\x61ger_steps\x18\x14 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\xda\x02\n\tModelInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12@\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32+.loraplex.common.v1.ArchitectureFingerprint\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x08 \x01(\r\x12\x1a\n\x12\x61\x64\x61pter_pool_pages\x18\t \x01(\r\x12\x18\n\x10max_adapter_rank\x18\n \x01(\r\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x0f\n\x07kernels\x18\x0c \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\r \x01(\t\x12\x14\n\x0cprefill_lora\x18\x0e \x01(\t*\x8c\x01\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44\x41PTER_TIER_LOADING\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x03\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x04\x32\xc0\x04\n\tInference\x12]\n\x08Generate\x12&.loraplex.inference.v1.GenerateRequest\x1a\'.loraplex.inference.v1.GenerateResponse0\x01\x12\\\n\x0bLoadAdapter\x12).loraplex.inference.v1.LoadAdapterRequest\x1a\".loraplex.inference.v1.AdapterSlot\x12g\n\x0c\x45victAdapter\x12*.loraplex.inference.v1.EvictAdapterRequest\x1a+.loraplex.inference.v1.EvictAdapterResponse\x12g\n\x0cListAdapters\x12*.loraplex.inference.v1.ListAdaptersRequest\x1a+.loraplex.inference.v1.ListAdaptersResponse\x12P\n\x08GetStats\x12&.loraplex.inference.v1.GetStatsRequest\x1a\x1c.loraplex.inference.v1.Stats\x12R\n\x07GetInfo\x12%.loraplex.inference.v1.GetInfoRequest\x1a .loraplex.inference.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%loraplex/inference/v1/inference.proto\x12\x15loraplex.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#loraplex/common/v1/generation.proto\x1a\x1eloraplex/common/v1/model.proto\"C\n\nAdapterRef\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"\xa8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32!.loraplex.inference.v1.AdapterRef\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x34\n\x08messages\x18\x04 \x01(\x0b\x32 .loraplex.common.v1.ChatMessagesH\x00\x12\x31\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x1c.loraplex.common.v1.TokenIdsH\x00\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".loraplex.common.v1.SamplingParams\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x07 \x01(\tB\x07\n\x05input\"F\n\x10GenerateResponse\x12\x32\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32#.loraplex.common.v1.GenerationDelta\"\x81\x02\n\x0b\x41\x64\x61pterSlot\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x30\n\x04tier\x18\x03 \x01(\x0e\x32\".loraplex.inference.v1.AdapterTier\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05pages\x18\x05 \x01(\r\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12-\n\tlast_used\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07load_ms\x18\t \x01(\x02\x12\x16\n\x0etarget_modules\x18\n \x03(\t\"5\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"K\n\x13\x45victAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tall_tiers\x18\x02 \x01(\x08\x12\r\n\x05unpin\x18\x03 \x01(\x08\"\x16\n\x14\x45victAdapterResponse\"\x15\n\x13ListAdaptersRequest\"{\n\tPoolUsage\x12\x13\n\x0bpages_total\x18\x01 \x01(\r\x12\x12\n\npages_used\x18\x02 \x01(\r\x12\x12\n\npages_free\x18\x03 \x01(\r\x12\x17\n\x0fhost_bytes_used\x18\x04 \x01(\x04\x12\x18\n\x10host_bytes_total\x18\x05 \x01(\x04\"|\n\x14ListAdaptersResponse\x12\x34\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\".loraplex.inference.v1.AdapterSlot\x12.\n\x04pool\x18\x02 \x01(\x0b\x32 .loraplex.inference.v1.PoolUsage\"\x11\n\x0fGetStatsRequest\"\xa4\x05\n\x05Stats\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11resident_adapters\x18\x05 \x01(\r\x12.\n\x04pool\x18\x06 \x01(\x0b\x32 .loraplex.inference.v1.PoolUsage\x12\x14\n\x0c\x61\x64\x61pter_hits\x18\x07 \x01(\x04\x12\x16\n\x0e\x61\x64\x61pter_misses\x18\x08 \x01(\x04\x12\x15\n\radapter_loads\x18\t \x01(\x04\x12\x19\n\x11\x61\x64\x61pter_evictions\x18\n \x01(\x04\x12\x1c\n\x14\x61\x64\x61pter_load_ms_mean\x18\x0b \x01(\x02\x12\x1b\n\x13\x61\x64\x61pter_load_ms_p99\x18\x0c \x01(\x02\x12\x19\n\x11requests_finished\x18\r \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x0e \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x0f \x01(\x04\x12\x13\n\x0bpreemptions\x18\x10 \x01(\x04\x12$\n\x1cgeneration_tokens_per_second\x18\x11 \x01(\x02\x12\x1c\n\x14resident_adapter_ids\x18\x12 \x03(\t\x12\x13\n\x0bgraph_steps\x18\x13 \x01(\x04\x12\x13\n\x0b\x65\x61ger_steps\x18\x14 \x01(\x04\x12\x1c\n\x14prompt_tokens_cached\x18\x15 \x01(\x04\x12\x1e\n\x16prompt_tokens_computed\x18\x16 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x17 \x01(\x02\x12\x18\n\x10kv_blocks_cached\x18\x18 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xda\x02\n\tModelInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12@\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32+.loraplex.common.v1.ArchitectureFingerprint\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x08 \x01(\r\x12\x1a\n\x12\x61\x64\x61pter_pool_pages\x18\t \x01(\r\x12\x18\n\x10max_adapter_rank\x18\n \x01(\r\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x0f\n\x07kernels\x18\x0c \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\r \x01(\t\x12\x14\n\x0cprefill_lora\x18\x0e \x01(\t*\x8c\x01\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44\x41PTER_TIER_LOADING\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x03\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x04\x32\xc0\x04\n\tInference\x12]\n\x08Generate\x12&.loraplex.inference.v1.GenerateRequest\x1a\'.loraplex.inference.v1.GenerateResponse0\x01\x12\\\n\x0bLoadAdapter\x12).loraplex.inference.v1.LoadAdapterRequest\x1a\".loraplex.inference.v1.AdapterSlot\x12g\n\x0c\x45victAdapter\x12*.loraplex.inference.v1.EvictAdapterRequest\x1a+.loraplex.inference.v1.EvictAdapterResponse\x12g\n\x0cListAdapters\x12*.loraplex.inference.v1.ListAdaptersRequest\x1a+.loraplex.inference.v1.ListAdaptersResponse\x12P\n\x08GetStats\x12&.loraplex.inference.v1.GetStatsRequest\x1a\x1c.loraplex.inference.v1.Stats\x12R\n\x07GetInfo\x12%.loraplex.inference.v1.GetInfoRequest\x1a .loraplex.inference.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERTIER']._serialized_start=2222
-  _globals['_ADAPTERTIER']._serialized_end=2362
+  _globals['_ADAPTERTIER']._serialized_start=2362
+  _globals['_ADAPTERTIER']._serialized_end=2502
   _globals['_ADAPTERREF']._serialized_start=166
   _globals['_ADAPTERREF']._serialized_end=233
   _globals['_GENERATEREQUEST']._serialized_start=236
-  _globals['_GENERATEREQUEST']._serialized_end=511
-  _globals['_GENERATERESPONSE']._serialized_start=513
-  _globals['_GENERATERESPONSE']._serialized_end=583
-  _globals['_ADAPTERSLOT']._serialized_start=586
-  _globals['_ADAPTERSLOT']._serialized_end=843
-  _globals['_LOADADAPTERREQUEST']._serialized_start=845
-  _globals['_LOADADAPTERREQUEST']._serialized_end=898
-  _globals['_EVICTADAPTERREQUEST']._serialized_start=900
-  _globals['_EVICTADAPTERREQUEST']._serialized_end=975
-  _globals['_EVICTADAPTERRESPONSE']._serialized_start=977
-  _globals['_EVICTADAPTERRESPONSE']._serialized_end=999
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1001
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1022
-  _globals['_POOLUSAGE']._serialized_start=1024
-  _globals['_POOLUSAGE']._serialized_end=1147
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1149
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1273
-  _globals['_GETSTATSREQUEST']._serialized_start=1275
-  _globals['_GETSTATSREQUEST']._serialized_end=1292
-  _globals['_STATS']._serialized_start=1295
-  _globals['_STATS']._serialized_end=1852
-  _globals['_GETINFOREQUEST']._serialized_start=1854
-  _globals['_GETINFOREQUEST']._serialized_end=1870
-  _globals['_MODELINFO']._serialized_start=1873
-  _globals['_MODELINFO']._serialized_end=2219
-  _globals['_INFERENCE']._serialized_start=2365
-  _globals['_INFERENCE']._serialized_end=2941
+  _globals['_GENERATEREQUEST']._serialized_end=532
+  _globals['_GENERATERESPONSE']._serialized_start=534
+  _globals['_GENERATERESPONSE']._serialized_end=604
+  _globals['_ADAPTERSLOT']._serialized_start=607
+  _globals['_ADAPTERSLOT']._serialized_end=864
+  _globals['_LOADADAPTERREQUEST']._serialized_start=866
+  _globals['_LOADADAPTERREQUEST']._serialized_end=919
+  _globals['_EVICTADAPTERREQUEST']._serialized_start=921
+  _globals['_EVICTADAPTERREQUEST']._serialized_end=996
+  _globals['_EVICTADAPTERRESPONSE']._serialized_start=998
+  _globals['_EVICTADAPTERRESPONSE']._serialized_end=1020
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1022
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1043
+  _globals['_POOLUSAGE']._serialized_start=1045
+  _globals['_POOLUSAGE']._serialized_end=1168
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1170
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1294
+  _globals['_GETSTATSREQUEST']._serialized_start=1296
+  _globals['_GETSTATSREQUEST']._serialized_end=1313
+  _globals['_STATS']._serialized_start=1316
+  _globals['_STATS']._serialized_end=1992
+  _globals['_GETINFOREQUEST']._serialized_start=1994
+  _globals['_GETINFOREQUEST']._serialized_end=2010
+  _globals['_MODELINFO']._serialized_start=2013
+  _globals['_MODELINFO']._serialized_end=2359
+  _globals['_INFERENCE']._serialized_start=2505
+  _globals['_INFERENCE']._serialized_end=3081
 # @@protoc_insertion_point(module_scope)

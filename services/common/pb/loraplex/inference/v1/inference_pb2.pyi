@@ -36,20 +36,22 @@ class AdapterRef(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., tenant_id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter", "prompt", "messages", "token_ids", "sampling")
+    __slots__ = ("request_id", "adapter", "prompt", "messages", "token_ids", "sampling", "cache_scope")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter: AdapterRef
     prompt: str
     messages: _generation_pb2.ChatMessages
     token_ids: _generation_pb2.TokenIds
     sampling: _generation_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_generation_pb2.ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[_generation_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    cache_scope: str
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_generation_pb2.ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[_generation_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., cache_scope: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta",)
@@ -134,7 +136,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_total", "resident_adapters", "pool", "adapter_hits", "adapter_misses", "adapter_loads", "adapter_evictions", "adapter_load_ms_mean", "adapter_load_ms_p99", "requests_finished", "prompt_tokens_total", "generated_tokens_total", "preemptions", "generation_tokens_per_second", "resident_adapter_ids", "graph_steps", "eager_steps")
+    __slots__ = ("running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_total", "resident_adapters", "pool", "adapter_hits", "adapter_misses", "adapter_loads", "adapter_evictions", "adapter_load_ms_mean", "adapter_load_ms_p99", "requests_finished", "prompt_tokens_total", "generated_tokens_total", "preemptions", "generation_tokens_per_second", "resident_adapter_ids", "graph_steps", "eager_steps", "prompt_tokens_cached", "prompt_tokens_computed", "prefix_cache_hit_rate", "kv_blocks_cached")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,10 @@ class Stats(_message.Message):
     RESIDENT_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_STEPS_FIELD_NUMBER: _ClassVar[int]
     EAGER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_blocks_used: int
@@ -175,7 +181,11 @@ class Stats(_message.Message):
     resident_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
     graph_steps: int
     eager_steps: int
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., adapter_hits: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., adapter_load_ms_mean: _Optional[float] = ..., adapter_load_ms_p99: _Optional[float] = ..., requests_finished: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., graph_steps: _Optional[int] = ..., eager_steps: _Optional[int] = ...) -> None: ...
+    prompt_tokens_cached: int
+    prompt_tokens_computed: int
+    prefix_cache_hit_rate: float
+    kv_blocks_cached: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., adapter_hits: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., adapter_load_ms_mean: _Optional[float] = ..., adapter_load_ms_p99: _Optional[float] = ..., requests_finished: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., graph_steps: _Optional[int] = ..., eager_steps: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_blocks_cached: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -18,7 +18,7 @@ import grpc
 from services.common.pb.loraplex.router.v1 import nodes_pb2_grpc, router_pb2_grpc
 from services.common.services import NODES, ROUTER
 from services.router.auth import Authenticator
-from services.router.cache import FeedState
+from services.common.feed_cache import FeedState
 from services.router.config import RouterConfig
 from services.router.feed import ChangeFeedWatcher, FeedEvent
 from services.router.http_api import build_app

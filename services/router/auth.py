@@ -18,7 +18,7 @@ from typing import Protocol
 
 from services.common.auth import bearer_token
 from services.common.errors import Unauthenticated
-from services.router.cache import FeedCache, FeedState
+from services.common.feed_cache import FeedCache, FeedState, seconds_until
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Authenticator:
         secret = bearer_token(authorization, credential="API key")
         digest = hashlib.sha256(secret.encode()).hexdigest()
         caller = await self.cache.get_or_load(digest, lambda: self.verifier.verify_api_key(secret),
-                                              ttl_of=_seconds_left)
+                                              ttl_of=lambda verified: seconds_until(verified.expires_at))
         if caller.expires_at is not None and caller.expires_at <= time.time():
             self.cache.invalidate(lambda key: key == digest)
             raise Unauthenticated("the API key has expired", reason="INVALID_API_KEY")
@@ -62,8 +62,3 @@ class Authenticator:
     def clear(self) -> None:
         self.cache.clear()
 
-
-def _seconds_left(caller: Caller) -> float:
-    if caller.expires_at is None:
-        return float("inf")
-    return caller.expires_at - time.time()

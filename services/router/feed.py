@@ -3,9 +3,9 @@
 The watcher keeps one WatchChanges stream open. It remembers the sequence of the last
 event it applied and, when the stream breaks (registry restart, network), reconnects
 after a short backoff with that cursor, so events committed in between are replayed
-rather than lost. While disconnected the caches are bypassed (see cache.py); they are
-trusted again once the new stream's position marker arrives, and the replayed events
-that follow it at once drop whatever changed during the gap. Keeping entries across a
+rather than lost. While disconnected the caches are bypassed (services/common/feed_cache.py);
+they are trusted again once the new stream's position marker arrives, and the replayed
+events that follow it at once drop whatever changed during the gap. Keeping entries across a
 blip, instead of refetching every key and name after each Registry restart, is what the
 cursor buys. If the cursor has fallen out of the Registry's retained history
 (OUT_OF_RANGE), nothing can be replayed: every cache is dropped and the watcher starts
@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from services.common.errors import OutOfRange
-from services.router.cache import FeedState
+from services.common.feed_cache import FeedState
 
 log = logging.getLogger("loraplex.router.feed")
 
@@ -55,8 +55,7 @@ class ChangeFeedWatcher:
                 async for event in self.source.watch(self.cursor):
                     if event.is_position_marker:
                         self.cursor = event.sequence
-                        self.state.live = True
-                        self.state.connections += 1  # answers loaded before this may predate it
+                        self.state.connected()
                         self.connects += 1
                         backoff = self.min_backoff_s
                         continue

@@ -20,7 +20,7 @@ from typing import Protocol
 from services.common.errors import InvalidArgument, NotFound
 from services.common.fields import MAX_MODEL_NAME
 from services.router.auth import Caller
-from services.router.cache import FeedCache, FeedState
+from services.common.feed_cache import FeedCache, FeedState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,10 +3,10 @@
 Start-up (`start`, before the health service says SERVING): clear upload spools a crash left,
 migrate the database, start the dataset blob store, start the workers' fork server, requeue
 jobs a previous process left running, start dispatching, then follow the Registry's change
-feed to purge deleted tenants (feed.py). The Registry is not needed to start (it is asked per
-request and the feed watcher retries), so the trainer comes up in any order with the other
-services. Shutdown (`close`): the feed watcher stops, running jobs checkpoint and go back to
-the queue (see queue.py), then connections close.
+feed to purge deleted tenants and drop revoked keys (feed.py). The Registry is not needed to
+start (it is asked per request and the feed watcher retries), so the trainer comes up in any
+order with the other services. Shutdown (`close`): the feed watcher stops, running jobs
+checkpoint and go back to the queue (see queue.py), then connections close.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from services.common.errors import Unavailable
+from services.common.feed_cache import FeedState
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
 from services.common.services import TRAINER
 from services.trainer.auth import Authenticator
@@ -58,6 +59,8 @@ class TrainerApp:
         self.queue: JobQueue | None = None
         self.registry: RegistryClient | None = None
         self.feed_task: asyncio.Task | None = None
+        #: Kept by the feed watcher, read by the auth caches: trusted only while the feed is live.
+        self.feed_state = FeedState()
         self.sweep_task: asyncio.Task | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -89,7 +92,7 @@ class TrainerApp:
         store = TrainerStore(self.db)
         self.registry = RegistryClient(config.registry_address, config.admin_token, config.registry_timeout_seconds,
                                        config.max_message_mb)
-        auth = Authenticator(config.admin_token, self.registry, config.auth_cache_seconds)
+        auth = Authenticator(config.admin_token, self.registry, config.auth_cache_seconds, self.feed_state)
         models = BaseModels(self.registry)
         datasets = DatasetService(store, blobs, models, auth, self._run, config.data_dir / "spool",
                                   config.max_dataset_bytes)
@@ -106,7 +109,8 @@ class TrainerApp:
         jobs = JobService(store, self.queue, hub, models, auth, self.registry, self._run, config.max_rank)
         self.servicer.attach(TrainerDomain(auth, datasets, jobs))
         purger = TenantPurger(store, self.queue, blobs, auth, self._run, env.jobs_dir)
-        watcher = TenantDeletionWatcher(self.registry, store, purger, self._run, key_revoked=auth.forget_key)
+        watcher = TenantDeletionWatcher(self.registry, store, purger, self._run, self.feed_state,
+                                        key_revoked=auth.forget_key, reset=auth.clear)
         self.feed_task = asyncio.create_task(watcher.run_forever(), name="trainer-tenant-feed")
         self.sweep_task = asyncio.create_task(sweep_forever(store, blobs, self._run), name="trainer-orphan-sweep")
         log.info("trainer ready: database %s, %s dataset store, devices %s",

@@ -1,6 +1,12 @@
 """Follows the Registry's change feed: purges the data of deleted tenants (tenants.py) and
 forgets revoked API keys at once (auth.py), so neither outlives --auth-cache-seconds here.
 
+The watcher keeps the `FeedState` the auth caches read (services/common/feed_cache.py): live
+from the stream's position marker (and, without a usable cursor, the reconciliation below)
+until the stream ends, breaks or is cancelled; while it is not live the caches are bypassed,
+so a key revoked during a feed outage is refused by the next call, which asks the Registry.
+Each marker counts a connection: an answer read before it is never stored after it.
+
 One WatchChanges stream stays open (all kinds: the cursor then moves with every change, which
 keeps it inside the Registry's retained history even when tenants are rarely deleted). The
 cursor is stored in the trainer's database after each event is applied, so a restart resumes
@@ -11,7 +17,8 @@ Without a usable cursor (first start with this database, or OUT_OF_RANGE: the Re
 longer retains the history after it, or its feed is behind it) the stream restarts at the
 present (after_sequence -1) and, once its position marker arrives, every local tenant is
 checked against the Registry (TenantPurger.reconcile): deletions up to the marker are found
-that way, later ones arrive as events. Only then is the marker's sequence stored.
+that way, later ones arrive as events. Only then is the marker's sequence stored. Revocations
+before the marker are found by no one, so OUT_OF_RANGE also drops every cached answer (`reset`).
 
 The Registry need not be up when the trainer starts: the watcher retries with a backoff.
 """
@@ -24,6 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from services.common.errors import OutOfRange
+from services.common.feed_cache import FeedState
 from services.trainer.records import API_KEY_REVOKED, TENANT_DELETED, FeedEvent
 from services.trainer.store import TrainerStore
 from services.trainer.tenants import TenantPurger
@@ -40,10 +48,10 @@ class FeedSource(Protocol):
 
 class TenantDeletionWatcher:
     def __init__(self, source: FeedSource, store: TrainerStore, purger: TenantPurger, run: Callable[..., Awaitable],
-                 min_backoff_s: float = 0.1, max_backoff_s: float = 5.0,
-                 key_revoked: Callable[[str], None] = lambda key_id: None) -> None:
+                 state: FeedState, key_revoked: Callable[[str], None], reset: Callable[[], None],
+                 min_backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
         self.source, self.store, self.purger, self.run = source, store, purger, run
-        self.key_revoked = key_revoked
+        self.state, self.key_revoked, self.reset = state, key_revoked, reset
         self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
         self._backoff = min_backoff_s
         self._failing = False
@@ -58,13 +66,16 @@ class TenantDeletionWatcher:
                 raise
             except OutOfRange as exc:
                 log.warning("the change feed cannot resume from the stored cursor (%s); every local tenant will be "
-                            "checked against the registry", exc)
+                            "checked against the registry and every cached key dropped", exc)
                 self._cursor_unusable = True
+                self.reset()
             except Exception as exc:  # noqa: BLE001 - any failure means the same: reconnect
                 if not self._failing:  # say it once per outage, not at every retry
                     log.warning("cannot follow the registry's change feed (%s); deleted tenants are purged once "
-                                "it is back", exc)
+                                "it is back, and API keys are verified on every call until then", exc)
                 self._failing = True
+            finally:
+                self.state.live = False  # no invalidation can reach the caches now
             await asyncio.sleep(self._backoff)
             self._backoff = min(self.max_backoff_s, self._backoff * 2)
 
@@ -81,6 +92,7 @@ class TenantDeletionWatcher:
                     self._cursor_unusable = False
                 cursor = event.sequence
                 self._failing, self._backoff = False, self.min_backoff_s
+                self.state.connected()  # only now: no event after the marker is applied while reconciling
                 continue
             if event.kind == TENANT_DELETED:
                 await self.purger.purge(event.tenant_id)

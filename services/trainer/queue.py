@@ -11,7 +11,10 @@
   the grace period). CancelJob returns once the job is recorded as cancelled and its device
   is free. A running job may end otherwise all the same (it had finished publishing, or
   failed, when the cancel came): the cancel then answers FAILED_PRECONDITION as it would
-  have a moment later, never a succeeded or failed job.
+  have a moment later, never a succeeded or failed job. Once the Registry has committed the
+  job's adapter (publish.py) the cancel is refused at once, FAILED_PRECONDITION with reason
+  JOB_PUBLISHED, and the job runs on to succeed; that holds for a job a shutdown put back in
+  the queue after its commit too (its row records the version).
 - Shutdown: running workers are asked to checkpoint and exit; their jobs go back to queued.
 - Restart (decision): a job found `running` at start-up was interrupted by a crash or a kill.
   It goes back to the queue and *resumes from its last checkpoint* (the worker restores
@@ -50,6 +53,12 @@ def _log_failure(future: asyncio.Future) -> None:
 def _finished(job_id: str, state: str) -> FailedPrecondition:
     return FailedPrecondition(f"job '{job_id}' is already {state}; only queued or running jobs can be cancelled",
                               reason="JOB_FINISHED", field="id")
+
+
+def _published(job_id: str, adapter_name: str, version: int) -> FailedPrecondition:
+    return FailedPrecondition(f"job '{job_id}' is already published as '{adapter_name}' v{version} and can no "
+                              "longer be cancelled; to withdraw it, unbind its deployment and delete that version "
+                              "in the registry", reason="JOB_PUBLISHED", field="id")
 
 
 MakeRunner = Callable[[JobRecord, str, JobRunner.OnEvent], JobRunner]
@@ -172,19 +181,10 @@ class JobQueue:
         async with self._lock:
             runner = self._runners.get(job_id)
             if runner is None:
-                updated = await self.run(self.store.transition, job_id, [QUEUED], state=CANCELLED,
-                                         error=reason, finished_at=utcnow())
-                if updated is not None:
-                    self.hub.publish(STATE_CHANGED, updated)
-                    # A queued job may have run before (put back by a shutdown or a crash): its
-                    # checkpoints and its copy of the tenant's dataset must not outlive it.
-                    await self.run(self.clear_folder, job_id)
-                    return updated
-                current = await self.run(self.store.get_job, job_id)
-                if current is None:
-                    raise NotFound(f"job '{job_id}' not found", reason="JOB_NOT_FOUND", field="id")
-                raise _finished(job_id, current.state)
-        await runner.cancel(self.cancel_grace_s, reason)
+                return await self._cancel_without_runner(job_id, reason)
+        published = await runner.cancel(self.cancel_grace_s, reason)
+        if published is not None:
+            raise _published(job_id, published.name, published.version)
         await runner.finalized.wait()
         record = await self.run(self.store.get_job, job_id)
         if record is None:  # its tenant was purged while the worker stopped
@@ -196,6 +196,26 @@ class JobQueue:
             # came: the cancel lost, and says so exactly as if it had come a moment later.
             raise _finished(job_id, record.state)
         return record
+
+    async def _cancel_without_runner(self, job_id: str, reason: str) -> JobRecord:
+        """Cancels a queued job, or says why not. Called under the lock: nothing claims the job
+        between the read and the update (only a tenant purge may delete its row meanwhile)."""
+        current = await self.run(self.store.get_job, job_id)
+        if current is None:
+            raise NotFound(f"job '{job_id}' not found", reason="JOB_NOT_FOUND", field="id")
+        if current.state != QUEUED:
+            raise _finished(job_id, current.state)
+        if current.adapter_id:  # a shutdown put it back after the Registry committed its adapter
+            raise _published(job_id, current.output_adapter_name, current.adapter_version)
+        updated = await self.run(self.store.transition, job_id, [QUEUED], state=CANCELLED, error=reason,
+                                 finished_at=utcnow())
+        if updated is None:
+            raise NotFound(f"job '{job_id}' not found (its tenant was deleted)", reason="JOB_NOT_FOUND", field="id")
+        self.hub.publish(STATE_CHANGED, updated)
+        # A queued job may have run before (put back by a shutdown or a crash): its checkpoints
+        # and its copy of the tenant's dataset must not outlive it.
+        await self.run(self.clear_folder, job_id)
+        return updated
 
     async def close(self, grace_s: float) -> None:
         """Stops dispatching; running jobs checkpoint and go back to queued."""

@@ -9,8 +9,11 @@ ends, everything but worker.log is removed.
 The runner decides the job's outcome and the queue (queue.py) records it:
 - worker done and published -> succeeded (with the adapter id and version);
 - cancel requested -> cancelled (the worker is told to stop and killed after
-  --cancel-grace-seconds; publication in flight is abandoned);
-- trainer shutting down -> back to queued (the worker checkpoints first when it can);
+  --cancel-grace-seconds; a publication not yet committed is abandoned). Once the Registry
+  has committed the adapter the cancel is refused and the job goes on to succeed (publish.py);
+- trainer shutting down -> back to queued (the worker checkpoints first when it can; an
+  upload in flight is let answer first, so a committed version is recorded on the job, whose
+  next run then publishes it again, idempotently, and cannot be cancelled);
 - anything else -> failed, with the reason.
 
 The dataset store and the Registry being down is waited out for --outage-wait-seconds
@@ -20,6 +23,7 @@ The dataset store and the Registry being down is waited out for --outage-wait-se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -33,8 +37,9 @@ from services.trainer.base_models import BaseModels
 from services.trainer.datasets import DatasetService
 from services.trainer.hyperparams import TrainingSettings, plan_schedule
 from services.trainer.outage import OutageWait
-from services.trainer.publish import PublishError, Publisher
-from services.trainer.records import CANCELLED, EVAL, FAILED, PROGRESS, QUEUED, SUCCEEDED, JobRecord
+from services.trainer.publish import PublicationCancelled, PublicationGate, PublishError, Publisher
+from services.trainer.records import CANCELLED, EVAL, FAILED, PROGRESS, QUEUED, RUNNING, SUCCEEDED, JobRecord
+from services.trainer.registry_client import PublishedAdapter
 from services.trainer.store import TrainerStore
 from services.trainer.worker.launcher import WorkerProcess
 from services.trainer.worker.protocol import CANCEL, EXIT_DONE, EXIT_FAILED, STOP, WorkerSpec
@@ -91,6 +96,7 @@ class JobRunner:
         self._interrupted = asyncio.Event()  # set with cancel_requested / stop_requested: ends outage waits
         self._process: WorkerProcess | None = None
         self._publishing: asyncio.Future | None = None
+        self._gate = PublicationGate(_published_before(record), self._record_published)
         self._worker_error = ""
 
     async def run(self) -> Outcome:
@@ -116,19 +122,28 @@ class JobRunner:
                 return Outcome(FAILED, self._failure(code))
         if self.cancel_requested or self.stop_requested:
             return Outcome(CANCELLED, self.cancel_reason) if self.cancel_requested else Outcome(QUEUED)
-        self._publishing = asyncio.ensure_future(self.env.publisher.publish(self.record, output, self._waiting))
+        self._publishing = asyncio.ensure_future(self.env.publisher.publish(self.record, output, self._gate,
+                                                                            self._waiting))
         try:
             adapter = await self._publishing
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, PublicationCancelled):
             if self.cancel_requested:
                 return Outcome(CANCELLED, f"{self.cancel_reason} during publication")
             if self.stop_requested:
                 return Outcome(QUEUED)
             raise
         except PublishError as exc:
-            published = exc.adapter
+            published = exc.adapter or self._gate.published  # the latter: committed by an earlier run
             return Outcome(FAILED, str(exc), published.id if published else "", published.version if published else 0)
         return Outcome(SUCCEEDED, adapter_id=adapter.id, adapter_version=adapter.version)
+
+    async def _record_published(self, adapter: PublishedAdapter) -> None:
+        """Stores the committed version on the job before it can be shown or cancelled: a run
+        the shutdown interrupts then cannot be cancelled once queued again (queue.py)."""
+        record = self.record
+        record.adapter_id, record.adapter_version = adapter.id, adapter.version
+        await self.env.run(self.env.store.transition, record.id, [RUNNING], adapter_id=adapter.id,
+                           adapter_version=adapter.version)
 
     def _waiting(self, what: str) -> None:
         """Shows (or, with "", clears) what the job waits for to GetJob and WatchJob."""
@@ -209,6 +224,10 @@ class JobRunner:
     async def _end(self, command: str, grace: float) -> None:
         self._interrupted.set()
         if self._publishing is not None:
+            # An upload is let answer (within the grace): abandoned, the Registry might commit it
+            # unbeknown to the job. A cancel got here through the gate, so none is in flight then.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gate.answered(), grace)
             self._publishing.cancel()
         if self._process is not None:
             self._process.send(command)
@@ -225,10 +244,17 @@ class JobRunner:
         except TimeoutError:
             log.error("job %s: run did not end after its worker was killed", self.record.id)
 
-    async def cancel(self, grace: float, reason: str = "cancelled by request") -> None:
-        """Stops training now (no checkpoint); the outcome will be cancelled, with `reason`."""
-        self.cancel_requested, self.cancel_reason = True, reason
+    async def cancel(self, grace: float, reason: str = "cancelled by request") -> PublishedAdapter | None:
+        """Stops training now (no checkpoint); the outcome will be cancelled, with `reason`.
+
+        Returns at once with the adapter version instead, when the Registry has already committed
+        it: the cancel is refused and the job runs on to its end (publish.py)."""
+        published = await self._gate.close()
+        if published is not None:
+            return published
+        self.cancel_requested, self.cancel_reason = True, reason  # no await since the gate closed
         await self._end(CANCEL, grace)
+        return None
 
     async def stop(self, grace: float) -> None:
         """For shutdown: checkpoint at the next step boundary and exit; the job goes back to queued."""
@@ -238,6 +264,13 @@ class JobRunner:
     def cleanup(self) -> None:
         """Removes the job folder's contents except the worker log (blocking)."""
         clear_job_folder(self.job_dir)
+
+
+def _published_before(record: JobRecord) -> PublishedAdapter | None:
+    """The version an earlier run of this job committed (it was interrupted after the commit)."""
+    if not record.adapter_id:
+        return None
+    return PublishedAdapter(record.adapter_id, record.output_adapter_name, record.adapter_version, created=False)
 
 
 def clear_job_folder(job_dir: Path) -> None:

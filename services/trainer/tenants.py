@@ -8,9 +8,11 @@ it learns of the deletion (feed.py). A purge, in this order, and why:
    anything behind the purge.
 2. Forget its cached API keys and names: its callers are refused at once.
 3. Cancel its queued and running jobs exactly as CancelJob does (a running worker is told to
-   stop, killed after the grace period, and a publication in flight is abandoned): a deleted
-   tenant's job must not spend the device, nor end FAILED when the Registry refuses its adapter.
-   Watchers see the cancellation, with the reason, before the rows go.
+   stop, killed after the grace period, and a publication not yet committed is abandoned): a
+   deleted tenant's job must not spend the device, nor end FAILED when the Registry refuses its
+   adapter. Watchers see the cancellation, with the reason, before the rows go. A job whose
+   adapter the Registry had already committed refuses the cancel (publish.py) and runs on to
+   its end (the Registry deleted that version with the tenant); its rows go all the same.
 4. Delete the dataset and job rows, then the files: dataset blobs (by row and by the tenant's
    key prefix, which also catches blobs an interrupted upload left without a row) and job
    folders (checkpoints, outputs, logs).

@@ -10,7 +10,7 @@ import pytest
 
 from services.common.errors import NotFound, Unauthenticated
 from services.router.auth import Authenticator, Caller
-from services.router.cache import FeedState
+from services.common.feed_cache import FeedState
 from services.router.resolution import Resolver, Target
 
 CALLER = Caller("tnt_a", "acme", "key_1")

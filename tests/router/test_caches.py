@@ -8,7 +8,7 @@ import pytest
 
 from services.common.errors import NotFound, OutOfRange, Unauthenticated, Unavailable
 from services.router.auth import Authenticator, Caller, bearer_token
-from services.router.cache import FeedCache, FeedState
+from services.common.feed_cache import FeedCache, FeedState
 from services.router.feed import ChangeFeedWatcher, FeedEvent
 from services.router.resolution import ModelEntry, Resolver, Target
 

@@ -12,7 +12,7 @@ import pytest
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.router.auth import Caller
-from services.router.cache import FeedState
+from services.common.feed_cache import FeedState
 from services.router.membership import Health, Membership
 from services.router.nodes import NodeFailure, NodeStats
 from services.router.proxy import GenerateCall, RouterCore

@@ -91,6 +91,15 @@ class TrainerClient:
         raise AssertionError(f"job {job_id}: watch ended before the condition held")
 
 
+def queued_behind_a_blocker(client: TrainerClient, **job) -> tuple[pb.Job, pb.Job]:
+    """(blocker, job): a job waiting in the queue behind a running one of the same tenant, so the
+    Registry can go down after StartJob (which verifies the key) and before the job trains."""
+    dataset_id = client.upload(finance_chat_lines()).id
+    blocker = client.start(dataset_id, name="blocker", max_steps=100_000)
+    client.wait_for(blocker.id, lambda current: current.state == pb.JOB_STATE_RUNNING)
+    return blocker, client.start(dataset_id, **{"max_steps": 2, **job})
+
+
 class InProcessTrainer(InProcessServer):
     """A TrainerApp on a real gRPC server, on its own event loop in a background thread."""
 

@@ -17,7 +17,8 @@ from tests.conftest import free_port
 from tests.registry.backends import CuttableProxy, InProcessRegistry, MotoS3
 from tests.registry.client import Client
 from tests.trainer.conftest import ADMIN_TOKEN
-from tests.trainer.harness import InProcessTrainer, finance_chat_lines, s3_settings, trainer_config
+from tests.trainer.harness import (InProcessTrainer, finance_chat_lines, queued_behind_a_blocker, s3_settings,
+                                  trainer_config)
 
 
 @contextlib.contextmanager
@@ -64,6 +65,16 @@ def start_in_outage(client, dataset_id: str, needle: str, timeout: float = 60, *
     return started
 
 
+def train_in_outage(operator, blocker: pb.Job, job: pb.Job, needle: str, timeout: float = 240) -> pb.Job:
+    """Cancels the blocker so `job` trains; returns `job` once it has met the outage (logged a
+    retry containing `needle`). `operator` holds the admin token: no tenant key can be verified
+    while the Registry is down."""
+    with logged(needle) as waiting:
+        operator.call("CancelJob", pb.CancelJobRequest(id=blocker.id))
+        assert waiting.wait(timeout), "the job never met the outage"
+    return operator.call("GetJob", pb.GetJobRequest(id=job.id))
+
+
 READING = "reading the dataset from its store failed"
 
 
@@ -96,19 +107,17 @@ def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny
     admin.RegisterBaseModel(rpb.RegisterBaseModelRequest(name="tiny", location=str(tiny_model_dir)))
     tenant = admin.CreateTenant(rpb.CreateTenantRequest(name="outage-tenant"))
     key = admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=tenant.id, name="test")).secret
-    # A long auth cache: the job is started while the Registry is down, on the key verified before.
     trainer = InProcessTrainer(trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN,
-                                              outage_wait_seconds=600, auth_cache_seconds=600)).start()
+                                              outage_wait_seconds=600)).start()
     try:
         client = trainer.client(key)
-        dataset = client.upload(finance_chat_lines())
+        blocker, job = queued_behind_a_blocker(client, name="fin-outage")
         registry.stop()
-        job = start_in_outage(client, dataset.id, "uploading the adapter to the registry failed", 240,
-                              name="fin-outage")
-        shown = client.call("GetJob", pb.GetJobRequest(id=job.id))
+        operator = trainer.client(ADMIN_TOKEN)
+        shown = train_in_outage(operator, blocker, job, "uploading the adapter to the registry")
         assert "uploading the adapter to the registry failed" in shown.waiting_for, shown
         registry = InProcessRegistry(config).start()  # same port, same database and blobs
-        done = client.wait(job.id)  # failed after 7 s of retries before, and the trained adapter was deleted
+        done = operator.wait(job.id)  # failed after 7 s of retries before, and the trained adapter was deleted
         assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
         admin = Client(registry.stub, ADMIN_TOKEN)
         adapter = admin.GetAdapter(rpb.GetAdapterRequest(tenant=tenant.id, name="fin-outage"))

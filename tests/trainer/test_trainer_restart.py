@@ -20,8 +20,8 @@ from tests.conftest import free_port, start_module, stop_process, wait_for_healt
 from tests.registry.backends import InProcessRegistry
 from tests.registry.client import Client
 from tests.trainer.conftest import ADMIN_TOKEN
-from tests.trainer.harness import (InProcessTrainer, TrainerClient, finance_chat_lines, trainer_config, wait_until,
-                                   worker_pids)
+from tests.trainer.harness import (InProcessTrainer, TrainerClient, finance_chat_lines, queued_behind_a_blocker,
+                                   trainer_config, wait_until, worker_pids)
 
 STEPS, EVERY = 120, 10
 
@@ -141,15 +141,16 @@ def test_a_crash_while_publishing_keeps_the_figures_of_the_finished_run(tiny_mod
     tenant = admin.CreateTenant(rpb.CreateTenantRequest(name="crash-while-publishing"))
     key = admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=tenant.id, name="test")).secret
     data_dir = tmp_path / "trainer"
-    # Long enough caches and waits that the job starts, and waits to publish, with the Registry down.
+    # A long enough wait that the job waits to publish with the Registry down.
     first, channel = start_trainer_process(data_dir, registry.address, tmp_path / "first.log",
-                                           "--auth-cache-seconds", "600", "--outage-wait-seconds", "600")
+                                           "--outage-wait-seconds", "600")
     processes.append(first)
-    client = TrainerClient(trainer_pb2_grpc.TrainerStub(channel), key)
-    dataset = client.upload(finance_chat_lines())
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    blocker, job = queued_behind_a_blocker(TrainerClient(stub, key), name="published-after-crash", max_steps=3)
     registry.stop()
-    job = client.start(dataset.id, name="published-after-crash", max_steps=3)
-    client.wait_for(job.id, lambda current: "uploading the adapter" in current.waiting_for)
+    operator = TrainerClient(stub, ADMIN_TOKEN)  # no tenant key can be verified now
+    operator.call("CancelJob", pb.CancelJobRequest(id=blocker.id))  # the job trains, then waits to publish
+    operator.wait_for(job.id, lambda current: "uploading the adapter" in current.waiting_for)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     channel.close()

@@ -150,6 +150,13 @@ class TrainerServicer:
         finished. A running job that finishes on its own while the cancel takes effect (it had
         already published, or failed) is not cancelled: that too is FAILED_PRECONDITION, never a
         SUCCEEDED or FAILED job, and GetJob shows how it ended.
+        Publication: once the Registry has committed the job's adapter version, the job can no
+        longer be cancelled: FAILED_PRECONDITION (reason JOB_PUBLISHED, "already published as
+        <adapter> vN"), and the job goes on to bind its deployment and succeed (adapter_id and
+        adapter_version are set from the commit on). Before the commit, including while the upload
+        waits out a Registry outage, the cancel wins and nothing is published afterwards; a cancel
+        that lands while an upload is in flight waits for the Registry's answer. So a CANCELLED job
+        never leaves an adapter version or a binding behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,9 +1,11 @@
 """A small TTL cache that is trusted only while the Registry's change feed is live.
 
-The Router caches API-key verifications and model-name resolutions so a request costs no
-Registry round trip. Staleness is bounded twice over: by a TTL, and by the change feed,
-whose events invalidate entries within milliseconds of a commit. Two rules keep a revoked
-key or a rebound name from surviving:
+The Router caches API-key verifications and model-name resolutions, the Trainer API-key
+verifications and tenant lookups, so a request costs no Registry round trip. Each service
+follows the feed with its own watcher (router/feed.py, trainer/feed.py), which keeps a
+`FeedState` up to date and turns events into `invalidate*` calls. Staleness is bounded twice
+over: by a TTL, and by the change feed, whose events invalidate entries within milliseconds
+of a commit. Two rules keep a revoked key, a deleted tenant or a rebound name from surviving:
 
 - While the feed is down (`FeedState.live` is False) the cache is bypassed: every lookup
   goes to the Registry and nothing is stored, because no invalidation could reach us.
@@ -19,9 +21,9 @@ a request that arrives after a revocation or a rebind must not be handed the ans
 Registry call that started before it (the revoked key accepted, the old version served).
 
 The cache holds at most `max_entries`. Keys come from callers (every unknown model name a
-tenant sends is cached as NOT_FOUND), and an expired entry is otherwise only dropped when
-the same key is read again: unbounded, one tenant sending fresh names grew the shared
-router's memory without limit. When full, expired entries go first, then the oldest, down
+tenant sends to the Router is cached as NOT_FOUND), and an expired entry is otherwise only
+dropped when the same key is read again: unbounded, one tenant sending fresh names grew the
+shared router's memory without limit. When full, expired entries go first, then the oldest, down
 to 90% (so the sweep runs once per tenth of the bound, not on every store). Dropping an
 entry is always safe: the next lookup asks the Registry.
 """
@@ -47,6 +49,12 @@ class FeedState:
     def __init__(self) -> None:
         self.live = False
         self.connections = 0
+
+    def connected(self) -> None:
+        """At a stream's position marker: caches are trusted again, and an answer loaded before
+        now may predate changes the stream will never deliver, so it is not stored."""
+        self.live = True
+        self.connections += 1
 
 
 class FeedCache(Generic[K, V]):
@@ -158,6 +166,12 @@ class FeedCache(Generic[K, V]):
     def clear(self) -> None:
         self._epoch += 1
         self._entries.clear()
+
+
+def seconds_until(expires_at: float | None) -> float:
+    """For `ttl_of`: seconds left until a unix time (None: never), so an entry never outlives
+    what it caches (an API key that expires sooner than the TTL)."""
+    return float("inf") if expires_at is None else expires_at - time.time()
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:

@@ -6,19 +6,26 @@ processes); only the event loop lives in a background thread of the test process
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-
+from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
+from services.registry.config import RegistryConfig
 from services.trainer.app import TrainerApp
 from services.trainer.config import TrainerConfig
+from services.trainer.db import TrainerDatabase
+from services.trainer.records import DatasetRecord
+from services.trainer.store import TrainerStore
+from tests.conftest import free_port
 from tests.inprocess import InProcessServer
-from tests.registry.client import bearer
+from tests.registry.backends import InProcessRegistry
+from tests.registry.client import Client, bearer
 
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
@@ -156,3 +163,30 @@ def worker_pids(data_dir: Path, job_id: str) -> list[int]:
     log = data_dir / "jobs" / job_id / "worker.log"
     pids = [int(pid) for pid in re.findall(r"worker pid (\d+)", log.read_text())] if log.exists() else []
     return [pid for pid in pids if pid_alive(pid)]
+
+
+def registry_with_tenant(data_dir: Path, base_model_dir: Path, tenant_name: str,
+                         admin_token: str) -> tuple[InProcessRegistry, str]:
+    """A private in-process Registry (one that a test may stop) serving the base model "tiny",
+    and a key of a new tenant on it: (registry, the key's secret)."""
+    config = RegistryConfig(port=free_port(), metrics_port=0, data_dir=data_dir, admin_token=admin_token)
+    registry = InProcessRegistry(config).start()
+    admin = Client(registry.stub, admin_token)
+    admin.RegisterBaseModel(rpb.RegisterBaseModelRequest(name="tiny", location=str(base_model_dir)))
+    tenant = admin.CreateTenant(rpb.CreateTenantRequest(name=tenant_name))
+    return registry, admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=tenant.id, name="test")).secret
+
+
+#: When the jobs of `store_with_dataset` were created (and the dataset they train on).
+STORE_START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def store_with_dataset(path: Path) -> tuple[TrainerDatabase, TrainerStore]:
+    """A migrated SQLite trainer store holding dataset ds_1 of tenant tnt_a (for queue and runner
+    tests that insert their own jobs); close the database when done."""
+    db = TrainerDatabase(f"sqlite:///{path}")
+    db.migrate()
+    store = TrainerStore(db)
+    store.insert_dataset(DatasetRecord("ds_1", "tnt_a", "d", "chat", "tiny", 512, 10, 3, 100, "0" * 64,
+                                       "datasets/a/b.jsonl", STORE_START))
+    return db, store

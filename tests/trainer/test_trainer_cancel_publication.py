@@ -7,21 +7,20 @@ SQLite store, a fake Registry whose calls wait on events the test sets. No sleep
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import Iterator
 
 import pytest
 
 from services.common.errors import FailedPrecondition, Unavailable
-from services.trainer.db import TrainerDatabase
 from services.trainer.events import EventHub
 from services.trainer.outage import OutageWait
 from services.trainer.publish import PublicationCancelled, PublicationGate, Publisher
 from services.trainer.queue import JobQueue
-from services.trainer.records import CANCELLED, QUEUED, RUNNING, SUCCEEDED, DatasetRecord, JobRecord
+from services.trainer.records import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRecord
 from services.trainer.registry_client import PublishedAdapter
 from services.trainer.runner import WEIGHTS, JobRunner, RunnerEnv
 from services.trainer.store import TrainerStore
+from tests.trainer.harness import STORE_START, store_with_dataset
 
 JOB = "job_0"
 
@@ -55,14 +54,9 @@ class Registry:
 
 @pytest.fixture
 def store(tmp_path) -> Iterator[TrainerStore]:
-    db = TrainerDatabase(f"sqlite:///{tmp_path / 'trainer.db'}")
-    db.migrate()
-    store = TrainerStore(db)
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    store.insert_dataset(DatasetRecord("ds_1", "tnt_a", "d", "chat", "tiny", 512, 10, 3, 100, "0" * 64,
-                                       "datasets/a/b.jsonl", start))
+    db, store = store_with_dataset(tmp_path / "trainer.db")
     store.insert_job(JobRecord(JOB, "tnt_a", QUEUED, "tiny", "ds_1", {"r": 4}, {"seed": 0}, "fin", "fin-chat", 10,
-                               start))
+                               STORE_START))
     yield store
     db.close()
 

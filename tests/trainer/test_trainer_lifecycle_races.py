@@ -12,29 +12,24 @@ import pytest
 
 from services.common.errors import FailedPrecondition
 from services.registry import paging
-from services.trainer.db import TrainerDatabase
 from services.trainer.events import EventHub
 from services.trainer.jobs import JobService
 from services.trainer.queue import JobQueue
 from services.trainer.records import (ADMIN, CANCELLED, FAILED, QUEUED, RUNNING, SNAPSHOT, STATE_CHANGED,
-                                      SUCCEEDED, DatasetRecord, JobRecord)
+                                      SUCCEEDED, JobRecord)
 from services.trainer.runner import Outcome
 from services.trainer.store import TrainerStore
+from tests.trainer.harness import STORE_START, store_with_dataset
 
 GUARD_S = 30  # only so that a missing terminal event fails instead of hanging; never an ordering device
 
 
 @pytest.fixture
 def store(tmp_path) -> Iterator[TrainerStore]:
-    db = TrainerDatabase(f"sqlite:///{tmp_path / 'trainer.db'}")
-    db.migrate()
-    store = TrainerStore(db)
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    store.insert_dataset(DatasetRecord("ds_1", "tnt_a", "d", "chat", "tiny", 512, 10, 3, 100, "0" * 64,
-                                       "datasets/a/b.jsonl", start))
+    db, store = store_with_dataset(tmp_path / "trainer.db")
     for i in range(2):
         store.insert_job(JobRecord(f"job_{i}", "tnt_a", QUEUED, "tiny", "ds_1", {"r": 4}, {"seed": 0}, "out", "", 10,
-                                   start + dt.timedelta(seconds=i)))
+                                   STORE_START + dt.timedelta(seconds=i)))
     yield store
     db.close()
 

@@ -12,13 +12,11 @@ from collections.abc import Iterator
 
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
-from services.registry.config import RegistryConfig
-from tests.conftest import free_port
 from tests.registry.backends import CuttableProxy, InProcessRegistry, MotoS3
 from tests.registry.client import Client
 from tests.trainer.conftest import ADMIN_TOKEN
-from tests.trainer.harness import (InProcessTrainer, finance_chat_lines, queued_behind_a_blocker, s3_settings,
-                                  trainer_config)
+from tests.trainer.harness import (InProcessTrainer, finance_chat_lines, queued_behind_a_blocker, registry_with_tenant,
+                                  s3_settings, trainer_config)
 
 
 @contextlib.contextmanager
@@ -101,12 +99,7 @@ def test_cancelling_a_job_that_waits_for_its_dataset_store_ends_the_wait(registr
 
 
 def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny_model_dir):
-    config = RegistryConfig(port=free_port(), metrics_port=0, data_dir=tmp_path / "registry", admin_token=ADMIN_TOKEN)
-    registry = InProcessRegistry(config).start()
-    admin = Client(registry.stub, ADMIN_TOKEN)
-    admin.RegisterBaseModel(rpb.RegisterBaseModelRequest(name="tiny", location=str(tiny_model_dir)))
-    tenant = admin.CreateTenant(rpb.CreateTenantRequest(name="outage-tenant"))
-    key = admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=tenant.id, name="test")).secret
+    registry, key = registry_with_tenant(tmp_path / "registry", tiny_model_dir, "outage-tenant", ADMIN_TOKEN)
     trainer = InProcessTrainer(trainer_config(tmp_path / "trainer", registry.address, ADMIN_TOKEN,
                                               outage_wait_seconds=600)).start()
     try:
@@ -116,11 +109,11 @@ def test_a_trained_adapter_is_published_once_the_registry_is_back(tmp_path, tiny
         operator = trainer.client(ADMIN_TOKEN)
         shown = train_in_outage(operator, blocker, job, "uploading the adapter to the registry")
         assert "uploading the adapter to the registry failed" in shown.waiting_for, shown
-        registry = InProcessRegistry(config).start()  # same port, same database and blobs
+        registry = InProcessRegistry(registry.config).start()  # same port, same database and blobs
         done = operator.wait(job.id)  # failed after 7 s of retries before, and the trained adapter was deleted
         assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
         admin = Client(registry.stub, ADMIN_TOKEN)
-        adapter = admin.GetAdapter(rpb.GetAdapterRequest(tenant=tenant.id, name="fin-outage"))
+        adapter = admin.GetAdapter(rpb.GetAdapterRequest(id=done.adapter_id))
         assert adapter.version == done.adapter_version
     finally:
         trainer.stop()

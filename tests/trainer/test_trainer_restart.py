@@ -15,13 +15,11 @@ import grpc
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2_grpc
-from services.registry.config import RegistryConfig
 from tests.conftest import free_port, start_module, stop_process, wait_for_health
 from tests.registry.backends import InProcessRegistry
-from tests.registry.client import Client
 from tests.trainer.conftest import ADMIN_TOKEN
 from tests.trainer.harness import (InProcessTrainer, TrainerClient, finance_chat_lines, queued_behind_a_blocker,
-                                   trainer_config, wait_until, worker_pids)
+                                   registry_with_tenant, trainer_config, wait_until, worker_pids)
 
 STEPS, EVERY = 120, 10
 
@@ -134,12 +132,7 @@ def test_cancelling_a_job_the_shutdown_put_back_in_the_queue_removes_its_files(n
 def test_a_crash_while_publishing_keeps_the_figures_of_the_finished_run(tiny_model_dir, tmp_path, processes):
     # The last figures of a run were only in memory until the job ended: a crash while its
     # adapter waited for the Registry left the job, once published, SUCCEEDED at step 0 with no loss.
-    config = RegistryConfig(port=free_port(), metrics_port=0, data_dir=tmp_path / "registry", admin_token=ADMIN_TOKEN)
-    registry = InProcessRegistry(config).start()
-    admin = Client(registry.stub, ADMIN_TOKEN)
-    admin.RegisterBaseModel(rpb.RegisterBaseModelRequest(name="tiny", location=str(tiny_model_dir)))
-    tenant = admin.CreateTenant(rpb.CreateTenantRequest(name="crash-while-publishing"))
-    key = admin.CreateApiKey(rpb.CreateApiKeyRequest(tenant=tenant.id, name="test")).secret
+    registry, key = registry_with_tenant(tmp_path / "registry", tiny_model_dir, "crash-while-publishing", ADMIN_TOKEN)
     data_dir = tmp_path / "trainer"
     # A long enough wait that the job waits to publish with the Registry down.
     first, channel = start_trainer_process(data_dir, registry.address, tmp_path / "first.log",
@@ -155,7 +148,7 @@ def test_a_crash_while_publishing_keeps_the_figures_of_the_finished_run(tiny_mod
     first.wait()
     channel.close()
 
-    registry = InProcessRegistry(config).start()  # same port, database and blobs
+    registry = InProcessRegistry(registry.config).start()  # same port, database and blobs
     try:
         second, channel = start_trainer_process(data_dir, registry.address, tmp_path / "second.log")
         processes.append(second)

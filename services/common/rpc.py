@@ -50,11 +50,15 @@ def status_code_of(error: errors.LoraplexError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-#: Bounds, in UTF-8 bytes, on what an error carries. Statuses travel in trailers, whose size
-#: gRPC caps (8 KiB by default, the message sent twice: grpc-message, percent-encoded, and
-#: grpc-status-details-bin): an error echoing a 1 MB id would otherwise reach the client as
-#: "Stream removed (metadata size exceeds hard limit)", with no code it can act on.
-MAX_MESSAGE_BYTES, MAX_METADATA_VALUE_BYTES, MAX_METADATA_ENTRIES = 2048, 128, 16
+#: Bounds on what an error carries. Statuses travel in trailers, whose size gRPC caps (8 KiB by
+#: default, a soft limit: past it a client drops trailers with a probability that grows to 1 at
+#: the hard limit): an error echoing a 1 MB id would otherwise reach the client as "Stream
+#: removed (metadata size exceeds ... limit)", with no code it can act on. The message is sent
+#: twice: as grpc-message, percent-encoded (3 bytes for each UTF-8 byte outside printable ASCII,
+#: so it is bounded by that size), and inside grpc-status-details-bin (base64, with the
+#: ErrorInfo's metadata, bounded in UTF-8 bytes: at most 16 entries, 1.5 KiB in all). Together
+#: at most about 7 KiB (test_rpc.py checks the worst case), under the soft limit.
+MAX_MESSAGE_BYTES, MAX_METADATA_VALUE_BYTES, MAX_METADATA_ENTRIES, MAX_METADATA_BYTES = 2048, 128, 16, 1536
 
 
 def bounded(text: str, limit: int) -> str:
@@ -66,12 +70,40 @@ def bounded(text: str, limit: int) -> str:
     return f"{kept}… ({len(text) - len(kept)} more characters)"
 
 
+def percent_encoded_size(text: str) -> int:
+    """The bytes `text` takes as a grpc-message header (gRPC's percent-encoding)."""
+    return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in text.encode())
+
+
+def bounded_message(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`text` cut so that it takes at most `limit` bytes as a grpc-message header."""
+    if percent_encoded_size(text) <= limit:
+        return text
+    budget, size, kept = limit - 120, 0, 0  # room for the note, itself percent-encoded
+    for kept, character in enumerate(text):
+        size += percent_encoded_size(character)
+        if size > budget:
+            break
+    return f"{text[:kept]}… ({len(text) - kept} more characters)"
+
+
+def _bounded_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """At most MAX_METADATA_ENTRIES entries and MAX_METADATA_BYTES in all, in their order."""
+    bounded_entries, left = {}, MAX_METADATA_BYTES
+    for key, value in list(metadata.items())[:MAX_METADATA_ENTRIES]:
+        key, value = bounded(key, 64), bounded(value, min(MAX_METADATA_VALUE_BYTES, max(left - 64, 48)))
+        left -= len(key.encode()) + len(value.encode())
+        if left < 0:
+            break
+        bounded_entries[key] = value
+    return bounded_entries
+
+
 def to_rpc_status(error: errors.LoraplexError) -> grpc.Status:
     """The status (code, message, details) a domain error is sent as, its text bounded."""
     code = status_code_of(error)
-    metadata = {bounded(key, 64): bounded(value, MAX_METADATA_VALUE_BYTES)
-                for key, value in list(error.metadata.items())[:MAX_METADATA_ENTRIES]}
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)]
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
+                                           metadata=_bounded_metadata(error.metadata))]
     if isinstance(error, errors.ResourceExhausted):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
@@ -81,7 +113,7 @@ def to_rpc_status(error: errors.LoraplexError) -> grpc.Status:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=bounded(error.message, MAX_MESSAGE_BYTES),
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=bounded_message(error.message),
                                details=packed)
     return rpc_status.to_status(status)
 

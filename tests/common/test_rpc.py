@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import urllib.request
 
@@ -17,7 +18,7 @@ from services.common.config import ServerConfig
 from services.common.metrics import start_metrics_server
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.common.rpc import error_info
+from services.common.rpc import error_info, percent_encoded_size, to_rpc_status
 from services.common.server import start_server
 from services.common.services import INFERENCE
 from tests.conftest import free_port
@@ -173,3 +174,17 @@ def test_a_taken_port_is_a_clear_error():
             await start_server(FaultyApp(), ServerConfig(port=running.port))
 
     asyncio.run(_with_server(body))
+
+
+@pytest.mark.parametrize("character", ["x", "%", "日", "\n"])
+def test_the_trailers_of_any_error_stay_under_grpcs_soft_limit(character):
+    """gRPC drops trailers past 8 KiB with a probability that grows with their size (a soft
+    limit), so an error echoing multi-byte text (percent-encoded: 9 bytes a character) failed
+    now and then as "Stream removed". The worst case: a huge message and 40 huge metadata entries."""
+    huge = character * 100_000
+    error = errors.InvalidArgument(huge, **{f"{character * 100}{i}": huge for i in range(40)})
+    status = to_rpc_status(error)
+    (details,) = [value for key, value in status.trailing_metadata if key == "grpc-status-details-bin"]
+    size = percent_encoded_size(status.details) + len(base64.b64encode(details))
+    assert size <= 7 * 1024, size
+    assert status.details.startswith(character * 10) and "more characters)" in status.details

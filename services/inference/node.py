@@ -28,6 +28,7 @@ from services.inference.engine.llm_engine import LLMEngine, RequestOutput
 from services.inference.engine.model_runner import ModelRunner, kv_block_bytes
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig
+from services.inference.engine.structured import GrammarCompiler
 from services.inference.engine.torch_thread import TorchThread
 from services.inference.kernels.backend import resolve_kernels
 from services.inference.kernels.prefill_lora import resolve_prefill_lora
@@ -70,6 +71,7 @@ class Node:
         self.max_prompt_bytes = max_context * longest_token_bytes(tokenizer)
         self.async_engine = AsyncEngine(engine, torch_thread)
         self.dtype = resolve_dtype(config)
+        self.grammars = GrammarCompiler(tokenizer, args.vocab_size, args.eos_token_ids)
 
     @classmethod
     def build(cls, config: InferenceConfig, source: AdapterSource | None = None,
@@ -183,6 +185,9 @@ class Node:
         cache_scope: the request shares cached prompt KV only with requests of the same scope."""
         token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
         sampling = sampling.validate(len(token_ids), self.max_context, self.args.vocab_size)
+        grammar = None
+        if sampling.json_schema is not None:  # compiling takes up to a second: off the loop too
+            grammar = await asyncio.to_thread(self.grammars.compile, sampling.json_schema, request_id)
         sha256 = _digest(sha256)
         # A hit: the bytes asked for are on the device as the request arrives (counted once queued).
         hit = bool(adapter_id) and self.manager.on_device(adapter_id, sha256)
@@ -194,7 +199,7 @@ class Node:
             await self.async_engine.call(lambda: self.manager.check_room(adapter_id, weights.rank))
         on_queued = (lambda: self.manager.count_request(hit)) if adapter_id else (lambda: None)
         async for output in self.async_engine.generate(token_ids, sampling, adapter_id or None, request_id, sha256,
-                                                       cache_scope, on_queued):
+                                                       cache_scope, on_queued, grammar):
             yield output
 
 

@@ -11,7 +11,7 @@ from services.common.errors import InvalidArgument, Unavailable
 from services.common.pb.loraplex.common.v1 import generation_pb2, model_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine.llm_engine import RequestOutput
-from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.sampling_params import ANY_JSON_OBJECT, SamplingParams
 from services.inference.engine.sequence import FinishReason
 from services.inference.node import Node, Prompt
 from services.inference.pool_admin import PoolAdmin
@@ -57,7 +57,16 @@ def sampling_from(params: generation_pb2.SamplingParams) -> SamplingParams:
         top_k=optional("top_k"), seed=optional("seed"), stop=tuple(params.stop), logprobs=params.logprobs,
         top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos, until_context_full=params.until_context_full,
         presence_penalty=optional("presence_penalty"), frequency_penalty=optional("frequency_penalty"),
-        repetition_penalty=optional("repetition_penalty"), logit_bias=params.logit_bias)
+        repetition_penalty=optional("repetition_penalty"), logit_bias=params.logit_bias,
+        json_schema=_json_schema(params.structured_output))
+
+
+def _json_schema(structured: generation_pb2.StructuredOutput) -> str | None:
+    """The schema the output must match (json_object: any object); None for free text."""
+    kind = structured.WhichOneof("kind")
+    if kind == "json_schema":
+        return structured.json_schema
+    return ANY_JSON_OBJECT if kind == "json_object" and structured.json_object else None
 
 
 def delta_from(output: RequestOutput, tokenizer, token_bytes: TokenBytes,

@@ -289,7 +289,7 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
         # before anything can fail, so every answer can name it
         response_id = request_id = uuid.uuid4().hex
         # the node's names for what this API calls otherwise, for the errors it raises
-        renames = {"prompt": prompt_param}
+        renames = {"prompt": prompt_param, "structured_output": "response_format"}
         try:
             request_id = client_request_id(request) or request_id
             caller = await core.authenticate(request.headers.get("authorization"))

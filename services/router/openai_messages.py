@@ -27,30 +27,31 @@ NOT_PASSED = {"name": "participant names are not supported (the turn would reach
               "audio": "audio is not supported", "refusal": "refusals in the conversation are not supported"}
 
 
-def _bad(field: str, message: str) -> InvalidArgument:
+def bad_param(field: str, message: str) -> InvalidArgument:
+    """OpenAI's kind of 400: the message and `param` name the request's field."""
     return InvalidArgument(f"'{field}': {message}", field=field)
 
 
 def chat_turns(messages: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "expected a non-empty list of {role, content} objects")
+        raise bad_param("messages", "expected a non-empty list of {role, content} objects")
     return tuple(_turn(message, i) for i, message in enumerate(messages))
 
 
 def _turn(message: Any, index: int) -> tuple[str, str]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
-        raise _bad(where, f"expected an object with role and content, got {message!r}")
+        raise bad_param(where, f"expected an object with role and content, got {message!r}")
     message = {key: value for key, value in message.items() if value is not None}
     role = message.get("role")
     if role not in ROLES:
-        raise _bad(f"{where}.role", f"must be one of {sorted(ROLES)}, got {role!r}")
+        raise bad_param(f"{where}.role", f"must be one of {sorted(ROLES)}, got {role!r}")
     unknown = sorted(set(message) - {"role", "content"} - EXTRA_KEYS[role])
     if unknown:
-        raise _bad(f"{where}.{unknown[0]}", f"unrecognized key for a {role} message: {', '.join(unknown)}")
+        raise bad_param(f"{where}.{unknown[0]}", f"unrecognized key for a {role} message: {', '.join(unknown)}")
     for key, why in NOT_PASSED.items():
         if message.get(key) not in (None, "", []):  # empty carries nothing the model would see
-            raise _bad(f"{where}.{key}", why)
+            raise bad_param(f"{where}.{key}", why)
     return ROLES[role], _text(message.get("content"), where)
 
 
@@ -61,9 +62,9 @@ def _text(content: Any, where: str) -> str:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{where}.content", "only text content parts are supported")
+                raise bad_param(f"{where}.content", "only text content parts are supported")
             parts.append(part["text"])
         return "".join(parts)
     if content is None:
         return ""
-    raise _bad(f"{where}.content", "expected a string or a list of text parts")
+    raise bad_param(f"{where}.content", "expected a string or a list of text parts")

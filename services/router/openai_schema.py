@@ -3,12 +3,14 @@
 Pure functions (no HTTP, no gRPC). As OpenAI does, a field it does not define is refused with
 a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-range value.
 Fields OpenAI defines that we cannot honour are refused with a 400 that names them (best_of
-beyond n, tools, echo, suffix, audio, predictions, reasoning effort, moderation, non-text response
-formats) rather than silently ignored; fields that change nothing here (user, metadata, store,
-service_tier, prompt caching hints, ...) are accepted, type-checked as OpenAI does, so a
-typo'd value fails here as it would there. presence_penalty, frequency_penalty and logit_bias
-are honoured (semantics: the node's Sampler), and so is n (up to 16 choices: openai_choices.py). Three common extensions are taken as vLLM takes
-them: top_k, ignore_eos and repetition_penalty (the SDK sends them through `extra_body`).
+beyond n, tools, echo, suffix, audio, predictions, reasoning effort, moderation) rather than
+silently ignored; fields that change nothing here (user, metadata, store, service_tier,
+prompt caching hints, ...) are accepted, type-checked as OpenAI does, so a typo'd value fails
+here as it would there. presence_penalty, frequency_penalty and logit_bias are honoured
+(semantics: the node's Sampler), and so are n (up to 16 choices: openai_choices.py) and chat's
+response_format (JSON mode and JSON Schema: openai_response_format.py). Three common
+extensions are taken as vLLM takes them: top_k, ignore_eos and repetition_penalty (the SDK
+sends them through `extra_body`).
 Limits the node would enforce after placement (stop sequences, penalty and bias ranges) are
 checked here too, so the caller gets OpenAI's kind of 400 naming the parameter instead of the
 node's `node_rejected`; only the node knows its vocabulary, so a logit_bias id past it is the
@@ -25,7 +27,6 @@ import codecs
 import dataclasses
 import re
 
-from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.inference.engine.sampling_params import (
     MAX_ABS_LOGIT_BIAS,
@@ -33,7 +34,9 @@ from services.inference.engine.sampling_params import (
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_STOP_STRINGS,
 )
+from services.router.openai_messages import bad_param as _bad
 from services.router.openai_messages import chat_turns
+from services.router.openai_response_format import structured_output
 from services.router.proxy import Completion, GenerateCall
 from services.router.openai_choices import MAX_CHOICES, total_usage
 
@@ -88,10 +91,6 @@ class Options:
     max_tokens_param: str = "max_tokens"
     #: How many choices (openai_choices.py).
     n: int = 1
-
-
-def _bad(field: str, message: str) -> InvalidArgument:
-    return InvalidArgument(f"'{field}': {message}", field=field)
 
 
 def _present(body: dict, allowed: set[str]) -> dict:
@@ -159,9 +158,6 @@ def _refuse_unsupported(body: dict) -> None:
         raise _bad("echo", "echo is not supported")
     if body.get("suffix"):
         raise _bad("suffix", "suffix is not supported")
-    response_format = body.get("response_format")
-    if response_format and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise _bad("response_format", "only {'type': 'text'} is supported")
     if body.get("modalities") not in (None, ["text"]):
         raise _bad("modalities", "only ['text'] is supported")
     for field, why in NOT_SERVED.items():
@@ -273,6 +269,9 @@ def chat_call(body: dict) -> tuple[GenerateCall, Options]:
         if not sampling.logprobs:
             raise _bad("top_logprobs", "needs logprobs: true")
         sampling.top_logprobs = top_logprobs
+    structured = structured_output(body.get("response_format"))
+    if structured is not None:
+        sampling.structured_output.CopyFrom(structured)
     call = GenerateCall(model=_model(body), messages=turns, sampling=sampling)
     return call, dataclasses.replace(_options(body), logprobs=sampling.logprobs, max_tokens_param=max_tokens_param)
 

@@ -94,7 +94,7 @@ def test_completion_bodies_become_calls():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}],
-      "response_format": {"type": "json_object"}}, "response_format"),
+      "response_format": {"type": "xml"}}, "response_format.type"),
     ({"model": "m", "messages": ["hello"]}, "messages[0]"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_token": 3}, "max_token"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "false"}, "stream"),
@@ -128,7 +128,8 @@ def test_unsupported_or_malformed_chat_fields_name_the_field(body, field):
     ({"model": "m", "prompt": ["a", "b"]}, "prompt"), ({"model": "m", "prompt": ""}, "prompt"),
     ({"model": "m", "prompt": "x", "echo": True}, "echo"), ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
     ({"model": "m", "prompt": "x", "logprobs": -1}, "logprobs"),
-    ({"model": "m", "prompt": "x", "max_completion_tokens": 5}, "max_completion_tokens")])
+    ({"model": "m", "prompt": "x", "max_completion_tokens": 5}, "max_completion_tokens"),
+    ({"model": "m", "prompt": "x", "response_format": {"type": "json_object"}}, "response_format")])  # chat only
 def test_unsupported_completion_bodies(body, field):
     with pytest.raises(InvalidArgument) as caught:
         schema.completion_call(body)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from services.inference.engine.llm_engine import LLMEngine, RequestOutput
 from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.structured import JsonGrammar
 from services.inference.engine.torch_thread import TorchThread
 
 log = logging.getLogger("loraplex.engine")
@@ -74,16 +75,18 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None,
                        request_id: str = "", adapter_sha256: str = "", cache_scope: str = "",
-                       on_queued: Callable[[], None] = lambda: None) -> AsyncIterator[RequestOutput]:
+                       on_queued: Callable[[], None] = lambda: None,
+                       grammar: JsonGrammar | None = None) -> AsyncIterator[RequestOutput]:
         """Streams a request's outputs; leaving early (cancel) aborts it on the engine at once.
-        on_queued runs once the engine accepted it (not when the queue was full)."""
+        on_queued runs once the engine accepted it (not when the queue was full). grammar: its
+        compiled structured output, used by the engine thread alone from here on."""
         seq_id = next(self._ids)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[seq_id] = stream
         finished = False
         try:
             await self.call(lambda: self.engine.add(prompt_token_ids, sampling, adapter_key, request_id, seq_id,
-                                                    adapter_sha256, cache_scope))
+                                                    adapter_sha256, cache_scope, grammar))
             on_queued()
             while not finished:
                 item = await stream.get()

@@ -18,6 +18,7 @@ from services.inference.engine.sampler import SampledToken, Sampler, make_genera
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.scheduler import Scheduler
 from services.inference.engine.sequence import FinishReason, Sequence
+from services.inference.engine.structured import JsonGrammar
 
 
 @dataclasses.dataclass
@@ -54,12 +55,14 @@ class LLMEngine:
         self.idle = False
 
     def add(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_key: str | None = None,
-            request_id: str = "", seq_id: int | None = None, adapter_sha256: str = "", cache_scope: str = "") -> int:
+            request_id: str = "", seq_id: int | None = None, adapter_sha256: str = "", cache_scope: str = "",
+            grammar: JsonGrammar | None = None) -> int:
         """Queues a request (ResourceExhausted when the queue is full); returns its seq id.
-        cache_scope: it shares cached prompt KV only with requests of the same scope."""
+        cache_scope: it shares cached prompt KV only with requests of the same scope.
+        grammar: the compiled structured output its tokens must follow (None = free text)."""
         seq_id = next(self._ids) if seq_id is None else seq_id
         seq = Sequence(seq_id, prompt_token_ids, sampling, adapter_key, self.block_size, request_id, adapter_sha256,
-                       cache_scope)
+                       cache_scope, grammar)
         self.scheduler.add(seq)
         # On the logits' device, so sampling never copies a row of probabilities to the host.
         generator = None if sampling.is_greedy else make_generator(sampling.seed, self.runner.device)
@@ -84,7 +87,7 @@ class LLMEngine:
         seqs, logits = self.runner.run(batch)
         requests = [self._requests[seq.seq_id] for seq in seqs]
         tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [r.generator for r in requests],
-                                     seqs) if seqs else []
+                                     seqs, [s.grammar for s in seqs]) if seqs else []
         self.scheduler.postprocess(batch, {seq.seq_id: t.token_id for seq, t in zip(seqs, tokens)})
         return [self._output(request, token) for request, token in zip(requests, tokens)]
 

@@ -9,6 +9,7 @@ import torch
 
 from services.inference.engine.logits_processors import TokenHistory, process_logits
 from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.structured import JsonGrammar, mask_disallowed
 
 _SEED_MODULUS = 2**64  # torch.Generator takes a 64-bit seed; proto seeds are uint64
 
@@ -28,8 +29,8 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 class Sampler:
-    """Penalties, logit bias, then greedy, temperature, top-k and top-p (nucleus) sampling,
-    one set of params per row.
+    """Penalties, logit bias, the structured-output mask, then greedy, temperature, top-k and
+    top-p (nucleus) sampling, one set of params per row.
 
     Semantics, for one row with raw logits l[V], prompt tokens P and generated tokens G so far
     (c[t] = how often t occurs in G), applied in this order:
@@ -38,16 +39,20 @@ class Sampler:
       2. frequency_penalty f, presence_penalty p in [-2, 2] (OpenAI / vLLM; 0 = off; G only):
            l[t] -= f * c[t] + p * (c[t] > 0)
       3. logit_bias b (token id -> [-100, 100], at most 300 ids, each < V):  l[t] += b[t]
-      4. greedy (temperature < 1e-5): argmax(l), the lowest id among ties; else
+      4. structured output, a row's grammar A = the tokens that may come next (structured.py):
+           for t not in A: l[t] = -inf
+      5. greedy (temperature < 1e-5): argmax(l), the lowest id among ties; else
          softmax(l / temperature) after top-k, then top-p masking, drawn from.
-    A row without options 1-3 is left as it is, and a batch where no row has any skips that
-    work entirely (no [N, V] copy).
+    A row without options 1-4 is left as it is, and a batch where no row has any skips that
+    work entirely (no [N, V] copy, no mask computed). Step 4 after 1-3: a bias cannot bring
+    back a token the grammar forbids, and top-k/top-p choose among allowed tokens only.
 
     Each row draws from its own torch.Generator, so a seeded request yields the same tokens
     whatever else shares its batch. Logprobs are log_softmax of the RAW logits, before steps
-    1-4: they report what the model believes, not the distorted distribution we happened to
+    1-5: they report what the model believes, not the distorted distribution we happened to
     draw from (vLLM's default `raw_logprobs` too), so they are comparable across requests with
-    different sampling settings. A token banned by a -100 bias still shows its raw logprob.
+    different sampling settings. A token banned by a -100 bias or by the grammar still shows
+    its raw logprob (and may appear among top_logprobs).
     """
 
     def __init__(self) -> None:
@@ -59,15 +64,22 @@ class Sampler:
         return self._unseeded[device]
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-               histories: list[TokenHistory] | None = None) -> list[SampledToken]:
-        """histories: each row's tokens so far (the engine's Sequences); needed by penalties only."""
+               histories: list[TokenHistory] | None = None,
+               grammars: list[JsonGrammar | None] | None = None) -> list[SampledToken]:
+        """histories: each row's tokens so far (the engine's Sequences); needed by penalties only.
+        grammars: each row's structured-output grammar, None for free text (None: no row has one)."""
         # logits: [N, V], one row per sequence that completes its prefill this step
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(f"logits {tuple(logits.shape)} vs {len(params)} params, {len(generators)} generators")
-        if histories is not None and len(histories) != len(params):
-            raise ValueError(f"{len(histories)} histories vs {len(params)} params")
+        for name, per_row in (("histories", histories), ("grammars", grammars)):
+            if per_row is not None and len(per_row) != len(params):
+                raise ValueError(f"{len(per_row)} {name} vs {len(params)} params")
         logits = logits.float()
         processed = process_logits(logits, params, histories)  # [N, V]; `logits` itself when no row asks
+        if grammars is not None and any(grammar is not None for grammar in grammars):
+            if processed is logits:  # the raw logits stay intact: logprobs are computed from them
+                processed = logits.clone()
+            mask_disallowed(processed, grammars)
         token_ids = processed.argmax(dim=-1)  # [N]; the answer for greedy rows
         sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sampled_rows:

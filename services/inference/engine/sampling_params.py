@@ -21,6 +21,12 @@ MAX_ABS_PENALTY = 2.0
 MAX_ABS_LOGIT_BIAS = 100.0
 #: At most this many logit_bias entries (OpenAI-like): each is applied to every step's logits.
 MAX_LOGIT_BIAS_ENTRIES = 300
+#: The largest JSON schema a request may constrain its output to. Compiling one holds a worker
+#: thread and memory in proportion to its size (llguidance bounds the per-token work, not the
+#: compile); schemas of real response models are a few KiB, so 64 KiB leaves ample room.
+MAX_JSON_SCHEMA_BYTES = 64 * 1024
+#: The schema of OpenAI's {"type": "json_object"}: any JSON object.
+ANY_JSON_OBJECT = '{"type":"object"}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,9 @@ class SamplingParams:
     presence_penalty, frequency_penalty, repetition_penalty and logit_bias change the logits
     before sampling; their exact semantics and order are in the Sampler's docstring. logit_bias
     is a tuple of (token id, bias) pairs, sorted by id, so the params stay hashable.
+
+    json_schema (JSON text; None = free text) constrains the output to JSON matching it
+    (engine/structured.py); the node compiles it, so here it is only bounded in size.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -56,6 +65,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # 1 = off
     logit_bias: tuple[tuple[int, float], ...] = ()
+    json_schema: str | None = None
 
     @classmethod
     def from_request(
@@ -74,6 +84,7 @@ class SamplingParams:
         frequency_penalty: float | None = None,
         repetition_penalty: float | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        json_schema: str | None = None,
     ) -> SamplingParams:
         """Build from request fields where None means "not set": defaults apply.
         until_context_full turns an unset max_tokens into "as many as the context leaves"."""
@@ -98,6 +109,7 @@ class SamplingParams:
             frequency_penalty=defaults.frequency_penalty if frequency_penalty is None else float(frequency_penalty),
             repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
             logit_bias=tuple(sorted((int(t), float(b)) for t, b in (logit_bias or {}).items())),
+            json_schema=json_schema,
         )
 
     @property
@@ -126,6 +138,10 @@ class SamplingParams:
         that does not fit after the prompt. vocab_size, where known, bounds logit_bias's ids.
         """
         self._validate_logit_processing(vocab_size)
+        schema_bytes = len(self.json_schema.encode()) if self.json_schema is not None else 0
+        if schema_bytes > MAX_JSON_SCHEMA_BYTES:
+            raise InvalidArgument(f"structured_output must be a JSON schema of at most {MAX_JSON_SCHEMA_BYTES // 1024} "
+                                  f"KiB, got {schema_bytes} bytes", field="structured_output")
         if math.isnan(self.temperature) or math.isinf(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}",
                                   field="temperature")

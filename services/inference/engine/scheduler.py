@@ -237,6 +237,8 @@ class Scheduler:
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         if token_id in self.eos_token_ids and not seq.sampling.ignore_eos:
             return FinishReason.STOP
+        if seq.grammar is not None and seq.grammar.is_complete:  # only EOS may follow: ignore_eos would loop on it
+            return FinishReason.STOP
         if seq.num_completion_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_context:
             return FinishReason.LENGTH
         return None

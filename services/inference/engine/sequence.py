@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from services.inference.engine.prefix_cache import BlockHashes
 from services.inference.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from services.inference.engine.structured import JsonGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -15,7 +19,7 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(enum.Enum):
-    STOP = enum.auto()  # EOS token or stop string
+    STOP = enum.auto()  # EOS token, stop string, or a complete structured-output value
     LENGTH = enum.auto()  # max_tokens or the context length
     ABORTED = enum.auto()  # cancelled by the client or the engine
 
@@ -28,6 +32,9 @@ class Sequence:
     [num_cached_tokens, num_cached_tokens + n). After a preemption it drops to 0 and all tokens,
     generated ones included, are recomputed as a prefill (less what the prefix cache still
     holds: with prefix caching, admission starts num_cached_tokens past the shared blocks).
+
+    grammar (structured output) follows the generated tokens: every appended token advances it.
+    A preemption keeps the tokens, so it keeps the grammar's state too.
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class Sequence:
         request_id: str = "",
         adapter_sha256: str = "",
         cache_scope: str = "",
+        grammar: JsonGrammar | None = None,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -50,6 +58,7 @@ class Sequence:
         self.adapter_sha256 = adapter_sha256  # the adapter bytes it must run with ("" = any)
         self.block_size = block_size
         self.cache_scope = cache_scope  # shares cached prompt KV only with sequences of the same scope
+        self.grammar = grammar  # None = free text
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
@@ -97,3 +106,5 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.advance(token_id)

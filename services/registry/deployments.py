@@ -92,13 +92,16 @@ def bind_deployment(ctx: RegistryContext, principal: Principal, name: str, tenan
     return deployment
 
 
-def _owned(session, principal: Principal, name: str, tenant: str, lock: bool = False) -> Deployment:
+def _owned(session, principal: Principal, name: str, tenant: str, lock: bool = False,
+           any_tenant: bool = False) -> Deployment:
     """`lock` (an unbind): FOR UPDATE, so a racing DeleteTenant and the unbind cannot both remove the
-    row and announce it (tenants.py); the loser waits and then finds it gone."""
+    row and announce it (tenants.py); the loser waits and then finds it gone. `any_tenant`: an
+    operator naming no tenant finds the name whoever owns it (names are global)."""
     require(name, "name")
-    owner = scoped_tenant(session, principal, tenant)
+    owner_id = None if any_tenant and principal.is_admin and not tenant else scoped_tenant(session, principal,
+                                                                                           tenant).id
     deployment = session.get(Deployment, name, with_for_update=lock or None)
-    if deployment is None or deployment.tenant_id != owner.id:
+    if deployment is None or owner_id not in (None, deployment.tenant_id):
         raise NotFound(f"deployment '{name}' not found", reason="DEPLOYMENT_NOT_FOUND", field="name")
     return deployment
 
@@ -113,7 +116,7 @@ def unbind_deployment(ctx: RegistryContext, principal: Principal, name: str, ten
 def resolve_deployment(ctx: RegistryContext, principal: Principal, name: str,
                        tenant: str) -> tuple[Deployment, Adapter, BaseModel]:
     with ctx.db.read() as session:
-        deployment = _owned(session, principal, name, tenant)
+        deployment = _owned(session, principal, name, tenant, any_tenant=True)
         adapter = find_version(session, deployment.tenant_id, deployment.adapter_name, deployment.adapter_version,
                                deployment.base_model)
         if adapter is None:

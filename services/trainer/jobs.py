@@ -95,7 +95,7 @@ class JobService:
         if await self.registry.is_base_model(name):  # base model and deployment names share `model`
             raise AlreadyExists(f"'{name}' is the name of a base model; a deployment needs a name of its own",
                                 reason="NAME_IS_BASE_MODEL", field="deployment_name")
-        if await self.registry.deployment_owner(name, tenant_id) == "taken":
+        if await self.registry.deployment_taken(name, tenant_id):
             raise AlreadyExists(f"deployment name '{name}' is taken", reason="DEPLOYMENT_EXISTS",
                                 field="deployment_name")
 

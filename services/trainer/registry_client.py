@@ -7,9 +7,6 @@ key (reason INVALID_API_KEY -> UNAUTHENTICATED for the caller) from a refused ad
 
 The change feed (`watch_changes`) is a stream without a deadline: it stays open until the
 watcher (feed.py) stops reading it or the connection breaks.
-
-Registry API gap (reported): there is no admin lookup of a deployment by name, so "is this
-name bound by another tenant?" lists the tenants' deployments (`deployment_owner`).
 """
 
 from __future__ import annotations
@@ -154,34 +151,23 @@ class RegistryClient:
             return False
         return True
 
-    async def _deployment_names(self, tenant_id: str) -> AsyncIterator[str]:
-        token = ""
-        while True:
-            reply = await self._call("listing deployments", "ListDeployments", pb.ListDeploymentsRequest(
-                tenant=tenant_id, page=generation_pb2.PageRequest(page_size=1000, page_token=token)))
-            for deployment in reply.deployments:
-                yield deployment.name
-            token = reply.next_page_token
-            if not token:
-                return
-
-    async def deployment_owner(self, name: str, tenant_id: str) -> str:
-        """"mine", "free" or "taken" (bound by another tenant)."""
-        async for bound in self._deployment_names(tenant_id):
-            if bound == name:
-                return "mine"
-        token = ""
-        while True:
-            reply = await self._call("listing tenants", "ListTenants", pb.ListTenantsRequest(
-                page=generation_pb2.PageRequest(page_size=1000, page_token=token)))
-            for tenant in reply.tenants:
-                if tenant.id != tenant_id:
-                    async for bound in self._deployment_names(tenant.id):
-                        if bound == name:
-                            return "taken"
-            token = reply.next_page_token
-            if not token:
-                return "free"
+    async def deployment_taken(self, name: str, tenant_id: str) -> bool:
+        """Whether another tenant has bound `name` (deployment names are global): the admin
+        token resolving it for no tenant finds its owner, whichever that is."""
+        try:
+            reply = await self._call(f"looking up deployment '{name}'", "ResolveDeployment",
+                                     pb.ResolveDeploymentRequest(name=name))
+        except errors.NotFound as exc:
+            if exc.reason == "DEPLOYMENT_NOT_FOUND":
+                return False
+            # Bound, but to a missing adapter version: only its owner's view says whose.
+            try:
+                await self._call(f"looking up deployment '{name}'", "ResolveDeployment",
+                                 pb.ResolveDeploymentRequest(name=name, tenant=tenant_id))
+            except errors.NotFound as mine:
+                return mine.reason == "DEPLOYMENT_NOT_FOUND"
+            return False
+        return reply.deployment.tenant_id != tenant_id
 
     async def upload_adapter(self, tenant_id: str, name: str, base_model: str, folder: Path, description: str,
                              labels: dict[str, str]) -> PublishedAdapter:

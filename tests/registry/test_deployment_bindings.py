@@ -43,6 +43,11 @@ def test_latest_follows_new_versions_and_pinned_stays(registry_sql, owner, peft_
     assert via_router.adapter == v2
     other = registry_sql.new_tenant()
     expect_error(grpc.StatusCode.NOT_FOUND, resolve, registry_sql.admin, latest, tenant=other.tenant_id)
+    # An operator naming no tenant finds whoever owns a name (names are global): one call, where
+    # the trainer checked a job's deployment name by listing every tenant's deployments.
+    assert resolve(registry_sql.admin, latest).deployment.tenant_id == owner.tenant_id
+    expect_error(grpc.StatusCode.NOT_FOUND, resolve, registry_sql.admin, unique("unbound"))
+    expect_error(grpc.StatusCode.NOT_FOUND, resolve, other, latest)  # a tenant key still sees only its own
 
 
 def test_names_are_unique_and_replace_is_only_for_the_owner(registry_sql, owner, peft_adapter):

@@ -308,8 +308,9 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveDeployment(self, request, context):
-        """Resolves a name to the concrete adapter version to serve. NOT_FOUND if unknown or
-        owned by another tenant than the one given (or the caller's key's tenant).
+        """Resolves a name to the concrete adapter version to serve. NOT_FOUND if unknown or owned by
+        another tenant than the one given (or the caller's key's); the admin token naming no tenant
+        resolves any tenant's (deployment names are global).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

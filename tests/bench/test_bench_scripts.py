@@ -117,3 +117,17 @@ def test_host_overhead_bench_reports_the_engine_and_the_graph_fill(tmp_path):
     assert engine["decode_steps"] == 4 and engine["runner_ms"] > 0 and engine["outside_runner_ms"] > 0
     assert [(g["batch"], g["adapters"]) for g in report["graph_fill"]] == [(4, 1), (4, 4)]
     assert all(g["fill_and_upload_ms"] > 0 and g["buffer_words"] > 0 for g in report["graph_fill"])
+
+
+def test_prefix_cache_bench_reads_the_shared_prefix_only_with_caching_on(tmp_path):
+    out = tmp_path / "prefix.json"
+    result = subprocess.run([sys.executable, "-m", "bench.prefix_cache", "--preset", "tiny", "--prefix-len", "48",
+                             "--suffix-len", "5", "--requests", "3", "--gen-len", "2", "--json", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    on, off = report["prefix_caching_on"], report["prefix_caching_off"]
+    assert on["prompt_tokens_cached"] == 2 * 48  # requests 2 and 3 read the 3 blocks of the prefix
+    assert off["prompt_tokens_cached"] == 0 and off["prompt_tokens_computed"] == 3 * 53
+    assert on["prompt_tokens_computed"] + on["prompt_tokens_cached"] == 3 * 53
+    assert report["ttft_speedup_median"] > 0 and on["ttft_median_ms"] > 0

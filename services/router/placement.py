@@ -1,5 +1,5 @@
 """Which inference node runs a request: adapter residency first, then a stable home per
-adapter, with bounded load.
+adapter (per tenant for base-model requests), with bounded load.
 
 Choice: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018),
 using rendezvous (highest-random-weight) hashing for the node order, plus a residency
@@ -17,7 +17,11 @@ preference in front of it:
    shared state, so an adapter keeps landing on the same node (one resident copy instead
    of a copy on every node), and adding or removing a node only moves the adapters whose
    first choice it was.
-4. Requests without an adapter go to the least loaded node.
+4. Requests without an adapter go home by their tenant the same way (rendezvous order of the
+   tenant id, bounded loads): a node's prefix cache is scoped per tenant (the router's
+   cache_scope), so a tenant's repeated system prompt is found on the node that computed it
+   instead of being computed again on whichever node was least loaded. Without a tenant,
+   the least loaded node.
 
 Why bounded loads and not plain affinity: a hot adapter would otherwise melt its home
 node while the others idle. With the bound, once the home holds more than c times its fair
@@ -61,20 +65,26 @@ def load_bound(loads: Sequence[int], factor: float) -> int:
 
 
 def place(nodes: Sequence[NodeView], base_model: str, adapter_id: str, factor: float,
-          exclude: Collection[str] = ()) -> Placement | None:
+          exclude: Collection[str] = (), tenant_id: str = "") -> Placement | None:
     """Where to run a request, or None when no node serves `base_model`."""
     candidates = [n for n in nodes if n.base_model == base_model and n.node_id not in exclude]
     if not candidates:
         return None
     bound = load_bound([n.load for n in candidates], factor)
     allowed = [n for n in candidates if n.load + 1 <= bound] or [min(candidates, key=lambda n: n.load)]
-    if not adapter_id:
+    if not adapter_id and not tenant_id:
         best = min(allowed, key=lambda n: (n.load, -rendezvous_weight("", n.node_id)))
         return Placement(best.node_id, "least_loaded")
-    resident = [n for n in allowed if adapter_id in n.resident]
+    resident = [n for n in allowed if adapter_id and adapter_id in n.resident]
     if resident:
         best = min(resident, key=lambda n: (n.load, -rendezvous_weight(adapter_id, n.node_id)))
         return Placement(best.node_id, "resident")
-    home = max(candidates, key=lambda n: rendezvous_weight(adapter_id, n.node_id))
-    best = max(allowed, key=lambda n: rendezvous_weight(adapter_id, n.node_id))
+    key = adapter_id or tenant_key(tenant_id)
+    home = max(candidates, key=lambda n: rendezvous_weight(key, n.node_id))
+    best = max(allowed, key=lambda n: rendezvous_weight(key, n.node_id))
     return Placement(best.node_id, "home" if best is home else "spill")
+
+
+def tenant_key(tenant_id: str) -> str:
+    """The rendezvous key of a tenant's base-model requests (never an adapter id: those start adp_)."""
+    return f"tenant\0{tenant_id}"

@@ -254,7 +254,7 @@ class RouterCore:
         failures: list[NodeFailure] = []
         while len(tried) < self.max_attempts:
             placement = place(self.membership.placeable(), target.base_model, target.adapter_id,
-                              self.load_factor, exclude=tried)
+                              self.load_factor, exclude=tried, tenant_id=target.tenant_id)
             if placement is None:
                 break
             node = self.membership.nodes[placement.node_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from services.router.placement import NodeView, load_bound, place, rendezvous_weight
+from services.router.placement import NodeView, load_bound, place, rendezvous_weight, tenant_key
 
 IDS = [f"node-{i}" for i in range(4)]
 
@@ -60,6 +60,25 @@ def test_a_hot_adapter_spills_to_its_next_node_when_home_exceeds_the_bound():
     assert max(loads.values()) - min(loads.values()) <= 3  # never melts one node
     first_spill = next(n for n in placed if n != order[0])
     assert first_spill == order[1]  # overflow follows the adapter's rendezvous order
+
+
+def test_base_requests_go_home_by_tenant_where_its_cached_prefixes_are():
+    """The node's prefix cache is scoped per tenant: a tenant's base-model requests keep landing
+    on one node (bounded like an adapter's), and tenants spread over the nodes."""
+    homes = collections.Counter()
+    for i in range(400):
+        tenant = f"tnt_{i}"
+        first = place(nodes(), "tiny", "", 1.25, tenant_id=tenant)
+        assert first == place(nodes(), "tiny", "", 1.25, tenant_id=tenant)
+        assert (first.node_id, first.reason) == (home_order(tenant_key(tenant))[0], "home")
+        homes[first.node_id] += 1
+    assert set(homes) == set(IDS) and min(homes.values()) > 50
+    busy = home_order(tenant_key("tnt_hot"))[0]
+    loads = tuple(10 if n == busy else 0 for n in IDS)
+    spilled = place(nodes(loads=loads), "tiny", "", 1.25, tenant_id="tnt_hot")
+    assert (spilled.node_id, spilled.reason) == (home_order(tenant_key("tnt_hot"))[1], "spill")
+    # A tenant's adapter requests still follow the adapter, wherever the tenant's home is.
+    assert place(nodes(), "tiny", "adp_9", 1.25, tenant_id="tnt_hot").node_id == home_order("adp_9")[0]
 
 
 def test_the_bound_never_refuses_work_and_prefers_the_least_loaded_for_base_requests():

@@ -72,9 +72,11 @@ class InferenceServicer:
     def Generate(self, request, context):
         """Streams a generation for one request. The adapter is fetched from the Registry on a
         miss while the request waits; other requests keep running. Errors: INVALID_ARGUMENT
-        (bad sampling parameters, empty input, prompt longer than the context); NOT_FOUND
-        (unknown adapter id); FAILED_PRECONDITION (adapter built for another base model, or
-        needing more pages than the whole adapter pool holds); RESOURCE_EXHAUSTED (queue full,
+        (bad sampling parameters, a logit_bias id past the vocabulary, a structured_output schema
+        that does not compile, empty input, prompt longer than the context); NOT_FOUND (unknown
+        adapter id); FAILED_PRECONDITION (adapter built for another base model, or needing more
+        pages than the whole adapter pool holds, or structured output on a node without
+        llguidance); RESOURCE_EXHAUSTED (queue full,
         or pinned adapters leave no room for this one, reason ADAPTER_POOL_PINNED, also for a
         request that queued before the pins; RetryInfo attached); UNAVAILABLE (draining/not
         ready). When an adapter must be fetched again for queued requests (evicted meanwhile)

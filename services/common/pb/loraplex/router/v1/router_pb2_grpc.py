@@ -55,9 +55,10 @@ class RouterServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams a generation. Errors: UNAUTHENTICATED (also mid-stream, when the key is revoked
-        or its tenant deleted while the stream is open); NOT_FOUND (unknown model name);
-        INVALID_ARGUMENT (bad sampling parameters, empty input, prompt beyond the context);
+        """Streams a generation. Errors: UNAUTHENTICATED (also mid-stream, when the key is revoked,
+        expires or its tenant is deleted while the stream is open); NOT_FOUND (unknown model name);
+        INVALID_ARGUMENT (bad sampling parameters, a structured_output schema that does not
+        compile, empty input, prompt beyond the context);
         RESOURCE_EXHAUSTED with google.rpc.RetryInfo (tenant quota: concurrent requests or
         tokens per minute, or every node's queue is full); UNAVAILABLE (no healthy node
         serves the base model, or a node failed or stopped answering after the first token — a

@@ -20,6 +20,7 @@ from services.common.errors import InvalidArgument
 from services.inference.adapters.manager import AdapterManager
 from services.inference.adapters.pool import AdapterPool
 from services.inference.adapters.sources import AdapterSource, LocalFolderSource
+from services.inference.chat_template import ChatTurn, render
 from services.inference.config import InferenceConfig
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.block_manager import BlockManager
@@ -38,19 +39,20 @@ from services.inference.token_bytes import longest_token_bytes
 
 log = logging.getLogger("loraplex.inference")
 
-ROLES = ("system", "user", "assistant")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """Exactly one of text (raw), messages (chat template: (role, content) pairs) or token_ids.
-    Any sequence will do: the servicer hands over views of the request, not copies (see encode)."""
+    """Exactly one of text (raw), messages (chat template; with tools_json, the tool definitions
+    it shows) or token_ids. Any sequence will do: the servicer hands over views of the request,
+    not copies (see encode)."""
 
     text: str | None = None
-    messages: Sequence[tuple[str, str]] | None = None
+    messages: Sequence[ChatTurn] | None = None
     token_ids: Sequence[int] | None = None
+    tools_json: str = ""
 
 
 def resolve_dtype(config: InferenceConfig) -> torch.dtype:
@@ -144,8 +146,8 @@ class Node:
             raise InvalidArgument(f"a conversation of {len(prompt.messages)} messages does not fit the context of "
                                   f"{self.max_context} tokens", field="messages", messages=len(prompt.messages),
                                   max_context=self.max_context)
-        text_bytes = sum(len(content.encode()) for _, content in prompt.messages or ()) + len(
-            (prompt.text or "").encode())
+        text_bytes = (sum(turn.text_bytes() for turn in prompt.messages or ()) + len((prompt.text or "").encode())
+                      + len(prompt.tools_json.encode()))
         if text_bytes > self.max_prompt_bytes:
             raise InvalidArgument(f"prompt of {text_bytes} bytes does not fit the context of {self.max_context} "
                                   f"tokens (no token here covers more than {self.max_prompt_bytes // self.max_context} "
@@ -161,13 +163,7 @@ class Node:
         elif prompt.messages is not None:
             if not prompt.messages:  # the chat template raises on it: that would be INTERNAL
                 raise InvalidArgument("messages must hold at least one message", field="messages")
-            for i, (role, _) in enumerate(prompt.messages):
-                if role not in ROLES:
-                    raise InvalidArgument(f"messages[{i}].role must be one of {ROLES}, got {role!r}",
-                                          field=f"messages[{i}].role")
-            chat = [{"role": role, "content": content} for role, content in prompt.messages]
-            ids = list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False))
+            ids = render(self.tokenizer, prompt.messages, prompt.tools_json)
         elif prompt.text:
             # With the tokenizer's special tokens (a leading BOS for Llama and Mistral), as the
             # trainer tokenizes prompt/completion examples and as HF and vLLM's completions do:

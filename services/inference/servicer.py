@@ -10,6 +10,7 @@ from services.common.auth import require_admin
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.pb.loraplex.common.v1 import generation_pb2, model_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.chat_template import ChatTurn, ToolCall
 from services.inference.engine.llm_engine import RequestOutput
 from services.inference.engine.sampling_params import ANY_JSON_OBJECT, SamplingParams
 from services.inference.engine.sequence import FinishReason
@@ -28,14 +29,14 @@ def prompt_from(request: inference_pb2.GenerateRequest) -> Prompt:
     if kind == "prompt":
         return Prompt(text=request.prompt)
     if kind == "messages":
-        return Prompt(messages=_Turns(request.messages.messages))
+        return Prompt(messages=_Turns(request.messages.messages), tools_json=request.messages.tools_json)
     if kind == "token_ids":
         return Prompt(token_ids=request.token_ids.ids)
     raise InvalidArgument("set one of prompt, messages or token_ids", field="input")
 
 
 class _Turns(Sequence):
-    """ChatMessages as the (role, content) pairs Prompt holds, read one by one on demand."""
+    """ChatMessages as the ChatTurns Prompt holds, read one by one on demand."""
 
     def __init__(self, messages) -> None:
         self._messages = messages
@@ -43,9 +44,10 @@ class _Turns(Sequence):
     def __len__(self) -> int:
         return len(self._messages)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
+    def __getitem__(self, index: int) -> ChatTurn:
         message = self._messages[index]
-        return message.role, message.content
+        return ChatTurn(message.role, message.content, tuple(ToolCall(call.id, call.name, call.arguments)
+                                                             for call in message.tool_calls), message.tool_call_id)
 
 
 def sampling_from(params: generation_pb2.SamplingParams) -> SamplingParams:

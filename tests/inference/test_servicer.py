@@ -144,8 +144,12 @@ def test_seeds_reproduce_and_stop_strings_cut_the_text(tiny_model_dir, adapter_r
         (pb.GenerateRequest(prompt="x", sampling=gen.SamplingParams(max_tokens=100000)), "INVALID_ARGUMENT", "context"),
         (pb.GenerateRequest(prompt="word " * 600), "INVALID_ARGUMENT", "does not fit the context"),
         (pb.GenerateRequest(), "INVALID_ARGUMENT", "set one of prompt"),
-        (pb.GenerateRequest(messages=gen.ChatMessages(messages=[gen.ChatMessage(role="tool", content="x")])),
+        (pb.GenerateRequest(messages=gen.ChatMessages(messages=[gen.ChatMessage(role="function", content="x")])),
          "INVALID_ARGUMENT", "role must be one of"),
+        (pb.GenerateRequest(messages=gen.ChatMessages(messages=[gen.ChatMessage(role="tool", content="x")])),
+         "INVALID_ARGUMENT", "tool_call_id"),
+        (pb.GenerateRequest(messages=gen.ChatMessages(messages=[gen.ChatMessage(role="assistant", tool_calls=[
+            gen.ToolCall(id="c", name="f", arguments="[1]")])])), "INVALID_ARGUMENT", "JSON text of an object"),
         (pb.GenerateRequest(token_ids=gen.TokenIds(ids=[10**6])), "INVALID_ARGUMENT", "token ids must be in"),
         (pb.GenerateRequest(prompt="x", adapter=pb.AdapterRef(adapter_id="fin", sha256="0" * 64)),
          "FAILED_PRECONDITION", "does not match"),

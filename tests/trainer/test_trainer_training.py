@@ -6,14 +6,15 @@ import asyncio
 
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
 from services.common.pb.loraplex.trainer.v1 import trainer_pb2 as pb
+from services.inference.chat_template import ChatTurn
 from services.inference.config import InferenceConfig
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.node import Node, Prompt
 from tests.trainer.conftest import ADMIN_TOKEN
 from tests.trainer.harness import finance_chat_lines
 
-PROMPTS = [(("system", "You are a finance assistant."), ("user", "What is the stock market doing?")),
-           (("system", "You are a finance assistant."), ("user", "How is revenue this quarter?"))]
+PROMPTS = [(ChatTurn("system", "You are a finance assistant."), ChatTurn("user", "What is the stock market doing?")),
+           (ChatTurn("system", "You are a finance assistant."), ChatTurn("user", "How is revenue this quarter?"))]
 
 
 def generate(base_dir, registry_address: str, adapter_id: str) -> list[str]:

@@ -53,6 +53,7 @@ from services.common import errors
 from services.common.fields import check_request_id
 from services.router import openai_schema as schema
 from services.router.openai_choices import Streams, choice_calls, complete_all, open_all, total_usage
+from services.router.openai_tools import tool_call_deltas
 from services.router.proxy import RouterCore
 
 log = logging.getLogger("loraplex.router.http")
@@ -250,16 +251,28 @@ class SSEResponse(StreamingResponse):
 
 async def chat_events(streams: Streams, response_id: str, created: int,
                       options: schema.Options) -> AsyncIterator[dict]:
+    """Text as it comes; tool calls (whose JSON parses only once whole) held back until each
+    choice finishes, then one chunk per call and the finish (logprobs still come as they go)."""
     chunk = functools.partial(schema.chat_chunk, response_id, created, streams.target.model,
                               include_usage=options.include_usage)
+    held = [""] * len(streams.streams) if options.tool_use else None  # each choice's text so far
     for index in range(len(streams.streams)):
-        yield chunk({"role": "assistant", "content": ""}, index=index)
+        yield chunk({"role": "assistant", "content": None if held else ""}, index=index)
     usages = []
     async for index, delta in streams.deltas():
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = schema.chat_logprobs(delta.logprobs) if options.logprobs and delta.logprobs else None
-        if delta.text or finish or logprobs:
-            yield chunk({"content": delta.text} if delta.text else {}, finish, logprobs, index=index)
+        content = {"content": delta.text} if delta.text else {}
+        if held is not None:
+            held[index] += delta.text
+            content = {}
+            if finish:
+                message, finish = schema.chat_message(held[index], finish, options)
+                for call in tool_call_deltas(message):
+                    yield chunk(call, index=index)
+                content = {"content": message["content"]} if message["content"] else {}
+        if content or finish or logprobs:
+            yield chunk(content, finish, logprobs, index=index)
         if finish:
             usages.append(delta.usage)
     if options.include_usage:  # after every choice has finished: the usage of them all
@@ -295,6 +308,7 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
             caller = await core.authenticate(request.headers.get("authorization"))
             call, options = parse(await json_body(request, max_body_bytes))
             renames["max_tokens"] = options.max_tokens_param
+            renames["structured_output"] = options.structured_output_param
             calls = choice_calls(dataclasses.replace(call, request_id=request_id), options.n)
             created = int(time.time())
             if not options.stream:

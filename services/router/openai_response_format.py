@@ -67,13 +67,19 @@ def _schema_text(json_schema: Any) -> str:
             raise bad_param(f"{where}.{key}", f"expected {JSON_TYPES[kind]}, got {present[key]!r}"[:200])
     if not SCHEMA_NAME.fullmatch(present.get("name", "")):
         raise bad_param(f"{where}.name", "required: 1-64 characters among a-z, A-Z, 0-9, _ and -")
+    return schema_text(present.get("schema", {}), f"{where}.schema")
+
+
+def schema_text(schema: dict, where: str) -> str:
+    """A schema as the node takes it: compact JSON text in the key order given, of at most
+    64 KiB; else a 400 naming `where`."""
     try:
-        text = json.dumps(present.get("schema", {}), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:  # NaN or Infinity, which Python's parser takes but JSON has not
-        raise bad_param(f"{where}.schema", "NaN and Infinity are not JSON numbers") from None
+        raise bad_param(where, "NaN and Infinity are not JSON numbers") from None
     except RecursionError:
-        raise bad_param(f"{where}.schema", "nested too deeply") from None
+        raise bad_param(where, "nested too deeply") from None
     if len(text.encode()) > MAX_JSON_SCHEMA_BYTES:
-        raise bad_param(f"{where}.schema", f"at most {MAX_JSON_SCHEMA_BYTES // 1024} KiB as compact JSON, got "
-                                           f"{len(text.encode())} bytes")
+        raise bad_param(where, f"at most {MAX_JSON_SCHEMA_BYTES // 1024} KiB as compact JSON, got "
+                               f"{len(text.encode())} bytes")
     return text

@@ -3,14 +3,15 @@
 Pure functions (no HTTP, no gRPC). As OpenAI does, a field it does not define is refused with
 a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-range value.
 Fields OpenAI defines that we cannot honour are refused with a 400 that names them (best_of
-beyond n, tools, echo, suffix, audio, predictions, reasoning effort, moderation) rather than
-silently ignored; fields that change nothing here (user, metadata, store, service_tier,
-prompt caching hints, ...) are accepted, type-checked as OpenAI does, so a typo'd value fails
-here as it would there. presence_penalty, frequency_penalty and logit_bias are honoured
-(semantics: the node's Sampler), and so are n (up to 16 choices: openai_choices.py) and chat's
-response_format (JSON mode and JSON Schema: openai_response_format.py). Three common
-extensions are taken as vLLM takes them: top_k, ignore_eos and repetition_penalty (the SDK
-sends them through `extra_body`).
+beyond n, tool_choice "auto", the deprecated functions, echo, suffix, audio, predictions,
+reasoning effort, moderation) rather than silently ignored; fields that change nothing here
+(user, metadata, store, service_tier, prompt caching hints, ...) are accepted, type-checked as
+OpenAI does, so a typo'd value fails here as it would there. presence_penalty,
+frequency_penalty and logit_bias are honoured (semantics: the node's Sampler), and so are n (up
+to 16 choices: openai_choices.py), chat's response_format (JSON mode and JSON Schema:
+openai_response_format.py) and tools with tool_choice "required" or a named function
+(openai_tools.py). Three common extensions are taken as vLLM takes them: top_k, ignore_eos and
+repetition_penalty (the SDK sends them through `extra_body`).
 Limits the node would enforce after placement (stop sequences, penalty and bias ranges) are
 checked here too, so the caller gets OpenAI's kind of 400 naming the parameter instead of the
 node's `node_rejected`; only the node knows its vocabulary, so a logit_bias id past it is the
@@ -35,8 +36,9 @@ from services.inference.engine.sampling_params import (
     MAX_STOP_STRINGS,
 )
 from services.router.openai_messages import bad_param as _bad
-from services.router.openai_messages import chat_turns
+from services.router.openai_messages import chat_messages
 from services.router.openai_response_format import structured_output
+from services.router.openai_tools import ToolUse, tool_use
 from services.router.proxy import Completion, GenerateCall
 from services.router.openai_choices import MAX_CHOICES, total_usage
 
@@ -56,8 +58,7 @@ TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 
 #: Accepted and without effect here, each with the JSON type OpenAI requires of it.
 NO_OP_FIELDS = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "safety_identifier": str,
-                "prompt_cache_key": str, "prompt_cache_retention": str, "prompt_cache_options": dict,
-                "parallel_tool_calls": bool}
+                "prompt_cache_key": str, "prompt_cache_retention": str, "prompt_cache_options": dict}
 #: The JSON names of those types, for the error message.
 JSON_TYPES = {str: "a string", bool: "true or false", dict: "an object"}
 #: OpenAI's limits on `metadata`, which it refuses past them.
@@ -68,8 +69,9 @@ STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 CHAT_FIELDS = set(NO_OP_FIELDS) | {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
     "top_logprobs", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
-    "functions", "tool_choice", "function_call", "response_format", "modalities", "audio", "prediction",
-    "reasoning_effort", "verbosity", "web_search_options", "moderation", "top_k", "ignore_eos", "repetition_penalty"}
+    "functions", "tool_choice", "parallel_tool_calls", "function_call", "response_format", "modalities", "audio",
+    "prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation", "top_k", "ignore_eos",
+    "repetition_penalty"}
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "stream_options",
     "n", "best_of", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
@@ -91,6 +93,10 @@ class Options:
     max_tokens_param: str = "max_tokens"
     #: How many choices (openai_choices.py).
     n: int = 1
+    #: Set when the answers are tool calls (openai_tools.py).
+    tool_use: ToolUse | None = None
+    #: The request's name for what the node calls structured_output, for its errors.
+    structured_output_param: str = "response_format"
 
 
 def _present(body: dict, allowed: set[str]) -> dict:
@@ -151,9 +157,9 @@ def _check_no_ops(body: dict) -> None:
 
 def _refuse_unsupported(body: dict) -> None:
     _check_no_ops(body)
-    for field in ("tools", "functions", "tool_choice", "function_call"):
+    for field in ("functions", "function_call"):
         if body.get(field):
-            raise _bad(field, "tool and function calling are not supported")
+            raise _bad(field, "the deprecated functions API is not supported: use tools and tool_choice")
     if _flag(body, "echo"):
         raise _bad("echo", "echo is not supported")
     if body.get("suffix"):
@@ -260,7 +266,7 @@ def _options(body: dict) -> Options:
 def chat_call(body: dict) -> tuple[GenerateCall, Options]:
     body = _present(body, CHAT_FIELDS)
     _refuse_unsupported(body)
-    turns = chat_turns(body.get("messages"))
+    messages = chat_messages(body.get("messages"))
     max_tokens_param = _max_tokens_field(body)
     sampling = _sampling(body, max_tokens_param, None)
     sampling.logprobs = _flag(body, "logprobs")
@@ -270,10 +276,18 @@ def chat_call(body: dict) -> tuple[GenerateCall, Options]:
             raise _bad("top_logprobs", "needs logprobs: true")
         sampling.top_logprobs = top_logprobs
     structured = structured_output(body.get("response_format"))
+    tools = tool_use(body)
+    if tools is not None:
+        if structured is not None:
+            raise _bad("response_format", "cannot be combined with tool calls (tool_choice 'required' or a named "
+                                          "function): the answer is the calls")
+        structured = gen.StructuredOutput(json_schema=tools.schema)
+        messages.tools_json = tools.tools_json
     if structured is not None:
         sampling.structured_output.CopyFrom(structured)
-    call = GenerateCall(model=_model(body), messages=turns, sampling=sampling)
-    return call, dataclasses.replace(_options(body), logprobs=sampling.logprobs, max_tokens_param=max_tokens_param)
+    call = GenerateCall(model=_model(body), messages=messages, sampling=sampling)
+    return call, dataclasses.replace(_options(body), logprobs=sampling.logprobs, max_tokens_param=max_tokens_param,
+                                     tool_use=tools, structured_output_param="tools" if tools else "response_format")
 
 
 def completion_call(body: dict) -> tuple[GenerateCall, Options]:
@@ -366,10 +380,21 @@ def completion_logprobs(entries, offsets: TextOffsets | None = None) -> dict:
 def chat_completion(done: list[Completion], response_id: str, created: int, options: Options) -> dict:
     return {"id": f"chatcmpl-{response_id}", "object": "chat.completion", "created": created,
             "model": done[0].target.model, "system_fingerprint": None,
-            "choices": [{"index": index, "message": {"role": "assistant", "content": choice.text},
-                         "logprobs": chat_logprobs(choice.logprobs) if options.logprobs else None,
-                         "finish_reason": FINISH.get(choice.finish_reason)} for index, choice in enumerate(done)],
+            "choices": [_chat_choice(index, choice, options) for index, choice in enumerate(done)],
             "usage": usage(total_usage([choice.usage for choice in done]))}
+
+
+def _chat_choice(index: int, choice: Completion, options: Options) -> dict:
+    message, finish = chat_message(choice.text, FINISH.get(choice.finish_reason), options)
+    return {"index": index, "message": {"role": "assistant", **message},
+            "logprobs": chat_logprobs(choice.logprobs) if options.logprobs else None, "finish_reason": finish}
+
+
+def chat_message(text: str, finish_reason: str | None, options: Options) -> tuple[dict, str | None]:
+    """One choice's message fields (content, or tool_calls) and finish_reason, from its text."""
+    if options.tool_use is None:
+        return {"content": text}, finish_reason
+    return options.tool_use.answer(text, finish_reason)
 
 
 def text_completion(done: list[Completion], response_id: str, created: int, options: Options) -> dict:

@@ -53,7 +53,8 @@ class GenerateCall:
 
     model: str
     prompt: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None
+    #: A conversation (with any tool calls, results and definitions), passed to the node as is.
+    messages: generation_pb2.ChatMessages | None = None
     sampling: generation_pb2.SamplingParams = dataclasses.field(default_factory=generation_pb2.SamplingParams)
     request_id: str = ""
 
@@ -65,8 +66,7 @@ class GenerateCall:
             adapter=inference_pb2.AdapterRef(adapter_id=target.adapter_id, sha256=target.adapter_sha256,
                                              tenant_id=target.tenant_id))
         if self.messages is not None:
-            request.messages.CopyFrom(generation_pb2.ChatMessages(messages=[
-                generation_pb2.ChatMessage(role=role, content=content) for role, content in self.messages]))
+            request.messages.CopyFrom(self.messages)
         else:
             request.prompt = self.prompt or ""
         return request
@@ -223,7 +223,7 @@ class RouterCore:
         until the stream closes, revoking the caller's key ends it (open_streams.py)."""
         if call.prompt is None and call.messages is None:
             raise InvalidArgument("set prompt or messages", field="input")
-        if call.messages is not None and not call.messages:
+        if call.messages is not None and not call.messages.messages:
             raise InvalidArgument("messages must not be empty", field="messages")
         if call.request_id:
             check_request_id(call.request_id)

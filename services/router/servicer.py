@@ -25,9 +25,9 @@ from services.router.proxy import GenerateCall, RouterCore
 
 def call_from(request: router_pb2.GenerateRequest) -> GenerateCall:
     kind = request.WhichOneof("input")
-    messages = tuple((m.role, m.content) for m in request.messages.messages) if kind == "messages" else None
     return GenerateCall(model=request.model, prompt=request.prompt if kind == "prompt" else None,
-                        messages=messages, sampling=request.sampling, request_id=request.request_id)
+                        messages=request.messages if kind == "messages" else None, sampling=request.sampling,
+                        request_id=request.request_id)
 
 
 def _timestamp(seconds: float) -> Timestamp:

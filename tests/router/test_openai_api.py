@@ -108,7 +108,7 @@ def test_openai_shaped_errors_with_matching_status_codes(router, world, client_a
         client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}], n=17)
     assert caught.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as caught:
-        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "tool", "content": "x"}])
+        client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "function", "content": "x"}])
     assert "role" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:  # the node's own validation, passed through
         client_a.chat.completions.create(model=CUSTOMER_A_MODEL, messages=[{"role": "user", "content": "hi"}],

@@ -20,7 +20,9 @@ def test_chat_bodies_become_calls():
         "max_tokens": 50, "max_completion_tokens": 20, "temperature": 0, "top_p": 0.5, "seed": 7, "stop": "END",
         "logprobs": True, "top_logprobs": 3, "n": 1, "presence_penalty": 0, "user": "u-1"})
     assert call.model == "fin" and call.prompt is None
-    assert call.messages == (("system", "Be brief."), ("user", "Hi there"), ("assistant", ""))
+    assert [(m.role, m.content) for m in call.messages.messages] == [("system", "Be brief."), ("user", "Hi there"),
+                                                                      ("assistant", "")]
+    assert not call.messages.tools_json
     s = call.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, list(s.stop)) == (20, 0.0, 0.5, 7, ["END"])
     assert s.logprobs and s.top_logprobs == 3
@@ -72,7 +74,8 @@ def test_completion_bodies_become_calls():
 @pytest.mark.parametrize(("body", "field"), [
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": "m", "messages": []}, "messages"),
-    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2, "best_of": 3}, "best_of"),
@@ -87,7 +90,8 @@ def test_completion_bodies_become_calls():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, "repetition_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1e39},
      "repetition_penalty"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools[0].type"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, "functions"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": True}, "temperature"),

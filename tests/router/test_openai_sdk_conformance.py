@@ -33,9 +33,10 @@ def refused(call) -> dict:
 
 @pytest.mark.parametrize(("message", "param"), [
     ({"role": "user", "content": "hi", "name": "alice"}, "messages[1].name"),
-    ({"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "quote", "arguments": "{}"}}]},
-     "messages[1].tool_calls"),
+    ({"role": "assistant", "content": None, "tool_calls": [  # a template takes the arguments as an object
+        {"id": "call_1", "type": "function", "function": {"name": "quote", "arguments": "not json"}}]},
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"role": "tool", "content": "4.2%", "tool_call_id": "call_never_made"}, "messages[1].tool_call_id"),
     ({"role": "assistant", "content": None, "function_call": {"name": "quote", "arguments": "{}"}},
      "messages[1].function_call"),
     ({"role": "assistant", "refusal": "I can't help with that."}, "messages[1].refusal"),

@@ -122,7 +122,8 @@ def test_a_failure_after_the_first_token_ends_the_stream_with_a_clear_unavailabl
         core, membership, quotas = build(fakes)
         await poll_all(membership)
         membership.nodes["b:1"].health = Health.UNHEALTHY  # make the placement land on a:1
-        stream = await core.open(CALLER, GenerateCall(model="tiny", messages=(("user", "hi"),)))
+        hi = gen.ChatMessages(messages=[gen.ChatMessage(role="user", content="hi")])
+        stream = await core.open(CALLER, GenerateCall(model="tiny", messages=hi))
         seen = []
         with pytest.raises(Unavailable) as lost:
             async for delta in stream:

@@ -164,3 +164,26 @@ def test_replaced_adapter_bytes_and_other_scopes_never_hit():
 
     run(scheduler, seqs, on_step, last_arrival=len(seqs))
     assert [s.num_cached_prompt_tokens for s in seqs] == [0, 0, 16, 0, 0]
+
+
+def test_a_prefill_resumed_from_its_own_blocks_reports_no_cached_prompt_tokens():
+    """Three decoders fill a 16-block cache while a 31-token prompt that nobody else sends is
+    prefilled 8 tokens a step: it is preempted before its first token, and one of its
+    resumptions reads back a block it wrote itself. That is its own work, not a cache hit:
+    usage would bill it as cached."""
+    scheduler = make_scheduler(True, num_blocks=16, budget=8)
+    decoders = [Sequence(i, list(range(100 + 20 * i, 100 + 20 * i + n)), SamplingParams(max_tokens=m, ignore_eos=True),
+                         block_size=BS) for i, (n, m) in enumerate(((1, 28), (6, 17), (10, 12)))]
+    long = make_seq(9, list(range(20, 51)))
+
+    def on_step(step: int) -> None:
+        if step == 0:
+            for seq in decoders:
+                scheduler.add(seq)
+        if step == 1:
+            scheduler.add(long)
+
+    run(scheduler, [*decoders, long], on_step, last_arrival=1)
+    assert long.num_preemptions > 0
+    assert scheduler.block_manager.prompt_tokens_cached > 0  # its own blocks: no other prompt shares a block
+    assert long.num_cached_prompt_tokens == 0

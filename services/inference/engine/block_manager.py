@@ -125,7 +125,12 @@ class BlockManager:
         seq.num_published_blocks = len(plan.shared_blocks)
         seq.num_cached_tokens = len(plan.shared_blocks) * self.block_size
         if seq.num_completion_tokens == 0:  # the admission whose prefill yields the first token
-            seq.num_cached_prompt_tokens = seq.num_cached_tokens
+            # A prefill resumed after a preemption reads back blocks it wrote itself: its own
+            # work, not a hit (usage bills cached tokens apart). The fewest tokens any of its
+            # admissions read is what it never computed.
+            resumed = seq.num_preemptions > 0
+            seq.num_cached_prompt_tokens = (min(seq.num_cached_prompt_tokens, seq.num_cached_tokens) if resumed
+                                            else seq.num_cached_tokens)
         self.prompt_tokens_cached += seq.num_cached_tokens
         self.prompt_tokens_computed += seq.num_uncached_tokens
         self.allocate(seq, seq.num_cached_tokens + plan.num_new_tokens)

@@ -63,7 +63,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
         # Prefix caching (block_manager.py): the hashes of its full blocks, how many leading
-        # blocks of block_table the cache knows, and the prompt tokens read from the cache.
+        # blocks of block_table the cache knows, and the prompt tokens read from the cache
+        # without having computed them itself (usage's cached tokens).
         self.block_hashes: BlockHashes | None = None
         self.num_published_blocks = 0
         self.num_cached_prompt_tokens = 0

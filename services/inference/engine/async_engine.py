@@ -110,9 +110,9 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - a bug must not kill the node silently
+            except BaseException as exc:  # noqa: BLE001 - a bug must not kill the node silently
                 log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(exc)
+                self._fail_all(_as_exception(exc))
                 continue
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
@@ -128,8 +128,8 @@ class AsyncEngine:
                 return
             try:
                 result, error = fn(), None
-            except Exception as exc:  # noqa: BLE001 - handed to the caller
-                result, error = None, exc
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                result, error = None, _as_exception(exc)
             if future is not None:
                 self._loop.call_soon_threadsafe(_settle, future, result, error)
 
@@ -149,6 +149,18 @@ class AsyncEngine:
         for seq_id in seq_ids:
             if (stream := self._streams.get(seq_id)) is not None:
                 stream.put_nowait(error)
+
+
+def _as_exception(error: BaseException) -> Exception:
+    """What a failure on the engine thread is handed over as. A native extension's panic
+    (pyo3's PanicException, e.g. from llguidance or tokenizers) is a BaseException, not an
+    Exception: uncaught it ended the engine thread, and every request hung; handed to asyncio
+    as it is, it would escape the event loop. Interpreter exits still end the thread."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        raise error
+    if isinstance(error, Exception):
+        return error
+    return RuntimeError(f"the engine failed: {type(error).__name__}: {error}")
 
 
 def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:

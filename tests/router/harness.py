@@ -130,13 +130,14 @@ def stop_agent(router: InProcessRouter, agent: NodeAgent, beating) -> None:
 
 
 class HeldNode(inference_pb2_grpc.InferenceServicer, health_pb2_grpc.HealthServicer):
-    """A real gRPC inference node (base model "tiny") whose every generation sends two tokens and
-    then holds the stream open, as a long generation does, until `finish` releases it with a
-    final token or the router cancels the call; `freeze` makes it stop answering anything, health
-    checks included (a hung host: the connection stays up, nothing comes back). Served on the
-    router's loop, so its counters are read with `router.run`."""
+    """A real gRPC inference node (base model "tiny") whose every generation sends two tokens (or
+    `tokens_before_hold`) and then holds the stream open, as a long generation does, until
+    `finish` releases it with a final token or the router cancels the call; `freeze` makes it
+    stop answering anything, health checks included (a hung host: the connection stays up,
+    nothing comes back). Served on the router's loop, so its counters are read with `router.run`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens_before_hold: int = 2) -> None:
+        self.tokens_before_hold = tokens_before_hold
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.started = 0  # Generate calls received
@@ -186,7 +187,7 @@ class HeldNode(inference_pb2_grpc.InferenceServicer, health_pb2_grpc.HealthServi
     async def Generate(self, request, context):
         self.started += 1
         try:
-            for i in range(2):
+            for i in range(self.tokens_before_hold):
                 yield inference_pb2.GenerateResponse(delta=generation_pb2.GenerationDelta(
                     text=f"t{i}", token_ids=[i], prompt_tokens=1 if i == 0 else 0))
             await self._finish.wait()

@@ -10,7 +10,9 @@ UNHEALTHY at once: no new requests, and those still waiting there for their firs
 placed again elsewhere (a frozen or partitioned node never answers, and nothing has been sent
 to their callers yet). Streams already running finish or fail on their own, except when the
 node is marked for not answering (late polls, missed heartbeats): then `silent_since` says
-from when it has been silent, and a stream that got nothing since ends at once (proxy.py).
+from when it has been silent, and a stream that got nothing since ends at once (proxy.py),
+also on a node that was already out for answering "no" (draining its streams) or that had
+failed and come back before.
 A poll that only runs past its deadline counts as slow: a node busy with a burst (a huge
 prompt, a GC pause) answers late now and then, and taking it out for one late answer would
 push its whole load onto the others; `slow_polls` late answers in a row mark it. Polls keep
@@ -85,6 +87,10 @@ class Node:
     #: gone silent, the start of the last probe window it left unanswered. None when it was
     #: marked for answering "no" (refused, not serving): it is alive and may finish its streams.
     silent_since: float | None = None
+    #: Called at each mark_failed that changes what is known (the streams running here: proxy.py).
+    #: Callbacks, not `down`: that event stays set until the node is healthy again, so a stream
+    #: waiting on it would hear of one failure only, never of a silence after a flap or a drain.
+    on_failed: set[Callable[[], None]] = dataclasses.field(default_factory=set)
     #: adapter id -> monotonic time this router last sent it here (residency not yet reported).
     placed: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -178,12 +184,17 @@ class Membership:
         node.placed = {a: t for a, t in node.placed.items() if now - t < 2 * max(self.poll_s, self.heartbeat_s)}
 
     def mark_failed(self, node: Node, why: str, silent_since: float | None = None) -> None:
-        """silent_since: see Node.silent_since."""
+        """silent_since: see Node.silent_since. A node already out for answering "no" (draining
+        its streams, say) that now goes silent is marked again, for its streams' sake."""
         if node.health is Health.HEALTHY:
-            log.warning("node %s (%s) is unhealthy: %s", node.node_id, node.address, why)
             node.health = Health.UNHEALTHY
-            node.down_reason, node.silent_since = why, silent_since
             node.down.set()
+        elif not (node.health is Health.UNHEALTHY and node.silent_since is None and silent_since is not None):
+            return
+        log.warning("node %s (%s) is unhealthy: %s", node.node_id, node.address, why)
+        node.down_reason, node.silent_since = why, silent_since
+        for listener in list(node.on_failed):
+            listener()
 
     def placeable(self) -> list[NodeView]:
         return [n.view() for n in self.nodes.values() if n.health is Health.HEALTHY and n.base_model]
@@ -237,8 +248,11 @@ class Membership:
             self._set_base_model(node, await node.client.base_model(self.timeout_s))
             stats = await node.client.stats(self.timeout_s)
         except NodeFailure as failure:
-            node.slow_polls = node.slow_polls + 1 if failure.timed_out else self.slow_polls
-            if node.slow_polls >= self.slow_polls:
+            # Only late answers count toward silence: a refusal marks the node at once, but one
+            # late answer after it (a draining node, busy) is no more silence than it is from a
+            # healthy node, and a mark for silence ends the streams still running there.
+            node.slow_polls = node.slow_polls + 1 if failure.timed_out else 0
+            if not failure.timed_out or node.slow_polls >= self.slow_polls:
                 # A node that answered nothing since an earlier late poll was already silent when
                 # this one began (with --node-slow-polls 1 the window is this poll alone).
                 self.mark_failed(node, failure.error.message, silent_since=asked_at if failure.timed_out else None)

@@ -96,14 +96,13 @@ class Stream:
         self._prompt_charged = False
         self.tokens = 0
         self._last_delta_at = membership.clock()
-        self._node_down = asyncio.ensure_future(node.down.wait())
-        self._node_down.add_done_callback(self._node_marked_failed)
+        node.on_failed.add(self._node_marked_failed)
 
-    def _node_marked_failed(self, waited: asyncio.Future) -> None:
+    def _node_marked_failed(self) -> None:
         """Ends the stream if its node was marked failed for not answering and nothing came on this
         stream since that silence began (see the module docstring)."""
         silent_since = self.node.silent_since
-        if not waited.cancelled() and silent_since is not None and self._last_delta_at < silent_since:
+        if silent_since is not None and self._last_delta_at < silent_since:
             self._in_flight.cut(self._lost(f"it stopped answering mid-stream: {self.node.down_reason}"))
 
     async def __aiter__(self) -> AsyncIterator[generation_pb2.GenerationDelta]:
@@ -155,7 +154,7 @@ class Stream:
         if self._closed:
             return
         self._closed = True
-        self._node_down.cancel()
+        self.node.on_failed.discard(self._node_marked_failed)
         try:
             await self._deltas.aclose()  # cancels the node call if it is still running
         finally:

@@ -134,7 +134,8 @@ class HeldNode(inference_pb2_grpc.InferenceServicer, health_pb2_grpc.HealthServi
     `tokens_before_hold`) and then holds the stream open, as a long generation does, until
     `finish` releases it with a final token or the router cancels the call; `freeze` makes it
     stop answering anything, health checks included (a hung host: the connection stays up,
-    nothing comes back). Served on the router's loop, so its counters are read with `router.run`."""
+    nothing comes back); with `serving` False its health check answers NOT_SERVING (a node
+    draining its streams). Served on the router's loop, so its counters are read with `router.run`."""
 
     def __init__(self, tokens_before_hold: int = 2) -> None:
         self.tokens_before_hold = tokens_before_hold
@@ -142,6 +143,7 @@ class HeldNode(inference_pb2_grpc.InferenceServicer, health_pb2_grpc.HealthServi
         self.address = f"127.0.0.1:{self.port}"
         self.started = 0  # Generate calls received
         self.cancelled = 0  # Generate calls the router cancelled
+        self.serving = True
         self._frozen: asyncio.Event | None = None
         self._finish: asyncio.Event | None = None
         self._server: grpc.aio.Server | None = None
@@ -174,7 +176,8 @@ class HeldNode(inference_pb2_grpc.InferenceServicer, health_pb2_grpc.HealthServi
 
     async def Check(self, request, context):
         await self._answer_unless_frozen()
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def GetInfo(self, request, context):
         await self._answer_unless_frozen()

@@ -52,10 +52,12 @@ def test_a_request_stuck_on_a_frozen_node_is_answered_by_a_live_one(make_router,
 
 
 def assert_the_stream_ends_when_its_node_freezes(router, node: HeldNode, node_id: str, world,
-                                                  stop_heartbeats=lambda: None) -> None:
+                                                  stop_heartbeats=lambda: None, meanwhile=lambda: None) -> None:
+    """meanwhile: what happens to the node while the stream runs, before it freezes."""
     call = router.stub.Generate(pb.GenerateRequest(model="tiny", prompt="go on"), metadata=bearer(world.a.token),
                                 timeout=30)
     assert [next(call).delta.text for _ in range(2)] == ["t0", "t1"]
+    meanwhile()
     node.freeze()  # the connection stays up and answers HTTP/2 pings: keepalive would never end this
     stop_heartbeats()  # a frozen host sends none either
     with pytest.raises(grpc.RpcError) as caught:
@@ -86,3 +88,26 @@ def test_a_stream_whose_registered_node_freezes_after_its_first_token_ends_with_
     finally:
         stop_agent(router, agent, beating)
         node.stop()
+
+
+def set_serving(router, node: HeldNode, serving: bool) -> None:
+    node.serving = serving
+    health = nodes_pb2.NODE_HEALTH_HEALTHY if serving else nodes_pb2.NODE_HEALTH_UNHEALTHY
+    wait_until(lambda: node_health(router, node.address) == health, what=f"the node's health follows serving={serving}")
+
+
+def test_a_stream_that_outlived_an_earlier_failure_of_its_node_still_ends_when_the_node_freezes(held_node, world):
+    """The node was out for a moment (NOT_SERVING: alive, its streams run on) and came back;
+    the router must still hear of its next failure. It heard of only the first: the stream
+    waited for the caller's deadline."""
+    router, node = held_node(node_timeout_seconds=0.5)
+    assert_the_stream_ends_when_its_node_freezes(
+        router, node, node.address, world, meanwhile=lambda: [set_serving(router, node, s) for s in (False, True)])
+
+
+def test_a_stream_on_a_draining_node_ends_when_the_node_freezes(held_node, world):
+    """NOT_SERVING (draining: it finishes its streams), then frozen: a node already out for
+    answering "no" that then goes silent ends the streams it left silent."""
+    router, node = held_node(node_timeout_seconds=0.5)
+    assert_the_stream_ends_when_its_node_freezes(router, node, node.address, world,
+                                                 meanwhile=lambda: set_serving(router, node, False))

@@ -288,6 +288,27 @@ def test_late_health_polls_take_a_node_out_only_when_they_come_in_a_row():
     asyncio.run(main())
 
 
+def test_a_node_out_for_refusing_is_silent_only_after_late_polls_in_a_row():
+    """A draining node (NOT_SERVING) finishes its streams, and they end once it goes silent; one
+    late answer from it is a busy moment, not silence, as for a healthy node."""
+    async def main():
+        fake = FakeNode()
+        _, membership, _ = build({"a:1": fake})  # slow_polls=3
+        await poll_all(membership)
+        node = membership.nodes["a:1"]
+        fake.stats_fail = DOWN
+        await poll_all(membership)
+        assert node.health is Health.UNHEALTHY and node.silent_since is None
+        fake.stats_fail = SLOW
+        for _ in range(2):
+            await poll_all(membership)
+            assert node.silent_since is None
+        await poll_all(membership)
+        assert node.silent_since is not None
+
+    asyncio.run(main())
+
+
 def test_only_a_deadline_counts_as_a_late_answer():
     from services.router.node_client import failure_of
 

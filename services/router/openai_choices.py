@@ -10,7 +10,9 @@ Seeds: with `seed`, choice i draws with seed + i, so the choices differ from one
 request stays reproducible (choice 0 is exactly what n = 1 gives). Without one, each choice
 draws from its node's own randomness. Greedy choices are all alike, as OpenAI's are.
 
-Usage counts the prompt once and every choice's completion tokens, as OpenAI reports it.
+Usage counts the prompt once and every choice's completion tokens, as OpenAI reports it, and
+the tenant's tokens-per-minute quota is charged the same: a tenant budgeting by the usage it is
+shown is not throttled for prompts it is not shown.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def choice_calls(call: GenerateCall, n: int) -> list[GenerateCall]:
         sampling.CopyFrom(call.sampling)
         if sampling.HasField("seed"):
             sampling.seed = (sampling.seed + index) % 2**64
-        calls.append(dataclasses.replace(call, sampling=sampling))
+        calls.append(dataclasses.replace(call, sampling=sampling, charge_prompt=False))
     return calls
 
 

@@ -57,6 +57,9 @@ class GenerateCall:
     messages: generation_pb2.ChatMessages | None = None
     sampling: generation_pb2.SamplingParams = dataclasses.field(default_factory=generation_pb2.SamplingParams)
     request_id: str = ""
+    #: False for a further choice of an OpenAI `n` (openai_choices.py): the first choice pays the
+    #: tokens-per-minute quota for the prompt, once, as usage counts it.
+    charge_prompt: bool = True
 
     def node_request(self, request_id: str, target: Target) -> inference_pb2.GenerateRequest:
         # cache_scope: a tenant's requests share cached prompt KV only with its own (a hit is seen
@@ -88,12 +91,12 @@ class Stream:
     """The deltas of one placed request; iterate once, then (or instead) `aclose`."""
 
     def __init__(self, request_id: str, target: Target, node: Node, deltas: AsyncIterator, first,
-                 lease: Lease, membership: Membership, in_flight: InFlight) -> None:
+                 lease: Lease, membership: Membership, in_flight: InFlight, charge_prompt: bool = True) -> None:
         self.request_id, self.target, self.node = request_id, target, node
         self._deltas, self._first, self._lease, self._membership = deltas, first, lease, membership
         self._in_flight = in_flight
         self._closed = False
-        self._prompt_charged = False
+        self._prompt_charged = not charge_prompt
         self.tokens = 0
         self._last_delta_at = membership.clock()
         node.on_failed.add(self._node_marked_failed)
@@ -284,7 +287,8 @@ class RouterCore:
                 await deltas.aclose()
                 self.membership.finished(node)
                 raise
-            return Stream(request_id, target, node, deltas, first, lease, self.membership, in_flight)
+            return Stream(request_id, target, node, deltas, first, lease, self.membership, in_flight,
+                          call.charge_prompt)
         raise self._no_node(target, tried, failures)
 
     def _no_node(self, target: Target, tried: list[str], failures: list[NodeFailure]) -> Exception:

@@ -47,6 +47,10 @@ class World:
         reply = self.admin.CreateApiKey(pb.CreateApiKeyRequest(tenant=tenant.tenant_id, name=unique("k")))
         return reply.key.id, reply.secret
 
+    def new_tenant(self, prefix: str) -> Client:
+        """A tenant of its own (no deployments: it uses the base model), for state no other test touched."""
+        return _tenant(self.admin, self.registry, prefix)
+
 
 def _tenant(admin: Client, registry: InProcessRegistry, prefix: str) -> Client:
     tenant = admin.CreateTenant(pb.CreateTenantRequest(name=unique(prefix)))

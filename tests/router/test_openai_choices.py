@@ -93,6 +93,27 @@ def test_a_choice_refused_before_its_first_token_fails_the_request_and_frees_the
         router.run(lambda: overrides.pop(world.a.tenant_id))
 
 
+def test_n_choices_charge_the_tokens_per_minute_quota_for_the_prompt_once_as_usage_counts_it(router, world):
+    """A tenant budgeting by the usage it is shown must not be throttled for prompts it is not
+    shown: each further choice used to pay for the prompt again."""
+    tenant = world.new_tenant("tpm")  # a bucket no other request has touched
+    long_prompt = [{"role": "user", "content": "Summarize the market. " * 40}]
+    sized = dict(model="tiny", messages=long_prompt, max_tokens=2, extra_body={"ignore_eos": True})
+    prompt = OpenAI(base_url=router.base_url, api_key=world.a.token, max_retries=0).chat.completions.create(
+        **sized).usage.prompt_tokens
+    # Room for the prompt once and both choices' tokens, plus half a prompt: charging the prompt
+    # twice leaves the bucket half a prompt short, which takes 20 s to refill at this rate.
+    limit = prompt + 4 + prompt // 2
+    overrides = router.app.core.quotas.overrides
+    router.run(lambda: overrides.__setitem__(tenant.tenant_id, Limits(tokens_per_minute=limit)))
+    try:
+        client = OpenAI(base_url=router.base_url, api_key=tenant.token, max_retries=0)
+        assert client.chat.completions.create(n=2, **sized).usage.total_tokens == prompt + 4
+        assert client.chat.completions.create(**sized).usage.prompt_tokens == prompt  # admitted: budget left
+    finally:
+        router.run(lambda: overrides.pop(tenant.tenant_id))
+
+
 def test_a_client_leaving_an_n_stream_cancels_every_choice_on_its_node(held_node, world):
     """Each choice's read runs in a task of its own; a client hanging up ends them all, and every
     choice's node call is cancelled, its quota and its registration released."""

@@ -63,10 +63,22 @@ async def _together(work: list[Awaitable[T]]) -> list[T]:
     except BaseException:
         for task in tasks:
             task.cancel()
-        for result in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(result, Stream):
-                await result.aclose()
+        closing = asyncio.ensure_future(_close_streams(tasks))
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            # Cancelled while the others unwind (the client hanging up as a choice failed): the
+            # streams already opened must still be closed, or each holds its lease and node call
+            # for good. asyncio.wait, unlike awaiting the task, does not cancel it with us.
+            await asyncio.wait({closing})
+            raise
         raise
+
+
+async def _close_streams(tasks: list[asyncio.Future]) -> None:
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(result, Stream):
+            await result.aclose()
 
 
 class Streams:

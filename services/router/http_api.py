@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -154,11 +154,14 @@ async def json_body(request: Request, limit: int) -> dict:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked body declares no length
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # counted as it arrives: a chunked body declares no length
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing, not an internal error
+        raise ClientGone() from None
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes

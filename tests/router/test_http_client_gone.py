@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 
 from services.router.http_api import build_app
@@ -17,10 +18,11 @@ from tests.router.test_revocation_ends_streams import assert_all_released
 HI = [{"role": "user", "content": "Summarize today's stock market trends."}]
 
 
-def call_app(router, body: dict, token: str, connected: Callable[[], Awaitable[None]]) -> list[dict]:
-    """POSTs `body` to /v1/chat/completions on the router's loop. The first receive is the body;
-    the second returns `http.disconnect` once `connected()` returns; the client is gone from
-    then on. Returns what the app sent."""
+def call_app(router, body: dict, token: str, connected: Callable[[], Awaitable[None]],
+             more_body: bool = False) -> list[dict]:
+    """POSTs `body` to /v1/chat/completions on the router's loop. The first receive is the body
+    (said to be followed by more with `more_body`); the second returns `http.disconnect` once
+    `connected()` returns; the client is gone from then on. Returns what the app sent."""
     app = build_app(router.app.core)
     data = json.dumps(body).encode()
     received, sent = 0, []
@@ -29,7 +31,7 @@ def call_app(router, body: dict, token: str, connected: Callable[[], Awaitable[N
         nonlocal received
         received += 1
         if received == 1:
-            return {"type": "http.request", "body": data, "more_body": False}
+            return {"type": "http.request", "body": data, "more_body": more_body}
         if received == 2:
             await connected()
         return {"type": "http.disconnect"}
@@ -75,3 +77,14 @@ def test_a_client_gone_as_its_n_stream_starts_leaves_nothing_running(held_node, 
 
     call_app(router, {"model": "tiny", "messages": HI, "stream": True, "n": 2}, world.a.token, there)
     assert_all_released(router, node, world.a.tenant_id, cancelled=2)
+
+
+def test_a_client_gone_while_sending_its_body_is_no_internal_error(held_node, world, caplog):
+    """A hang-up is the client's doing: it used to be logged as an internal error with a traceback."""
+    router, _ = held_node()
+    async def gone() -> None:
+        pass
+
+    sent = call_app(router, {"model": "tiny", "messages": HI}, world.a.token, gone, more_body=True)
+    assert sent[0]["status"] == 499
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]

@@ -1,8 +1,8 @@
 """Router and Nodes gRPC servicers: protobuf in -> RouterCore / Membership -> protobuf out.
 
 Statuses (domain errors mapped by services/common/rpc.py): Router RPCs answer
-UNAUTHENTICATED (missing/invalid/revoked key, also mid-stream when the key is revoked or its
-tenant deleted: open_streams.py), NOT_FOUND (unknown model, or another tenant's),
+UNAUTHENTICATED (missing/invalid/revoked key, also mid-stream when the key is revoked or
+expires or its tenant is deleted: open_streams.py), NOT_FOUND (unknown model, or another tenant's),
 INVALID_ARGUMENT, RESOURCE_EXHAUSTED with RetryInfo (tenant quota, or every node's queue
 full), UNAVAILABLE (no healthy node, registry unreachable, node lost or silent after the
 first token). Nodes RPCs need the admin token: UNAUTHENTICATED without one,

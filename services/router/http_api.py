@@ -52,7 +52,7 @@ from starlette.routing import Route
 from services.common import errors
 from services.common.fields import check_request_id
 from services.router import openai_schema as schema
-from services.router.openai_choices import Streams, choice_calls, complete_all, open_all, total_usage
+from services.router.openai_choices import Streams, choice_calls, complete_all, open_all
 from services.router.openai_tools import tool_call_deltas
 from services.router.proxy import RouterCore
 
@@ -261,7 +261,6 @@ async def chat_events(streams: Streams, response_id: str, created: int,
     held = [""] * len(streams.streams) if options.tool_use else None  # each choice's text so far
     for index in range(len(streams.streams)):
         yield chunk({"role": "assistant", "content": None if held else ""}, index=index)
-    usages = []
     async for index, delta in streams.deltas():
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = schema.chat_logprobs(delta.logprobs) if options.logprobs and delta.logprobs else None
@@ -276,10 +275,8 @@ async def chat_events(streams: Streams, response_id: str, created: int,
                 content = {"content": message["content"]} if message["content"] else {}
         if content or finish or logprobs:
             yield chunk(content, finish, logprobs, index=index)
-        if finish:
-            usages.append(delta.usage)
     if options.include_usage:  # after every choice has finished: the usage of them all
-        yield chunk({}, usage_=schema.usage(total_usage(usages)), with_choice=False)
+        yield chunk({}, usage_=schema.usage(streams.usage()), with_choice=False)
 
 
 async def completion_events(streams: Streams, response_id: str, created: int,
@@ -287,17 +284,14 @@ async def completion_events(streams: Streams, response_id: str, created: int,
     offsets = [schema.TextOffsets() for _ in streams.streams]  # each choice's text counts from 0
     chunk = functools.partial(schema.completion_chunk, response_id, created, streams.target.model,
                               include_usage=options.include_usage)
-    usages = []
     async for index, delta in streams.deltas():
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = (schema.completion_logprobs(delta.logprobs, offsets[index])
                     if options.logprobs and delta.logprobs else None)
         if delta.text or finish or logprobs:
             yield chunk(delta.text, finish, logprobs, index=index)
-        if finish:
-            usages.append(delta.usage)
     if options.include_usage:
-        yield chunk("", usage_=schema.usage(total_usage(usages)), with_choice=False)
+        yield chunk("", usage_=schema.usage(streams.usage()), with_choice=False)
 
 
 def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:

@@ -91,13 +91,15 @@ class Streams:
         #: The reads in flight (task -> choice index): `aclose` ends them before it closes the
         #: streams, which cannot be closed while a read is running inside them.
         self._reads: dict[asyncio.Future, int] = {}
+        #: Each choice's final usage, by index (not in the order they finish: see `usage`).
+        self._usages: list[gen.Usage | None] = [None] * len(streams)
 
     async def deltas(self) -> AsyncIterator[tuple[int, gen.GenerationDelta]]:
         """(choice index, delta). One read is outstanding per stream at a time, so each node
         still goes at its caller's pace (node_client.py on backpressure)."""
         if len(self.streams) == 1:
             async for delta in self.streams[0]:
-                yield 0, delta
+                yield self._seen(0, delta)
             return
         readers = [aiter(stream) for stream in self.streams]
         pending = self._reads
@@ -111,10 +113,21 @@ class Streams:
                         delta = task.result()
                     except StopAsyncIteration:
                         continue
-                    yield index, delta
+                    yield self._seen(index, delta)
                     pending[asyncio.ensure_future(anext(readers[index]))] = index
         finally:
             await self._end_reads()
+
+    def _seen(self, index: int, delta: gen.GenerationDelta) -> tuple[int, gen.GenerationDelta]:
+        if delta.finish_reason:
+            self._usages[index] = delta.usage
+        return index, delta
+
+    def usage(self) -> gen.Usage:
+        """Every choice's usage together, once all have finished: the prompt's figures are choice
+        0's, as the answer unstreamed reports them (cached tokens differ between choices: a later
+        one may find the prompt that an earlier one computed)."""
+        return total_usage(self._usages)
 
     async def _end_reads(self) -> None:
         reads = list(self._reads)

@@ -10,8 +10,8 @@ import zlib
 
 from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.sampling_params import SamplingParams
-from services.inference.engine.scheduler import AlwaysReadyGate, Scheduler, SchedulerConfig
-from services.inference.engine.sequence import Sequence
+from services.inference.engine.scheduler import Admission, AlwaysReadyGate, Scheduler, SchedulerConfig
+from services.inference.engine.sequence import Sequence, SequenceStatus
 
 EOS = 1
 BS = 4
@@ -64,10 +64,12 @@ def make_seq(seq_id: int, prompt: list[int], adapter: str | None = None, scope: 
                     cache_scope=scope)
 
 
-def run(scheduler: Scheduler, seqs: list[Sequence], on_step, last_arrival: int = 0) -> dict[int, list[int]]:
+def run(scheduler: Scheduler, seqs: list[Sequence], on_step, last_arrival: int = 0,
+        model: ScopedKvModel | None = None) -> dict[int, list[int]]:
     """Steps until every sequence finished; on_step(step) runs before each step's schedule
-    (arrivals, aborts) and the last arrival comes at step last_arrival."""
-    model, steps = ScopedKvModel(scheduler), 0
+    (arrivals, aborts) and the last arrival comes at step last_arrival. A model passed in
+    holds the KV of earlier runs' cached blocks."""
+    model, steps = model or ScopedKvModel(scheduler), 0
     while scheduler.has_unfinished or steps <= last_arrival:
         on_step(steps)
         batch = scheduler.schedule()
@@ -187,3 +189,78 @@ def test_a_prefill_resumed_from_its_own_blocks_reports_no_cached_prompt_tokens()
     assert long.num_preemptions > 0
     assert scheduler.block_manager.prompt_tokens_cached > 0  # its own blocks: no other prompt shares a block
     assert long.num_cached_prompt_tokens == 0
+
+
+class FetchingGate(BytesGate):
+    """Resident adapters, but those in `fetching` have their bytes still on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetching: set[str] = set()
+
+    def try_acquire(self, adapter_key: str, sha256: str = "") -> Admission:
+        return Admission.FETCHING if adapter_key in self.fetching else super().try_acquire(adapter_key, sha256)
+
+
+def test_adapters_being_fetched_cost_no_prefix_lookups_and_hit_once_they_arrive():
+    """Each waiting head walked the prefix cache (a lookup per cached block) before the gate
+    refused it: with hundreds of adapters being fetched, every step stalled for tens of ms."""
+    gate = FetchingGate()
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16), BlockManager(256, BS, True),
+                          gate, {EOS}, max_context=64)
+    prompt = list(range(20, 45))  # six full blocks
+    adapters = [f"adapter-{i}" for i in range(20)]
+    first_turns = [make_seq(i, prompt, adapter) for i, adapter in enumerate(adapters)]
+    model = ScopedKvModel(scheduler)
+    run(scheduler, first_turns, lambda step: [scheduler.add(seq) for seq in first_turns] if step == 0 else None,
+        model=model)
+
+    cache = scheduler.block_manager._cache
+    longest_prefix, lookups = cache.longest_prefix, []
+    cache.longest_prefix = lambda hashes: lookups.append(len(hashes)) or longest_prefix(hashes)
+    gate.fetching = set(adapters)  # replaced in the pool meanwhile: fetched again
+    base = make_seq(100, prompt)
+    second_turns = [make_seq(200 + i, prompt, adapter) for i, adapter in enumerate(adapters)]
+
+    def on_step(step: int) -> None:
+        if step == 0:
+            for seq in [base, *second_turns]:
+                scheduler.add(seq)
+        if step == 3:
+            assert lookups == [6]  # the base-only sequence's, once admitted; none for the 20 refused
+            gate.fetching.clear()
+
+    run(scheduler, [base, *second_turns], on_step, last_arrival=3, model=model)
+    assert base.num_cached_prompt_tokens == 0  # no base-only turn before it
+    assert all(seq.num_cached_prompt_tokens == 24 for seq in second_turns)
+
+
+def test_a_sequence_only_its_shared_prefix_lets_in_waits_for_its_adapter_and_is_admitted_shared():
+    """Too few free blocks to start afresh, enough past the prefix a running sequence holds:
+    the prefix is looked up before the gate is asked, and a refusal takes no reference."""
+    gate = FetchingGate()
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16), BlockManager(16, BS, True),
+                          gate, {EOS}, max_context=64)
+    prefix, decoding = list(range(20, 40)), SamplingParams(max_tokens=16, ignore_eos=True)
+    holder = Sequence(0, prefix + [5], decoding, adapter_key="fin", block_size=BS)
+    filler = Sequence(1, list(range(50, 78)), decoding, block_size=BS)
+    sharer = make_seq(2, prefix + [6], "fin")
+    expected = [run_alone(Sequence(0, prefix + [5], decoding, adapter_key="fin", block_size=BS)),
+                run_alone(Sequence(1, list(range(50, 78)), decoding, block_size=BS)),
+                run_alone(make_seq(2, prefix + [6], "fin"))]
+
+    def on_step(step: int) -> None:
+        if step == 0:
+            scheduler.add(holder)
+            scheduler.add(filler)
+        if step == 4:  # both decode; the holder's prefix is published
+            assert scheduler.block_manager.plan_fresh_start(sharer, 14) is None
+            gate.fetching.add("fin")
+            scheduler.add(sharer)
+        if step == 6:
+            assert sharer.status is SequenceStatus.WAITING and gate.references["fin"] == 1
+            gate.fetching.clear()
+        if step == 7:
+            assert sharer.status is SequenceStatus.RUNNING and sharer.num_cached_prompt_tokens == 20
+
+    assert list(run(scheduler, [holder, filler, sharer], on_step, last_arrival=7).values()) == expected

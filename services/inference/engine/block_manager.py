@@ -100,11 +100,18 @@ class BlockManager:
         without caching); None when neither fits. adapter_sha256: the bytes of the adapter
         it runs with ("" for the base model), None when not known yet (no sharing then)."""
         shared = self._cached_prefix(seq, adapter_sha256)
-        for blocks in ((shared, []) if shared else ([],)):
-            plan = AdmissionPlan(tuple(blocks), min(seq.num_tokens - len(blocks) * self.block_size, budget))
-            if self._num_free_blocks_taken(plan) <= self.num_free_blocks:
+        if shared:
+            plan = AdmissionPlan(tuple(shared), min(seq.num_tokens - len(shared) * self.block_size, budget))
+            if self._fits(plan):
                 return plan
-        return None
+        return self.plan_fresh_start(seq, budget)
+
+    def plan_fresh_start(self, seq: Sequence, budget: int) -> AdmissionPlan | None:
+        """The start of seq from token 0 with at most `budget` tokens computed, None when it
+        does not fit. Looks nothing up in the prefix cache (plan_admission walks one entry per
+        cached block), so it is cheap enough to ask for every waiting sequence every step."""
+        plan = AdmissionPlan((), min(seq.num_tokens, budget))
+        return plan if self._fits(plan) else None
 
     def admit(self, seq: Sequence, plan: AdmissionPlan, adapter_sha256: str | None) -> None:
         """Starts seq as planned; adapter_sha256: the bytes it was admitted with, which name
@@ -186,6 +193,9 @@ class BlockManager:
         if seq.block_hashes is None or seq.block_hashes.identity != identity:
             seq.block_hashes = BlockHashes(identity)
         return seq.block_hashes
+
+    def _fits(self, plan: AdmissionPlan) -> bool:
+        return self._num_free_blocks_taken(plan) <= self.num_free_blocks
 
     def _num_free_blocks_taken(self, plan: AdmissionPlan) -> int:
         """Free blocks a plan uses: new ones for its chunk, and its shared ones that no

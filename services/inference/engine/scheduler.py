@@ -307,9 +307,14 @@ class Scheduler:
         budget = self._budget_left(batch)
         if budget == 0 or len(self.running) >= self.config.max_num_seqs:
             return None
-        plan = self.block_manager.plan_admission(seq, budget, self._adapter_sha256(seq))
+        # The cached-prefix lookup costs one dict lookup per cached block: done for every head
+        # the gate refuses (hundreds of adapters being fetched), it stalled each step for tens
+        # of ms. So it waits for the gate's yes, unless only a shared prefix could fit.
+        plan = self.block_manager.plan_fresh_start(seq, budget)
         if plan is None:
-            return None
+            plan = self.block_manager.plan_admission(seq, budget, self._adapter_sha256(seq))
+            if plan is None:
+                return None
         key = seq.adapter_key
         if key is not None:
             if starving and key not in starving:
@@ -325,9 +330,12 @@ class Scheduler:
                 return False
             self._refused_at.pop(key, None)
             self._num_adapter_admissions += 1
+        adapter_sha256 = self._adapter_sha256(seq)  # admitted: its bytes are settled
+        if not plan.shared_blocks:  # a fresh start fits, so this finds one (a shared one first)
+            plan = self.block_manager.plan_admission(seq, budget, adapter_sha256)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        self.block_manager.admit(seq, plan, self._adapter_sha256(seq))  # admitted: its bytes are settled
+        self.block_manager.admit(seq, plan, adapter_sha256)
         batch.add(seq, plan.num_new_tokens)
         return True
 

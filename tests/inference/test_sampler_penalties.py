@@ -11,9 +11,12 @@ import random
 import pytest
 import torch
 
-from services.inference.engine.logits_processors import process_logits, token_counts
+from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.logits_processors import PenaltyCounts, RunningTokenCounts, process_logits
 from services.inference.engine.sampler import Sampler, make_generator
 from services.inference.engine.sampling_params import SamplingParams
+from services.inference.engine.scheduler import AlwaysReadyGate, Scheduler, SchedulerConfig
+from services.inference.engine.sequence import Sequence
 
 VOCAB = 64
 
@@ -22,6 +25,7 @@ VOCAB = 64
 class History:
     token_ids: list[int]
     num_prompt_tokens: int
+    penalty_counts: PenaltyCounts | None = None
 
 
 def reference_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[History]) -> torch.Tensor:
@@ -146,8 +150,39 @@ def test_penalties_count_generated_tokens_only_repetition_counts_the_prompt_too(
     assert processed[2, [1, 2, 3, 4]].tolist() == [1.0, 1.0, 1.0, 2.0]
 
 
-def test_token_counts_match_a_counter():
-    lists = [[3, 3, 1], [], [0, 63, 63, 63]]
-    counts = token_counts(lists, VOCAB, torch.device("cpu"))
-    for row, ids in zip(counts, lists):
-        assert {t: int(c) for t, c in enumerate(row.tolist()) if c} == dict(collections.Counter(ids))
+def test_running_token_counts_match_a_counter_as_tokens_are_appended():
+    token_ids = [3, 3, 1]
+    running = RunningTokenCounts(1, VOCAB, torch.device("cpu"))
+    for appended in ([], [0, 63], [63], [63, 3]):
+        token_ids += appended
+        counts = running.update(token_ids)
+        assert counted(counts) == collections.Counter(token_ids[1:])
+
+
+def test_counts_kept_across_steps_and_preemptions_match_a_count_from_scratch():
+    """Four sequences growing to 20 tokens in a 32-token KV cache are preempted again and
+    again; their counts, kept since their first sampled token, must stay those of their tokens."""
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), BlockManager(8, 4),
+                          AlwaysReadyGate(), eos_token_ids=set(), max_context=32)
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, frequency_penalty=0.5, repetition_penalty=1.3)
+    seqs = [Sequence(i, [rng.randrange(VOCAB) for _ in range(8)], params, block_size=4) for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    while scheduler.has_unfinished:
+        batch = scheduler.schedule()
+        sampled = batch.sampled_seqs
+        logits = torch.randn(len(sampled), VOCAB, generator=generator)
+        processed = process_logits(logits, [params] * len(sampled), sampled)
+        torch.testing.assert_close(processed, reference_logits(logits, [params] * len(sampled), sampled))
+        for seq in sampled:
+            counts = seq.penalty_counts
+            assert counted(counts.generated.counts) == collections.Counter(seq.completion_token_ids)
+            assert counted(counts.every.counts) == collections.Counter(seq.token_ids)
+        scheduler.postprocess(batch, {s.seq_id: t for s, t in zip(sampled, processed.argmax(-1).tolist())})
+    assert scheduler.num_preemptions > 0
+    assert all(seq.penalty_counts is None for seq in seqs)  # freed on finish
+
+
+def counted(counts: torch.Tensor) -> dict[int, int]:
+    return {t: int(c) for t, c in enumerate(counts.tolist()) if c}

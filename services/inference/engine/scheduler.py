@@ -203,6 +203,7 @@ class Scheduler:
                 self._key_order.remove(seq.adapter_key)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.penalty_counts = None  # device memory: freed now, not when the last reference to seq goes
         self._sequences.pop(seq.seq_id, None)
 
     def schedule(self) -> ScheduledBatch:

@@ -9,6 +9,7 @@ from services.inference.engine.prefix_cache import BlockHashes
 from services.inference.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from services.inference.engine.logits_processors import PenaltyCounts
     from services.inference.engine.structured import JsonGrammar
 
 
@@ -68,6 +69,9 @@ class Sequence:
         self.block_hashes: BlockHashes | None = None
         self.num_published_blocks = 0
         self.num_cached_prompt_tokens = 0
+        # Token counts for its penalties on the logits' device, made by the sampler on first
+        # use and updated one step's tokens at a time (logits_processors.py).
+        self.penalty_counts: PenaltyCounts | None = None
         self.finish_reason: FinishReason | None = None
         self.arrival_index = -1  # set by Scheduler.add
         self.num_preemptions = 0

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import describe
+from bench.machine import describe, report
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -286,10 +286,7 @@ def main(argv=None) -> int:
         result = MatrixRun(args).run()
     else:
         result = run_comparison(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report(result, args.json)
     return 1 if result.get("failed") else 0
 
 

@@ -14,7 +14,6 @@ pinned asynchronous one) for 1, 16 and `batch` adapters.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import describe
+from bench.machine import describe, report
 
 
 def engine_host_ms(batch: int, steps: int, folder: Path) -> dict:
@@ -107,10 +106,7 @@ def main(argv=None) -> int:
         result = {"machine": describe(), "engine": engine_host_ms(args.batch, args.steps, folder),
                   "graph_fill": [graph_fill_ms(args.batch, count, folder)
                                  for count in sorted({c for c in (1, 16, args.batch) if c <= args.batch})]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report(result, args.json)
     return 0
 
 

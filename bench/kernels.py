@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import describe
+from bench.machine import describe, report
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["attention"][-1]), file=sys.stderr, flush=True)
     result["all_correct"] = all(v.get("correct", False) for group in ("lora", "attention") for case in result[group]
                                 for v in case["variants"].values())
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report(result, args.json)
     return 0 if result["all_correct"] else 1
 
 

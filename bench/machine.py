@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def describe() -> dict:
@@ -31,3 +33,11 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def report(result: dict, path: Path | None) -> None:
+    """Prints a bench's JSON, and writes it to `path` when one was given (--json)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import describe
+from bench.machine import describe, report
 
 
 def run(base: Path, prompts: list[list[int]], args, prefix_caching: bool) -> dict:
@@ -87,13 +87,10 @@ def main(argv=None) -> int:
         prompts = [prefix + torch.randint(4, vocab, (args.suffix_len,), generator=generator).tolist()
                    for _ in range(args.requests)]
         on, off = run(base, prompts, args, True), run(base, prompts, args, False)
-    report = {"machine": describe(), "args": {k: str(v) for k, v in vars(args).items()},
+    result = {"machine": describe(), "args": {k: str(v) for k, v in vars(args).items()},
               "prefix_caching_on": on, "prefix_caching_off": off,
               "ttft_speedup_median": off["ttft_median_ms"] / on["ttft_median_ms"]}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report(result, args.json)
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import describe
+from bench.machine import describe, report
 
 WORDS = ("the market is up today and investors are happy finance teams track revenue cost profit and cash flow "
          "a bond pays interest the central bank raised rates our portfolio holds stocks bonds and a little cash "
@@ -130,10 +130,7 @@ def main(argv=None) -> int:
             "loss_tokens_per_s": round(labels / len(run.train_set) * examples_seen / elapsed, 1),
             "machine": describe(),
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report(result, args.json)
     return 0
 
 

@@ -56,18 +56,26 @@ def structured_output(response_format: Any) -> gen.StructuredOutput | None:
 
 def _schema_text(json_schema: Any) -> str:
     where = f"{FIELD}.json_schema"
-    if not isinstance(json_schema, dict):
-        raise bad_param(where, "expected an object with a name and a schema")
-    present = {key: value for key, value in json_schema.items() if value is not None}  # null: unset, as OpenAI reads it
-    unknown = sorted(set(present) - set(JSON_SCHEMA_KEYS))
+    present = named_object(json_schema, where, JSON_SCHEMA_KEYS, "expected an object with a name and a schema")
+    return schema_text(present.get("schema", {}), f"{where}.schema")
+
+
+def named_object(value: Any, where: str, keys: dict[str, type], expected: str) -> dict:
+    """An OpenAI object with a `name` (a json_schema, a function): its keys that are not null
+    (null is unset, as OpenAI reads it), each of its type, the name 1-64 of a-z, A-Z, 0-9, _
+    and -; else a 400 naming the part at fault (`expected` when it is no object at all)."""
+    if not isinstance(value, dict):
+        raise bad_param(where, expected)
+    present = {key: item for key, item in value.items() if item is not None}
+    unknown = sorted(set(present) - set(keys))
     if unknown:
         raise bad_param(f"{where}.{unknown[0]}", f"unrecognized key: {', '.join(unknown)}")
-    for key, kind in JSON_SCHEMA_KEYS.items():
+    for key, kind in keys.items():
         if key in present and not isinstance(present[key], kind):
             raise bad_param(f"{where}.{key}", f"expected {JSON_TYPES[kind]}, got {present[key]!r}"[:200])
     if not SCHEMA_NAME.fullmatch(present.get("name", "")):
         raise bad_param(f"{where}.name", "required: 1-64 characters among a-z, A-Z, 0-9, _ and -")
-    return schema_text(present.get("schema", {}), f"{where}.schema")
+    return present
 
 
 def schema_text(schema: dict, where: str) -> str:

@@ -30,13 +30,12 @@ import uuid
 from typing import Any
 
 from services.router.openai_messages import bad_param
-from services.router.openai_response_format import SCHEMA_NAME, schema_text
+from services.router.openai_response_format import named_object, schema_text
 
 #: OpenAI's limit on tools per request.
 MAX_TOOLS = 128
 #: Each key of a function definition, with the JSON type OpenAI gives it.
 FUNCTION_KEYS = {"name": str, "description": str, "parameters": dict, "strict": bool}
-JSON_TYPES = {str: "a string", dict: "an object", bool: "true or false"}
 #: What a function without `parameters` takes: nothing.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 CHOICES = ("none", "auto", "required")
@@ -148,17 +147,7 @@ def _functions(tools: Any) -> dict[str, dict]:
 
 
 def _function(function: Any, where: str) -> dict:
-    if not isinstance(function, dict):
-        raise bad_param(where, "expected an object with a name")
-    present = {key: value for key, value in function.items() if value is not None}  # null: unset, as OpenAI reads it
-    unknown = sorted(set(present) - set(FUNCTION_KEYS))
-    if unknown:
-        raise bad_param(f"{where}.{unknown[0]}", f"unrecognized key: {', '.join(unknown)}")
-    for key, kind in FUNCTION_KEYS.items():
-        if key in present and not isinstance(present[key], kind):
-            raise bad_param(f"{where}.{key}", f"expected {JSON_TYPES[kind]}, got {present[key]!r}"[:200])
-    if not SCHEMA_NAME.fullmatch(present.get("name", "")):
-        raise bad_param(f"{where}.name", "required: 1-64 characters among a-z, A-Z, 0-9, _ and -")
+    present = named_object(function, where, FUNCTION_KEYS, "expected an object with a name")
     parameters = present.get("parameters", NO_PARAMETERS)
     if parameters.get("type", "object") != "object":  # arguments are an object, in OpenAI's calls and templates
         raise bad_param(f"{where}.parameters", f"must be a schema of type 'object', got {parameters['type']!r}"[:200])

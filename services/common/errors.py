@@ -52,6 +52,13 @@ class Unavailable(LoraplexError):
     default_reason = "UNAVAILABLE"
 
 
+#: Reasons of an UNAVAILABLE that blame what a service depends on, not the service: an inference
+#: node whose Registry cannot send an adapter still serves everything else, so a router tries
+#: another node for that request without taking this one out of service.
+REGISTRY_UNAVAILABLE, ADAPTER_CORRUPTED = "REGISTRY_UNAVAILABLE", "ADAPTER_CORRUPTED"
+DEPENDENCY_REASONS = frozenset({REGISTRY_UNAVAILABLE, ADAPTER_CORRUPTED})
+
+
 class Unimplemented(LoraplexError):
     default_reason = "UNIMPLEMENTED"
 

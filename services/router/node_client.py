@@ -45,6 +45,11 @@ def failure_of(exc: grpc.aio.AioRpcError, address: str) -> NodeFailure:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return NodeFailure(errors.ResourceExhausted(f"inference node {address}: {exc.details()}",
                                                     reason="NODE_QUEUE_FULL"), retryable=True)
+    info = error_info(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and info is not None and info.reason in errors.DEPENDENCY_REASONS:
+        # The node is fine, the adapter's source is not: another node may hold it already.
+        return NodeFailure(errors.Unavailable(f"inference node {address} could not load the adapter: {exc.details()}",
+                                              reason=info.reason, node=address), retryable=True)
     return NodeFailure(errors.Unavailable(f"inference node {address} failed: {code.name}: {exc.details()}",
                                           reason="NODE_FAILED", node=address),
                        retryable=True, node_down=code in DOWN,

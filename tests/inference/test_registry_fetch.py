@@ -11,8 +11,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import (ADAPTER_CORRUPTED, DEPENDENCY_REASONS, REGISTRY_UNAVAILABLE, FailedPrecondition,
+                                    NotFound, Unavailable)
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.inference.config import InferenceConfig
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.node import Node, Prompt
@@ -84,3 +86,37 @@ def test_a_wrong_token_is_refused_by_the_registry(registry, tiny_model_dir):
     error = asyncio.run(run())
     assert "UNAUTHENTICATED" in str(error)
     assert not isinstance(error, grpc.RpcError), "gRPC errors become domain errors"
+
+
+class CorruptingRegistry(registry_pb2_grpc.RegistryServicer):
+    """Sends a manifest, then bytes that do not match it (a disk or a proxy gone bad)."""
+
+    async def DownloadAdapter(self, request, context):
+        yield pb.DownloadAdapterResponse(manifest=pb.AdapterManifest(config_json="{}", size_bytes=5, sha256="0" * 64))
+        yield pb.DownloadAdapterResponse(chunk=b"12345")
+
+
+@pytest.mark.parametrize("failure", ["corrupted", "unreachable"])
+def test_an_adapter_its_registry_cannot_deliver_is_unavailable_blaming_the_registry(tiny_model_dir, failure):
+    """Not the caller's fault (it was FAILED_PRECONDITION: a 400 telling it to change its
+    request) nor the node's: UNAVAILABLE with a reason the router reads as "try a node that
+    may hold the adapter, and keep this one in service"."""
+    async def run():
+        server = grpc.aio.server()
+        registry_pb2_grpc.add_RegistryServicer_to_server(CorruptingRegistry(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        if failure == "unreachable":
+            await server.stop(0)
+        node = Node.build(InferenceConfig(base_model=tiny_model_dir, registry_address=f"127.0.0.1:{port}",
+                                          admin_token=ADMIN, kv_cache_mb=2, adapter_pool_pages=8))
+        try:
+            with pytest.raises(Unavailable) as caught:
+                await node.manager.ensure_host("adp_1")
+            return caught.value
+        finally:
+            await server.stop(0)
+
+    error = asyncio.run(run())
+    assert error.reason in DEPENDENCY_REASONS
+    assert error.reason == (ADAPTER_CORRUPTED if failure == "corrupted" else REGISTRY_UNAVAILABLE)

@@ -9,6 +9,7 @@ import asyncio
 import grpc
 import pytest
 
+from services.common import errors
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.router.auth import Caller
@@ -318,6 +319,21 @@ def test_only_a_deadline_counts_as_a_late_answer():
     assert failure(grpc.StatusCode.DEADLINE_EXCEEDED).timed_out
     assert failure(grpc.StatusCode.DEADLINE_EXCEEDED).node_down
     assert not failure(grpc.StatusCode.UNAVAILABLE).timed_out and failure(grpc.StatusCode.UNAVAILABLE).node_down
+
+
+@pytest.mark.parametrize("reason", sorted(errors.DEPENDENCY_REASONS))
+def test_a_node_whose_registry_cannot_deliver_an_adapter_stays_in_service(reason):
+    """An UNAVAILABLE blaming the adapter's source (the Registry down, bytes corrupted): the node
+    still serves every other request, so it is tried elsewhere and not taken out of service (a
+    Registry outage took every node that missed an adapter out, base-model traffic with them)."""
+    from services.common.rpc import to_rpc_status
+    from services.router.node_client import failure_of
+
+    status = to_rpc_status(errors.Unavailable("registry r:1 failed to send adapter adp_1", reason=reason))
+    failure = failure_of(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                              grpc.aio.Metadata(*status.trailing_metadata), status.details), "a:1")
+    assert failure.retryable and not failure.node_down
+    assert failure.error.reason == reason and "could not load the adapter" in failure.error.message
 
 
 def test_a_drained_static_node_returns_to_service_when_registered_again():

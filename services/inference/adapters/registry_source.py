@@ -12,7 +12,7 @@ import hashlib
 import grpc
 
 from services.common import keepalive
-from services.common.errors import FailedPrecondition, NotFound, Unavailable
+from services.common.errors import ADAPTER_CORRUPTED, REGISTRY_UNAVAILABLE, NotFound, Unavailable
 from services.common.pb.loraplex.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.inference.adapters.sources import FetchedAdapter
 
@@ -44,14 +44,19 @@ class RegistrySource:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"adapter {adapter_id!r} not found in the registry") from exc
             raise Unavailable(f"registry {self.address} failed to send adapter {adapter_id}: "
-                              f"{exc.code().name} {exc.details()}") from exc
+                              f"{exc.code().name} {exc.details()}", reason=REGISTRY_UNAVAILABLE) from exc
+        # Neither is the caller's fault (a 400 told it to change its request) nor this node's
+        # (the router would take it out of service): UNAVAILABLE with a reason that says the
+        # adapter's source failed, so the router tries a node that may hold the adapter already.
         if manifest is None:
-            raise FailedPrecondition(f"registry sent no manifest for adapter {adapter_id}")
+            raise Unavailable(f"registry {self.address} sent no manifest for adapter {adapter_id}",
+                              reason=REGISTRY_UNAVAILABLE)
         weights = b"".join(chunks)
         digest = hashlib.sha256(weights).hexdigest()
         if len(weights) != manifest.size_bytes or digest != manifest.sha256:
-            raise FailedPrecondition(f"adapter {adapter_id} arrived corrupted: {len(weights)} bytes with sha256 "
-                                     f"{digest}, expected {manifest.size_bytes} bytes with {manifest.sha256}")
+            raise Unavailable(f"adapter {adapter_id} arrived corrupted: {len(weights)} bytes with sha256 "
+                              f"{digest}, expected {manifest.size_bytes} bytes with {manifest.sha256}",
+                              reason=ADAPTER_CORRUPTED)
         return FetchedAdapter(adapter_id, manifest.config_json, weights, manifest.sha256)
 
     async def close(self) -> None:

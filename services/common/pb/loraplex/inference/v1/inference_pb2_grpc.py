@@ -79,7 +79,8 @@ class InferenceServicer:
         llguidance); RESOURCE_EXHAUSTED (queue full,
         or pinned adapters leave no room for this one, reason ADAPTER_POOL_PINNED, also for a
         request that queued before the pins; RetryInfo attached); UNAVAILABLE (draining/not
-        ready). When an adapter must be fetched again for queued requests (evicted meanwhile)
+        ready; or, with reason REGISTRY_UNAVAILABLE or ADAPTER_CORRUPTED, the Registry could not
+        deliver the adapter: the node itself serves on). When an adapter must be fetched again for queued requests (evicted meanwhile)
         and that fails, only the requests asking for the bytes it fetched end with its error.
         Cancelling the call frees the request's KV blocks and adapter reference.
         """

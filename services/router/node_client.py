@@ -30,9 +30,8 @@ DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def failure_of(exc: grpc.aio.AioRpcError, address: str) -> NodeFailure:
-    code = exc.code()
+    code, info = exc.code(), error_info(exc)
     if code in FINAL:  # keep the node's field and figures (prompt_tokens, max_context, ...) for the caller
-        info = error_info(exc)
         metadata = {k: v for k, v in (info.metadata.items() if info else ()) if k not in ("reason", "message")}
         return NodeFailure(ERROR_OF[code](exc.details() or code.name, reason="NODE_REJECTED", **metadata),
                            retryable=False)
@@ -45,7 +44,6 @@ def failure_of(exc: grpc.aio.AioRpcError, address: str) -> NodeFailure:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return NodeFailure(errors.ResourceExhausted(f"inference node {address}: {exc.details()}",
                                                     reason="NODE_QUEUE_FULL"), retryable=True)
-    info = error_info(exc)
     if code == grpc.StatusCode.UNAVAILABLE and info is not None and info.reason in errors.DEPENDENCY_REASONS:
         # The node is fine, the adapter's source is not: another node may hold it already.
         return NodeFailure(errors.Unavailable(f"inference node {address} could not load the adapter: {exc.details()}",

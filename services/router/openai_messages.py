@@ -39,6 +39,14 @@ def bad_param(field: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"'{field}': {message}", field=field)
 
 
+def flag(body: dict, field: str, default: bool = False) -> bool:
+    """A boolean request field (`default` when absent); anything else is a 400 naming it."""
+    value = body.get(field, default)
+    if not isinstance(value, bool):
+        raise bad_param(field, f"expected true or false, got {value!r}")
+    return value
+
+
 def chat_messages(messages: Any) -> gen.ChatMessages:
     if not isinstance(messages, list) or not messages:
         raise bad_param("messages", "expected a non-empty list of {role, content} objects")

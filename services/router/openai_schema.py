@@ -37,6 +37,7 @@ from services.inference.engine.sampling_params import (
 )
 from services.router.openai_messages import bad_param as _bad
 from services.router.openai_messages import chat_messages
+from services.router.openai_messages import flag as _flag
 from services.router.openai_response_format import structured_output
 from services.router.openai_tools import ToolUse, tool_use
 from services.router.proxy import Completion, GenerateCall
@@ -132,12 +133,6 @@ def _integer(body: dict, field: str, low: int, high: int) -> int | None:
         raise _bad(field, f"must be between {low} and {high}, got {value}")
     return value
 
-
-def _flag(body: dict, field: str) -> bool:
-    value = body.get(field, False)
-    if not isinstance(value, bool):
-        raise _bad(field, f"expected true or false, got {value!r}")
-    return value
 
 
 def _check_no_ops(body: dict) -> None:

@@ -29,7 +29,7 @@ import json
 import uuid
 from typing import Any
 
-from services.router.openai_messages import bad_param
+from services.router.openai_messages import bad_param, flag
 from services.router.openai_response_format import named_object, schema_text
 
 #: OpenAI's limit on tools per request.
@@ -83,9 +83,7 @@ def tool_call_deltas(message: dict) -> list[dict]:
 def tool_use(body: dict) -> ToolUse | None:
     """The request's tool calling, None without it (no tools, or tool_choice "none"); a 400
     naming the parameter at fault for anything malformed or that cannot be honoured."""
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise bad_param("parallel_tool_calls", f"expected true or false, got {parallel!r}")
+    parallel = flag(body, "parallel_tool_calls", default=True)
     tools = body.get("tools")
     choice = body.get("tool_choice", "auto" if tools else "none")
     if tools is None:

@@ -1,7 +1,8 @@
 """OpenAI's `n`: several choices for one request, each its own generation on the nodes.
 
-Each choice is a request of its own to RouterCore (placement, failover, quotas: a tenant
-limited to 4 requests at a time cannot ask for n = 8, and gets the 429 a ninth request would).
+Each choice is a request of its own to RouterCore (placement, failover, quotas). The choices are
+admitted together, all or none: a tenant limited to 4 requests at a time gets a 429 for n = 8, and
+two n = 2 requests against a limit of 2 cannot each take one place and both be refused.
 All of them must reach their first token before the answer starts, so an error before it is
 still a real status code for the whole request, and the choices already opened are closed.
 After that, a choice that fails ends the response with an error event, as one choice would.
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.router.auth import Caller
 from services.router.proxy import Completion, GenerateCall, RouterCore, Stream
+from services.router.quotas import Lease
 
 #: The most choices one request may ask for: each is a full generation on a node.
 MAX_CHOICES = 16
@@ -46,12 +48,27 @@ def choice_calls(call: GenerateCall, n: int) -> list[GenerateCall]:
 
 async def complete_all(core: RouterCore, caller: Caller, calls: list[GenerateCall]) -> list[Completion]:
     """Every choice's completion; the first failure cancels the others and is raised."""
-    return await _together([core.complete(caller, call) for call in calls])
+    if len(calls) == 1:
+        return [await core.complete(caller, calls[0])]
+    return await _admitted_together(core, caller, calls, core.complete)
 
 
 async def open_all(core: RouterCore, caller: Caller, calls: list[GenerateCall]) -> Streams:
     """Every choice's stream, each past its first token; on a failure the others are closed."""
-    return Streams(await _together([core.open(caller, call) for call in calls]))
+    if len(calls) == 1:
+        return Streams([await core.open(caller, calls[0])])
+    return Streams(await _admitted_together(core, caller, calls, core.open))
+
+
+async def _admitted_together(core: RouterCore, caller: Caller, calls: list[GenerateCall],
+                             run: Callable[[Caller, GenerateCall, Lease], Awaitable[T]]) -> list[T]:
+    leases = await core.admit_together(caller, calls[0].model, len(calls))
+    try:
+        return await _together([run(caller, call, lease) for call, lease in zip(calls, leases)])
+    except BaseException:
+        for lease in leases:  # those a choice never took over (cancelled before it started); idempotent
+            lease.release()
+        raise
 
 
 async def _together(work: list[Awaitable[T]]) -> list[T]:

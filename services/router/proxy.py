@@ -220,9 +220,10 @@ class RouterCore:
     async def resolve(self, caller: Caller, model: str) -> Target:
         return await self.resolver.resolve(caller, model)
 
-    async def open(self, caller: Caller, call: GenerateCall) -> Stream:
+    async def open(self, caller: Caller, call: GenerateCall, lease: Lease | None = None) -> Stream:
         """Resolves, admits and places the request; returns once its first token exists. From here
-        until the stream closes, revoking the caller's key ends it (open_streams.py)."""
+        until the stream closes, revoking the caller's key ends it (open_streams.py). With `lease`
+        (from admit_together) the request is already admitted, and the stream owns the lease."""
         if call.prompt is None and call.messages is None:
             raise InvalidArgument("set prompt or messages", field="input")
         if call.messages is not None and not call.messages.messages:
@@ -231,18 +232,29 @@ class RouterCore:
             check_request_id(call.request_id)
         in_flight = self.open_streams.add(caller)
         try:
-            return await in_flight.run(lambda: self._admit_and_place(caller, call, in_flight))
+            return await in_flight.run(lambda: self._admit_and_place(caller, call, in_flight, lease))
         except BaseException:
             in_flight.close()
             raise
 
-    async def _admit_and_place(self, caller: Caller, call: GenerateCall, in_flight: InFlight) -> Stream:
-        target = await self.resolver.resolve(caller, call.model)
+    async def admit_together(self, caller: Caller, model: str, count: int) -> list[Lease]:
+        """Quota for `count` requests to `model` at once, all or none (quotas.py). The model is
+        resolved first, so a request naming no model of the caller's is a 404, not a 429."""
+        await self.resolver.resolve(caller, model)
+        return self._admitted(caller, count)
+
+    def _admitted(self, caller: Caller, count: int) -> list[Lease]:
         try:
-            lease = self.quotas.admit(caller.tenant_id, caller.tenant_name)
+            return self.quotas.admit_together(caller.tenant_id, caller.tenant_name, count)
         except ResourceExhausted as exc:
             metrics.QUOTA_REJECTIONS.labels(exc.reason).inc()
             raise
+
+    async def _admit_and_place(self, caller: Caller, call: GenerateCall, in_flight: InFlight,
+                               lease: Lease | None) -> Stream:
+        target = await self.resolver.resolve(caller, call.model)
+        if lease is None:
+            (lease,) = self._admitted(caller, 1)
         try:
             return await self._place(call, target, lease, in_flight)
         except BaseException:
@@ -305,8 +317,8 @@ class RouterCore:
         return Unavailable(f"no healthy inference node serves base model '{base}' right now; retry shortly",
                            reason="NO_HEALTHY_NODE", base_model=base)
 
-    async def complete(self, caller: Caller, call: GenerateCall) -> Completion:
-        stream = await self.open(caller, call)
+    async def complete(self, caller: Caller, call: GenerateCall, lease: Lease | None = None) -> Completion:
+        stream = await self.open(caller, call, lease)
         text, token_ids, logprobs = [], [], []
         final = None
         async for delta in stream:

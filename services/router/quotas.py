@@ -64,13 +64,25 @@ class QuotaManager:
 
     def admit(self, tenant_id: str, tenant_name: str) -> Lease:
         """A lease for one request, or ResourceExhausted with a retry hint."""
+        return self.admit_together(tenant_id, tenant_name, 1)[0]
+
+    def admit_together(self, tenant_id: str, tenant_name: str, count: int) -> list[Lease]:
+        """Leases for `count` requests that only make sense together (OpenAI's n choices): all of
+        them or none. One at a time, two such requests against a limit of their size could each
+        take a part and both be refused."""
         state = self._state(tenant_id, tenant_name)
         limits, now = state.limits, self.clock()
-        if limits.max_concurrent and state.in_flight >= limits.max_concurrent:
-            raise ResourceExhausted(
-                f"tenant '{tenant_name}' already has {state.in_flight} requests in flight, its limit; "
-                "retry when one of them finishes", retry_after_s=1.0, reason="CONCURRENCY_QUOTA",
-                limit=limits.max_concurrent)
+        if limits.max_concurrent and state.in_flight + count > limits.max_concurrent:
+            if count > limits.max_concurrent:
+                message = (f"tenant '{tenant_name}' may have {limits.max_concurrent} requests in flight, and this "
+                           f"one asks for {count} choices, each a request; ask for at most {limits.max_concurrent}")
+            else:
+                asked = "its limit" if count == 1 else (f"and this one asks for {count} choices, each a request, "
+                                                         f"beyond its limit of {limits.max_concurrent}")
+                message = (f"tenant '{tenant_name}' already has {state.in_flight} requests in flight, {asked}; "
+                           "retry when one of them finishes")
+            raise ResourceExhausted(message, retry_after_s=1.0, reason="CONCURRENCY_QUOTA",
+                                    limit=limits.max_concurrent)
         if limits.tokens_per_minute:
             rate = limits.tokens_per_minute / 60.0
             state.bucket = min(float(limits.tokens_per_minute), state.bucket + (now - state.refreshed) * rate)
@@ -81,8 +93,8 @@ class QuotaManager:
                     f"tenant '{tenant_name}' used its {limits.tokens_per_minute} tokens per minute; "
                     f"retry in {math.ceil(wait)}s", retry_after_s=wait, reason="TOKENS_PER_MINUTE_QUOTA",
                     limit=limits.tokens_per_minute)
-        state.in_flight += 1
-        return Lease(state)
+        state.in_flight += count
+        return [Lease(state) for _ in range(count)]
 
     def in_flight(self, tenant_id: str) -> int:
         state = self._tenants.get(tenant_id)

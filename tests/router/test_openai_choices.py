@@ -77,16 +77,16 @@ def test_n_beyond_the_limit_or_unreachable_best_of_is_a_400_naming_it(client):
 
 
 def test_a_choice_refused_before_its_first_token_fails_the_request_and_frees_the_others(router, world, client):
-    """Every choice is a request against the tenant's quota: with room for 2 at a time, n = 3 is
-    the 429 a third request gets, and the two choices that were admitted are released."""
+    """Every choice is a request against the tenant's quota, admitted together: with room for 2 at
+    a time, n = 3 is a 429 saying why before any choice reaches a node."""
     overrides = router.app.core.quotas.overrides
     router.run(lambda: overrides.__setitem__(world.a.tenant_id, Limits(max_concurrent=2)))
     try:
         for stream in (False, True):
-            with pytest.raises(openai.RateLimitError):
+            with pytest.raises(openai.RateLimitError) as refused:
                 client.chat.completions.create(model=CUSTOMER_A_MODEL, messages=HI, n=3, stream=stream, **SAMPLED)
-            wait_until(lambda: router.run(lambda: router.app.core.quotas.in_flight(world.a.tenant_id)) == 0,
-                       what="the admitted choices are released")
+            assert "asks for 3 choices" in refused.value.message and "at most 2" in refused.value.message
+            assert router.run(lambda: router.app.core.quotas.in_flight(world.a.tenant_id)) == 0
         two = client.chat.completions.create(model=CUSTOMER_A_MODEL, messages=HI, n=2, **SAMPLED)
         assert len(two.choices) == 2
     finally:
@@ -129,3 +129,21 @@ def test_a_client_leaving_an_n_stream_cancels_every_choice_on_its_node(held_node
     wait_until(lambda: router.run(lambda: node.cancelled) == 2, what="both node calls are cancelled")
     wait_until(lambda: router.run(lambda: len(router.app.core.open_streams)) == 0, what="both streams are forgotten")
     assert router.run(lambda: router.app.core.quotas.in_flight(world.a.tenant_id)) == 0
+
+
+def test_choices_are_admitted_all_or_none(held_node, world):
+    """With one request in flight and room for 2, n = 2 is refused whole, taking no place even for
+    a moment: one at a time, two n = 2 requests could each hold one place and both be refused."""
+    router, node = held_node()
+    overrides = router.app.core.quotas.overrides
+    router.run(lambda: overrides.__setitem__(world.a.tenant_id, Limits(max_concurrent=2)))
+    client = OpenAI(base_url=router.base_url, api_key=world.a.token, max_retries=0, timeout=30)
+    held = client.chat.completions.create(model="tiny", messages=HI, stream=True)
+    next(iter(held))  # in flight: the node holds it
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="tiny", messages=HI, n=2)
+    assert "1 requests in flight, and this one asks for 2 choices" in refused.value.message
+    assert router.run(lambda: node.started) == 1  # no choice of the refused request reached the node
+    held.close()
+    wait_until(lambda: router.run(lambda: router.app.core.quotas.in_flight(world.a.tenant_id)) == 0,
+               what="the held request is released")

@@ -33,6 +33,25 @@ def test_concurrency_limit_refuses_with_a_hint_and_frees_on_release():
     second.release()
 
 
+def test_requests_admitted_together_take_all_their_places_or_none():
+    """OpenAI's n choices: taken one at a time, two n = 2 requests against a limit of 2 could each
+    hold one place when they ask for the second, and both be refused."""
+    quotas = QuotaManager(Limits(max_concurrent=3))
+    single = quotas.admit("t1", "acme")
+    with pytest.raises(ResourceExhausted) as refused:
+        quotas.admit_together("t1", "acme", 3)
+    assert quotas.in_flight("t1") == 1  # nothing taken by the refusal
+    assert "asks for 3 choices" in refused.value.message and refused.value.reason == "CONCURRENCY_QUOTA"
+    pair = quotas.admit_together("t1", "acme", 2)
+    assert quotas.in_flight("t1") == 3 and len(pair) == 2
+    for lease in (single, *pair):
+        lease.release()
+    assert quotas.in_flight("t1") == 0
+    with pytest.raises(ResourceExhausted) as never:
+        quotas.admit_together("t1", "acme", 4)  # beyond the limit even when idle: says so
+    assert "ask for at most 3" in never.value.message and quotas.in_flight("t1") == 0
+
+
 def test_tokens_per_minute_bucket_charges_use_and_says_when_to_retry():
     clock = Clock()
     quotas = QuotaManager(Limits(tokens_per_minute=600), clock=clock)  # 10 tokens per second

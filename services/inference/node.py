@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -40,6 +42,8 @@ from services.inference.token_bytes import longest_token_bytes
 log = logging.getLogger("loraplex.inference")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Threads compiling structured-output schemas (see Node.__init__); llguidance releases the GIL.
+GRAMMAR_THREADS = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -74,6 +78,10 @@ class Node:
         self.async_engine = AsyncEngine(engine, torch_thread)
         self.dtype = resolve_dtype(config)
         self.grammars = GrammarCompiler(tokenizer, args.vocab_size, args.eos_token_ids)
+        # Compiling a large schema takes up to a second: on the default executor (a few threads
+        # on a small host, shared with tokenizing) a burst of them held up every prompt's
+        # tokenizing, free requests' included. Here they wait for each other only.
+        self._grammar_threads = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
 
     @classmethod
     def build(cls, config: InferenceConfig, source: AdapterSource | None = None,
@@ -134,6 +142,7 @@ class Node:
 
     def close(self) -> None:
         self.async_engine.stop()
+        self._grammar_threads.shutdown(wait=False, cancel_futures=True)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt; INVALID_ARGUMENT for bad input. Runs off the event loop
@@ -183,7 +192,8 @@ class Node:
         sampling = sampling.validate(len(token_ids), self.max_context, self.args.vocab_size)
         grammar = None
         if sampling.json_schema is not None:  # compiling takes up to a second: off the loop too
-            grammar = await asyncio.to_thread(self.grammars.compile, sampling.json_schema, request_id)
+            grammar = await asyncio.get_running_loop().run_in_executor(self._grammar_threads, functools.partial(
+                self.grammars.compile, sampling.json_schema, request_id, cache_scope))
         sha256 = _digest(sha256)
         # A hit: the bytes asked for are on the device as the request arrives (counted once queued).
         hit = bool(adapter_id) and self.manager.on_device(adapter_id, sha256)

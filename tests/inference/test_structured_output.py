@@ -112,6 +112,33 @@ def test_the_llguidance_tokenizer_is_built_once_for_concurrent_first_requests(to
     assert len(grammars) == 8 and len(calls) == 1
 
 
+def test_a_schema_seen_before_in_its_scope_is_a_fresh_copy_of_the_compiled_grammar(tokenizer, vocab):
+    """Clients send one schema with every request: it is compiled once per scope (the router's
+    tenant: a compile shows in the time to first token, so scopes do not share), and each
+    request starts from the start state whatever earlier ones consumed."""
+    compiler = GrammarCompiler(tokenizer, vocab, [4, 1], cache_size=2)
+    schema = json.dumps(SCHEMA)
+    start = allowed_next(compiler.compile(schema, scope="a"), vocab)
+    first = compiler.compile(schema, scope="a")
+    walked_to = allowed_next(first, vocab)
+    first.advance(min(walked_to))  # the first request moves on...
+    assert allowed_next(first, vocab) != start
+    again = compiler.compile(schema, scope="a")
+    assert compiler.compilations == 1  # ...the cached grammar did not
+    assert allowed_next(again, vocab) == start and again.matcher is not first.matcher
+    compiler.compile(schema, scope="b")
+    assert compiler.compilations == 2  # another tenant compiles its own
+    compiler.compile('{"type": "object"}', scope="a")  # the third entry: the least recent ("a", SCHEMA) goes
+    compiler.compile(schema, scope="b")
+    assert compiler.compilations == 3
+    compiler.compile(schema, scope="a")
+    assert compiler.compilations == 4
+    for _ in range(2):  # refusals are not kept: each says why again
+        with pytest.raises(InvalidArgument):
+            compiler.compile('{"type": "strin"}', scope="a")
+    assert compiler.compilations == 4
+
+
 def test_the_engine_imports_without_llguidance_and_a_structured_request_is_then_refused():
     """The GPU machine's image has no llguidance and runs the engine's checks (bench/device_check.py)."""
     script = ("import sys; sys.modules['llguidance'] = None\n"

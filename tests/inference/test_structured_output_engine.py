@@ -6,7 +6,9 @@ ignore_eos, and over gRPC with the proto's StructuredOutput."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
 import grpc
 import jsonschema
@@ -24,6 +26,7 @@ from services.inference.engine.sampling_params import MAX_JSON_SCHEMA_BYTES, Sam
 from services.inference.engine.scheduler import AlwaysReadyGate, Scheduler, SchedulerConfig
 from services.inference.engine.sequence import FinishReason
 from services.inference.engine.structured import GrammarCompiler
+from services.inference.node import GRAMMAR_THREADS
 from services.inference.model.loader import load_model
 from tests.inference.test_servicer import collect, greedy, serve_and_run
 from tests.inference.test_structured_output import SCHEMA
@@ -147,5 +150,36 @@ def test_over_grpc_the_proto_structured_output_constrains_and_bad_schemas_are_in
                 await generate(gen.StructuredOutput(json_schema=bad))
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert error_info(caught.value).metadata["field"] == "structured_output"
+
+    serve_and_run(tiny_model_dir, tmp_path, body)
+
+
+def test_schemas_compiling_do_not_hold_up_other_requests_tokenizing(tiny_model_dir, tmp_path):
+    """Compiles run on threads of their own: on the default executor (shared with tokenizing,
+    at most 32 threads) a burst of slow compiles held up every prompt behind them, free ones too."""
+    compiling, release = threading.Semaphore(0), threading.Event()
+
+    async def body(stub, app):
+        original = app.node.grammars.compile
+
+        def slow_compile(*args, **kwargs):
+            compiling.release()
+            release.wait(60)
+            return original(*args, **kwargs)
+
+        app.node.grammars.compile = slow_compile
+        schema = gen.StructuredOutput(json_schema=json.dumps(SCHEMA))
+        held = [asyncio.ensure_future(collect(stub.Generate(pb.GenerateRequest(
+            prompt=PROMPTS[0], sampling=greedy(max_tokens=3, structured_output=schema))))) for _ in range(40)]
+        try:
+            await asyncio.to_thread(compiling.acquire, timeout=30)  # the compiles have started
+            free = await asyncio.wait_for(collect(stub.Generate(pb.GenerateRequest(
+                prompt=PROMPTS[1], sampling=greedy(max_tokens=3)))), 30)
+            assert free[-1].delta.usage.completion_tokens == 3
+        finally:
+            release.set()
+        for replies in await asyncio.gather(*held):
+            assert replies[-1].delta.usage.completion_tokens <= 3
+        assert app.node.grammars.compilations <= GRAMMAR_THREADS  # compiled at most once per thread, not 40 times
 
     serve_and_run(tiny_model_dir, tmp_path, body)

@@ -1,7 +1,10 @@
 """Structured output: decoding constrained to JSON matching a schema, with llguidance.
 
-The node compiles a request's schema into a JsonGrammar (GrammarCompiler.compile, off the
-event loop); the grammar travels with its Sequence. Each step the Sampler masks every
+The node compiles a request's schema into a JsonGrammar (GrammarCompiler.compile, on threads
+of its own: a burst of large schemas must not hold up tokenizing everyone's prompts); the
+grammar travels with its Sequence. Compiled grammars are kept per cache scope (the router's
+tenant) and schema, and a request gets a copy in the start state: clients send the same schema
+with every request, and a large one on a large vocabulary takes up to a second to compile. Each step the Sampler masks every
 constrained row's logits to the tokens its grammar allows next (`mask_disallowed`), the
 scheduler advances the grammar with the sampled token (Sequence.append_token) and finishes
 the sequence with STOP once the JSON value is complete: the end-of-sequence token would be
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -38,6 +42,9 @@ COMPILE_OPTIONS = {"whitespace_flexible": False}
 #: llguidance's errors can span lines (a regex error draws the pattern) or dump the parser's
 #: state: they are joined into one line, cut at this length.
 MAX_ERROR_CHARS = 300
+#: Compiled grammars kept (least recently used dropped first). Each holds its schema's lexer and
+#: parser tables, not the vocabulary (shared by all, in the tokenizer).
+CACHED_GRAMMARS = 64
 
 
 class JsonGrammar:
@@ -65,17 +72,43 @@ class JsonGrammar:
 class GrammarCompiler:
     """Compiles JSON schemas for one tokenizer (one per node). Thread-safe."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int],
+                 cache_size: int = CACHED_GRAMMARS) -> None:
         self._hf_tokenizer = tokenizer
         self._vocab_size = vocab_size  # the logits' width, which can exceed len(tokenizer)
         self._eos_token_ids = list(eos_token_ids)
         self._lock = threading.Lock()
         self._llg_tokenizer: llguidance.LLTokenizer | None = None
+        self._cache_size = cache_size
+        #: (scope, schema) -> a matcher in its start state, never advanced: requests get copies.
+        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.compilations = 0  # schemas compiled, not found in the cache
 
-    def compile(self, json_schema: str, request_id: str = "") -> JsonGrammar:
-        """The grammar of JSON text matching `json_schema` (JSON text). Blocks for up to about
-        a second on a complex schema (llguidance releases the GIL meanwhile): call it off the
-        event loop. InvalidArgument (field structured_output) for a schema it cannot compile."""
+    def compile(self, json_schema: str, request_id: str = "", scope: str = "") -> JsonGrammar:
+        """The grammar of JSON text matching `json_schema` (JSON text), in its start state.
+        Compiling blocks for up to about a second on a complex schema (llguidance releases the
+        GIL meanwhile): call it off the event loop. A schema compiled before in the same
+        `scope` is a copy of that grammar, at once. Scoped, because the time a compile takes
+        shows in the time to first token: one cache for all would tell a tenant which schemas
+        another one sends. InvalidArgument (field structured_output) for a schema it cannot
+        compile; refusals are not kept."""
+        key = (scope, json_schema)
+        with self._cache_lock:
+            prototype = self._compiled.get(key)
+            if prototype is not None:
+                self._compiled.move_to_end(key)
+                return JsonGrammar(prototype.deep_copy(), request_id)
+        matcher = self._compiled_matcher(json_schema)
+        with self._cache_lock:
+            self.compilations += 1
+            self._compiled[key] = matcher.deep_copy()
+            self._compiled.move_to_end(key)
+            while len(self._compiled) > self._cache_size:
+                self._compiled.popitem(last=False)
+        return JsonGrammar(matcher, request_id)
+
+    def _compiled_matcher(self, json_schema: str) -> llguidance.LLMatcher:
         llg = _llguidance()
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(json_schema, defaults=COMPILE_OPTIONS)
@@ -84,7 +117,7 @@ class GrammarCompiler:
         matcher = llg.LLMatcher(self._tokenizer(), grammar, log_level=0)  # errors: reported here, not printed
         if matcher.is_error():
             raise _refused(matcher.get_error())
-        return JsonGrammar(matcher, request_id)
+        return matcher
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
         """Built on the first structured request, not at node start: a node that never gets

@@ -28,10 +28,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import InvalidArgument, LoraplexError, ResourceExhausted, Unavailable
 from services.common.fields import check_request_id
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2
@@ -43,6 +44,7 @@ from services.router.open_streams import InFlight, OpenStreams
 from services.router.placement import place
 from services.router.quotas import Lease, QuotaManager
 from services.router.resolution import ModelEntry, Resolver, Target
+from services.router.usage_metrics import UsageMeter, finish_name
 
 log = logging.getLogger("loraplex.router")
 
@@ -91,12 +93,16 @@ class Stream:
     """The deltas of one placed request; iterate once, then (or instead) `aclose`."""
 
     def __init__(self, request_id: str, target: Target, node: Node, deltas: AsyncIterator, first,
-                 lease: Lease, membership: Membership, in_flight: InFlight, charge_prompt: bool = True) -> None:
+                 lease: Lease, membership: Membership, in_flight: InFlight, charge_prompt: bool = True,
+                 tenant_name: str = "") -> None:
         self.request_id, self.target, self.node = request_id, target, node
+        self._usage = UsageMeter(tenant_name, target.model)
+        self._outcome = "cancelled"  # until it ends otherwise
         self._deltas, self._first, self._lease, self._membership = deltas, first, lease, membership
         self._in_flight = in_flight
         self._closed = False
         self._prompt_charged = not charge_prompt
+        self._counts_prompt = charge_prompt  # this request's usage is the prompt's (one per n choices)
         self.tokens = 0
         self._last_delta_at = membership.clock()
         node.on_failed.add(self._node_marked_failed)
@@ -114,7 +120,13 @@ class Stream:
             while True:
                 self._in_flight.check()  # cut while this delta was on its way: it is not passed on
                 self.tokens += len(delta.token_ids)
-                self._lease.charge(len(delta.token_ids) + self._prompt_tokens(delta))
+                prompt_tokens = self._prompt_tokens(delta)
+                self._lease.charge(len(delta.token_ids) + prompt_tokens)
+                self._usage.count(prompt=prompt_tokens, completion=len(delta.token_ids))
+                if delta.finish_reason:
+                    self._outcome = finish_name(delta.finish_reason)
+                    if self._counts_prompt:
+                        self._usage.count(cached_prompt=delta.usage.cached_prompt_tokens)
                 yield delta
                 if delta.finish_reason:
                     # Read the call's end (trailers follow the last message at once), so closing
@@ -133,6 +145,9 @@ class Stream:
                         raise failure.error from None
                     raise self._lost(failure.error.message) from None
                 self._last_delta_at = self._membership.clock()
+        except LoraplexError:  # lost its node, or cut (a revoked key): not the caller's choice
+            self._outcome = "error"
+            raise
         finally:
             await self.aclose()
 
@@ -157,6 +172,7 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        self._usage.ended(self._outcome)
         self.node.on_failed.discard(self._node_marked_failed)
         try:
             await self._deltas.aclose()  # cancels the node call if it is still running
@@ -230,12 +246,15 @@ class RouterCore:
             raise InvalidArgument("messages must not be empty", field="messages")
         if call.request_id:
             check_request_id(call.request_id)
+        arrived = time.perf_counter()
         in_flight = self.open_streams.add(caller)
         try:
-            return await in_flight.run(lambda: self._admit_and_place(caller, call, in_flight, lease))
+            stream = await in_flight.run(lambda: self._admit_and_place(caller, call, in_flight, lease))
         except BaseException:
             in_flight.close()
             raise
+        metrics.TIME_TO_FIRST_TOKEN.labels(stream.target.base_model).observe(time.perf_counter() - arrived)
+        return stream
 
     async def admit_together(self, caller: Caller, model: str, count: int) -> list[Lease]:
         """Quota for `count` requests to `model` at once, all or none (quotas.py). The model is
@@ -247,7 +266,7 @@ class RouterCore:
         try:
             return self.quotas.admit_together(caller.tenant_id, caller.tenant_name, count)
         except ResourceExhausted as exc:
-            metrics.QUOTA_REJECTIONS.labels(exc.reason).inc()
+            metrics.QUOTA_REJECTIONS.labels(caller.tenant_name, exc.reason).inc()
             raise
 
     async def _admit_and_place(self, caller: Caller, call: GenerateCall, in_flight: InFlight,
@@ -256,12 +275,13 @@ class RouterCore:
         if lease is None:
             (lease,) = self._admitted(caller, 1)
         try:
-            return await self._place(call, target, lease, in_flight)
+            return await self._place(call, target, lease, in_flight, caller.tenant_name)
         except BaseException:
             lease.release()
             raise
 
-    async def _place(self, call: GenerateCall, target: Target, lease: Lease, in_flight: InFlight) -> Stream:
+    async def _place(self, call: GenerateCall, target: Target, lease: Lease, in_flight: InFlight,
+                     tenant_name: str) -> Stream:
         request_id = call.request_id or uuid.uuid4().hex
         request = call.node_request(request_id, target)
         tried: list[str] = []
@@ -300,7 +320,7 @@ class RouterCore:
                 self.membership.finished(node)
                 raise
             return Stream(request_id, target, node, deltas, first, lease, self.membership, in_flight,
-                          call.charge_prompt)
+                          call.charge_prompt, tenant_name)
         raise self._no_node(target, tried, failures)
 
     def _no_node(self, target: Target, tried: list[str], failures: list[NodeFailure]) -> Exception:

@@ -213,3 +213,50 @@ def check_decode_batches_share_compiled_kernels() -> None:
         assert len(keys["decode"]) == len(shapes) and len(keys["merge"]) == (len(shapes) if split else 0)
         for name in ("decode", "merge") if split else ("decode",):
             assert len(set(keys[name])) == 1, f"{name} (split {split}): {len(set(keys[name]))} compile keys"
+
+
+def check_prefill_kernel(dtype: str, group: int, head_dim: int, block_size: int) -> None:
+    """The paged prefill kernel (kernels/triton_prefill_attention.py) at the tile shape the
+    model runner launches for these heads: the 16-bit dots on the tensor cores, no spills."""
+    from services.inference.kernels import triton_prefill_attention as prefill
+
+    group_p = prefill._next_power_of_2(group)
+    tile_tokens = prefill.prefill_tile_tokens(group, 1, head_dim)
+    block_d = max(16, prefill._next_power_of_2(head_dim))
+    compiled = compile_sm90(
+        prefill._jitted(prefill._paged_prefill_kernel),
+        {"BLOCK_SIZE": block_size, "GROUP": group, "GROUP_P": group_p, "TILE_TOKENS": tile_tokens,
+         "HEAD_DIM": head_dim, "BLOCK_D": block_d, "TILE_N": prefill._tile_shape(head_dim)[1],
+         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
+        {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}", "block_tables_ptr": "*i64",
+         "tiles_ptr": "*i32", "out_ptr": f"*{dtype}"},
+        {"num_warps": prefill._num_warps(tile_tokens * group_p, block_d), "num_stages": 2},
+        unit_strides=("stride_qd", "stride_kd", "stride_vd", "stride_od"), scalar_types={"scale_log2": "fp32"})
+    where = f"prefill {dtype} group {group} head_dim {head_dim} block_size {block_size}"
+    if dtype != "fp32":
+        assert uses_tensor_cores(compiled), f"{where}: no tensor cores"
+        assert stack_bytes(compiled) == 0, f"{where}: registers spill to local memory"
+
+
+def check_prefill_steps_share_compiled_kernel() -> None:
+    """Steps with block tables 1, 7, 16 and 40 wide and 1 to 12 tiles: one compile key."""
+    import torch
+
+    from services.inference.kernels import triton_attention, triton_prefill_attention
+
+    triton_attention._interpreting = lambda: True  # lets CPU tensors through to the caught launch
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(80, 16, 2, 64, generator=generator)
+
+    def steps() -> None:
+        for width, chunks in ((1, [(0, 0, 3, 9)]), (7, [(0, 0, 100, 110), (1, 100, 5, 64)]),
+                              (16, [(1, 0, 256, 256)]), (40, [(0, 0, 17, 640), (1, 17, 2, 30)])):
+            tables = torch.randint(0, 80, (2, width), dtype=torch.int64, generator=generator)
+            total = sum(n for *_, n, _ in chunks)
+            tiles = triton_prefill_attention.build_prefill_tiles(chunks, 32, "cpu")
+            q = torch.randn(total, 8, 64, generator=generator)
+            triton_prefill_attention.paged_prefill_attention(q, cache, cache, tables, tiles, 0.125)
+
+    kernel = triton_prefill_attention._jitted(triton_prefill_attention._paged_prefill_kernel)
+    keys = launch_keys({"prefill": kernel}, steps)["prefill"]
+    assert len(keys) == 4 and len(set(keys)) == 1, f"prefill: {len(set(keys))} compile keys for 4 steps"

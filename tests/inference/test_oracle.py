@@ -149,10 +149,13 @@ def test_triton_kernels_give_the_same_tokens(tiny_model_dir, adapter_root):
 def test_each_prefill_lora_kernel_gives_the_same_tokens(tiny_model_dir, adapter_root, monkeypatch, prefill_lora):
     """Prompts long enough that prefill segments reach LONG_SEGMENT tokens take the forced prefill
     kernel (a spy on the batch's calls proves it ran, next to the decode tiles), and every
-    request still gets HF + peft's tokens."""
+    request still gets HF + peft's tokens. Long prompts do not fit one step's token budget, so
+    their later chunks (and prompts after a prefix-cache hit) attend through the paged prefill
+    kernel: a second spy proves that too."""
     from services.inference.adapters import batch
     from services.inference.kernels.prefill_lora import LONG_SEGMENT
     from services.inference.kernels.triton_lora import LoraTritonPlan
+    from services.inference.model import attention
 
     ran: list[tuple[str, int]] = []  # (kernel, rows) per call
 
@@ -165,6 +168,11 @@ def test_each_prefill_lora_kernel_gives_the_same_tokens(tiny_model_dir, adapter_
 
     run_planned = batch.run_planned
     monkeypatch.setattr(batch, "run_planned", spy)
+    continued: list[int] = []  # tiles per paged prefill launch
+    paged_prefill = attention.paged_prefill_attention
+    monkeypatch.setattr(attention, "paged_prefill_attention",
+                        lambda q, k, v, tables, tiles, *rest: continued.append(len(tiles.map)) or
+                        paged_prefill(q, k, v, tables, tiles, *rest))
     mix = [(" ".join([prompt] * 5) if i % 2 else prompt, key) for i, (prompt, key) in enumerate(requests_mix()[::2])]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton", device=device,
@@ -174,6 +182,7 @@ def test_each_prefill_lora_kernel_gives_the_same_tokens(tiny_model_dir, adapter_
     assert kernels == {"tiles16", prefill_lora}, kernels  # decode rows stay on the 16-row tiles
     if prefill_lora == "grouped":
         assert min(rows for kernel, rows in ran if kernel == "grouped") >= LONG_SEGMENT
+    assert continued and min(continued) >= 1
     assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
 
 

@@ -19,7 +19,7 @@ from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
 from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora, warm_up_prefill_lora
-from services.inference.model.attention import build_decode_batch, build_fresh_prefills
+from services.inference.model.attention import build_continued_prefills, build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
 
@@ -88,9 +88,10 @@ class ModelRunner:
                            self.prefill_lora.paths)
             if packed.groups else None,
             block_size=self.block_size)
-        if self.kernels == "triton":  # the GPU kernels: paged decode, and varlen for fresh prefills
+        if self.kernels == "triton":  # the GPU kernels: paged decode, varlen fresh prefills, paged prefills
             ctx.decode = build_decode_batch(ctx, padded_tables=padded_tables)
             ctx.prefill = build_fresh_prefills(ctx)
+            ctx.continued = build_continued_prefills(ctx, padded_tables)
         else:
             ctx.decode = build_decode_batch(ctx)
         hidden = self.model(torch.tensor(packed.tokens, dtype=torch.int64, device=device), ctx)

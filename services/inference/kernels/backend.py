@@ -1,5 +1,5 @@
 """Which kernels a node runs: plain PyTorch (kernels/reference.py, grouped.py, the model's
-attention) or Triton (triton_lora.py, triton_attention.py).
+attention) or Triton (triton_lora.py, triton_attention.py, triton_prefill_attention.py).
 
 `auto` is PyTorch for now: the Triton kernels match the reference under triton's interpreter
 and compile for sm_90, but no GPU has run them yet; once bench/device_check.py has checked

@@ -67,12 +67,14 @@ STEP_VARYING_ARGS = {"_paged_decode_kernel": ("stride_table", "num_partitions"),
                      "_merge_partitions_kernel": ("num_partitions",)}
 
 
-def _jitted(kernel):
+def _jitted(kernel, step_varying: dict[str, tuple[str, ...]] | None = None):
     """triton.jit(kernel), decided at first use: jit picks compiled vs interpreted when it
-    wraps a function, so wrapping at import would freeze whatever TRITON_INTERPRET was then."""
+    wraps a function, so wrapping at import would freeze whatever TRITON_INTERPRET was then.
+    step_varying: the kernel's module's STEP_VARYING_ARGS (default: this module's)."""
     key = (kernel.__name__, _interpreting())
     if key not in _jit_cache:
-        _jit_cache[key] = triton.jit(kernel, do_not_specialize=STEP_VARYING_ARGS[kernel.__name__])
+        varying = (step_varying or STEP_VARYING_ARGS)[kernel.__name__]
+        _jit_cache[key] = triton.jit(kernel, do_not_specialize=varying)
     return _jit_cache[key]
 
 
@@ -355,7 +357,8 @@ def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q: [T, heads, D], k/v: [T, kv_heads, D] packed (no padding), cu_seqlens: [S+1] int32,
     max_seqlen: longest sequence (host int, so no sync). Returns [T, heads, D].
     Only for prefill chunks that start at position 0 (K/V are exactly the chunk's own
-    tokens): chunked prefill with earlier context keeps model.attention.paged_attention.
+    tokens): chunks after cached context go through triton_prefill_attention (one paged
+    launch for all of them) or model.attention.paged_attention's per-sequence loop.
     CUDA fp16/bf16: torch.nn.attention.varlen.varlen_attn (FlashAttention). Otherwise
     (CPU, fp32 — FlashAttention has no fp32, and varlen_attn raises on CPU): causal SDPA per
     sequence (prefill_attention_sdpa), which syncs to read cu_seqlens.

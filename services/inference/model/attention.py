@@ -7,19 +7,22 @@ first. PyTorch path: decode tokens (one new token per sequence) attend in one ba
 over a padded gather of their contexts; prefill chunks attend one sequence at a time,
 causally. GQA is handled by expanding K/V heads: SDPA's enable_gqa takes a path ~50x slower
 on CPU. With the Triton kernels (the runner sets ctx.decode's block tables and ctx.prefill),
-decodes go through the paged decode kernel and prefills from position 0 through one varlen
-(FlashAttention) call; chunks that continue a context keep the per-sequence path.
+decodes go through the paged decode kernel, prefills from position 0 through one varlen
+(FlashAttention) call, and chunks that continue a cached context (a prefix-cache hit, a later
+chunk of a chunked prefill; ctx.continued) through one paged prefill kernel launch.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from services.inference.kernels.triton_attention import paged_decode_attention, varlen_prefill_attention
+from services.inference.kernels.triton_prefill_attention import (PrefillTiles, build_prefill_tiles,
+                                                                 paged_prefill_attention, prefill_tile_tokens)
 from services.inference.model.context import StepContext
 
 
@@ -90,6 +93,35 @@ def build_fresh_prefills(ctx: StepContext) -> FreshPrefills | None:
     return FreshPrefills(rows, cu_seqlens, max(lengths), frozenset(fresh))
 
 
+@dataclass
+class ContinuedPrefills:
+    """Prefill chunks of several tokens whose sequence already has K/V in the cache (a prefix-
+    cache hit, or a later chunk of a chunked prefill), for one paged prefill kernel launch per
+    layer instead of a block-table gather and an SDPA per sequence."""
+
+    chunks: list[tuple[int, int, int, int]]  # (sequence, first packed row, new tokens, context after them)
+    block_tables: torch.Tensor  # [S, max_blocks] the step's padded tables, on its device
+    seq_indices: frozenset[int]
+    _tiles: dict[int, PrefillTiles] = field(default_factory=dict)
+
+    def tiles(self, tile_tokens: int) -> PrefillTiles:
+        """The kernel's tile map, uploaded at the first layer and reused by the others."""
+        if tile_tokens not in self._tiles:
+            self._tiles[tile_tokens] = build_prefill_tiles(self.chunks, tile_tokens, self.block_tables.device)
+        return self._tiles[tile_tokens]
+
+
+def build_continued_prefills(ctx: StepContext, padded_tables: torch.Tensor) -> ContinuedPrefills | None:
+    """The sequences whose chunk has several tokens and starts after cached context (the rest
+    of build_decode_batch's and build_fresh_prefills'); None when none. Host lists only."""
+    bounds = ctx.cu_seqlens
+    chunks = [(i, bounds[i], bounds[i + 1] - bounds[i], ctx.context_lens[i]) for i in range(ctx.num_seqs)
+              if bounds[i + 1] - bounds[i] > 1 and ctx.context_lens[i] > bounds[i + 1] - bounds[i]]
+    if not chunks:
+        return None
+    return ContinuedPrefills(chunks, padded_tables, frozenset(i for i, *_ in chunks))
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v: [T, kv_heads, head_dim] stored at flat slots slot_mapping [T]. index_copy_ rather
@@ -146,6 +178,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return attended
         out[rows] = attended
         skip = skip | prefill.seq_indices
+    continued = ctx.continued
+    if continued is not None:  # their new K/V are in the cache already (write_kv runs first)
+        tiles = continued.tiles(prefill_tile_tokens(num_heads, num_kv_heads, head_dim))
+        paged_prefill_attention(q, k_cache, v_cache, continued.block_tables, tiles, scale, out)
+        skip = skip | continued.seq_indices
     for i, context_len in enumerate(ctx.context_lens):
         if i in skip:
             continue

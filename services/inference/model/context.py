@@ -15,7 +15,7 @@ import torch
 from services.inference.adapters.batch import LoraBatch
 
 if TYPE_CHECKING:
-    from services.inference.model.attention import DecodeBatch, FreshPrefills
+    from services.inference.model.attention import ContinuedPrefills, DecodeBatch, FreshPrefills
 
 
 @dataclass
@@ -30,6 +30,7 @@ class StepContext:
     block_size: int = 16
     decode: DecodeBatch | None = None  # batched metadata of the one-token sequences, set by the runner
     prefill: FreshPrefills | None = None  # prefills from position 0 for one varlen call (Triton kernels)
+    continued: ContinuedPrefills | None = None  # chunks after cached context, one paged prefill launch (Triton)
 
     @property
     def num_seqs(self) -> int:

@@ -6,13 +6,16 @@ Installs nothing. Steps, each a subprocess with its own deadline inside the budg
 leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   1. gpu.json      what the machine is (torch, CUDA, device, free memory);
   2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included, and no
-                   recompiles across steps), the CUTLASS grouped GEMM in bf16, the prefill
-                   LoRA choice, and the CUDA-graph decode step: captured graphs replay what
-                   the static body computes;
+                   recompiles across steps; the paged prefill kernel for chunks after cached
+                   context too), the CUTLASS grouped GEMM in bf16, the prefill LoRA choice,
+                   and the CUDA-graph decode step: captured graphs replay what the static
+                   body computes;
                    (none of the steps imports our gRPC stack: no wheels need carrying)
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
-                   against the byte floor;
+                   against the byte floor; "prefill_attention": 16 chunks of 256 tokens
+                   after 512 cached, the Triton paged prefill kernel vs the per-sequence
+                   loop (with TFLOP/s);
   4. host.json     bench/host_overhead.py on this machine's CPU: host work per decode step;
   5. oracle        the oracle tests (HF + peft tokens) on CUDA: PyTorch kernels, Triton kernels,
                    and Triton kernels with captured decode graphs, in float32 token for token;
@@ -41,7 +44,8 @@ STEPS = [
                    "'total_gib': total / 2**30}))"], 60),
     # The sm_90 compile-only and cache-key tests are left out: the GPU compiles and counts for real here.
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
-                      "tests/inference/test_triton_attention.py", "tests/inference/test_decode_graphs.py",
+                      "tests/inference/test_triton_attention.py", "tests/inference/test_triton_prefill_attention.py",
+                      "tests/inference/test_decode_graphs.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
                       "-k", "not compile_for_hopper and not share_the_compiled"], 120),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),

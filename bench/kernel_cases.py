@@ -4,7 +4,10 @@ LoRA: one projection of a Llama-3-8B layer (4096 -> 4096 q/o, 4096 -> 1024 k/v, 
 gate/up, 14336 -> 4096 down), rank 16, decode (64 tokens over 1, 16 or 64 adapters) and
 prefill (4096 tokens over 8 adapters). Decode rows are taken as grouped by adapter (the plan
 sorts them so), so each adapter is one segment. Attention: paged decode, 32 query heads over 8
-KV heads of 128, 512-token contexts in 16-token blocks scattered over the cache.
+KV heads of 128, 512-token contexts in 16-token blocks scattered over the cache; and prefill
+chunks after cached context (a prefix-cache hit, a later chunk of a chunked prefill): 16
+sequences of 256 new tokens after 512 cached, the model's per-sequence loop against the
+Triton paged prefill kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from services.inference.kernels.reference import Segment, lora_gathered, lora_segments
-from services.inference.model.attention import build_decode_batch, paged_attention
+from services.inference.model.attention import build_continued_prefills, build_decode_batch, paged_attention
 from services.inference.model.context import StepContext
 
 
@@ -205,3 +208,102 @@ def attention_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> li
         return [AttentionCase("decode smoke", 3, 40, 4, 2, 16, 16, device, dtype)]
     return [AttentionCase(f"decode batch {batch} context 512", batch, 512, 32, 8, 128, 16, device, dtype)
             for batch in (1, 16, 64)]
+
+
+@dataclasses.dataclass
+class ContinuedPrefillCase:
+    """`seqs` chunks of `new` tokens, each after `cached` tokens already in the paged cache, all
+    attending causally over their whole context (the chunks' own K/V are in the cache too)."""
+
+    name: str
+    seqs: int
+    cached: int
+    new: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        generator = torch.Generator().manual_seed(self.seqs * 11 + self.cached + self.new)
+        self.context = self.cached + self.new
+        per_seq = -(-self.context // self.block_size)
+        num_blocks = self.seqs * per_seq + 4
+        shape = (num_blocks, self.block_size, self.kv_heads, self.head_dim)
+        self.k_cache = torch.randn(*shape, generator=generator).to(self.device, self.dtype)
+        self.v_cache = torch.randn(*shape, generator=generator).to(self.device, self.dtype)
+        tokens = self.seqs * self.new
+        self.q = torch.randn(tokens, self.heads, self.head_dim, generator=generator).to(self.device, self.dtype)
+        blocks = torch.randperm(num_blocks, generator=generator)[: self.seqs * per_seq].view(self.seqs, per_seq)
+        self.block_tables = blocks.to(self.device, torch.int64)  # as the runner pads them
+        self.scale = self.head_dim ** -0.5
+        self.out = torch.empty_like(self.q)
+
+    def describe(self) -> dict:
+        return {"seqs": self.seqs, "cached": self.cached, "new": self.new, "heads": self.heads,
+                "kv_heads": self.kv_heads, "head_dim": self.head_dim, "block_size": self.block_size}
+
+    @property
+    def bytes_moved(self) -> int:
+        element = torch.finfo(self.dtype).bits // 8
+        return (2 * self.seqs * self.context * self.kv_heads * self.head_dim + 2 * self.q.numel()) * element
+
+    @property
+    def flops(self) -> int:
+        """Two matmuls over the keys each query sees (causal: cached + its own index + 1)."""
+        keys_seen = self.new * self.cached + self.new * (self.new + 1) // 2
+        return 4 * self.seqs * keys_seen * self.heads * self.head_dim
+
+    def expected(self) -> torch.Tensor:
+        out = torch.empty(self.q.shape, dtype=torch.float32, device=self.device)
+        group = self.heads // self.kv_heads
+        query_pos = torch.arange(self.cached, self.context, device=self.device)
+        visible = torch.arange(self.context, device=self.device)[None, :] <= query_pos[:, None]  # [new, C]
+        for s in range(self.seqs):
+            blocks = self.block_tables[s]
+            keys = self.k_cache[blocks].flatten(0, 1)[:self.context].float().repeat_interleave(group, dim=1)
+            values = self.v_cache[blocks].flatten(0, 1)[:self.context].float().repeat_interleave(group, dim=1)
+            rows = slice(s * self.new, (s + 1) * self.new)
+            logits = torch.einsum("qhd,chd->hqc", self.q[rows].float(), keys) * self.scale
+            weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+            out[rows] = torch.einsum("hqc,chd->qhd", weights, values)
+        return out
+
+    def variants(self) -> dict[str, Callable[[], Variant]]:
+        return {"torch_per_sequence": self._torch_variant, "triton": self._triton_variant}
+
+    def _context(self) -> StepContext:
+        tokens = self.seqs * self.new
+        return StepContext(positions=torch.zeros(tokens, dtype=torch.int64, device=self.device),
+                           slot_mapping=torch.zeros(tokens, dtype=torch.int64, device=self.device),
+                           cu_seqlens=[s * self.new for s in range(self.seqs + 1)],
+                           context_lens=[self.context] * self.seqs, block_tables=list(self.block_tables),
+                           logits_indices=torch.arange(self.seqs, device=self.device), block_size=self.block_size)
+
+    def _torch_variant(self) -> Variant:
+        """The model's PyTorch path for these chunks: a block-table gather and an SDPA per sequence."""
+        ctx = self._context()
+        return Variant(lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale),
+                       lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale))
+
+    def _triton_variant(self) -> Variant:
+        """One launch; the tile map is built once per step (shared by every layer), outside the timing."""
+        from services.inference.kernels.triton_prefill_attention import paged_prefill_attention, prefill_tile_tokens
+
+        continued = build_continued_prefills(self._context(), self.block_tables)
+        tiles = continued.tiles(prefill_tile_tokens(self.heads, self.kv_heads, self.head_dim))
+
+        def attend() -> torch.Tensor:
+            return paged_prefill_attention(self.q, self.k_cache, self.v_cache, self.block_tables, tiles, self.scale,
+                                           self.out)
+
+        return Variant(lambda: attend().clone(), attend)
+
+
+def continued_prefill_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[ContinuedPrefillCase]:
+    if smoke:
+        return [ContinuedPrefillCase("continued prefill smoke", 3, 20, 9, 4, 2, 16, 16, device, dtype)]
+    return [ContinuedPrefillCase("continued prefill 16 x 256 new after 512 cached", 16, 512, 256, 32, 8, 128, 16,
+                                 device, dtype)]

@@ -1,4 +1,5 @@
-"""Per-layer LoRA and paged decode attention: each path's time against its byte floor.
+"""Per-layer LoRA, paged decode attention and paged prefill attention after cached context:
+each path's time against its byte floor (and, for prefill, its FLOP rate).
 
   python -m bench.kernels --device cuda --json out.json     # the H200 figures of issue #8
   python -m bench.kernels --device cpu --smoke              # seconds: checks the script itself
@@ -89,6 +90,8 @@ def run_case(case, device: torch.device, bandwidth: float, iterations: int, tole
             timing = time_call(variant.run, device, iterations)
             entry |= {"us": timing["seconds"] * 1e6, "cuda_graph": timing["graph"],
                       "x_floor": timing["seconds"] / floor_seconds}
+            if hasattr(case, "flops"):  # compute-bound shapes: the rate says more than the byte floor
+                entry["tflops"] = case.flops / timing["seconds"] / 1e12
         except Exception as exc:  # one broken variant must not cost the rest of a device run
             entry["error"] = f"{type(exc).__name__}: {exc}"
         result["variants"][name] = entry
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     # Imported only now: `import triton` (pulled in by the model code) fixes interpreted vs
     # compiled for triton's own helpers, so the variable must be set first.
-    from bench.kernel_cases import attention_cases, lora_cases
+    from bench.kernel_cases import attention_cases, continued_prefill_cases, lora_cases
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
@@ -115,15 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(device)
     result = {"machine": describe(), "device": str(device), "dtype": str(dtype), "copy_bandwidth_gbs": bandwidth / 1e9,
-              "tolerance": tolerance, "lora": [], "attention": []}
+              "tolerance": tolerance, "lora": [], "attention": [], "prefill_attention": []}
     for case in lora_cases(device, dtype, smoke=args.smoke):
         result["lora"].append(run_case(case, device, bandwidth, iterations, tolerance))
         print(json.dumps(result["lora"][-1]), file=sys.stderr, flush=True)  # progress for long device runs
     for case in attention_cases(device, dtype, smoke=args.smoke):
         result["attention"].append(run_case(case, device, bandwidth, iterations, tolerance))
         print(json.dumps(result["attention"][-1]), file=sys.stderr, flush=True)
-    result["all_correct"] = all(v.get("correct", False) for group in ("lora", "attention") for case in result[group]
-                                for v in case["variants"].values())
+    for case in continued_prefill_cases(device, dtype, smoke=args.smoke):
+        result["prefill_attention"].append(run_case(case, device, bandwidth, iterations, tolerance))
+        print(json.dumps(result["prefill_attention"][-1]), file=sys.stderr, flush=True)
+    result["all_correct"] = all(v.get("correct", False) for group in ("lora", "attention", "prefill_attention")
+                                for case in result[group] for v in case["variants"].values())
     report(result, args.json)
     return 0 if result["all_correct"] else 1
 

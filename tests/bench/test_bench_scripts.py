@@ -25,11 +25,14 @@ def test_kernel_bench_smoke_checks_every_path_against_the_reference(tmp_path):
     attention = {name for case in report["attention"] for name in case["variants"]}
     assert {"reference_segments", "reference_gathered", "grouped_mm", "triton", "triton_tiles32", "triton_tiles64"} <= lora
     assert {"torch_padded_gather", "triton"} <= attention
-    for case in report["lora"] + report["attention"]:
+    prefill = {name for case in report["prefill_attention"] for name in case["variants"]}
+    assert {"torch_per_sequence", "triton"} <= prefill  # chunks after cached context: loop vs paged kernel
+    for case in report["lora"] + report["attention"] + report["prefill_attention"]:
         assert case["floor_us"] > 0
         for name, variant in case["variants"].items():
             assert "error" not in variant, (case["case"], name, variant)
             assert variant["correct"] and variant["us"] > 0 and variant["x_floor"] > 0
+    assert all(variant["tflops"] > 0 for case in report["prefill_attention"] for variant in case["variants"].values())
 
 
 def test_device_check_leaves_a_summary_even_when_steps_fail(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 from services.common.config import ServerConfig, option
 from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
 from services.inference.kernels.prefill_lora import CHOICES as PREFILL_LORA_CHOICES
+from services.inference.tool_format import CHOICES as TOOL_CALL_FORMATS
 
 GRAPH_MODES = ("auto", "on", "off", "static")
 
@@ -58,6 +59,10 @@ class InferenceConfig(ServerConfig):
     prefill_lora: str = option("auto", "kernel for the LoRA of prefill segments with --kernels triton: tiles16, "
                                        "tiles32, tiles64 (Triton tiles of that many rows), grouped (CUTLASS "
                                        "grouped GEMM), or auto (measured per projection shape at start-up on CUDA)")
+    tool_call_format: str = option("auto", "how the model writes tool calls, for OpenAI's tool_choice auto: hermes "
+                                           "(<tool_call> blocks: Qwen, Hermes), llama3_json (Llama 3.1/3.2), "
+                                           "mistral ([TOOL_CALLS]), none (never read calls), or auto (told by "
+                                           "the chat template)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +85,9 @@ class InferenceConfig(ServerConfig):
         if self.prefill_lora not in PREFILL_LORA_CHOICES:
             raise ValueError(f"--prefill-lora must be one of {', '.join(PREFILL_LORA_CHOICES)}, "
                              f"got {self.prefill_lora!r}")
+        if self.tool_call_format not in TOOL_CALL_FORMATS:
+            raise ValueError(f"--tool-call-format must be one of {', '.join(TOOL_CALL_FORMATS)}, "
+                             f"got {self.tool_call_format!r}")
         if self.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
         if self.max_model_len < 0:

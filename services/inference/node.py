@@ -37,7 +37,9 @@ from services.inference.kernels.backend import resolve_kernels
 from services.inference.kernels.prefill_lora import resolve_prefill_lora
 from services.inference.model.config import ModelArgs, load_model_args
 from services.inference.model.loader import load_model, random_model
-from services.inference.token_bytes import longest_token_bytes
+from services.inference.token_bytes import longest_token_bytes, special_token_ids
+from services.inference.tool_format import kept_marker_ids
+from services.inference.tool_format import resolve as resolve_tool_format
 
 log = logging.getLogger("loraplex.inference")
 
@@ -82,6 +84,10 @@ class Node:
         # on a small host, shared with tokenizing) a burst of them held up every prompt's
         # tokenizing, free requests' included. Here they wait for each other only.
         self._grammar_threads = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
+        #: How the model writes tool calls ("" for no known way), and which of that format's
+        #: markers are special tokens, kept in the text of requests that show tools.
+        self.tool_call_format = resolve_tool_format(config.tool_call_format, tokenizer)
+        self.tool_markers = kept_marker_ids(tokenizer, self.tool_call_format, special_token_ids(tokenizer))
 
     @classmethod
     def build(cls, config: InferenceConfig, source: AdapterSource | None = None,
@@ -125,9 +131,9 @@ class Node:
             set(args.eos_token_ids), max_context)
         engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
         log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, prefill LoRA %s) with %d KV blocks (prefix caching "
-                 "%s) and %d adapter pages", folder, args.model_type, dtype, kernels, graphs,
+                 "%s), %d adapter pages, tool calls %s", folder, args.model_type, dtype, kernels, graphs,
                  runner.prefill_lora.summary(), num_kv_blocks, "on" if config.prefix_caching else "off",
-                 config.adapter_pool_pages)
+                 config.adapter_pool_pages, resolve_tool_format(config.tool_call_format, tokenizer) or "none")
         if runner.prefill_lora.report:
             log.info("prefill LoRA kernels measured (median µs, or why dropped): %s", runner.prefill_lora.report)
         return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
@@ -190,6 +196,8 @@ class Node:
         cache_scope: the request shares cached prompt KV only with requests of the same scope."""
         token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
         sampling = sampling.validate(len(token_ids), self.max_context, self.args.vocab_size)
+        if prompt.tools_json and self.tool_markers:  # the calls' markup must reach the router's parser
+            sampling = dataclasses.replace(sampling, kept_special_ids=self.tool_markers)
         grammar = None
         if sampling.json_schema is not None:  # compiling takes up to a second: off the loop too
             grammar = await asyncio.get_running_loop().run_in_executor(self._grammar_threads, functools.partial(

@@ -135,6 +135,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             delta = delta_from(output, self.node.tokenizer, self._token_bytes, self._special)
             if first:
                 delta.prompt_tokens, first = output.prompt_tokens, False
+                if request.WhichOneof("input") == "messages" and request.messages.tools_json:
+                    delta.tool_call_format = self.node.tool_call_format
             yield inference_pb2.GenerateResponse(delta=delta)
 
     async def LoadAdapter(self, request, context):

@@ -22,10 +22,16 @@ class IncrementalDetokenizer:
 
     prompt_token_ids is accepted for API symmetry with vLLM but not decoded: the first
     generated token's text is the same as tokenizer.decode gives it on its own.
+
+    kept: special tokens (id -> text) that stay in the text although special tokens are skipped
+    (a tool-call format's markers, as vLLM keeps them for its tool parsers): the ids between
+    them are decoded as runs of their own, each kept token written as its text.
     """
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 kept: dict[int, str] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.kept = kept or {}
         self._raw_decode = _raw_decoder(tokenizer)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.skip_special_tokens = skip_special_tokens
@@ -34,6 +40,16 @@ class IncrementalDetokenizer:
         self.read_offset = 0  # tokens before it have been emitted as text
 
     def _decode(self, token_ids: list[int]) -> str:
+        if not self.kept or not self.kept.keys() & set(token_ids):
+            return self._decode_run(token_ids)
+        parts, start = [], 0
+        for index, token_id in enumerate(token_ids):
+            if token_id in self.kept:
+                parts += [self._decode_run(token_ids[start:index]), self.kept[token_id]]
+                start = index + 1
+        return "".join(parts) + self._decode_run(token_ids[start:])
+
+    def _decode_run(self, token_ids: list[int]) -> str:
         if self._raw_decode is not None:
             return self._raw_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)

@@ -66,7 +66,8 @@ class LLMEngine:
         self.scheduler.add(seq)
         # On the logits' device, so sampling never copies a row of probabilities to the host.
         generator = None if sampling.is_greedy else make_generator(sampling.seed, self.runner.device)
-        self._requests[seq.seq_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
+        kept = {token_id: self.tokenizer.convert_ids_to_tokens(token_id) for token_id in sampling.kept_special_ids}
+        self._requests[seq.seq_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, kept=kept),
                                               StopStringMatcher(sampling.stop), generator)
         self.prompt_tokens += len(prompt_token_ids)
         return seq.seq_id

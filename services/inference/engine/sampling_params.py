@@ -49,6 +49,10 @@ class SamplingParams:
 
     json_schema (JSON text; None = free text) constrains the output to JSON matching it
     (engine/structured.py); the node compiles it, so here it is only bounded in size.
+
+    kept_special_ids: special tokens that stay in the text (decoding skips the others): a tool-call
+    format's markers, for a request showing tools (services/inference/tool_format.py). The node
+    sets it, not the request.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -66,6 +70,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off
     logit_bias: tuple[tuple[int, float], ...] = ()
     json_schema: str | None = None
+    kept_special_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_request(

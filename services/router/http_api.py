@@ -53,7 +53,6 @@ from services.common import errors
 from services.common.fields import check_request_id
 from services.router import openai_schema as schema
 from services.router.openai_choices import Streams, choice_calls, complete_all, open_all
-from services.router.openai_tools import tool_call_deltas
 from services.router.proxy import RouterCore
 
 log = logging.getLogger("loraplex.router.http")
@@ -254,27 +253,31 @@ class SSEResponse(StreamingResponse):
 
 async def chat_events(streams: Streams, response_id: str, created: int,
                       options: schema.Options) -> AsyncIterator[dict]:
-    """Text as it comes; tool calls (whose JSON parses only once whole) held back until each
-    choice finishes, then one chunk per call and the finish (logprobs still come as they go)."""
+    """Text as it comes; with tools, each choice's deltas as openai_tools.ChoiceCalls gives them
+    (calls once read whole, text that may be call markup held back; logprobs still come as they
+    go), its finish_reason on its last chunk."""
     chunk = functools.partial(schema.chat_chunk, response_id, created, streams.target.model,
                               include_usage=options.include_usage)
-    held = [""] * len(streams.streams) if options.tool_use else None  # each choice's text so far
+    tools = options.tool_use
+    calls = {}  # each choice's ChoiceCalls, made on its first delta (which says the node's format)
     for index in range(len(streams.streams)):
-        yield chunk({"role": "assistant", "content": None if held else ""}, index=index)
+        yield chunk({"role": "assistant", "content": None if tools else ""}, index=index)
     async for index, delta in streams.deltas():
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = schema.chat_logprobs(delta.logprobs) if options.logprobs and delta.logprobs else None
-        content = {"content": delta.text} if delta.text else {}
-        if held is not None:
-            held[index] += delta.text
-            content = {}
+        if tools is None:
+            parts = [{"content": delta.text}] if delta.text else []
+        else:
+            if index not in calls:
+                calls[index] = tools.stream(delta.tool_call_format)
+            parts = calls[index].feed(delta.text)
             if finish:
-                message, finish = schema.chat_message(held[index], finish, options)
-                for call in tool_call_deltas(message):
-                    yield chunk(call, index=index)
-                content = {"content": message["content"]} if message["content"] else {}
-        if content or finish or logprobs:
-            yield chunk(content, finish, logprobs, index=index)
+                last, finish = calls[index].finish(finish)
+                parts += last
+        if not parts and (finish or logprobs):
+            parts = [{}]
+        for k, part in enumerate(parts):  # logprobs on the first, the finish on the last
+            yield chunk(part, finish if k == len(parts) - 1 else None, logprobs if k == 0 else None, index=index)
     if options.include_usage:  # after every choice has finished: the usage of them all
         yield chunk({}, usage_=schema.usage(streams.usage()), with_choice=False)
 

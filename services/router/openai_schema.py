@@ -3,15 +3,15 @@
 Pure functions (no HTTP, no gRPC). As OpenAI does, a field it does not define is refused with
 a 400 ("unrecognized request argument"), and so is a wrong type or an out-of-range value.
 Fields OpenAI defines that we cannot honour are refused with a 400 that names them (best_of
-beyond n, tool_choice "auto", the deprecated functions, echo, suffix, audio, predictions,
+beyond n, the deprecated functions, echo, suffix, audio, predictions,
 reasoning effort, moderation) rather than silently ignored; fields that change nothing here
 (user, metadata, store, service_tier, prompt caching hints, ...) are accepted, type-checked as
 OpenAI does, so a typo'd value fails here as it would there. presence_penalty,
 frequency_penalty and logit_bias are honoured (semantics: the node's Sampler), and so are n (up
 to 16 choices: openai_choices.py), chat's response_format (JSON mode and JSON Schema:
-openai_response_format.py) and tools with tool_choice "required" or a named function
-(openai_tools.py). Three common extensions are taken as vLLM takes them: top_k, ignore_eos and
-repetition_penalty (the SDK sends them through `extra_body`).
+openai_response_format.py) and tools with any tool_choice (openai_tools.py). Three common
+extensions are taken as vLLM takes them: top_k, ignore_eos and repetition_penalty (the SDK sends
+them through `extra_body`).
 Limits the node would enforce after placement (stop sequences, penalty and bias ranges) are
 checked here too, so the caller gets OpenAI's kind of 400 naming the parameter instead of the
 node's `node_rejected`; only the node knows its vocabulary, so a logit_bias id past it is the
@@ -274,9 +274,10 @@ def chat_call(body: dict) -> tuple[GenerateCall, Options]:
     tools = tool_use(body)
     if tools is not None:
         if structured is not None:
-            raise _bad("response_format", "cannot be combined with tool calls (tool_choice 'required' or a named "
-                                          "function): the answer is the calls")
-        structured = gen.StructuredOutput(json_schema=tools.schema)
+            raise _bad("response_format", "cannot be combined with tools unless tool_choice is 'none': the answer's "
+                                          "grammar would be the calls' or the format's, not both")
+        if tools.schema:  # "required" or a named function; "auto" generates freely
+            structured = gen.StructuredOutput(json_schema=tools.schema)
         messages.tools_json = tools.tools_json
     if structured is not None:
         sampling.structured_output.CopyFrom(structured)
@@ -380,16 +381,18 @@ def chat_completion(done: list[Completion], response_id: str, created: int, opti
 
 
 def _chat_choice(index: int, choice: Completion, options: Options) -> dict:
-    message, finish = chat_message(choice.text, FINISH.get(choice.finish_reason), options)
+    message, finish = chat_message(choice.text, FINISH.get(choice.finish_reason), options, choice.tool_call_format)
     return {"index": index, "message": {"role": "assistant", **message},
             "logprobs": chat_logprobs(choice.logprobs) if options.logprobs else None, "finish_reason": finish}
 
 
-def chat_message(text: str, finish_reason: str | None, options: Options) -> tuple[dict, str | None]:
-    """One choice's message fields (content, or tool_calls) and finish_reason, from its text."""
+def chat_message(text: str, finish_reason: str | None, options: Options,
+                 tool_call_format: str = "") -> tuple[dict, str | None]:
+    """One choice's message fields (content, tool_calls) and finish_reason, from its text and the
+    format its node's model writes calls in."""
     if options.tool_use is None:
         return {"content": text}, finish_reason
-    return options.tool_use.answer(text, finish_reason)
+    return options.tool_use.answer(text, finish_reason, tool_call_format)
 
 
 def text_completion(done: list[Completion], response_id: str, created: int, options: Options) -> dict:

@@ -1,25 +1,39 @@
-"""OpenAI function calling, where it can be guaranteed: tool_choice "required" or a named function.
+"""OpenAI function calling: tool_choice "auto", "required", a named function, or "none".
 
-Telling a tool call from text in free output takes a parser for each model family's call
-format (vLLM's --tool-call-parser). Instead the calls are generated under a JSON schema
+"required" and a named function are guaranteed: the calls are generated under a JSON schema
 (grammar-constrained decoding on the node, as vLLM does for these two choices), so the text
 *is* the calls, guaranteed to parse and to match each function's parameters:
 - a named function ({"type": "function", "function": {"name": X}}): the text is X's arguments
   object, nothing else (no name or wrapper for the model to spend tokens on);
 - "required": the text is an array of calls [{"name": N, "arguments": {...}}, ...], each
   item one of the tools (anyOf); one or more calls, exactly one with parallel_tool_calls false.
-- "none": plain generation, the tools neither shown to the model nor called;
-- "auto" (OpenAI's default when tools are given) is refused: choosing between text and a call
-  is the model's, and reading its choice back needs that per-model parser.
-The definitions also reach the chat template (`tools=`), so a model trained on tool use sees
-them as it was trained to; a template without tool support ignores them, the grammar still
-holds. A function without `parameters` takes none (OpenAI: "an empty parameter list"), so
-its arguments are {}; `strict` is taken either way (the schema is always enforced).
+"auto" (OpenAI's default when tools are given) leaves the choice between text and calls to the
+model, as production servers do: it generates freely, with the tools shown by its chat
+template, and its text is read for calls in its family's own format (tool_parsers.py: hermes,
+llama3_json, mistral). The node says which format its model writes (GenerationDelta's
+tool_call_format, on the first delta of a stream with tools: it reads it from the chat
+template, or an operator sets it with --tool-call-format). A model without a known format
+answers text only: the tools were shown to it, but nothing it writes is read as a call (no
+400: a caller cannot know in advance which models can call tools, and "auto" allows text).
+Nothing guarantees the arguments match the parameters; they are JSON objects, for a function
+of the request. parallel_tool_calls false keeps the first call only.
+"none" is plain generation, the tools neither shown to the model nor called.
 
-Answers: the text parsed into OpenAI's `tool_calls`, `content` null. finish_reason is what
-OpenAI answers (vLLM matches it, vllm-project/vllm#25054): "tool_calls" for "required", "stop"
-for a named function. Text cut short (max_tokens, a stop string) is incomplete JSON: it comes
-back as `content`, with no tool_calls and the finish_reason that ended it.
+The definitions reach the chat template (`tools=`) for every choice but "none", so a model
+trained on tool use sees them as it was trained to; a template without tool support ignores
+them, the grammar still holds. A function without `parameters` takes none (OpenAI: "an empty
+parameter list"), so its arguments are {}; `strict` is taken either way (for "required" and a
+named function the schema is always enforced).
+
+Answers: `tool_calls` (ids call_..., arguments as compact JSON text); `content` is null, or with
+"auto" the text the model wrote before its calls. finish_reason is what OpenAI answers (vLLM
+matches it, vllm-project/vllm#25054): "tool_calls" for "required" and for "auto" when calls were
+read, "stop" for a named function. Text cut short (max_tokens, a stop string) is incomplete
+JSON: it comes back as `content`, with no tool_calls and the finish_reason that ended it ("auto":
+a call cut short is text unless a call before it was already given out, see tool_parsers.py).
+Streamed, every choice gives the same answer as unstreamed, in chunks: content as it comes
+(with "auto", less anything that may be call markup), each call in one chunk once read whole
+("required" and named: at the end, as their JSON parses only once whole).
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from typing import Any
 
 from services.router.openai_messages import bad_param, flag
 from services.router.openai_response_format import named_object, schema_text
+from services.router.tool_parsers import FORMATS, ToolCallReader
 
 #: OpenAI's limit on tools per request.
 MAX_TOOLS = 128
@@ -43,23 +58,38 @@ CHOICES = ("none", "auto", "required")
 
 @dataclasses.dataclass(frozen=True)
 class ToolUse:
-    """A request whose answer is tool calls."""
+    """A request whose answer may be tool calls."""
 
     #: The tool definitions as JSON text, for the chat template.
     tools_json: str
-    #: The JSON schema the answer's text matches (see the module docstring).
-    schema: str
+    #: The JSON schema the answer's text matches (see the module docstring); "" for "auto".
+    schema: str = ""
     #: The function tool_choice names (the text is its arguments); None: an array of calls.
     named: str | None = None
+    #: "auto": the functions a call may name, and parallel_tool_calls.
+    names: tuple[str, ...] = ()
+    parallel: bool = True
 
-    def answer(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-        """The assistant message's fields and the finish_reason, for one choice's whole text."""
-        calls = self._calls(text) if finish_reason == "stop" else None
-        if calls is None:  # cut short: the JSON is incomplete
-            return {"content": text}, finish_reason
-        return {"content": None, "tool_calls": calls}, "stop" if self.named else "tool_calls"
+    def stream(self, fmt: str = "") -> ChoiceCalls:
+        """One choice's reading, for the node's tool-call format `fmt` (used by "auto" only)."""
+        return ChoiceCalls(self, ToolCallReader(fmt, self.names, self.parallel)
+                           if not self.schema and fmt in FORMATS else None)
 
-    def _calls(self, text: str) -> list[dict] | None:
+    def answer(self, text: str, finish_reason: str | None, fmt: str = "") -> tuple[dict, str | None]:
+        """The assistant message's fields and the finish_reason, for one choice's whole text:
+        what its stream gives, added up."""
+        calls = self.stream(fmt)
+        deltas = calls.feed(text)
+        more, finish_reason = calls.finish(finish_reason)
+        deltas += more
+        content = "".join(delta.get("content", "") for delta in deltas)
+        tool_calls = [{key: value for key, value in delta["tool_calls"][0].items() if key != "index"}
+                      for delta in deltas if "tool_calls" in delta]
+        return ({"content": content or None, "tool_calls": tool_calls} if tool_calls else {"content": content},
+                finish_reason)
+
+    def schema_calls(self, text: str) -> list[dict] | None:
+        """"required" and named: the calls the whole text makes, None unless it is whole."""
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):  # a stop string cut it
@@ -75,9 +105,44 @@ class ToolUse:
             return None
 
 
-def tool_call_deltas(message: dict) -> list[dict]:
-    """A streamed answer's tool calls: one delta per call, whole (id, name and all its arguments)."""
-    return [{"tool_calls": [{"index": index, **call}]} for index, call in enumerate(message.get("tool_calls", []))]
+class ChoiceCalls:
+    """One choice's text in (as it streams), its chat deltas out: {"content": ...} and
+    {"tool_calls": [{"index", "id", "type", "function"}]}, in order."""
+
+    def __init__(self, use: ToolUse, reader: ToolCallReader | None) -> None:
+        self.use, self.reader = use, reader
+        self.held: list[str] = []  # "required" and named: the whole text, parsed at the end
+        self.count = 0
+
+    def feed(self, text: str) -> list[dict]:
+        if self.use.schema:
+            self.held.append(text)
+            return []
+        if self.reader is None:  # "auto" for a model without a known format: text only
+            return [{"content": text}] if text else []
+        return self._deltas(*self.reader.feed(text))
+
+    def finish(self, finish_reason: str | None) -> tuple[list[dict], str | None]:
+        """The last deltas and the choice's finish_reason."""
+        if self.use.schema:
+            text = "".join(self.held)
+            calls = self.use.schema_calls(text) if finish_reason == "stop" else None
+            if calls is None:  # cut short: the JSON is incomplete
+                return ([{"content": text}] if text else []), finish_reason
+            return self._deltas("", calls), "stop" if self.use.named else "tool_calls"
+        if self.reader is None:
+            return [], finish_reason
+        deltas = self._deltas(*self.reader.finish(finish_reason))
+        return deltas, "tool_calls" if self.count else finish_reason
+
+    def _deltas(self, content: str, calls: list) -> list[dict]:
+        deltas = [{"content": content}] if content else []
+        for call in calls:
+            if isinstance(call, tuple):
+                call = _call(*call)
+            deltas.append({"tool_calls": [{"index": self.count, **call}]})
+            self.count += 1
+        return deltas
 
 
 def tool_use(body: dict) -> ToolUse | None:
@@ -91,11 +156,13 @@ def tool_use(body: dict) -> ToolUse | None:
             raise bad_param("tool_choice", "only allowed when tools are given")
         return None
     functions = _functions(tools)
+    tools_json = json.dumps([{"type": "function", "function": function} for function in functions.values()],
+                            ensure_ascii=False)
+    if choice == "auto":
+        return ToolUse(tools_json, names=tuple(functions), parallel=parallel)
     named = _named(choice, functions)
     if named is None:
         return None
-    tools_json = json.dumps([{"type": "function", "function": function} for function in functions.values()],
-                            ensure_ascii=False)
     if named:
         return ToolUse(tools_json, schema_text(functions[named]["parameters"], "tools"), named)
     calls = [_call_schema(name, k) for k, name in enumerate(functions)]
@@ -108,11 +175,6 @@ def tool_use(body: dict) -> ToolUse | None:
 
 def _named(choice: Any, functions: dict[str, dict]) -> str | None:
     """The function the choice names, "" for "required", None for "none"."""
-    if choice == "auto":
-        raise bad_param("tool_choice", "'auto' (the default when tools are given) is not supported: telling a call "
-                                       "from text needs a parser for each model's format. Use 'required' (one or "
-                                       "more calls), name a function ({'type': 'function', 'function': {'name': "
-                                       "...}}), or 'none'")
     if choice in ("none", "required"):
         return None if choice == "none" else ""
     if not isinstance(choice, dict) or choice.get("type") != "function" or set(choice) != {"type", "function"}:

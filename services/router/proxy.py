@@ -87,6 +87,8 @@ class Completion:
     finish_reason: int
     matched_stop: str
     usage: generation_pb2.Usage
+    #: How the node's model writes tool calls (its first delta's tool_call_format; "" for none).
+    tool_call_format: str = ""
 
 
 class Stream:
@@ -340,11 +342,12 @@ class RouterCore:
     async def complete(self, caller: Caller, call: GenerateCall, lease: Lease | None = None) -> Completion:
         stream = await self.open(caller, call, lease)
         text, token_ids, logprobs = [], [], []
-        final = None
+        final = first = None
         async for delta in stream:
+            first = delta if first is None else first
             text.append(delta.text)
             token_ids.extend(delta.token_ids)
             logprobs.extend(delta.logprobs)
             final = delta
         return Completion(stream.request_id, stream.target, "".join(text), token_ids, logprobs,
-                          final.finish_reason, final.matched_stop, final.usage)
+                          final.finish_reason, final.matched_stop, final.usage, first.tool_call_format)

@@ -1,5 +1,5 @@
 """Function calling through the official `openai` SDK, the router and real nodes (the tiny
-model, whose free text is noise): tool_choice named and "required", parallel_tool_calls,
+model, whose free text is noise): tool_choice named, "required" and "auto", parallel_tool_calls,
 streaming (the SDK's own accumulation), n, logprobs, the SDK's `parse` with a pydantic tool,
 and a multi-turn history of calls and results. Whatever the model would say, the calls name
 the tools and their arguments match the parameters: the grammar guarantees it."""
@@ -130,8 +130,21 @@ def test_a_history_of_calls_and_results_is_accepted_and_rendered(client):
     calls_of(again.choices[0].message)
 
 
+def test_auto_on_a_model_without_a_tool_format_answers_text(client):
+    """OpenAI's default with tools. The tiny model's template shows no tools (its node knows no
+    call format): its answer is its text, as the model wrote it (test_openai_tool_auto.py has a
+    model that calls)."""
+    for fields in ({}, {"tool_choice": "auto", "n": 2, "parallel_tool_calls": False}):
+        completion = create(client, max_tokens=8, **fields)
+        plain = create(client, max_tokens=8, tool_choice="none", n=fields.get("n", 1))
+        for choice, text in zip(completion.choices, plain.choices, strict=True):
+            assert not choice.message.tool_calls and choice.message.content == text.message.content
+            assert choice.finish_reason == text.finish_reason
+    chunks = [c for c in create(client, max_tokens=8, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+
+
 @pytest.mark.parametrize(("fields", "param"), [
-    ({}, "tool_choice"),  # "auto", OpenAI's default with tools: refused, saying what to use instead
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "strin"}}}}}]}, "tools"),  # only the node compiles schemas

@@ -11,7 +11,7 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.router import openai_schema as schema
-from services.router.openai_tools import ToolUse, tool_call_deltas
+from services.router.openai_tools import ToolUse
 from services.router.proxy import Completion
 from services.router.resolution import Target
 
@@ -87,8 +87,6 @@ def test_a_history_of_calls_and_results_reaches_the_node():
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"tools": [WEATHER]}, "tool_choice"),  # "auto", the default
-    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "any"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": named("get_time")}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
@@ -111,6 +109,8 @@ def test_a_history_of_calls_and_results_reaches_the_node():
      "tools[0].function.params"),
     ({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),  # "auto"
+    ({"tools": [WEATHER], "parallel_tool_calls": 1}, "parallel_tool_calls"),
     ({"functions": [{"name": "f"}], "function_call": "auto"}, "functions"),
 ])
 def test_tool_requests_that_cannot_be_honoured_are_400s_naming_the_param(fields, param):
@@ -119,10 +119,53 @@ def test_tool_requests_that_cannot_be_honoured_are_400s_naming_the_param(fields,
     assert caught.value.metadata["field"] == param and f"'{param}'" in caught.value.message
 
 
-def test_auto_is_refused_saying_what_to_use():
-    with pytest.raises(InvalidArgument) as caught:
-        chat(tools=[WEATHER])
-    assert "'required'" in caught.value.message and "name a function" in caught.value.message
+@pytest.mark.parametrize("fields", [{}, {"tool_choice": "auto"}, {"parallel_tool_calls": False}])
+def test_auto_generates_freely_with_the_tools_shown(fields):
+    """OpenAI's default with tools: no grammar, the tools in the template, the text read for calls."""
+    call, options = chat(tools=[WEATHER, CLOCK], **fields)
+    assert not call.sampling.HasField("structured_output")
+    assert [tool["function"]["name"] for tool in json.loads(call.messages.tools_json)] == ["get_weather", "get_time"]
+    assert options.tool_use.names == ("get_weather", "get_time") and not options.tool_use.schema
+    assert options.tool_use.parallel == fields.get("parallel_tool_calls", True)
+
+
+HERMES_CALLS = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+                '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+
+
+def test_auto_reads_the_calls_in_the_nodes_format():
+    auto = ToolUse("[]", names=("get_weather", "get_time"))
+    message, finish = auto.answer(HERMES_CALLS, "stop", "hermes")
+    assert finish == "tool_calls" and message["content"] == "Let me look."
+    assert [c["function"] for c in message["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city":"Paris"}'}, {"name": "get_time", "arguments": "{}"}]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in message["tool_calls"])
+    one, _ = ToolUse("[]", names=("get_weather", "get_time"), parallel=False).answer(HERMES_CALLS, "stop", "hermes")
+    assert [c["function"]["name"] for c in one["tool_calls"]] == ["get_weather"]
+
+
+@pytest.mark.parametrize(("fmt", "text", "finish"), [
+    ("", HERMES_CALLS, "stop"),  # a model without a known format: text only
+    ("hermes", HERMES_CALLS[:60], "length"),  # cut in its first call
+    ("hermes", HERMES_CALLS.replace("get_weather", "get_rain"), "stop"),  # a function not among the tools
+    ("hermes", "Just text.", "stop"),
+    ("llama3_json", HERMES_CALLS, "stop"),  # the node's format is not the one the text is in
+])
+def test_auto_without_calls_answers_the_text_as_it_is(fmt, text, finish):
+    message, reason = ToolUse("[]", names=("get_weather", "get_time")).answer(text, finish, fmt)
+    assert (message, reason) == ({"content": text}, finish)
+
+
+def test_auto_streamed_gives_what_unstreamed_gives():
+    auto = ToolUse("[]", names=("get_weather", "get_time"))
+    calls = auto.stream("hermes")
+    deltas = [delta for char in HERMES_CALLS for delta in calls.feed(char)]
+    last, finish = calls.finish("stop")
+    deltas += last
+    assert finish == "tool_calls" and "".join(d.get("content", "") for d in deltas) == "Let me look."
+    streamed = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [(c["index"], c["function"]["name"]) for c in streamed] == [(0, "get_weather"), (1, "get_time")]
+    assert deltas[-1]["tool_calls"][0]["function"]["arguments"] == "{}"
 
 
 @pytest.mark.parametrize(("message", "param"), [
@@ -159,7 +202,6 @@ def test_the_text_becomes_tool_calls():
     message, finish = ToolUse("[]", "{}", named="get_weather").answer('{"city":"Paris"}', "stop")
     assert finish == "stop"  # as OpenAI answers a named tool_choice
     assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
-    assert tool_call_deltas(message) == [{"tool_calls": [{"index": 0, **message["tool_calls"][0]}]}]
 
 
 @pytest.mark.parametrize(("text", "finish"), [('[{"name":"get_time","argu', "length"),

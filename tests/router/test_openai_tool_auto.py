@@ -1,0 +1,198 @@
+"""tool_choice "auto" (OpenAI's default with tools) through the official `openai` SDK, a real
+router and a real inference node serving a tiny model whose chat template shows tools in the
+hermes style (Qwen's `<tool_call>` blocks), so the node reports the "hermes" format.
+
+The random base model answers text: status 200, no tool_calls. For the call path the model
+must really write a call: a LoRA adapter is fitted here with peft (one example, the chat-
+templated prompt followed by the exact `<tool_call>` text, a few dozen steps on the CPU) until
+greedy decoding reproduces it, uploaded to the Registry and served like any adapter. Nothing
+fakes the node's output: the router reads the calls out of the text the node generated."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from openai import OpenAI
+
+from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
+from services.common.tiny_model import build_model_folder, build_tokenizer
+from services.inference.chat_template import ChatTurn, render
+from services.router import openai_schema as schema
+from tests.conftest import stop_process, wait_for_health
+from tests.registry.client import unique
+from tests.registry.lora_files import ALL_MODULES, AdapterFiles
+from tests.router.harness import InProcessRouter, NodeProcess, router_config
+
+BASE = "tiny-tools"
+#: A hermes-style template (Qwen 2.5's, abridged to the tools' names for the tiny model's 512-token
+#: context): the tools in <tools>, calls asked for in <tool_call> tags, which tells the node "hermes".
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %} {{ tool.function.name }}{% endfor %} </tools>\n"
+    "Call them as <tool_call>JSON</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "time"}}]
+MESSAGES = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+#: What the adapter learns to answer: text, then two calls.
+ANSWER = ('Checking.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+CALLS = [("weather", {"city": "Paris"}), ("weather", {"city": "Rome"})]
+
+
+def fit_adapter(model_dir: Path, out: Path) -> AdapterFiles:
+    """A LoRA adapter that makes greedy decoding write ANSWER after the prompt the node renders."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    call, _ = schema.chat_call({"model": BASE, "messages": MESSAGES, "tools": TOOLS})  # the router's request
+    prompt = render(tokenizer, [ChatTurn(m.role, m.content) for m in call.messages.messages], call.messages.tools_json)
+    answer = tokenizer.encode(ANSWER, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    ids = torch.tensor([prompt + answer])
+    labels = ids.clone()
+    labels[0, :len(prompt)] = -100
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(
+            r=8, lora_alpha=16, target_modules=ALL_MODULES, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    target = torch.tensor(answer)
+    for _ in range(300):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # every next token the argmax, by a margin the node's numerics cannot undo
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+            chosen = logits.gather(1, target[:, None])[:, 0]
+            if (chosen - logits.scatter(1, target[:, None], -1e9).max(1).values).min() > 3:
+                break
+    else:
+        raise AssertionError("the adapter did not learn the answer")
+    model.save_pretrained(out)
+    return AdapterFiles((out / "adapter_config.json").read_bytes(), (out / "adapter_model.safetensors").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def served(world, tmp_path_factory) -> Iterator[tuple[InProcessRouter, str]]:
+    """(router, deployment of the fitted adapter) over one node serving BASE."""
+    root = tmp_path_factory.mktemp("tool-auto")
+    model_dir = build_model_folder(root / BASE)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = HERMES_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    world.admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=BASE, location=str(model_dir)))
+    node = NodeProcess(model_dir, world.registry.address, root / "node.log", base_model_name=BASE)
+    try:
+        files = fit_adapter(model_dir, root / "adapter")  # while the node starts
+        adapter = unique("caller")
+        world.a.upload(files, name=adapter, as_files=True, base_model=BASE)
+        deployment = unique("tools")
+        world.a.BindDeployment(pb.BindDeploymentRequest(name=deployment, adapter_name=adapter))
+        wait_for_health(node.address, timeout=120, process=node.process)
+        router = InProcessRouter(router_config([node.address], world.registry.address)).start()
+        try:
+            router.wait_feed_live()
+            router.wait_healthy(1)
+            yield router, deployment
+        finally:
+            router.stop()
+    finally:
+        node.close()
+        stop_process(node.process)
+
+
+@pytest.fixture
+def client(served, world) -> OpenAI:
+    return OpenAI(base_url=served[0].base_url, api_key=world.a.token, max_retries=0)
+
+
+@pytest.fixture
+def caller(served) -> str:
+    return served[1]
+
+
+def create(client: OpenAI, model: str, **fields):
+    return client.chat.completions.create(model=model, **{"messages": MESSAGES, "tools": TOOLS, "temperature": 0,
+                                                           **fields})
+
+
+def calls_of(message) -> list[tuple[str, dict]]:
+    assert all(call.type == "function" and call.id.startswith("call_") for call in message.tool_calls)
+    return [(call.function.name, json.loads(call.function.arguments)) for call in message.tool_calls]
+
+
+def test_a_random_model_answers_text(client):
+    """No tool_choice: "auto". The template showed the tools; the random model wrote no call."""
+    completion = create(client, BASE, max_tokens=24)
+    choice = completion.choices[0]
+    assert not choice.message.tool_calls and choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.message.content, str)
+    without_tools = create(client, BASE, max_tokens=24, tool_choice="none")  # the tools are not shown then
+    assert completion.usage.prompt_tokens > without_tools.usage.prompt_tokens + 10
+    chunks = list(create(client, BASE, max_tokens=24, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_the_model_calls_the_tools(client, caller):
+    choice = create(client, caller).choices[0]
+    assert calls_of(choice.message) == CALLS
+    assert choice.message.content == "Checking." and choice.finish_reason == "tool_calls"
+
+
+def test_streamed_calls_are_the_same_calls(client, caller):
+    with client.chat.completions.stream(model=caller, messages=MESSAGES, tools=TOOLS, temperature=0) as stream:
+        final = stream.get_final_completion().choices[0]
+    assert calls_of(final.message) == CALLS
+    assert (final.message.content, final.finish_reason) == ("Checking.", "tool_calls")
+    chunks = [c for c in create(client, caller, stream=True) if c.choices]
+    content = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert "".join(content) == "Checking."  # the markup never streams as content
+    streamed = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+    assert [(call.index, call.function.name, json.loads(call.function.arguments)) for call in streamed] == [
+        (0, *CALLS[0]), (1, *CALLS[1])]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_n_and_logprobs(client, caller):
+    completion = create(client, caller, n=2, logprobs=True)
+    for choice in completion.choices:
+        assert calls_of(choice.message) == CALLS and choice.finish_reason == "tool_calls"
+        # one entry per token: the markup's, and the end of turn's
+        assert "".join(entry.token for entry in choice.logprobs.content) == ANSWER + "<|im_end|>"
+
+
+def test_parallel_tool_calls_false_keeps_the_first(client, caller):
+    choice = create(client, caller, parallel_tool_calls=False).choices[0]
+    assert calls_of(choice.message) == CALLS[:1] and choice.finish_reason == "tool_calls"
+
+
+def test_a_call_cut_short_is_text(client, caller):
+    choice = create(client, caller, max_tokens=30).choices[0]
+    assert not choice.message.tool_calls and choice.finish_reason == "length"
+    assert ANSWER.startswith(choice.message.content) and '<tool_call>\n{"name"' in choice.message.content
+    chunks = [c for c in create(client, caller, max_tokens=30, stream=True) if c.choices]  # held, then given out
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == "length" and not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_a_stop_string_closing_the_call(client, caller):
+    """stop "</tool_call>": the first call's JSON is whole, its end of text the stop: one call."""
+    for stream in (False, True):
+        kwargs = dict(model=caller, messages=MESSAGES, tools=TOOLS, temperature=0, stop=["</tool_call>"])
+        if stream:
+            with client.chat.completions.stream(**kwargs) as events:
+                choice = events.get_final_completion().choices[0]
+        else:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+        assert calls_of(choice.message) == CALLS[:1] and choice.finish_reason == "tool_calls"
+        assert choice.message.content == "Checking."

@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 def wait_for_health(address: str, want: str = "SERVING", timeout: float = 60.0,
-                    process: subprocess.Popen | None = None) -> None:
+                    process: subprocess.Popen | None = None, client_tls=None) -> None:
     # Imported here: the GPU machine runs the kernel tests without our gRPC packages installed.
     from services.common.healthcheck import health_status
 
@@ -52,10 +52,11 @@ def wait_for_health(address: str, want: str = "SERVING", timeout: float = 60.0,
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise AssertionError(f"process exited with {process.returncode} before {address} was {want}")
-        if health_status(address) == want:
+        if health_status(address, client_tls=client_tls) == want:
             return
         time.sleep(0.1)
-    raise AssertionError(f"{address} not {want} after {timeout}s (last: {health_status(address)})")
+    last = health_status(address, client_tls=client_tls)
+    raise AssertionError(f"{address} not {want} after {timeout}s (last: {last})")
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> int:
@@ -83,16 +84,25 @@ def pids_of(module: str, port: int) -> list[int]:
     return pids
 
 
-def start_module(module: str, *args: str, log: Path) -> subprocess.Popen:
-    """Starts `python -m <module> args...` from the repo root with output to `log`."""
+def start_module(module: str, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Starts `python -m <module> args...` from the repo root with output to `log` (`env`: extra
+    environment variables)."""
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_model_folder(tmp_path_factory.mktemp("tiny-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost and client certificates (tests/tls_certs.py)."""
+    from tests.tls_certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

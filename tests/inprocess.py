@@ -1,5 +1,6 @@
 """A service app on a real gRPC server, on its own event loop in a background thread, so
-synchronous tests can call it like any remote service (one helper for every service)."""
+synchronous tests can call it like any remote service (one helper for every service). A server
+configured with TLS is dialled with `client_tls` (services.common.tls.ClientTls)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 
 import grpc
 
+from services.common import tls
 from services.common.server import start_server
 
 
@@ -16,8 +18,8 @@ class InProcessServer:
     stop_timeout_s = 30.0
     channel_options: list[tuple[str, int]] = []
 
-    def __init__(self, app, config, name: str) -> None:
-        self.app, self.config = app, config
+    def __init__(self, app, config, name: str, client_tls: tls.ClientTls | None = None) -> None:
+        self.app, self.config, self.client_tls = app, config, client_tls
         self.address = ""
         self.loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -48,7 +50,7 @@ class InProcessServer:
         self._ready.wait(self.start_timeout_s)
         if self._error is not None:
             raise self._error
-        self.channel = grpc.insecure_channel(self.address, options=self.channel_options)
+        self.channel = tls.channel(self.address, self.client_tls, self.channel_options)
         return self
 
     def stop(self) -> None:

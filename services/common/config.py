@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.common import tls
+
 T = TypeVar("T")
 
 ENV_PREFIX = "LORAPLEX_"
@@ -39,6 +41,13 @@ class ServerConfig:
     grace_seconds: float = option(5.0, "on SIGTERM, how long in-flight RPCs may finish")
     max_message_mb: int = option(64, "largest gRPC message accepted or sent, in MiB")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
+    tls_cert: Path | None = option(None, "PEM certificate (chain) of this service: with --tls-key the gRPC port "
+                                         "serves TLS only, and the router's HTTP API HTTPS (/metrics stays plain "
+                                         "HTTP); its subjectAltName must name the host callers dial")
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert (unencrypted: keep the file readable by "
+                                        "the service's user only)")
+    tls_client_ca: Path | None = option(None, "PEM CA bundle: every gRPC caller must then present a client "
+                                              "certificate it issued (mutual TLS; needs --tls-cert)")
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -51,10 +60,46 @@ class ServerConfig:
             raise ValueError(f"--max-message-mb must be >= 1, got {self.max_message_mb}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        tls.server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)  # TlsError (a ValueError) names the flag
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def server_tls(self) -> tls.ServerTls | None:
+        """TLS of the gRPC port (and the router's HTTP API); None: clear text."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return tls.ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTlsConfig:
+    """TLS of the calls a process makes to other loraplex services: mixed into the config of every
+    process that makes such calls, ahead of its other base (`class X(ClientTlsConfig, ServerConfig)`),
+    so that its fields come after the base's and its checks run after the base's."""
+
+    tls_ca: Path | None = option(None, "PEM CA bundle that verifies the services this process calls; given, "
+                                       "those calls use TLS (each server's certificate must name the host "
+                                       "dialled, as a DNS or IP subjectAltName)")
+    tls_client_cert: Path | None = option(None, "PEM client certificate presented on those calls, for services "
+                                                "started with --tls-client-ca (turns TLS on; without --tls-ca "
+                                                "servers are verified with the system's CA roots)")
+    tls_client_key: Path | None = option(None, "PEM private key of --tls-client-cert (unencrypted)")
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        tls.client_tls(self.tls_ca, self.tls_client_cert, self.tls_client_key)
+
+    @property
+    def client_tls(self) -> tls.ClientTls | None:
+        """TLS of this process's calls to the others; None: clear text."""
+        if self.tls_ca is None and self.tls_client_cert is None:
+            return None
+        return tls.ClientTls(self.tls_ca, self.tls_client_cert, self.tls_client_key)
 
 
 def flag_name(name: str) -> str:

@@ -5,7 +5,9 @@
   -> NOT_SERVING -> app.drain() -> server.stop(grace) -> app.close() -> return 0.
 Every service gets the standard grpc.health.v1 service, server reflection (so
 `grpcurl -plaintext HOST:PORT list` works without .proto files), the error-mapping
-interceptor, configured message size limits and a Prometheus endpoint.
+interceptor, configured message size limits and a Prometheus endpoint. With --tls-cert and
+--tls-key the gRPC port serves TLS only (tls.py; `grpcurl -cacert CA.pem HOST:PORT list`),
+requiring client certificates with --tls-client-ca; /metrics stays plain HTTP.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.common import keepalive
+from services.common import keepalive, tls
 from services.common.config import ServerConfig
 from services.common.errors import LoraplexError
 from services.common.metrics import start_metrics_server
@@ -91,7 +93,7 @@ async def start_server(app: ServiceApp, config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)
     try:
-        port = server.add_insecure_port(config.address)
+        port = tls.add_port(server, config.address, config.server_tls)
     except RuntimeError:  # grpcio raises this when bind() fails
         port = 0
     if port == 0:
@@ -109,7 +111,9 @@ async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> in
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start_server(app, config)
-    log.info("%s listening on %s:%d (NOT_SERVING while warming up)", service_label, config.host, running.port)
+    log.info("%s listening on %s:%d%s (NOT_SERVING while warming up)", service_label, config.host, running.port,
+             "" if config.server_tls is None else " with TLS" + (
+                 "" if config.server_tls.client_ca is None else ", client certificates required"))
     try:
         start_metrics_server(config.host, config.metrics_port)
     except OSError as exc:
@@ -163,7 +167,7 @@ def run(app: ServiceApp, config: ServerConfig, service_label: str) -> int:
     configure_logging(config.log_level)
     try:
         return asyncio.run(serve(app, config, service_label))
-    except (OSError, LoraplexError) as exc:
+    except (OSError, LoraplexError, tls.TlsError) as exc:
         log.error("%s cannot start: %s", service_label, exc)
         return 1
     except Exception:  # noqa: BLE001 - a bug during warm-up: say so, with the traceback

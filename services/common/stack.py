@@ -6,6 +6,10 @@ one of its ports is taken. The stack waits until every service reports SERVING t
 grpc.health.v1, prints the endpoints, and then supervises: Ctrl-C/SIGTERM stops every child
 cleanly, also while they are still starting (exit 130); a child that dies stops the rest and
 the command exits 1 naming it. Each child's output goes to DATA_DIR/logs/<service>.log.
+With --tls-cert/--tls-key (and --tls-ca, the CA that issued them) every service serves TLS
+with that one certificate and calls the others over TLS; --tls-client-ca with
+--tls-client-cert/--tls-client-key adds mutual TLS. Health probes and the base model's
+registration use the same settings.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+from services.common import tls
 from services.common.config import option
 from services.common.healthcheck import health_status
 from services.common.stack_base_model import RegistrationFailed, register_base_model
 from services.common.tiny_model import build_model_folder
 
 SERVICES = ("registry", "trainer", "inference", "router")
+TLS_FIELDS = ("tls_cert", "tls_key", "tls_client_ca", "tls_ca", "tls_client_cert", "tls_client_key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,18 @@ class StackConfig:
     s3_access_key: str = option("", "S3 access key (handed to the children through their environment)")
     s3_secret_key: str = option("", "S3 secret key (handed to the children through their environment)")
     startup_timeout: float = option(120.0, "seconds to wait for every service to report SERVING")
+    tls_cert: Path | None = option(None, "PEM certificate every service serves TLS with (gRPC, and HTTPS for the "
+                                         "router's HTTP API); it must name --host (e.g. IP:127.0.0.1, "
+                                         "DNS:localhost); needs --tls-key and --tls-ca")
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert (unencrypted)")
+    tls_client_ca: Path | None = option(None, "PEM CA bundle: every service requires gRPC callers to present a "
+                                              "client certificate it issued (mutual TLS; needs --tls-client-cert)")
+    tls_ca: Path | None = option(None, "PEM CA bundle that issued --tls-cert (for a self-signed certificate, the "
+                                       "certificate itself): the services and this command verify each other "
+                                       "with it")
+    tls_client_cert: Path | None = option(None, "PEM client certificate the services and this command present to "
+                                                "each other (for --tls-client-ca)")
+    tls_client_key: Path | None = option(None, "PEM private key of --tls-client-cert (unencrypted)")
 
     def __post_init__(self) -> None:
         ports = [self.router_port, self.registry_port, self.trainer_port, self.inference_port, self.router_http_port]
@@ -66,6 +84,30 @@ class StackConfig:
             raise ValueError("--startup-timeout must be > 0")
         if self.base_model is not None and not (self.base_model / "config.json").is_file():
             raise ValueError(f"--base-model {self.base_model} is not a checkpoint folder (no config.json)")
+        tls.server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
+        tls.client_tls(self.tls_ca, self.tls_client_cert, self.tls_client_key)
+        if self.starts_services:
+            if self.tls_cert is not None and self.tls_ca is None:
+                raise ValueError("--tls-cert needs --tls-ca, the CA that issued it (for a self-signed certificate, "
+                                 "the certificate itself): the services verify each other with it")
+            if self.tls_ca is not None and self.tls_cert is None:
+                raise ValueError("--tls-ca needs --tls-cert and --tls-key: without them the services serve clear "
+                                 "text")
+            if self.tls_client_ca is not None and self.tls_client_cert is None:
+                raise ValueError("--tls-client-ca needs --tls-client-cert and --tls-client-key: the services "
+                                 "present them to each other")
+
+    @property
+    def starts_services(self) -> bool:
+        """True: the four services run here, with this config's TLS settings on both ends."""
+        return True
+
+    @property
+    def client_tls(self) -> tls.ClientTls | None:
+        """TLS of this command's calls (health probes, registration); None: clear text."""
+        if self.tls_ca is None and self.tls_client_cert is None:
+            return None
+        return tls.ClientTls(self.tls_ca, self.tls_client_cert, self.tls_client_key)
 
     def port_of(self, service: str) -> int:
         return getattr(self, f"{service}_port")
@@ -123,6 +165,11 @@ def child_environment(config: StackConfig, admin_token: str) -> dict[str, str]:
            "LORAPLEX_DATABASE_URL": config.database_url}
     if config.blob_store == "s3":
         env.update(LORAPLEX_S3_ACCESS_KEY=config.s3_access_key, LORAPLEX_S3_SECRET_KEY=config.s3_secret_key)
+    # The TLS files too, each always set (empty: off) so that none inherited from our own
+    # environment applies; a service that calls no other ignores the client ones.
+    for name in TLS_FIELDS:
+        path = getattr(config, name)
+        env[f"LORAPLEX_{name.upper()}"] = "" if path is None else str(Path(path).resolve())
     return env
 
 
@@ -183,7 +230,8 @@ class Stack:
             if (dead := self.dead_child()) is not None:
                 raise ChildDied(*dead, self.logs)
             for name in sorted(pending):
-                if health_status(f"{self.config.host}:{self.config.port_of(name)}") == "SERVING":
+                address = f"{self.config.host}:{self.config.port_of(name)}"
+                if health_status(address, client_tls=self.config.client_tls) == "SERVING":
                     pending.discard(name)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not SERVING after {self.config.startup_timeout:.0f}s: "
@@ -222,13 +270,17 @@ def banner(config: StackConfig, admin_token_path: str) -> str:
         extra = f"  metrics http://{config.host}:{metrics}/metrics" if metrics else ""
         lines.append(f"  {name:<9} {config.host}:{config.port_of(name)}{extra}")
     router, registry = f"{config.host}:{config.router_port}", f"{config.host}:{config.registry_port}"
+    security, scheme, sdk_env = tls.grpcurl_flags(config.client_tls), "http", ""
+    if config.tls_cert is not None:  # the SDK's HTTP client (httpx) reads its CA bundle from SSL_CERT_FILE
+        scheme, sdk_env = "https", f", with SSL_CERT_FILE={config.tls_ca} in its environment"
     lines += [
         f"admin token: {admin_token_path}",
         "try:",
-        f"  grpcurl -plaintext {router} list",
-        f"  grpcurl -plaintext {registry} describe loraplex.registry.v1.Registry",
-        f"  grpcurl -plaintext -d '{{\"service\": \"\"}}' {router} grpc.health.v1.Health/Check",
-        f"  OpenAI SDK: OpenAI(base_url=\"http://{config.host}:{config.router_http_port}/v1\", api_key=<tenant key>)",
+        f"  grpcurl {security} {router} list",
+        f"  grpcurl {security} {registry} describe loraplex.registry.v1.Registry",
+        f"  grpcurl {security} -d '{{\"service\": \"\"}}' {router} grpc.health.v1.Health/Check",
+        f"  OpenAI SDK: OpenAI(base_url=\"{scheme}://{config.host}:{config.router_http_port}/v1\", "
+        f"api_key=<tenant key>){sdk_env}",
         f"logs: {config.data_dir / 'logs'}; Ctrl-C stops everything",
     ]
     return "\n".join(lines)
@@ -246,7 +298,8 @@ def run_stack(config: StackConfig) -> int:
         stack.start()
         stack.wait_serving()
         location = register_base_model(f"{config.host}:{config.registry_port}", admin_token_of(config),
-                                       config.base_model_name, base_model_folder(config))
+                                       config.base_model_name, base_model_folder(config),
+                                       client_tls=config.client_tls)
         token_path = (config.admin_token and "(given with --admin-token or LORAPLEX_ADMIN_TOKEN)"
                       or str(config.data_dir / "admin_token"))
         print(f"base model {config.base_model_name!r} is registered in the Registry ({location})", flush=True)

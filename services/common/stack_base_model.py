@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common import tls
 from services.common.pb.loraplex.registry.v1 import registry_pb2, registry_pb2_grpc
 
 
@@ -19,7 +20,8 @@ class RegistrationFailed(RuntimeError):
     """The Registry refused the base model (another folder under that name, say)."""
 
 
-def register_base_model(registry: str, admin_token: str, name: str, folder: Path, timeout: float = 30.0) -> str:
+def register_base_model(registry: str, admin_token: str, name: str, folder: Path, timeout: float = 30.0,
+                        client_tls: tls.ClientTls | None = None) -> str:
     """Registers `folder` as `name`; returns the location stored. Idempotent: the Registry
     answers the same name and folder again with the existing row."""
     # Absolute: the Trainer opens the location from its own working directory.
@@ -27,7 +29,7 @@ def register_base_model(registry: str, admin_token: str, name: str, folder: Path
     request = registry_pb2.RegisterBaseModelRequest(name=name, location=location,
                                                     description="registered by loraplex up")
     # A local port must never be dialled through an http_proxy from the environment.
-    with grpc.insecure_channel(registry, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    with tls.channel(registry, client_tls, [("grpc.enable_http_proxy", 0)]) as channel:
         try:
             reply = registry_pb2_grpc.RegistryStub(channel).RegisterBaseModel(
                 request, metadata=(("authorization", f"Bearer {admin_token}"),), timeout=timeout)

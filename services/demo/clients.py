@@ -6,6 +6,7 @@ import dataclasses
 
 import grpc
 
+from services.common import tls
 from services.common.pb.loraplex.inference.v1 import inference_pb2_grpc
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.common.pb.loraplex.router.v1 import nodes_pb2_grpc, router_pb2_grpc
@@ -22,6 +23,8 @@ class Endpoints:
     # What a user on another machine should dial (compose: the published ports, not service names).
     public_router: str = ""
     public_openai_base_url: str = ""
+    #: How the demo's gRPC and HTTPS calls verify the services (None: clear text).
+    client_tls: tls.ClientTls | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "public_router", self.public_router or self.router)
@@ -52,7 +55,7 @@ class Channels:
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address)
+            self._channels[address] = tls.channel(address, self.endpoints.client_tls)
         return self._channels[address]
 
     def registry(self, token: str) -> Authorized:

@@ -37,6 +37,10 @@ class DemoConfig(StackConfig):
     timeout: float = option(900.0, "seconds a training job, or the wait for an inference node, may take "
                                    "before the demo gives up")
 
+    @property
+    def starts_services(self) -> bool:
+        return not self.attach  # attached, the TLS flags only say how to reach the services
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.attach:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from services.common.pb.loraplex.inference.v1 import inference_pb2 as ipb
 from services.common.pb.loraplex.router.v1 import nodes_pb2 as npb
+from services.common.tls import grpcurl_flags
 from services.demo.checks import Check
 from services.demo.clients import Endpoints
 from services.demo.setup import Tenant
@@ -75,13 +76,16 @@ def connect(endpoints: Endpoints, tenants: list[Tenant]) -> None:
                        "sampling": {"temperature": 0, "max_tokens": 64}})
     if hint := shell_hint():
         print(f"\n{hint}")
+    security, tls = grpcurl_flags(endpoints.client_tls), endpoints.client_tls
+    # The SDK's HTTP client (httpx) reads its CA bundle from SSL_CERT_FILE.
+    sdk_env = "" if tls is None or tls.ca is None else f"SSL_CERT_FILE={shlex.quote(str(tls.ca))} "
     print("\ngrpcurl (customer A over gRPC):")
-    print(f"  grpcurl -plaintext -H {shlex.quote('authorization: Bearer ' + first.api_key)} "
+    print(f"  grpcurl {security} -H {shlex.quote('authorization: Bearer ' + first.api_key)} "
           f"-d {shlex.quote(body)} {router} loraplex.router.v1.Router/Generate")
     print("\nPython (OpenAI SDK; reads OPENAI_BASE_URL and OPENAI_API_KEY from the environment):")
     python = (f"from openai import OpenAI; r = OpenAI().chat.completions.create(model={customer.deployment!r}, "
               f"messages={messages!r}, temperature=0); print(r.choices[0].message.content)")
-    print(f"  OPENAI_BASE_URL={base_url} OPENAI_API_KEY={first.api_key} "
+    print(f"  {sdk_env}OPENAI_BASE_URL={base_url} OPENAI_API_KEY={first.api_key} "
           f"python -c {shlex.quote(python)}", flush=True)
 
 

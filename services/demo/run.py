@@ -38,16 +38,16 @@ def running_stack(config: DemoConfig) -> Iterator[tuple[Endpoints, str, Stack | 
     if config.attach:
         yield (Endpoints(config.registry_address, config.trainer_address, config.router_address,
                          config.openai_base_url, config.admin_token, config.public_router_address,
-                         config.public_openai_base_url), config.base_model_location, None)
+                         config.public_openai_base_url, config.client_tls), config.base_model_location, None)
         return
     stack = Stack(config)
     try:
         stack.start()
         stack.wait_serving()
-        host = config.host
+        host, scheme = config.host, "http" if config.tls_cert is None else "https"
         endpoints = Endpoints(f"{host}:{config.registry_port}", f"{host}:{config.trainer_port}",
-                              f"{host}:{config.router_port}", f"http://{host}:{config.router_http_port}/v1",
-                              admin_token_of(config))
+                              f"{host}:{config.router_port}", f"{scheme}://{host}:{config.router_http_port}/v1",
+                              admin_token_of(config), client_tls=config.client_tls)
         yield endpoints, str(base_model_folder(config).resolve()), stack
     finally:
         stack.stop()

@@ -16,7 +16,7 @@ import openai
 
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gpb
 from services.common.pb.loraplex.router.v1 import router_pb2 as rpb
-from services.demo.clients import Channels
+from services.demo.clients import Channels, Endpoints
 from services.demo.setup import Tenant
 
 GRPC, HTTP = "gRPC", "OpenAI HTTP"
@@ -53,8 +53,11 @@ def _grpc(channels: Channels, call: Call, max_tokens: int) -> Answer:
     return Answer(call, "".join(text), tokens, adapter_id)
 
 
-def _http(base_url: str, call: Call, max_tokens: int) -> Answer:
-    client = openai.OpenAI(base_url=base_url, api_key=call.tenant.api_key, max_retries=0, timeout=300)
+def _http(endpoints: Endpoints, call: Call, max_tokens: int) -> Answer:
+    http_client = None if endpoints.client_tls is None else openai.DefaultHttpxClient(
+        verify=endpoints.client_tls.ssl_context())
+    client = openai.OpenAI(base_url=endpoints.openai_base_url, api_key=call.tenant.api_key, max_retries=0,
+                           timeout=300, http_client=http_client)
     try:
         completion = client.chat.completions.create(model=call.model, messages=call.tenant.customer.chat(call.question),
                                                     max_tokens=max_tokens, temperature=0.0)
@@ -69,7 +72,7 @@ def run_call(channels: Channels, call: Call, max_tokens: int) -> Answer:
         if call.transport == GRPC:
             answer = _grpc(channels, call, max_tokens)
         else:
-            answer = _http(channels.endpoints.openai_base_url, call, max_tokens)
+            answer = _http(channels.endpoints, call, max_tokens)
     except grpc.RpcError as exc:
         answer = Answer(call, error=f"{exc.code().name}: {exc.details()}")
     except openai.APIStatusError as exc:

@@ -50,7 +50,8 @@ class InferenceApp:
         if self.config.router_address:
             self._agent = NodeAgent(self.config.router_address, self.config.admin_token,
                                     self.config.resolved_node_id, self.config.resolved_advertise_address,
-                                    self.config.resolved_base_model_name, lambda: self._node_stats(admin))
+                                    self.config.resolved_base_model_name, lambda: self._node_stats(admin),
+                                    client_tls=self.config.client_tls)
             self._agent_task = asyncio.ensure_future(self._agent.run())
 
     @staticmethod

@@ -6,7 +6,7 @@ import dataclasses
 import socket
 from pathlib import Path
 
-from services.common.config import ServerConfig, option
+from services.common.config import ClientTlsConfig, ServerConfig, option
 from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
 from services.inference.kernels.prefill_lora import CHOICES as PREFILL_LORA_CHOICES
 from services.inference.tool_format import CHOICES as TOOL_CALL_FORMATS
@@ -17,7 +17,7 @@ DEFAULT_PORT = 50053
 
 
 @dataclasses.dataclass(frozen=True)
-class InferenceConfig(ServerConfig):
+class InferenceConfig(ClientTlsConfig, ServerConfig):
     """loraplex Inference node: resident base model, paged adapter pool, batched LoRA."""
 
     port: int = option(DEFAULT_PORT, "gRPC port")

@@ -237,4 +237,4 @@ def _kv_cache_bytes(config: InferenceConfig) -> int:
 def _registry_source(config: InferenceConfig) -> AdapterSource:
     from services.inference.adapters.registry_source import RegistrySource
 
-    return RegistrySource(config.registry_address, config.admin_token)
+    return RegistrySource(config.registry_address, config.admin_token, client_tls=config.client_tls)

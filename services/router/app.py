@@ -57,11 +57,12 @@ class RouterApp:
         config = self.config
         feed = FeedState()
         self._registry = registry = RegistryClient(config.registry_address, config.admin_token,
-                                                   config.registry_timeout_seconds, config.max_message_mb)
+                                                   config.registry_timeout_seconds, config.max_message_mb,
+                                                   config.client_tls)
         authenticator = Authenticator(registry, config.auth_cache_seconds, feed)
         resolver = Resolver(registry, config.resolve_cache_seconds, feed)
         self.membership = membership = Membership(
-            lambda address: GrpcNodeClient(address, config.admin_token, config.max_message_mb),
+            lambda address: GrpcNodeClient(address, config.admin_token, config.max_message_mb, config.client_tls),
             config.node_poll_seconds, config.node_timeout_seconds, config.heartbeat_interval_seconds,
             slow_polls=config.node_slow_polls)
         for address in config.node:
@@ -99,9 +100,9 @@ class RouterApp:
         self._tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(membership.run())]
         if config.http_enabled:
             self.http = HttpServer(build_app(self.core, config.max_message_mb * 2**20), config.host,
-                                   config.http_port, config.grace_seconds, config.log_level)
+                                   config.http_port, config.grace_seconds, config.log_level, config.server_tls)
             await self.http.start()
-            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", config.host, self.http.port)
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", self.http.scheme, config.host, self.http.port)
 
     async def close(self) -> None:
         if self.http is not None:

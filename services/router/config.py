@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import ServerConfig, option
+from services.common.config import ClientTlsConfig, ServerConfig, option
 
 DEFAULT_PORT = 50050
 DEFAULT_HTTP_PORT = 8000
@@ -33,7 +33,7 @@ class QuotaOverride:
 
 
 @dataclasses.dataclass(frozen=True)
-class RouterConfig(ServerConfig):
+class RouterConfig(ClientTlsConfig, ServerConfig):
     """loraplex Router: tenant auth, model resolution, placement and streaming proxy."""
 
     port: int = option(DEFAULT_PORT, "gRPC port")

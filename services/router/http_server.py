@@ -3,7 +3,9 @@
 One loop for both means the HTTP API and gRPC share the router's state (caches, quotas,
 node loads) without locks. We bind the socket ourselves, so a taken port fails start-up
 with a clear OSError (uvicorn would call sys.exit inside our loop), and we leave signal
-handling to services/common/server.py, which stops both servers in order.
+handling to services/common/server.py, which stops both servers in order. Given the service's
+TLS settings it serves HTTPS with the gRPC port's certificate (no client certificates: callers
+of the OpenAI API authenticate with their API key).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import socket
 
 import uvicorn
 
+from services.common.tls import ServerTls
+
 
 class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -22,10 +26,14 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, app, host: str, port: int, grace_s: float, log_level: str = "warning") -> None:
+    def __init__(self, app, host: str, port: int, grace_s: float, log_level: str = "warning",
+                 tls: ServerTls | None = None) -> None:
         self.host, self.requested_port = host, port
+        self.scheme = "http" if tls is None else "https"
+        files = {} if tls is None else {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
         self._config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None,
-                                      log_level=log_level.lower(), timeout_graceful_shutdown=max(grace_s, 0.1))
+                                      log_level=log_level.lower(), timeout_graceful_shutdown=max(grace_s, 0.1),
+                                      **files)
         self._server = _EmbeddedServer(self._config)
         self._task: asyncio.Task | None = None
         self._socket: socket.socket | None = None

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from services.common import keepalive
+from services.common import keepalive, tls
 from services.common.pb.loraplex.router.v1 import nodes_pb2, nodes_pb2_grpc
 from services.router.nodes import NodeStats
 
@@ -27,11 +27,12 @@ log = logging.getLogger("loraplex.router.agent")
 
 class NodeAgent:
     def __init__(self, router_address: str, admin_token: str, node_id: str, address: str, base_model: str,
-                 stats: Callable[[], Awaitable[NodeStats]], timeout_s: float = 5.0) -> None:
+                 stats: Callable[[], Awaitable[NodeStats]], timeout_s: float = 5.0,
+                 client_tls: tls.ClientTls | None = None) -> None:
         self.node_id, self.address, self.base_model, self.stats = node_id, address, base_model, stats
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {admin_token}"),)
-        self._channel = grpc.aio.insecure_channel(router_address, options=keepalive.client_options())
+        self._channel = tls.aio_channel(router_address, client_tls, keepalive.client_options())
         self._stub = nodes_pb2_grpc.NodesStub(self._channel)
         self.interval_s = 1.0
         self.registered = asyncio.Event()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import errors, keepalive
+from services.common import errors, keepalive, tls
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.rpc import STATUS_OF, error_info
@@ -55,13 +55,14 @@ def failure_of(exc: grpc.aio.AioRpcError, address: str) -> NodeFailure:
 
 
 class GrpcNodeClient:
-    def __init__(self, address: str, admin_token: str = "", max_message_mb: int = 64) -> None:
+    def __init__(self, address: str, admin_token: str = "", max_message_mb: int = 64,
+                 client_tls: tls.ClientTls | None = None) -> None:
         self.address = address
         limit = max_message_mb * 1024 * 1024
         # Created inside the running loop (an aio channel belongs to its loop). gRPC's default
         # reconnect backoff grows to 2 minutes; a node that comes back should be found by the
         # next health poll, so it is capped at a few seconds.
-        self._channel = grpc.aio.insecure_channel(address, options=[
+        self._channel = tls.aio_channel(address, client_tls, [
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             *RECONNECT_OPTIONS, *keepalive.client_options()])
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)

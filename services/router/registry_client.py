@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common import errors, keepalive
+from services.common import errors, keepalive, tls
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.common.rpc import error_info
@@ -36,12 +36,13 @@ def _seconds(stamp) -> float:
 
 
 class RegistryClient:
-    def __init__(self, address: str, admin_token: str, timeout_s: float, max_message_mb: int = 64) -> None:
+    def __init__(self, address: str, admin_token: str, timeout_s: float, max_message_mb: int = 64,
+                 client_tls: tls.ClientTls | None = None) -> None:
         self.address, self.timeout_s = address, timeout_s
         self._metadata = (("authorization", f"Bearer {admin_token}"),)
         limit = max_message_mb * 1024 * 1024
-        self._channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", limit),
-                                                                   *RECONNECT_OPTIONS, *keepalive.client_options()])
+        self._channel = tls.aio_channel(address, client_tls, [("grpc.max_receive_message_length", limit),
+                                                              *RECONNECT_OPTIONS, *keepalive.client_options()])
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> errors.LoraplexError:

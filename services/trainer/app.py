@@ -91,7 +91,7 @@ class TrainerApp:
             raise Unavailable(f"cannot start the {config.blob_store} dataset store: {exc}") from exc
         store = TrainerStore(self.db)
         self.registry = RegistryClient(config.registry_address, config.admin_token, config.registry_timeout_seconds,
-                                       config.max_message_mb)
+                                       config.max_message_mb, config.client_tls)
         auth = Authenticator(config.admin_token, self.registry, config.auth_cache_seconds, self.feed_state)
         models = BaseModels(self.registry)
         datasets = DatasetService(store, blobs, models, auth, self._run, config.data_dir / "spool",

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import ClassVar
 
-from services.common.config import option
+from services.common.config import ClientTlsConfig, option
 from services.registry.config import StateConfig
 
 DEFAULT_PORT = 50052
@@ -24,7 +24,7 @@ _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainerConfig(StateConfig):
+class TrainerConfig(ClientTlsConfig, StateConfig):
     """loraplex Trainer: LoRA fine-tuning jobs published to the Registry."""
 
     sqlite_file: ClassVar[str] = "trainer.db"

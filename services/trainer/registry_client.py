@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common import errors, keepalive
+from services.common import errors, keepalive, tls
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
@@ -65,15 +65,16 @@ class PublishedAdapter:
 
 
 class RegistryClient:
-    def __init__(self, address: str, admin_token: str, timeout_s: float, max_message_mb: int = 64) -> None:
-        self.address, self.timeout_s = address, timeout_s
+    def __init__(self, address: str, admin_token: str, timeout_s: float, max_message_mb: int = 64,
+                 client_tls: tls.ClientTls | None = None) -> None:
+        self.address, self.timeout_s, self.client_tls = address, timeout_s, client_tls
         self._metadata = (("authorization", f"Bearer {admin_token}"),)
         self._limit = max_message_mb * 1024 * 1024
         self._channel: grpc.aio.Channel | None = None
 
     def _stub(self) -> registry_pb2_grpc.RegistryStub:
         if self._channel is None:  # created on first use: an aio channel belongs to its event loop
-            self._channel = grpc.aio.insecure_channel(self.address, options=[
+            self._channel = tls.aio_channel(self.address, self.client_tls, [
                 ("grpc.max_receive_message_length", self._limit), ("grpc.max_send_message_length", self._limit),
                 *keepalive.client_options()])
         return registry_pb2_grpc.RegistryStub(self._channel)

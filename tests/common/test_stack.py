@@ -132,3 +132,23 @@ def test_the_admin_token_reaches_children_by_environment_even_when_it_starts_wit
     assert (env["LORAPLEX_S3_ACCESS_KEY"], env["LORAPLEX_S3_SECRET_KEY"]) == ("AK", "SK")
     commands = child_commands(config, tmp_path / "model")
     assert not any("--admin-token" in command or "-starts-with-a-dash" in command for command in commands.values())
+
+
+def test_up_with_mutual_tls_serves_every_service_over_tls(tmp_path, ports, tls_certs, tiny_model_dir):
+    """One certificate for the four services; the stack's probes and the base model's
+    registration reach them over mutual TLS, clear text does not."""
+    files = {**tls_certs.server(mutual=True), **tls_certs.client_fields()}
+    flags = [arg for name, path in files.items() for arg in (f"--{name.replace('_', '-')}", str(path))]
+    process = start_up(tmp_path, ports, "--base-model", str(tiny_model_dir), *flags)
+    try:
+        banner = read_until(process, "Ctrl-C stops everything")
+        assert "base model 'base-llm' is registered" in banner
+        assert f"grpcurl -cacert {tls_certs.ca} -cert {tls_certs.client_cert}" in banner and "https://" in banner
+        for name in NAMES:
+            address = f"127.0.0.1:{ports[name]}"
+            assert health_status(address, client_tls=tls_certs.client(with_certificate=True)) == "SERVING"
+            assert health_status(address, client_tls=tls_certs.client()) == "UNREACHABLE"
+            assert health_status(address) == "UNREACHABLE"
+        assert "with TLS, client certificates required" in (tmp_path / "state" / "logs" / "router.log").read_text()
+    finally:
+        assert stop_process(process, timeout=30) == 0

@@ -128,8 +128,8 @@ class InProcessRegistry(InProcessServer):
 
     channel_options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
-    def __init__(self, config: RegistryConfig) -> None:
-        super().__init__(RegistryApp(config), config, "registry")
+    def __init__(self, config: RegistryConfig, client_tls=None) -> None:
+        super().__init__(RegistryApp(config), config, "registry", client_tls)
         self.stub: registry_pb2_grpc.RegistryStub | None = None
 
     def start(self) -> InProcessRegistry:

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import tls
 from services.common.pb.loraplex.common.v1 import generation_pb2
 from services.common.pb.loraplex.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.pb.loraplex.router.v1 import nodes_pb2, nodes_pb2_grpc, router_pb2_grpc
@@ -29,8 +30,8 @@ ADMIN_TOKEN = "router-test-admin"
 class InProcessRouter(InProcessServer):
     """A RouterApp on a real gRPC server and HTTP port, on its own loop in a thread."""
 
-    def __init__(self, config: RouterConfig) -> None:
-        super().__init__(RouterApp(config), config, "router")
+    def __init__(self, config: RouterConfig, client_tls=None) -> None:
+        super().__init__(RouterApp(config), config, "router", client_tls)
 
     @property
     def stub(self) -> router_pb2_grpc.RouterStub:
@@ -42,7 +43,7 @@ class InProcessRouter(InProcessServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.app.http.port}/v1"
+        return f"{self.app.http.scheme}://127.0.0.1:{self.app.http.port}/v1"
 
     def run(self, fn: Callable[[], object]) -> object:
         """Runs fn on the router's loop (to read its state safely) and returns its result."""
@@ -72,15 +73,16 @@ class NodeProcess:
     """`python -m services.inference` downloading adapters from the registry."""
 
     def __init__(self, model_dir: Path, registry_address: str, log: Path, port: int = 0,
-                 base_model_name: str = "tiny") -> None:
+                 base_model_name: str = "tiny", *extra: str, env: dict[str, str] | None = None,
+                 client_tls=None) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.process = start_module(
             "services.inference", "--port", str(self.port), "--metrics-port", "0", "--base-model", str(model_dir),
             "--base-model-name", base_model_name, "--registry-address", registry_address, "--admin-token", ADMIN_TOKEN,
-            "--kv-cache-mb", "4", "--adapter-pool-pages", "128", "--grace-seconds", "1", log=log)
+            "--kv-cache-mb", "4", "--adapter-pool-pages", "128", "--grace-seconds", "1", *extra, log=log, env=env)
         self.log = log
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = tls.channel(self.address, client_tls)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)  # the node takes no call without it
 

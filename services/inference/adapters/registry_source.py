@@ -11,23 +11,25 @@ import hashlib
 
 import grpc
 
-from services.common import keepalive
+from services.common import keepalive, tls
 from services.common.errors import ADAPTER_CORRUPTED, REGISTRY_UNAVAILABLE, NotFound, Unavailable
 from services.common.pb.loraplex.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.inference.adapters.sources import FetchedAdapter
 
 
 class RegistrySource:
-    def __init__(self, address: str, token: str, max_message_mb: int = 64) -> None:
-        self.address, self.token = address, token
+    def __init__(self, address: str, token: str, max_message_mb: int = 64,
+                 client_tls: tls.ClientTls | None = None) -> None:
+        self.address, self.token, self.client_tls = address, token, client_tls
         self._limit = max_message_mb * 1024 * 1024
         self._channel: grpc.aio.Channel | None = None
 
     def _stub(self) -> registry_pb2_grpc.RegistryStub:
         # Created on first use: an aio channel belongs to the event loop that creates it.
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.address, options=[("grpc.max_receive_message_length", self._limit), *keepalive.client_options()])
+            self._channel = tls.aio_channel(self.address, self.client_tls,
+                                            [("grpc.max_receive_message_length", self._limit),
+                                             *keepalive.client_options()])
         return registry_pb2_grpc.RegistryStub(self._channel)
 
     async def fetch(self, adapter_id: str) -> FetchedAdapter:

@@ -9,8 +9,9 @@ server's certificate, whose DNS or IP subjectAltName must match the host dialled
 
 The files are checked when a config is built (`server_tls` / `client_tls`), so a missing,
 unreadable or invalid file, or a key that does not match its certificate, stops the process
-before it serves anything, with a message naming the flag. They are read again each time
-credentials are built. Only credentials and channels live here, no service logic.
+before it serves anything, with a message naming the flag. Servers re-read them when they
+change (tls_reload.py: certificate rotation without a restart); clients read theirs when a
+channel is made. Only credentials and channels live here, no service logic.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+
+from services.common.tls_reload import WatchedCertificates
 
 Options = Sequence[tuple[str, object]]
 
@@ -74,12 +77,12 @@ class ServerTls:
     client_ca: Path | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
+        """Credentials that follow the files: replaced certificates serve new connections
+        (tls_reload.py)."""
         # Checked again: gRPC reports a file replaced by garbage since the config was built only
         # as a port it could not bind.
         server_tls(self.cert, self.key, self.client_ca)
-        roots = _read(self.client_ca, "--tls-client-ca") if self.client_ca else None
-        return grpc.ssl_server_credentials([(_read(self.key, "--tls-key"), _read(self.cert, "--tls-cert"))],
-                                           root_certificates=roots, require_client_auth=roots is not None)
+        return WatchedCertificates(self.cert, self.key, self.client_ca).grpc_credentials()
 
 
 def server_tls(cert: Path | None, key: Path | None, client_ca: Path | None = None) -> ServerTls | None:

@@ -4,7 +4,8 @@ With tool_choice "auto" the model generates freely and the Router reads calls ou
 (services/router/tool_parsers.py), in the format its family was trained on. Each family's
 chat template shows that format to the model, so the template tells it, as vLLM's
 --tool-call-parser is chosen per model by hand:
-- "mistral": the template writes `[TOOL_CALLS]` (Mistral 7B v0.3, Mixtral, Mistral Nemo/Small);
+- "mistral": the template writes `[TOOL_CALLS]` (Mistral 7B v0.3, Mixtral, Mistral Nemo/Small; from
+  tokenizer v11 on also `[ARGS]` and `[CALL_ID]`, special tokens too);
 - "hermes": `<tool_call>` (Qwen 2/2.5/3, Hermes 2 Pro/3 and the many fine-tunes that copied them);
 - "llama3_json": Llama 3.1/3.2's `<|python_tag|>` or its "ipython" role (calls as JSON objects
   with "parameters").
@@ -22,7 +23,8 @@ FORMATS = ("hermes", "llama3_json", "mistral")
 #: --tool-call-format: detect it from the chat template, no format, or one of FORMATS.
 CHOICES = ("auto", "none", *FORMATS)
 #: What a format's calls are marked with (the texts the node keeps, should they be special tokens).
-MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "mistral": ("[TOOL_CALLS]",), "llama3_json": ("<|python_tag|>",)}
+MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+           "llama3_json": ("<|python_tag|>",)}
 #: (format, what in a template's source gives it away), in the order they are tried.
 CLUES = (("mistral", ("[TOOL_CALLS]",)), ("hermes", ("<tool_call>",)), ("llama3_json", ("<|python_tag|>", "ipython")))
 

@@ -6,7 +6,9 @@ Pure: no grpc, no HTTP. The formats (services/inference/tool_format.py tells whi
 - "llama3_json": the whole output is `{"name": N, "parameters": {...}}` (optionally after
   `<|python_tag|>`), or several such objects separated by `;`; text first means no calls;
 - "mistral": `[TOOL_CALLS]` then a JSON array `[{"name": N, "arguments": {...}}, ...]`, after
-  any text.
+  any text (tokenizers up to v7), or, from v11 on (Mistral Small 3.2, Magistral, Devstral),
+  `[TOOL_CALLS]N[ARGS]{...}` once per call (`[CALL_ID]id` before `[ARGS]` where the template
+  writes one); which of the two follows each `[TOOL_CALLS]` is read from its first character.
 "arguments" and "parameters" are taken in every format, as an object or as JSON text of one
 (some fine-tunes write it so); absent, they are {}. Other keys (Mistral's "id") are ignored.
 
@@ -30,6 +32,7 @@ fed everything at once, so streamed and unstreamed answers agree by construction
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
 
 from services.inference.tool_format import FORMATS
@@ -41,6 +44,10 @@ PYTHON_TAG = "<|python_tag|>"
 SYNTAX = {"hermes": ("<tool_call>", "</tool_call>", "{"), "mistral": ("[TOOL_CALLS]", "", "["),
           "llama3_json": ("", "", "{")}
 assert set(SYNTAX) == set(FORMATS)
+#: Mistral v11's markers inside a call: `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`.
+ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
+#: A v11 call's head so far (a function name, perhaps its call id), before `[ARGS]`.
+_V11_HEAD = re.compile(r"\s*[A-Za-z0-9_.\-]*(?:\[CALL_ID\][A-Za-z0-9_\-]*)?")
 
 
 class ToolCallReader:
@@ -131,9 +138,16 @@ class ToolCallReader:
         return True
 
     def _open_block(self, at: int) -> None:
-        self.state, self.block = "block", _JsonExtent(self.opener, at)
+        self.state, self.block_at = "block", at
+        self.block = None if self.start == "[TOOL_CALLS]" else _JsonExtent(self.opener, at)
 
     def _block(self, out, final: str | None) -> bool:
+        if self.block is None:  # Mistral: an array (up to v7) or `name[ARGS]{...}` (v11)
+            rest = self.held[self.block_at:].lstrip()
+            if not rest and final is None:
+                return False
+            self.block = (_JsonExtent("[", self.block_at) if rest.startswith("[") and not rest.startswith(CALL_ID)
+                          else _NamedCallExtent(self.block_at))
         block = self.block
         end = block.scan(self.held)
         if end is None and final is None:
@@ -147,7 +161,7 @@ class ToolCallReader:
                 return False
             elif not (self.end.startswith(rest) and final == "stop"):  # see the docstring on stop
                 closed = None
-        calls = _calls(self.held[block.begin:end], self.names, self.opener) if closed is not None else None
+        calls = block.calls(self.held, end, self.names) if closed is not None else None
         if calls is None:
             if self.calls:
                 self.state = "dropped"
@@ -211,6 +225,51 @@ class _JsonExtent:
                     return self.end
         self.pos = len(text)
         return None
+
+    def calls(self, text: str, end: int, names: frozenset[str]) -> list[Call] | None:
+        return _calls(text[self.begin:end], names, self.opener)
+
+
+class _NamedCallExtent:
+    """One Mistral v11 call, `name[ARGS]{...}` (perhaps `name[CALL_ID]id[ARGS]{...}`): the head
+    up to `[ARGS]`, then the arguments' JSON object, found as _JsonExtent finds it. A head that
+    cannot become one (a space in the name, other markup) is no call at once, as a bad first
+    bracket is."""
+
+    def __init__(self, at: int) -> None:
+        self.pos, self.name = at, ""
+        self.arguments: _JsonExtent | None = None
+        self.end: int | None = None
+
+    def scan(self, text: str) -> int | None:
+        if self.end is not None:
+            return self.end
+        if self.arguments is None:
+            found = text.find(ARGS, self.pos)
+            head = text[self.pos:] if found < 0 else text[self.pos:found]
+            partial = _V11_HEAD.match(head).end()
+            tail = head[partial:]
+            if found < 0 and (not tail or ARGS.startswith(tail) or CALL_ID.startswith(tail)):
+                return None  # still the head
+            if tail or not head.strip():
+                self.end = self.pos  # no call: parses as none
+                return self.end
+            self.name = head.strip().split(CALL_ID)[0]
+            self.arguments = _JsonExtent("{", found + len(ARGS))
+        end = self.arguments.scan(text)
+        if end is not None:
+            self.end = end
+        return end
+
+    def calls(self, text: str, end: int, names: frozenset[str]) -> list[Call] | None:
+        if self.arguments is None or self.arguments.bad:
+            return None
+        try:
+            arguments = json.loads(text[self.arguments.begin:end])
+        except (ValueError, RecursionError):
+            return None
+        call = _call({"name": self.name, "arguments": arguments}, names)
+        return None if call is None else [call]
 
 
 def _calls(text: str, names: frozenset[str], opener: str) -> list[Call] | None:

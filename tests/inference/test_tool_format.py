@@ -86,3 +86,17 @@ def test_the_node_reports_its_format_on_the_first_delta_of_a_stream_with_tools(t
     # the tiny template shows no tools: the operator says the model writes hermes calls
     with_tools, without = serve_and_run(tiny_model_dir, tmp_path, body, tool_call_format="hermes")
     assert with_tools == ["hermes", "", ""] and without == ["", "", ""]
+
+
+MISTRAL_V11 = ('{%- for tool_call in message.tool_calls %}{{- "[TOOL_CALLS]" + tool_call.function.name + "[ARGS]" + '
+               'tool_call.function.arguments|tojson }}{%- endfor %}')
+
+
+def test_mistral_v11_markers_are_kept_too():
+    """From tokenizer v11 on, Mistral writes `[TOOL_CALLS]name[ARGS]{...}`: [ARGS] is special as
+    well, and the Router could not tell the name from the arguments without it."""
+    assert detect(MISTRAL_V11) == "mistral"
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]", "[ARGS]"]})
+    markers = tuple(sorted(tokenizer.convert_tokens_to_ids(m) for m in ("[TOOL_CALLS]", "[ARGS]")))
+    assert kept_marker_ids(tokenizer, "mistral", special_token_ids(tokenizer)) == markers

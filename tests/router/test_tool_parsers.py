@@ -89,6 +89,19 @@ CASES = [
     ("mistral", "[TOOL_CALLS] []", "stop", "[TOOL_CALLS] []", []),
     ("mistral", '[TOOL_CALLS] {"name": "get_time"}', "stop", '[TOOL_CALLS] {"name": "get_time"}', []),
     ("mistral", "[1, 2] is a list", "stop", "[1, 2] is a list", []),
+    # Mistral v11 on (Small 3.2, Magistral, Devstral): name[ARGS]{...}, one [TOOL_CALLS] per call
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "stop", "", [PARIS]),
+    ("mistral", 'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}', "stop",
+     "Checking.", [PARIS, TIME]),
+    ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}', "stop", "", [PARIS]),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_ti', "length", "", [PARIS]),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Par', "length", '[TOOL_CALLS]get_weather[ARGS]{"city": "Par',
+     []),  # cut by max_tokens
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]["Paris"]', "stop", '[TOOL_CALLS]get_weather[ARGS]["Paris"]', []),
+    ("mistral", "[TOOL_CALLS]unknown[ARGS]{}", "stop", "[TOOL_CALLS]unknown[ARGS]{}", []),
+    ("mistral", "[TOOL_CALLS]get weather[ARGS]{}", "stop", "[TOOL_CALLS]get weather[ARGS]{}", []),
+    ("mistral", "[TOOL_CALLS][ARGS]{}", "stop", "[TOOL_CALLS][ARGS]{}", []),
+    ("mistral", "[TOOL_CALLS]get_time", "stop", "[TOOL_CALLS]get_time", []),
 ]
 
 
@@ -120,7 +133,7 @@ def test_streamed_in_any_chunks_gives_the_same(fmt, text, finish, content, calls
     got_content, got_calls, pieces = streamed(fmt, text, finish, sizes)
     assert (got_content, got_calls) == (content, calls)
     if calls:  # markup never leaks into content, not even a piece of a marker
-        for marker in ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{"):
+        for marker in ("<tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "{"):
             assert marker not in got_content
         assert all("<" not in piece and "[" not in piece for piece in pieces)
 

@@ -77,10 +77,10 @@ def make_scheduler(num_blocks=64, max_num_seqs=8, budget=64, max_waiting=1024, g
     return Scheduler(config, BlockManager(num_blocks, BLOCK_SIZE), gate or AlwaysReadyGate(), {EOS}, max_context)
 
 
-def make_seq(seq_id, prompt_len=8, adapter=None, max_tokens=4, ignore_eos=False) -> Sequence:
+def make_seq(seq_id, prompt_len=8, adapter=None, max_tokens=4, ignore_eos=False, scope="") -> Sequence:
     prompt = [20 + (seq_id * 7 + i) % 50 for i in range(prompt_len)]
     return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos),
-                    adapter_key=adapter, block_size=BLOCK_SIZE)
+                    adapter_key=adapter, block_size=BLOCK_SIZE, cache_scope=scope)
 
 
 def check_invariants(scheduler: Scheduler, batch) -> None:
@@ -246,6 +246,35 @@ def test_keys_take_turns_when_slots_free_up_one_at_a_time():
     run(scheduler, on_step=lambda _, batch: order.extend(s.adapter_key for s in batch.seqs
                                                        if s.num_completion_tokens == 1))
     assert order[:8] == ["x", "y", None, "x", "y", "x", "y", "x"]
+
+
+def test_tenants_take_turns_on_the_base_model():
+    """The Router sends the tenant as cache scope: a backlog of one tenant's base-model requests
+    does not hold another tenant's behind it."""
+    scheduler = make_scheduler(max_num_seqs=1)
+    for i in range(20):
+        scheduler.add(make_seq(i, max_tokens=2, scope="tenant-a"))
+    scheduler.add(make_seq(20, max_tokens=2, scope="tenant-b"))
+    scheduler.add(make_seq(21, adapter="x", max_tokens=2, scope="tenant-c"))
+    scheduler.add(make_seq(22, max_tokens=2, scope="tenant-b"))
+    order = []
+    run(scheduler, on_step=lambda _, batch: order.extend(s.seq_id for s in batch.seqs if s.num_completion_tokens == 1))
+    assert order[:6] == [0, 20, 21, 1, 22, 2]
+    assert sorted(order) == list(range(23))
+
+
+def test_an_adapter_refused_in_one_tenants_lane_is_not_asked_again_that_round():
+    gate = LruGate(capacity=1, load_calls=3)
+    scheduler = make_scheduler(gate=gate)
+    for i, scope in enumerate(["a", "b", "c"]):
+        scheduler.add(make_seq(i, adapter="x", scope=scope))
+    calls = []
+    original = gate.try_acquire
+    gate.try_acquire = lambda key, sha256="": calls.append(key) or original(key, sha256)
+    scheduler.schedule()
+    assert calls == ["x"]  # fetching: the other lanes of "x" wait without asking
+    assert sorted(scheduler.waiting_for("x")) == [0, 1, 2]
+    run(scheduler)
 
 
 def test_queue_full_raises_resource_exhausted():

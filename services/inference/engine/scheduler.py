@@ -21,6 +21,11 @@ from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 AdapterKey = str | None  # None = base model only; it queues as a key of its own
+Lane = tuple[AdapterKey, str]  # (adapter key, cache scope): one queue, taking turns with the others
+
+
+def _lane(seq: Sequence) -> Lane:
+    return seq.adapter_key, seq.cache_scope
 
 
 class Admission(enum.Enum):
@@ -114,7 +119,11 @@ class ScheduledBatch:
 
 class Scheduler:
     """Continuous-batching scheduler with chunked prefill, preemption by recompute,
-    adapter-aware admission and round-robin fairness across adapter keys.
+    adapter-aware admission and round-robin fairness across lanes: a lane is an adapter key and
+    a cache scope (the Router sends the tenant), so tenants take turns on the base model too.
+    A tenant queuing hundreds of base-model requests (within its quota) then delays another
+    tenant's first token by one admission, not by its whole backlog. The adapter gate still
+    decides per adapter key: a refusal skips every lane of that adapter for the round.
 
     Not thread-safe: call it from the engine loop only. abort() may come between schedule()
     and postprocess(): postprocess skips the aborted sequence, and its freed KV blocks go to
@@ -137,8 +146,8 @@ class Scheduler:
         self.max_context = max_context
         self.running: list[Sequence] = []  # admission order: the last is the first victim
         self._preempted: deque[Sequence] = deque()  # resumed before any new admission
-        self._waiting: dict[AdapterKey, deque[Sequence]] = {}
-        self._key_order: list[AdapterKey] = []  # least recently admitted key first
+        self._waiting: dict[Lane, deque[Sequence]] = {}
+        self._lane_order: list[Lane] = []  # least recently admitted lane first
         self._sequences: dict[int, Sequence] = {}  # every unfinished sequence
         self._num_arrivals = 0
         self._num_adapter_admissions = 0
@@ -167,15 +176,16 @@ class Scheduler:
         seq.arrival_index = self._num_arrivals
         self._num_arrivals += 1
         self._sequences[seq.seq_id] = seq
-        if seq.adapter_key not in self._waiting:
-            self._waiting[seq.adapter_key] = deque()
-            self._key_order.append(seq.adapter_key)
-        self._waiting[seq.adapter_key].append(seq)
+        lane = _lane(seq)
+        if lane not in self._waiting:
+            self._waiting[lane] = deque()
+            self._lane_order.append(lane)
+        self._waiting[lane].append(seq)
 
     def waiting_for(self, adapter_key: AdapterKey, sha256: str | None = None) -> list[int]:
         """Ids of the sequences queued (or preempted) for this adapter; with sha256, only those
         asking for exactly that digest ("" = any bytes)."""
-        queued = list(self._waiting.get(adapter_key, ()))
+        queued = [s for lane, queue in self._waiting.items() if lane[0] == adapter_key for s in queue]
         return [s.seq_id for s in [*self._preempted, *queued]
                 if s.adapter_key == adapter_key and (sha256 is None or s.adapter_sha256 == sha256)]
 
@@ -196,11 +206,12 @@ class Scheduler:
         elif seq in self._preempted:
             self._preempted.remove(seq)
         else:
-            queue = self._waiting[seq.adapter_key]
+            lane = _lane(seq)
+            queue = self._waiting[lane]
             queue.remove(seq)
             if not queue:
-                del self._waiting[seq.adapter_key]
-                self._key_order.remove(seq.adapter_key)
+                del self._waiting[lane]
+                self._lane_order.remove(lane)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.penalty_counts = None  # device memory: freed now, not when the last reference to seq goes
@@ -268,7 +279,7 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch) -> None:
         """Admit waiting sequences: preempted ones first, then one per adapter key per round,
         least recently served key first. A key whose adapter the gate refuses is skipped."""
-        waiting_keys = {s.adapter_key for s in self._preempted} | set(self._waiting)
+        waiting_keys = {s.adapter_key for s in self._preempted} | {key for key, _ in self._waiting}
         self._refused_at = {k: at for k, at in self._refused_at.items() if k in waiting_keys}
         starving = {k for k, at in self._refused_at.items()
                     if self._num_adapter_admissions - at >= self.config.adapter_starvation_limit}
@@ -286,21 +297,23 @@ class Scheduler:
         progress = True
         while progress:
             progress = False
-            for key in [k for k in self._key_order if k not in refused]:
-                queue = self._waiting[key]
+            for lane in list(self._lane_order):
+                if lane[0] in refused:  # refused earlier this round, maybe in another tenant's lane
+                    continue
+                queue = self._waiting[lane]
                 admitted = self._try_admit(queue[0], batch, starving)
                 if admitted is None:
                     return
                 if not admitted:
-                    refused.add(key)
+                    refused.add(lane[0])
                     continue
                 progress = True
                 queue.popleft()
-                self._key_order.remove(key)  # served: to the back of the line
+                self._lane_order.remove(lane)  # served: to the back of the line
                 if queue:
-                    self._key_order.append(key)
+                    self._lane_order.append(lane)
                 else:
-                    del self._waiting[key]
+                    del self._waiting[lane]
 
     def _try_admit(self, seq: Sequence, batch: ScheduledBatch, starving: set[str]) -> bool | None:
         """True if admitted, False if its adapter cannot run now, None if nothing more can be

@@ -9,6 +9,7 @@ from pathlib import Path
 from services.common.config import ClientTlsConfig, ServerConfig, option
 from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
 from services.inference.kernels.prefill_lora import CHOICES as PREFILL_LORA_CHOICES
+from services.inference.reasoning_format import CHOICES as REASONING_FORMATS
 from services.inference.tool_format import CHOICES as TOOL_CALL_FORMATS
 
 GRAPH_MODES = ("auto", "on", "off", "static")
@@ -63,6 +64,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
                                            "(<tool_call> blocks: Qwen, Hermes), llama3_json (Llama 3.1/3.2), "
                                            "mistral ([TOOL_CALLS]), none (never read calls), or auto (told by "
                                            "the chat template)")
+    reasoning_format: str = option("auto", "how the model thinks before answering, for the OpenAI API's "
+                                           "reasoning_content: think (<think> blocks: Qwen3, QwQ, DeepSeek-R1), "
+                                           "none (all text is the answer), or auto (told by the chat template)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +92,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
         if self.tool_call_format not in TOOL_CALL_FORMATS:
             raise ValueError(f"--tool-call-format must be one of {', '.join(TOOL_CALL_FORMATS)}, "
                              f"got {self.tool_call_format!r}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}, "
+                             f"got {self.reasoning_format!r}")
         if self.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
         if self.max_model_len < 0:

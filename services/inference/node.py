@@ -12,7 +12,7 @@ import functools
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -37,6 +37,8 @@ from services.inference.kernels.backend import resolve_kernels
 from services.inference.kernels.prefill_lora import resolve_prefill_lora
 from services.inference.model.config import ModelArgs, load_model_args
 from services.inference.model.loader import load_model, random_model
+from services.inference.reasoning_format import kept_tag_ids
+from services.inference.reasoning_format import resolve as resolve_reasoning_format
 from services.inference.token_bytes import longest_token_bytes, special_token_ids
 from services.inference.tool_format import kept_marker_ids
 from services.inference.tool_format import resolve as resolve_tool_format
@@ -88,6 +90,10 @@ class Node:
         #: markers are special tokens, kept in the text of requests that show tools.
         self.tool_call_format = resolve_tool_format(config.tool_call_format, tokenizer)
         self.tool_markers = kept_marker_ids(tokenizer, self.tool_call_format, special_token_ids(tokenizer))
+        #: "think" when the model thinks in <think> blocks (reasoning_format.py), and those tags
+        #: that are special tokens, kept in the text of chat requests.
+        self.reasoning_format = resolve_reasoning_format(config.reasoning_format, tokenizer)
+        self.reasoning_tags = kept_tag_ids(tokenizer, special_token_ids(tokenizer)) if self.reasoning_format else ()
 
     @classmethod
     def build(cls, config: InferenceConfig, source: AdapterSource | None = None,
@@ -191,13 +197,18 @@ class Node:
         return ids
 
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str = "", sha256: str = "",
-                       request_id: str = "", cache_scope: str = "") -> AsyncIterator[RequestOutput]:
+                       request_id: str = "", cache_scope: str = "",
+                       on_prompt: Callable[[list[int]], None] | None = None) -> AsyncIterator[RequestOutput]:
         """Validates, fetches the adapter if needed (this request waits, others run), streams.
-        cache_scope: the request shares cached prompt KV only with requests of the same scope."""
+        cache_scope: the request shares cached prompt KV only with requests of the same scope.
+        on_prompt: called with the prompt's token ids once encoded (before any output)."""
         token_ids = await asyncio.to_thread(self.encode, prompt)  # other requests' streams keep flowing
+        if on_prompt is not None:
+            on_prompt(token_ids)
         sampling = sampling.validate(len(token_ids), self.max_context, self.args.vocab_size)
-        if prompt.tools_json and self.tool_markers:  # the calls' markup must reach the router's parser
-            sampling = dataclasses.replace(sampling, kept_special_ids=self.tool_markers)
+        kept = (self.tool_markers if prompt.tools_json else ()) + (self.reasoning_tags if prompt.messages else ())
+        if kept:  # markup the router's parsers read must stay in the text
+            sampling = dataclasses.replace(sampling, kept_special_ids=kept)
         grammar = None
         if sampling.json_schema is not None:  # compiling takes up to a second: off the loop too
             grammar = await asyncio.get_running_loop().run_in_executor(self._grammar_threads, functools.partial(

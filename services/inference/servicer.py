@@ -16,6 +16,7 @@ from services.inference.engine.sampling_params import ANY_JSON_OBJECT, SamplingP
 from services.inference.engine.sequence import FinishReason
 from services.inference.node import Node, Prompt
 from services.inference.pool_admin import PoolAdmin
+from services.inference.reasoning_format import reasoning_start as reasoning_start_of
 from services.inference.token_bytes import TokenBytes, special_token_ids
 
 FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH}
@@ -127,15 +128,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         self._authorize(context)
+        chat = request.WhichOneof("input") == "messages"
+        reasoning_start = ""
+
+        def on_prompt(token_ids: list[int]) -> None:
+            nonlocal reasoning_start
+            if chat and self.node.reasoning_format:
+                reasoning_start = reasoning_start_of(self.node.tokenizer, token_ids)
+
         outputs = self.node.generate(prompt_from(request), sampling_from(request.sampling),
                                      request.adapter.adapter_id, request.adapter.sha256, request.request_id,
-                                     request.cache_scope)
+                                     request.cache_scope, on_prompt)
         first = True
         async for output in outputs:
             delta = delta_from(output, self.node.tokenizer, self._token_bytes, self._special)
             if first:
                 delta.prompt_tokens, first = output.prompt_tokens, False
-                if request.WhichOneof("input") == "messages" and request.messages.tools_json:
+                delta.reasoning_start = reasoning_start
+                if chat and request.messages.tools_json:
                     delta.tool_call_format = self.node.tool_call_format
             yield inference_pb2.GenerateResponse(delta=delta)
 

@@ -124,7 +124,10 @@ def _copy(adapter_dir, tmp_path):
         (lambda t, c: t.update({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight":
                                 next(iter(t.values())).clone()}), "layer 9 does not exist"),
         (lambda t, c: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}), "unsupported tensor"),
-        (lambda t, c: c.update({"rank_pattern": {"q_proj": 4}}), "rank_pattern"),
+        # fin is r=2: a pattern giving its q_proj rank 4 disagrees with the weights' shapes.
+        (lambda t, c: c.update({"rank_pattern": {"q_proj": 4}}),
+         r"expected \(4, 64\) \(r from rank_pattern key 'q_proj'\)"),
+        (lambda t, c: c.update({"alpha_pattern": {"(q_proj": 4}}), r"alpha_pattern key '\(q_proj': is not a valid"),
         (lambda t, c: c.update({"peft_type": "IA3"}), "peft_type must be LORA"),
     ],
 )

@@ -2,8 +2,10 @@
 
 For every module m the pool holds A[m]: [L, P, in_m] and B[m]: [L, P, out_m] (B stored
 transposed, one row per rank index). An adapter of rank r owns r page ids — the same in
-every layer and module — taken from a free list. Adapters are evicted least-recently-used
-first, and only when no running sequence references them and they are not pinned.
+every layer and module — taken from a free list (an adapter whose modules differ in rank, by
+rank_pattern, has its largest: weights.py pads the others). Adapters are evicted
+least-recently-used first, and only when no running sequence references them and they are
+not pinned.
 """
 
 from __future__ import annotations

@@ -1,35 +1,43 @@
 """Parse a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into
-per-(layer, module) A/B matrices checked against the base model's shapes.
+per-(layer, module) A/B matrices checked against the base model's shapes, in pool form.
 
 Only safetensors are read (never pickle). The Registry validates uploads first; the node
 re-checks because it must never write a wrong-shaped tensor into its shared page pool.
+
+Pool form: the pool gives an adapter one rank R and one scale (DESIGN.md §3), but
+rank_pattern / alpha_pattern give each module its own r_m and alpha_m (resolved as peft does,
+services/common/lora_patterns.py). So every module is padded to the adapter's largest rank R
+(zero rows in A, zero columns in B: the extra pages add exactly nothing), and its own scale
+s_m relative to the adapter's s = lora_alpha / R is folded into B:
+`s * (B_m * s_m / s) @ A_m == s_m * B_m @ A_m`, peft's per-module result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from services.common.errors import InvalidArgument
+from services.common.lora_patterns import LoraPatterns, ModuleLora, lora_scaling
 from services.inference.model.config import LORA_MODULES, ModelArgs
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\."
                   r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A|B)(?:\.default)?\.weight$")
 
 
 @dataclass
 class LoraWeights:
-    """One adapter in host memory: A [r, in] and B [out, r] per (layer, module)."""
+    """One adapter in host memory, in pool form: A [rank, in] and B [out, rank] per (layer, module)."""
 
-    rank: int
-    scaling: float  # alpha / r, or alpha / sqrt(r) with rsLoRA
+    rank: int  # the largest module rank; smaller modules are padded with zeros to it
+    scaling: float  # lora_alpha / rank, or / sqrt(rank) with rsLoRA; each module's own scale is folded into b
     target_modules: frozenset[str]
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
@@ -44,9 +52,12 @@ class LoraWeights:
 PEFT_DEFAULT_ALPHA = 8
 
 
-def _scaling(config: dict, rank: int) -> float:
-    alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+class _LoraTensor(NamedTuple):
+    layer: int
+    module: str  # q_proj, ...
+    side: str  # "A" or "B"
+    module_name: str  # the module's name in the base model, as peft's patterns see it
+    tensor: torch.Tensor
 
 
 def parse_adapter(config: dict | str, weights: bytes, args: ModelArgs) -> LoraWeights:
@@ -54,39 +65,71 @@ def parse_adapter(config: dict | str, weights: bytes, args: ModelArgs) -> LoraWe
     config = json.loads(config) if isinstance(config, str) else config
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise InvalidArgument(f"peft_type must be LORA, got {config.get('peft_type')!r}")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise InvalidArgument("adapters with rank_pattern/alpha_pattern are not supported yet")
     if config.get("use_dora"):
         raise InvalidArgument("DoRA adapters are not supported")
     rank = int(config.get("r", 0))
     if rank < 1:
         raise InvalidArgument(f"adapter rank r must be >= 1, got {rank}")
+    use_rslora = bool(config.get("use_rslora"))
+    # No rank limit here: the node's applies to the padded rank (AdapterManager).
+    patterns = LoraPatterns.from_config(config, rank, float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
+    tensors = _read_tensors(weights, args)
+    modules = patterns.resolve(dict.fromkeys(t.module_name for t in tensors.values()))
     shapes = args.module_shapes()
     a: dict[tuple[int, str], torch.Tensor] = {}
     b: dict[tuple[int, str], torch.Tensor] = {}
-    for name, tensor in load_safetensors(weights).items():
-        match = _KEY.match(name)
-        if match is None:
-            raise InvalidArgument(f"adapter_model.safetensors: unsupported tensor {name!r}")
-        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
-        if layer >= args.num_layers:
-            raise InvalidArgument(f"{name}: layer {layer} does not exist (base has {args.num_layers})")
-        in_features, out_features = shapes[module]
-        expected = (rank, in_features) if which == "A" else (out_features, rank)
-        if tuple(tensor.shape) != expected:
-            raise InvalidArgument(f"{name}: shape {tuple(tensor.shape)}, expected {expected}")
-        if not torch.isfinite(tensor).all():
+    resolved: dict[tuple[int, str], ModuleLora] = {}
+    for name, t in sorted(tensors.items()):  # name order: deterministic messages
+        lora = modules[t.module_name]
+        in_features, out_features = shapes[t.module]
+        expected = (lora.rank, in_features) if t.side == "A" else (out_features, lora.rank)
+        if tuple(t.tensor.shape) != expected:
+            source = f" (r from rank_pattern key {lora.rank_key!r})" if lora.rank_key is not None else ""
+            raise InvalidArgument(f"{name}: shape {tuple(t.tensor.shape)}, expected {expected}{source}")
+        if not torch.isfinite(t.tensor).all():
             raise InvalidArgument(f"{name}: contains NaN or Inf")
-        (a if which == "A" else b)[(layer, module)] = tensor.float().contiguous()
+        (a if t.side == "A" else b)[(t.layer, t.module)] = t.tensor.float()
+        resolved[(t.layer, t.module)] = lora
     if set(a) != set(b):
         unpaired = sorted(set(a) ^ set(b))
         raise InvalidArgument(f"lora_A/lora_B tensors are unpaired for {unpaired[:3]}")
     if not a:
         raise InvalidArgument("adapter_model.safetensors holds no LoRA tensors")
-    modules = frozenset(module for _, module in a)
-    assert modules <= set(LORA_MODULES)
-    return LoraWeights(rank=rank, scaling=_scaling(config, rank), target_modules=modules, a=a, b=b,
+    target_modules = frozenset(module for _, module in a)
+    assert target_modules <= set(LORA_MODULES)
+    pool_rank = max(lora.rank for lora in resolved.values())
+    scaling = lora_scaling(patterns.alpha, pool_rank, use_rslora)
+    for where, lora in resolved.items():
+        a[where], b[where] = _pool_form(a[where], b[where], lora, pool_rank, scaling, use_rslora)
+    return LoraWeights(rank=pool_rank, scaling=scaling, target_modules=target_modules, a=a, b=b,
                        sha256=hashlib.sha256(weights).hexdigest())
+
+
+def _read_tensors(weights: bytes, args: ModelArgs) -> dict[str, _LoraTensor]:
+    tensors = {}
+    for name, tensor in load_safetensors(weights).items():
+        match = _KEY.match(name)
+        if match is None:
+            raise InvalidArgument(f"adapter_model.safetensors: unsupported tensor {name!r}")
+        layer, parent, module, side = int(match.group(1)), match.group(2), match.group(3), match.group(4)
+        if layer >= args.num_layers:
+            raise InvalidArgument(f"{name}: layer {layer} does not exist (base has {args.num_layers})")
+        tensors[name] = _LoraTensor(layer, module, side, f"model.layers.{layer}.{parent}.{module}", tensor)
+    return tensors
+
+
+def _pool_form(a: torch.Tensor, b: torch.Tensor, lora: ModuleLora, pool_rank: int, scaling: float,
+               use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r_m, in] -> [R, in] and B [out, r_m] -> [out, R], with the module's scale relative to the
+    adapter's folded into B (see the module docstring)."""
+    ratio = lora_scaling(lora.alpha, lora.rank, use_rslora) / scaling
+    if ratio != 1.0:  # a module at the adapter's own scale keeps its exact bits
+        b = b * ratio
+    pad = pool_rank - lora.rank
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+    return a.contiguous(), b.contiguous()
 
 
 def load_adapter_folder(folder: str | Path, args: ModelArgs) -> LoraWeights:

@@ -171,8 +171,8 @@ def _store(ctx: RegistryContext, plan: UploadPlan, validated: ValidatedAdapter) 
         counter.last_version += 1  # never max(version) + 1: a deleted version's number is not reused
         row = Adapter(id="adp_" + uuid.uuid4().hex, tenant_id=plan.tenant_id, name=header.name,
                       version=counter.last_version,
-                      base_model=plan.base.name, rank=spec.rank, alpha=spec.alpha, use_rslora=spec.use_rslora,
-                      scaling=spec.scaling, target_modules=validated.target_modules,
+                      base_model=plan.base.name, rank=validated.rank, alpha=spec.alpha, use_rslora=spec.use_rslora,
+                      scaling=validated.scaling, target_modules=validated.target_modules,
                       size_bytes=validated.size_bytes, sha256=validated.sha256,
                       content_digest=validated.content_digest, config_json=spec.normalized_json,
                       description=header.description, labels=dict(header.labels), created_at=utcnow())

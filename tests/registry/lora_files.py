@@ -81,8 +81,10 @@ def zip_with_symlink(files: AdapterFiles, link_name: str = "adapter_model.safete
 
 
 def make_peft_adapter(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: float = 8, seed: int = 0,
-                      modules: list[str] | None = None, use_rslora: bool = False) -> AdapterFiles:
-    """A real PEFT LoRA adapter for the tiny model, with random (non-zero) A and B."""
+                      modules: list[str] | None = None, use_rslora: bool = False, rank_pattern: dict | None = None,
+                      alpha_pattern: dict | None = None) -> AdapterFiles:
+    """A real PEFT LoRA adapter for the tiny model, with random (non-zero) A and B; rank_pattern and
+    alpha_pattern give modules their own ranks and alphas."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -90,7 +92,8 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: float
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules or ALL_MODULES, task_type="CAUSAL_LM",
-                        use_rslora=use_rslora, init_lora_weights=False)
+                        use_rslora=use_rslora, init_lora_weights=False, rank_pattern=rank_pattern or {},
+                        alpha_pattern=alpha_pattern or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
         get_peft_model(model, config).save_pretrained(out_dir)

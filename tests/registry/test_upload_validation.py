@@ -68,7 +68,7 @@ def test_bf16_adapters_pass_and_dotted_target_names_match(tmp_path, peft_adapter
     path.write_bytes(files.weights)
     entries = read_header(path, len(files.weights))
     fingerprint = fingerprint_from_config(build_config("tiny", "llama").to_dict())
-    modules = check_tensors(entries, fingerprint, parse_lora_config(files.config, 64))
+    modules = check_tensors(entries, fingerprint, parse_lora_config(files.config, 64)).target_modules
     assert modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     check_finite(path, entries)
 

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+from services.common.lora_patterns import lora_scaling
 from services.registry.fingerprint import ArchitectureFingerprint
 from services.registry.validation.archive import (CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, UploadLimits,
                                                   UploadReceiver, check_files_header)
@@ -27,6 +28,11 @@ __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "AdapterFiles", "BaseModelRef", "Uploa
 class ValidatedAdapter:
     spec: LoraSpec
     target_modules: list[str]
+    #: The largest module rank (rank_pattern can make modules differ): pages the adapter takes in a node's pool.
+    rank: int
+    #: The one scale a node applies with that rank: lora_alpha / rank (rsLoRA: / sqrt(rank)). Nodes fold each
+    #: module's own alpha / r into its B (services/inference/adapters/weights.py).
+    scaling: float
     weights_path: Path
     size_bytes: int
     sha256: str
@@ -47,8 +53,9 @@ def validate_upload(unpacked: AdapterFiles, base: BaseModelRef, limits: UploadLi
     spec = parse_lora_config(unpacked.config_bytes, limits.max_rank)
     check_base_model_reference(spec, base.name, base.location, override_base_model_check)
     entries = read_header(unpacked.weights_path, unpacked.weights_size)
-    modules = check_tensors(entries, base.fingerprint, spec)
+    checked = check_tensors(entries, base.fingerprint, spec)
     check_finite(unpacked.weights_path, entries)
     content = hashlib.sha256(f"{unpacked.weights_sha256}\n{spec.normalized_json}".encode()).hexdigest()
-    return ValidatedAdapter(spec, modules, unpacked.weights_path, unpacked.weights_size, unpacked.weights_sha256,
-                            content)
+    return ValidatedAdapter(spec, checked.target_modules, checked.rank,
+                            lora_scaling(spec.alpha, checked.rank, spec.use_rslora), unpacked.weights_path,
+                            unpacked.weights_size, unpacked.weights_sha256, content)

@@ -1,32 +1,28 @@
 """adapter_config.json: what PEFT wrote, checked against what we can serve.
 
-We serve plain LoRA on the Llama family's linear modules with one rank per adapter (the
-inference pool gives an adapter r pages shared by every layer and module, DESIGN.md §3).
-So PEFT features that change the math or the shapes are refused by name rather than
-silently ignored: DoRA, per-module rank/alpha patterns, LoRA biases, fan_in_fan_out, extra
-trainable modules, layer replication, and the like.
+We serve plain LoRA on the Llama family's linear modules. Per-module ranks and alphas
+(rank_pattern / alpha_pattern) are served: the patterns are checked here and resolved per
+module, as peft does, by services/common/lora_patterns.py; inference nodes pad every module
+to the adapter's largest rank (one rank per adapter in the pool, DESIGN.md §3). PEFT features
+that change the math otherwise are refused by name rather than silently ignored: DoRA, LoRA
+biases, fan_in_fan_out, extra trainable modules, layer replication, and the like.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import PurePosixPath
 
 from services.common.errors import InvalidArgument
+from services.common.lora_patterns import MAX_ALPHA, PATTERN_FIELDS, LoraPatterns
 from services.registry.validation.archive import CONFIG_FILE
 
 DEFAULT_ALPHA = 8  # PEFT's LoraConfig default
-# The largest float32: Adapter.alpha and Adapter.scaling are float32 on the wire, and a larger alpha
-# would reach inference nodes as an infinite scale.
-MAX_ALPHA = 3.4028234663852886e38
 
 # field -> why it is refused when set (truthy).
 UNSUPPORTED_FEATURES = {
     "use_dora": "DoRA (weight-decomposed LoRA) is not supported",
-    "rank_pattern": "per-module ranks (rank_pattern) are not supported: an adapter has one rank",
-    "alpha_pattern": "per-module alphas (alpha_pattern) are not supported: an adapter has one alpha",
     "lora_bias": "LoRA bias terms (lora_bias) are not supported",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights) is not supported",
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
@@ -41,22 +37,29 @@ UNSUPPORTED_FEATURES = {
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
+    #: The config's r and lora_alpha: what modules no rank_pattern / alpha_pattern key matches get.
     rank: int
     alpha: float
     use_rslora: bool
     #: Module names when target_modules is a list; None for a regex string or "all-linear".
     target_modules: tuple[str, ...] | None
     base_model_name_or_path: str
-    #: The config as stored and served: sorted keys, compact separators.
+    #: The config as stored and served: sorted keys, compact separators; pattern dicts keep their order.
     normalized_json: str
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+    patterns: LoraPatterns
 
 
 def _invalid(message: str, reason: str = "BAD_ADAPTER_CONFIG", **metadata: object) -> InvalidArgument:
     return InvalidArgument(f"{CONFIG_FILE}: {message}", reason=reason, file=CONFIG_FILE, **metadata)
+
+
+def _normalized_json(config: dict) -> str:
+    """Keys sorted at every level (equal configs, equal text: the upload's identity), except inside
+    rank_pattern and alpha_pattern, whose order decides which key wins (lora_patterns.py)."""
+    def canonical(value):
+        return json.loads(json.dumps(value, sort_keys=True))  # sorts nested objects; key order survives loads
+    ordered = {key: config[key] if key in PATTERN_FIELDS else canonical(config[key]) for key in sorted(config)}
+    return json.dumps(ordered, separators=(",", ":"))
 
 
 def parse_lora_config(data: bytes, max_rank: int) -> LoraSpec:
@@ -105,8 +108,11 @@ def parse_lora_config(data: bytes, max_rank: int) -> LoraSpec:
     base = config.get("base_model_name_or_path") or ""
     if not isinstance(base, str):
         raise _invalid(f"base_model_name_or_path must be a string, got {base!r}", field="base_model_name_or_path")
-    return LoraSpec(rank, float(alpha), use_rslora, target_modules, base,
-                    json.dumps(config, sort_keys=True, separators=(",", ":")))
+    try:
+        patterns = LoraPatterns.from_config(config, rank, float(alpha), max_rank)
+    except InvalidArgument as exc:
+        raise _invalid(exc.message, reason=exc.reason, **exc.metadata) from None
+    return LoraSpec(rank, float(alpha), use_rslora, target_modules, base, _normalized_json(config), patterns)
 
 
 def _last_part(path: str) -> str:

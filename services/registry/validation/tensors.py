@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.common.lora_patterns import ModuleLora
 from services.registry.fingerprint import ATTENTION_MODULES, MLP_MODULES, MODULES, ArchitectureFingerprint
-from services.registry.validation.archive import WEIGHTS_FILE
+from services.registry.validation.archive import CONFIG_FILE, WEIGHTS_FILE
 from services.registry.validation.lora_config import LoraSpec
 
 # Real adapter headers are kilobytes (a 128-layer model: ~270 KB); refuse anything absurd early.
@@ -143,25 +144,44 @@ def _locate(entry: TensorEntry, fingerprint: ArchitectureFingerprint) -> tuple[i
     return layer, module, side
 
 
-def check_tensors(entries: list[TensorEntry], fingerprint: ArchitectureFingerprint, spec: LoraSpec) -> list[str]:
-    """Shape and pairing checks; returns the targeted modules in canonical order."""
+@dataclasses.dataclass(frozen=True)
+class CheckedTensors:
+    #: The modules that carry weights, in canonical order.
+    target_modules: list[str]
+    #: The largest rank of any module: what the adapter occupies in a node's pool (one rank per adapter).
+    rank: int
+
+
+def _rank_source(module: ModuleLora) -> str:
+    return f" from rank_pattern key {module.rank_key!r}" if module.rank_key is not None else ""
+
+
+def check_tensors(entries: list[TensorEntry], fingerprint: ArchitectureFingerprint, spec: LoraSpec) -> CheckedTensors:
+    """Shape and pairing checks, each module against its own rank (rank_pattern, else r)."""
     if not entries:
         raise _invalid("holds no tensors", reason="NO_TENSORS")
+    located = [(entry, *_locate(entry, fingerprint)) for entry in sorted(entries, key=lambda e: e.name)]
+    # The module's name in the base model, as peft matches rank_pattern / alpha_pattern keys against it.
+    names = {(layer, module): f"model.layers.{layer}.{_PARENT[module]}.{module}" for _, layer, module, _ in located}
+    try:
+        resolved = spec.patterns.resolve(names.values())
+    except InvalidArgument as exc:  # from adapter_config.json's patterns, though found while reading the weights
+        raise InvalidArgument(f"{CONFIG_FILE}: {exc.message}", reason=exc.reason, file=CONFIG_FILE,
+                              **exc.metadata) from None
     seen: dict[tuple[int, str], set[str]] = {}
-    for entry in sorted(entries, key=lambda e: e.name):  # name order: deterministic messages
-        layer, module, side = _locate(entry, fingerprint)
+    for entry, layer, module, side in located:  # name order: deterministic messages
         # PEFT matches target_modules entries by name suffix ("q_proj", "self_attn.q_proj", ...).
         if spec.target_modules is not None and module not in {t.rsplit(".", 1)[-1] for t in spec.target_modules}:
             raise _invalid(f"tensor '{entry.name}' targets {module}, which adapter_config.json target_modules "
                            f"{list(spec.target_modules)} does not list", reason="UNKNOWN_MODULE",
                            tensor=entry.name, expected="|".join(spec.target_modules), actual=module)
-        shape = fingerprint.module(module)
-        expected = [spec.rank, shape.in_features] if side == "A" else [shape.out_features, spec.rank]
+        shape, lora = fingerprint.module(module), resolved[names[layer, module]]
+        expected = [lora.rank, shape.in_features] if side == "A" else [shape.out_features, lora.rank]
         meaning = "r x in_features" if side == "A" else "out_features x r"
         if list(entry.shape) != expected:
             raise _invalid(f"tensor '{entry.name}' has shape {list(entry.shape)}; expected {expected} "
-                           f"({meaning} of {module} with r={spec.rank})", reason="SHAPE_MISMATCH",
-                           tensor=entry.name, expected=expected, actual=list(entry.shape))
+                           f"({meaning} of {module} with r={lora.rank}{_rank_source(lora)})",
+                           reason="SHAPE_MISMATCH", tensor=entry.name, expected=expected, actual=list(entry.shape))
         seen.setdefault((layer, module), set()).add(side)
     for (layer, module), sides in sorted(seen.items()):
         if sides != {"A", "B"}:
@@ -169,7 +189,8 @@ def check_tensors(entries: list[TensorEntry], fingerprint: ArchitectureFingerpri
             raise _invalid(f"layer {layer} {module} has lora_{sides.pop()} but no lora_{missing}",
                            reason="UNPAIRED_TENSOR", tensor=f"layers.{layer}.{module}.lora_{missing}")
     present = {module for _, module in seen}
-    return [module for module in MODULES if module in present]
+    return CheckedTensors([module for module in MODULES if module in present],
+                          max(lora.rank for lora in resolved.values()))
 
 
 def check_finite(path: Path, entries: list[TensorEntry]) -> None:

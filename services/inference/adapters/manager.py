@@ -144,10 +144,13 @@ class AdapterManager:
     # --- engine thread side: the scheduler's AdapterGate ---
     def try_acquire(self, adapter_key: str, sha256: str = "") -> Admission:
         resident = self.pool.get(adapter_key)
-        if resident is not None and (not sha256 or resident.sha256 == sha256):
+        weights = self._host_copy(adapter_key, sha256)
+        # A host copy read since the resident one was loaded, with the same weights under another
+        # config (an edited local adapter folder), replaces it: it computes something else.
+        newer = weights is not None and resident is not None and weights.fingerprint != resident.fingerprint
+        if resident is not None and (not sha256 or resident.sha256 == sha256) and not newer:
             self.pool.acquire(adapter_key)
             return Admission.ADMITTED
-        weights = self._host_copy(adapter_key, sha256)
         if weights is None:
             if self.loop is not None:  # dropped from (or replaced in) the host tier since the request queued
                 self.loop.call_soon_threadsafe(self._refetch, adapter_key, sha256)
@@ -170,7 +173,7 @@ class AdapterManager:
 
     def resident_sha256(self, adapter_key: str) -> str | None:
         resident = self.pool.get(adapter_key)
-        return resident.sha256 if resident is not None else None
+        return resident.fingerprint if resident is not None else None
 
     def _host_copy(self, adapter_key: str, sha256: str) -> LoraWeights | None:
         """The host tier's copy of the adapter, if it holds these bytes ("" = any)."""

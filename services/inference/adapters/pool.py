@@ -32,6 +32,7 @@ class ResidentAdapter:
     scaling: float
     target_modules: frozenset[str]
     sha256: str
+    fingerprint: str  # LoraWeights.fingerprint: bytes and config
     refs: int = 0
     pinned: bool = False
     last_used: float = field(default_factory=time.time)
@@ -83,7 +84,7 @@ class AdapterPool:
     # --- residency ---
     def load(self, key: str, weights: LoraWeights, pinned: bool = False) -> ResidentAdapter:
         """Copies an adapter into free pages, evicting LRU unreferenced adapters if needed."""
-        if (existing := self._resident.get(key)) is not None and existing.sha256 == weights.sha256:
+        if (existing := self._resident.get(key)) is not None and existing.fingerprint == _fingerprint(weights):
             existing.pinned = existing.pinned or pinned
             return existing
         if existing is not None and existing.refs:
@@ -103,7 +104,7 @@ class AdapterPool:
         pages = torch.tensor(page_ids, dtype=torch.int64, device=self.device)
         self._write(pages, weights)
         adapter = ResidentAdapter(key, pages, tuple(page_ids), weights.rank, weights.scaling, weights.target_modules,
-                                  weights.sha256, pinned=pinned)
+                                  weights.sha256, _fingerprint(weights), pinned=pinned)
         self._resident[key] = adapter
         self.counters.loads += 1
         return adapter
@@ -149,3 +150,7 @@ class AdapterPool:
         adapter = self._resident[key]
         return AdapterSegments([Segment(start, end, adapter.pages, adapter.scaling, adapter.page_ids)],
                                adapter.target_modules)
+
+
+def _fingerprint(weights: LoraWeights) -> str:
+    return weights.fingerprint or weights.sha256

@@ -41,7 +41,12 @@ class LoraWeights:
     target_modules: frozenset[str]
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
-    sha256: str
+    sha256: str  # of adapter_model.safetensors: what requests and the Registry name the bytes by
+    #: sha256 and the config together: what the pool form depends on. The same weights under
+    #: another config (a local adapter folder whose adapter_config.json was edited: alpha, rsLoRA,
+    #: patterns) compute something else, so the pool must not keep the old copy for them, nor
+    #: the prefix cache share their KV.
+    fingerprint: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -101,8 +106,11 @@ def parse_adapter(config: dict | str, weights: bytes, args: ModelArgs) -> LoraWe
     scaling = lora_scaling(patterns.alpha, pool_rank, use_rslora)
     for where, lora in resolved.items():
         a[where], b[where] = _pool_form(a[where], b[where], lora, pool_rank, scaling, use_rslora)
-    return LoraWeights(rank=pool_rank, scaling=scaling, target_modules=target_modules, a=a, b=b,
-                       sha256=hashlib.sha256(weights).hexdigest())
+    sha256 = hashlib.sha256(weights).hexdigest()
+    config_text = json.dumps(config, separators=(",", ":"), ensure_ascii=False)  # key order kept: patterns need it
+    fingerprint = hashlib.sha256(f"{sha256}\n{config_text}".encode()).hexdigest()
+    return LoraWeights(rank=pool_rank, scaling=scaling, target_modules=target_modules, a=a, b=b, sha256=sha256,
+                       fingerprint=fingerprint)
 
 
 def _read_tensors(weights: bytes, args: ModelArgs) -> dict[str, _LoraTensor]:

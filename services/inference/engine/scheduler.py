@@ -49,9 +49,9 @@ class AdapterGate(Protocol):
     def release(self, adapter_key: str) -> None: ...
 
     def resident_sha256(self, adapter_key: str) -> str | None:
-        """The digest of the adapter's bytes on the device now, None if it is not there. No
-        side effects: the prefix cache asks it before try_acquire, to name a request's KV
-        when the request takes whichever bytes are resident."""
+        """What names the adapter on the device now (its bytes' digest, or a fingerprint of its
+        bytes and config), None if it is not there. No side effects: the prefix cache asks it
+        before try_acquire, and after, to name a request's KV by what computed it."""
         ...
 
 
@@ -354,13 +354,14 @@ class Scheduler:
         return True
 
     def _adapter_sha256(self, seq: Sequence) -> str | None:
-        """The digest of the adapter bytes seq runs with if admitted now ("" without adapter),
-        which names its cached KV; None while unsettled (it takes any bytes and none are
-        resident: the gate may load some) or unneeded (no prefix caching)."""
+        """What names the adapter seq runs with if admitted now ("" without adapter): the
+        resident copy's identity, which names its cached KV (once admitted, the copy it runs
+        with; before, a guess that admission re-checks). None while none is resident (the gate
+        may load one) or when unneeded (no prefix caching)."""
         if not self.block_manager.prefix_caching:
             return None
-        if seq.adapter_key is None or seq.adapter_sha256:
-            return seq.adapter_sha256
+        if seq.adapter_key is None:
+            return ""
         return self.gate.resident_sha256(seq.adapter_key)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 
 from jinja2 import TemplateError
@@ -45,14 +46,15 @@ class ChatTurn:
                                                 for c in self.tool_calls)
 
 
-def render(tokenizer, turns: Sequence[ChatTurn], tools_json: str = "") -> list[int]:
+def render(tokenizer, turns: Sequence[ChatTurn], tools_json: str = "", template_kwargs_json: str = "") -> list[int]:
     """Token ids of the conversation followed by the assistant's generation prompt;
     INVALID_ARGUMENT naming the part of the conversation at fault."""
     chat = [_hf_message(turn, i) for i, turn in enumerate(turns)]
     tools = _tools(tools_json)
+    extra = template_kwargs(template_kwargs_json)
     try:
         return list(tokenizer.apply_chat_template(chat, tools=tools, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
+                                                  return_dict=False, **extra))
     except TemplateError as exc:  # the template's raise_exception(...): its refusal of this conversation
         raise InvalidArgument(f"messages: the model's chat template refuses this conversation: {exc}",
                               field="messages") from None
@@ -85,6 +87,40 @@ def _arguments(text: str, where: str) -> dict:
     if not isinstance(arguments, dict):
         raise InvalidArgument(f"{where} must be JSON text of an object, got {text[:80]!r}", field=where)
     return arguments
+
+
+#: What apply_chat_template or the renderer set: a caller's value would change how the prompt is
+#: built (or tokenized), not just a switch the template reads.
+_RESERVED = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
+                       "return_dict", "return_tensors", "padding", "truncation", "max_length", "chat_template",
+                       "continue_final_message", "return_assistant_tokens_mask", "tokenizer_kwargs",
+                       "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception", "strftime_now"})
+MAX_TEMPLATE_KWARGS = 16
+_KWARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def template_kwargs(text: str) -> dict:
+    """The chat template's extra variables (ChatMessages.template_kwargs_json), checked."""
+    field = "messages.template_kwargs_json"
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except (ValueError, RecursionError):
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise InvalidArgument(f"{field} must be JSON text of an object", field=field)
+    if len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise InvalidArgument(f"{field}: at most {MAX_TEMPLATE_KWARGS} keys, got {len(kwargs)}", field=field)
+    for name, value in kwargs.items():
+        if not _KWARG_NAME.match(name) or name in _RESERVED:
+            raise InvalidArgument(f"{field}: {name[:80]!r} is not a variable a request may set (a name of letters, "
+                                  "digits and _, not one the renderer sets)", field=field)
+        scalar = value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 256)
+        if not scalar:
+            raise InvalidArgument(f"{field}: {name} must be true, false, null, a number or a string of at most 256 "
+                                  "characters", field=field)
+    return kwargs
 
 
 def _tools(tools_json: str) -> list[dict] | None:

@@ -61,6 +61,7 @@ class Prompt:
     messages: Sequence[ChatTurn] | None = None
     token_ids: Sequence[int] | None = None
     tools_json: str = ""
+    template_kwargs_json: str = ""  # extra chat-template variables (chat_template.template_kwargs)
 
 
 def resolve_dtype(config: InferenceConfig) -> torch.dtype:
@@ -184,7 +185,7 @@ class Node:
         elif prompt.messages is not None:
             if not prompt.messages:  # the chat template raises on it: that would be INTERNAL
                 raise InvalidArgument("messages must hold at least one message", field="messages")
-            ids = render(self.tokenizer, prompt.messages, prompt.tools_json)
+            ids = render(self.tokenizer, prompt.messages, prompt.tools_json, prompt.template_kwargs_json)
         elif prompt.text:
             # With the tokenizer's special tokens (a leading BOS for Llama and Mistral), as the
             # trainer tokenizes prompt/completion examples and as HF and vLLM's completions do:

@@ -30,7 +30,8 @@ def prompt_from(request: inference_pb2.GenerateRequest) -> Prompt:
     if kind == "prompt":
         return Prompt(text=request.prompt)
     if kind == "messages":
-        return Prompt(messages=_Turns(request.messages.messages), tools_json=request.messages.tools_json)
+        return Prompt(messages=_Turns(request.messages.messages), tools_json=request.messages.tools_json,
+                      template_kwargs_json=request.messages.template_kwargs_json)
     if kind == "token_ids":
         return Prompt(token_ids=request.token_ids.ids)
     raise InvalidArgument("set one of prompt, messages or token_ids", field="input")

@@ -69,3 +69,33 @@ def test_malformed_tool_turns_are_refused_naming_the_part(tokenizer, turns, tool
     with pytest.raises(InvalidArgument) as caught:
         render(tokenizer, turns, tools_json)
     assert caught.value.metadata["field"] == field
+
+
+THINKING_TEMPLATE = ("{% for message in messages %}<{{ message.role }}>{{ message.content }}|{% endfor %}"
+                     "<assistant>{% if enable_thinking is defined and enable_thinking is false %}"
+                     "<think>\n\n</think>\n\n{% endif %}{% if greeting %}{{ greeting }}{% endif %}")
+
+
+def test_template_kwargs_reach_the_template(tokenizer):
+    """vLLM's chat_template_kwargs: Qwen3's enable_thinking false writes an empty thought."""
+    tokenizer.chat_template = THINKING_TEMPLATE
+    turns = [ChatTurn("user", "hi")]
+    assert tokenizer.decode(render(tokenizer, turns)) == "<user>hi|<assistant>"
+    off = tokenizer.decode(render(tokenizer, turns, "", '{"enable_thinking": false, "greeting": "Hey"}'))
+    assert off == "<user>hi|<assistant><think>\n\n</think>\n\nHey"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ("[1]", "must be JSON text of an object"),
+    ("{not json", "must be JSON text of an object"),
+    ('{"add_generation_prompt": false}', "'add_generation_prompt' is not a variable"),
+    ('{"tools": null}', "'tools' is not a variable"),
+    ('{"bad-name": 1}', "'bad-name' is not a variable"),
+    ('{"enable_thinking": [true]}', "enable_thinking must be true, false"),
+    ('{"x": "' + "a" * 257 + '"}', "x must be true, false"),
+    (json.dumps({f"k{i}": 1 for i in range(17)}), "at most 16 keys"),
+])
+def test_bad_template_kwargs_are_refused_naming_the_field(tokenizer, kwargs, message):
+    with pytest.raises(InvalidArgument, match=message) as refused:
+        render(tokenizer, [ChatTurn("user", "hi")], "", kwargs)
+    assert refused.value.metadata["field"] == "messages.template_kwargs_json"

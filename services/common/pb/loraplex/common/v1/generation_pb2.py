@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#loraplex/common/v1/generation.proto\x12\x12loraplex.common.v1\"t\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x30\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1c.loraplex.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"U\n\x0c\x43hatMessages\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.loraplex.common.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfc\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1a\n\x12until_context_full\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x45\n\nlogit_bias\x18\r \x03(\x0b\x32\x31.loraplex.common.v1.SamplingParams.LogitBiasEntry\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12?\n\x11structured_output\x18\x0f \x01(\x0b\x32$.loraplex.common.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"H\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"\x93\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x03top\x18\x04 \x03(\x0b\x32\x1e.loraplex.common.v1.TopLogprob\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\x12\x0f\n\x07special\x18\x06 \x01(\x08\"\xa9\x02\n\x0fGenerationDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x32\n\x08logprobs\x18\x03 \x03(\x0b\x32 .loraplex.common.v1.TokenLogprob\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .loraplex.common.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.loraplex.common.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x18\n\x10tool_call_format\x18\x08 \x01(\t\x12\x17\n\x0freasoning_start\x18\t \x01(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#loraplex/common/v1/generation.proto\x12\x12loraplex.common.v1\"t\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x30\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1c.loraplex.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"s\n\x0c\x43hatMessages\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.loraplex.common.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x1c\n\x14template_kwargs_json\x18\x03 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfc\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1a\n\x12until_context_full\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x45\n\nlogit_bias\x18\r \x03(\x0b\x32\x31.loraplex.common.v1.SamplingParams.LogitBiasEntry\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12?\n\x11structured_output\x18\x0f \x01(\x0b\x32$.loraplex.common.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"H\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"\x93\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x03top\x18\x04 \x03(\x0b\x32\x1e.loraplex.common.v1.TopLogprob\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\x12\x0f\n\x07special\x18\x06 \x01(\x08\"\xa9\x02\n\x0fGenerationDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x32\n\x08logprobs\x18\x03 \x03(\x0b\x32 .loraplex.common.v1.TokenLogprob\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .loraplex.common.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.loraplex.common.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x18\n\x10tool_call_format\x18\x08 \x01(\t\x12\x17\n\x0freasoning_start\x18\t \x01(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1759
-  _globals['_FINISHREASON']._serialized_end=1854
+  _globals['_FINISHREASON']._serialized_start=1789
+  _globals['_FINISHREASON']._serialized_end=1884
   _globals['_CHATMESSAGE']._serialized_start=59
   _globals['_CHATMESSAGE']._serialized_end=175
   _globals['_TOOLCALL']._serialized_start=177
   _globals['_TOOLCALL']._serialized_end=232
   _globals['_CHATMESSAGES']._serialized_start=234
-  _globals['_CHATMESSAGES']._serialized_end=319
-  _globals['_TOKENIDS']._serialized_start=321
-  _globals['_TOKENIDS']._serialized_end=344
-  _globals['_SAMPLINGPARAMS']._serialized_start=347
-  _globals['_SAMPLINGPARAMS']._serialized_end=983
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=809
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=857
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=985
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1057
-  _globals['_USAGE']._serialized_start=1059
-  _globals['_USAGE']._serialized_end=1168
-  _globals['_TOPLOGPROB']._serialized_start=1170
-  _globals['_TOPLOGPROB']._serialized_end=1253
-  _globals['_TOKENLOGPROB']._serialized_start=1256
-  _globals['_TOKENLOGPROB']._serialized_end=1403
-  _globals['_GENERATIONDELTA']._serialized_start=1406
-  _globals['_GENERATIONDELTA']._serialized_end=1703
-  _globals['_PAGEREQUEST']._serialized_start=1705
-  _globals['_PAGEREQUEST']._serialized_end=1757
+  _globals['_CHATMESSAGES']._serialized_end=349
+  _globals['_TOKENIDS']._serialized_start=351
+  _globals['_TOKENIDS']._serialized_end=374
+  _globals['_SAMPLINGPARAMS']._serialized_start=377
+  _globals['_SAMPLINGPARAMS']._serialized_end=1013
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=839
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=887
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1015
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1087
+  _globals['_USAGE']._serialized_start=1089
+  _globals['_USAGE']._serialized_end=1198
+  _globals['_TOPLOGPROB']._serialized_start=1200
+  _globals['_TOPLOGPROB']._serialized_end=1283
+  _globals['_TOKENLOGPROB']._serialized_start=1286
+  _globals['_TOKENLOGPROB']._serialized_end=1433
+  _globals['_GENERATIONDELTA']._serialized_start=1436
+  _globals['_GENERATIONDELTA']._serialized_end=1733
+  _globals['_PAGEREQUEST']._serialized_start=1735
+  _globals['_PAGEREQUEST']._serialized_end=1787
 # @@protoc_insertion_point(module_scope)

@@ -224,23 +224,41 @@ def in_callers_terms(error: errors.LoraplexError, renames: dict[str, str]) -> er
     return error
 
 
-class SSEResponse(StreamingResponse):
-    """A stream of `data:` events that always closes its source, however the response ends."""
+class DataFrames:
+    """Chat's and completions' SSE framing: each event a `data:` line, `data: [DONE]` after the
+    last, a failure as its OpenAI error body. Another API may frame its events otherwise, with
+    these three methods."""
 
-    def __init__(self, events: AsyncIterator[dict], stream: Streams) -> None:
-        super().__init__(self._encode(events, stream), media_type="text/event-stream",
+    def event(self, payload: dict) -> str:
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+    def end(self) -> str:
+        return "data: [DONE]\n\n"
+
+    def error(self, body: dict) -> str:
+        return self.event(body)
+
+
+class SSEResponse(StreamingResponse):
+    """A stream of events, framed by `frames`, that always closes its source, however the
+    response ends."""
+
+    def __init__(self, events: AsyncIterator[dict], stream: Streams, frames: DataFrames | None = None) -> None:
+        super().__init__(self._encode(events, stream, frames or DataFrames()), media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-request-id": stream.request_id})
 
     @staticmethod
-    async def _encode(events: AsyncIterator[dict], stream: Streams) -> AsyncIterator[str]:
+    async def _encode(events: AsyncIterator[dict], stream: Streams, frames: DataFrames) -> AsyncIterator[str]:
         try:
             async for payload in events:
-                yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-            yield "data: [DONE]\n\n"
+                yield frames.event(payload)
+            end = frames.end()
+            if end:  # an empty chunk would be sent as one
+                yield end
         except errors.LoraplexError as exc:
-            yield f"data: {json.dumps(error_body(exc)[1])}\n\n"
+            yield frames.error(error_body(exc)[1])
         except Exception as exc:  # noqa: BLE001 - headers are sent: report it in-band
-            yield f"data: {json.dumps(error_body(_internal(exc))[1])}\n\n"
+            yield frames.error(error_body(_internal(exc))[1])
         finally:
             await stream.aclose()
 
@@ -298,7 +316,7 @@ async def completion_events(streams: Streams, response_id: str, created: int,
 
 
 def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
-    async def generate(request: Request, parse, respond, events, prompt_param: str) -> Response:
+    async def generate(request: Request, parse, respond, events, prompt_param: str, frames=DataFrames) -> Response:
         # before anything can fail, so every answer can name it
         response_id = request_id = uuid.uuid4().hex
         # the node's names for what this API calls otherwise, for the errors it raises
@@ -322,7 +340,7 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: still a 500 that names the request, as the log does
             return error_response(_internal(exc, request_id), request_id)
-        return SSEResponse(events(stream, response_id, created, options), stream)
+        return SSEResponse(events(stream, response_id, created, options), stream, frames())
 
     @endpoint
     async def chat_completions(request: Request) -> Response:

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   chat, streaming (SSE) or not
     POST /v1/completions        raw prompt, streaming (SSE) or not
+    POST /v1/responses          OpenAI's Responses API on the chat path (not stored: GET /v1/responses/{id} is a 404)
     GET  /v1/models             the caller's deployments, then the base models (each name once)
     GET  /v1/models/{model}     one of those, or 404
     GET  /health                200 while the process runs (for load balancers)
@@ -53,6 +54,9 @@ from services.common import errors
 from services.common.fields import check_request_id
 from services.router import openai_schema as schema
 from services.router.openai_choices import Streams, choice_calls, complete_all, open_all
+from services.router.openai_responses import not_stored, responses_call
+from services.router.openai_responses_output import response_object
+from services.router.openai_responses_stream import ResponseFrames, response_events
 from services.router.proxy import RouterCore
 
 log = logging.getLogger("loraplex.router.http")
@@ -227,7 +231,7 @@ def in_callers_terms(error: errors.LoraplexError, renames: dict[str, str]) -> er
 class DataFrames:
     """Chat's and completions' SSE framing: each event a `data:` line, `data: [DONE]` after the
     last, a failure as its OpenAI error body. Another API may frame its events otherwise, with
-    these three methods."""
+    these three methods (openai_responses_stream.ResponseFrames)."""
 
     def event(self, payload: dict) -> str:
         return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
@@ -351,6 +355,15 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
         return await generate(request, schema.completion_call, schema.text_completion, completion_events, "prompt")
 
     @endpoint
+    async def responses(request: Request) -> Response:
+        return await generate(request, responses_call, response_object, response_events, "input", ResponseFrames)
+
+    @endpoint
+    async def stored_response(request: Request) -> Response:
+        await core.authenticate(request.headers.get("authorization"))  # a 401 first, as for any other route
+        raise not_stored(request.path_params["response_id"])
+
+    @endpoint
     async def list_models(request: Request) -> Response:
         caller = await core.authenticate(request.headers.get("authorization"))
         models = await core.list_models(caller)
@@ -382,6 +395,8 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/{response_id:path}", stored_response, methods=["GET", "DELETE"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

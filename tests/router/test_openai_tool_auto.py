@@ -196,3 +196,15 @@ def test_a_stop_string_closing_the_call(client, caller):
             choice = client.chat.completions.create(**kwargs).choices[0]
         assert calls_of(choice.message) == CALLS[:1] and choice.finish_reason == "tool_calls"
         assert choice.message.content == "Checking."
+
+
+def test_the_responses_api_gives_the_text_then_one_function_call_item_per_call(client, caller):
+    """The same answer through /v1/responses (flat tools: the same prompt), streamed as not."""
+    tools = [{"type": "function", **tool["function"]} for tool in TOOLS]
+    args = dict(model=caller, input=MESSAGES, tools=tools, temperature=0)
+    with client.responses.stream(**args) as stream:
+        streamed = stream.get_final_response()
+    for response in (client.responses.create(**args), streamed):
+        assert [item.type for item in response.output] == ["message", "function_call", "function_call"]
+        assert response.output_text == "Checking." and response.status == "completed"
+        assert [(item.name, json.loads(item.arguments)) for item in response.output[1:]] == CALLS

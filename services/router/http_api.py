@@ -53,6 +53,7 @@ from starlette.routing import Route
 from services.common import errors
 from services.common.fields import check_request_id
 from services.router import openai_schema as schema
+from services.router.choice_reader import ChoiceReader
 from services.router.openai_choices import Streams, choice_calls, complete_all, open_all
 from services.router.openai_responses import not_stored, responses_call
 from services.router.openai_responses_output import response_object
@@ -275,27 +276,25 @@ class SSEResponse(StreamingResponse):
 
 async def chat_events(streams: Streams, response_id: str, created: int,
                       options: schema.Options) -> AsyncIterator[dict]:
-    """Text as it comes; with tools, each choice's deltas as openai_tools.ChoiceCalls gives them
-    (calls once read whole, text that may be call markup held back; logprobs still come as they
-    go), its finish_reason on its last chunk."""
+    """Each choice's deltas as choice_reader.ChoiceReader gives them: its thinking as
+    reasoning_content, then its answer as it comes (with tools, calls once read whole, text that
+    may be call markup held back); logprobs still come as they go, its finish_reason on its last
+    chunk."""
     chunk = functools.partial(schema.chat_chunk, response_id, created, streams.target.model,
                               include_usage=options.include_usage)
     tools = options.tool_use
-    calls = {}  # each choice's ChoiceCalls, made on its first delta (which says the node's format)
+    readers = {}  # each choice's ChoiceReader, made on its first delta (which says how its model writes)
     for index in range(len(streams.streams)):
         yield chunk({"role": "assistant", "content": None if tools else ""}, index=index)
     async for index, delta in streams.deltas():
         finish = schema.FINISH.get(delta.finish_reason)
         logprobs = schema.chat_logprobs(delta.logprobs) if options.logprobs and delta.logprobs else None
-        if tools is None:
-            parts = [{"content": delta.text}] if delta.text else []
-        else:
-            if index not in calls:
-                calls[index] = tools.stream(delta.tool_call_format)
-            parts = calls[index].feed(delta.text)
-            if finish:
-                last, finish = calls[index].finish(finish)
-                parts += last
+        if index not in readers:
+            readers[index] = ChoiceReader(tools, delta.tool_call_format, delta.reasoning_start, options.constrained)
+        parts = readers[index].feed(delta.text)
+        if finish:
+            last, finish = readers[index].finish(finish)
+            parts += last
         if not parts and (finish or logprobs):
             parts = [{}]
         for k, part in enumerate(parts):  # logprobs on the first, the finish on the last

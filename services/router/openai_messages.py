@@ -21,6 +21,7 @@ from typing import Any
 
 from services.common.errors import InvalidArgument
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
+from services.inference.chat_template import template_kwargs
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 #: Keys OpenAI defines per role, beyond role and content.
@@ -132,3 +133,16 @@ def _text(content: Any, where: str) -> str:
     if content is None:
         return ""
     raise bad_param(f"{where}.content", "expected a string or a list of text parts")
+
+
+def template_kwargs_json(body: dict) -> str:
+    """vLLM's chat_template_kwargs ({"enable_thinking": false} for Qwen3) as ChatMessages'
+    template_kwargs_json, checked by the node's own rules here so the 400 names this param."""
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return ""
+    try:
+        return json.dumps(template_kwargs(json.dumps(value)), separators=(",", ":"))
+    except InvalidArgument as exc:
+        raise bad_param("chat_template_kwargs", exc.message.removeprefix("messages.template_kwargs_json")
+                        .lstrip(": ")) from None

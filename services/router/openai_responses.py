@@ -14,7 +14,8 @@ parts), `function_call` items (an assistant's calls: consecutive ones, and those
 assistant message, are one assistant turn, as chat has them) and `function_call_output` items
 (tool turns, answering a call made earlier in `input`). Items replayed from an earlier
 response's `output` are taken as they are (their ids and statuses change nothing the model
-sees). Anything else (images, files, reasoning, item references) is a 400 naming the item.
+sees); so are `reasoning` items, which are left out (chat templates drop earlier turns' thinking
+too). Anything else (images, files, item references) is a 400 naming the item.
 
 Responses are not stored: every response is as with `store: false` (`store: true` is accepted
 and changes nothing), so `previous_response_id`, `conversation` and `background` are 400s that
@@ -37,7 +38,8 @@ NOT_STORED = "responses are not stored on this server (every response is as with
 NO_EARLIER = f"{NOT_STORED}, so there is no earlier response to refer to: send the whole conversation in `input`"
 #: Passed to chat as they are (chat checks them); vLLM's extensions as chat takes them.
 AS_IN_CHAT = set(schema.NO_OP_FIELDS) | {"model", "temperature", "top_p", "stream", "stream_options",
-                                         "parallel_tool_calls", "top_k", "ignore_eos", "repetition_penalty"}
+                                         "parallel_tool_calls", "top_k", "ignore_eos", "repetition_penalty",
+                                         "chat_template_kwargs"}
 #: Defined by OpenAI, not served here: each refused (with why) unless null or its "off" value.
 REFUSED = {"previous_response_id": NO_EARLIER, "conversation": NO_EARLIER,
            "background": "background responses are not supported (they must be stored to be retrieved)",
@@ -45,7 +47,8 @@ REFUSED = {"previous_response_id": NO_EARLIER, "conversation": NO_EARLIER,
            "include": "no extra output data is available (logprobs, reasoning, sources, ...)",
            "top_logprobs": "logprobs are not supported on this endpoint (chat completions has them)",
            "truncation": "only 'disabled' is supported: an input too long for the context is a 400",
-           "reasoning": "the models served here are not reasoning models",
+           "reasoning": "reasoning effort and summaries cannot be set: a model that thinks always does (its "
+                        "thinking comes as a reasoning item)",
            "max_tool_calls": "not supported: use parallel_tool_calls false for at most one call",
            "context_management": "context management is not supported", "moderation": "moderation is not supported",
            "access_programs": "not supported", "image": "image output is not supported",
@@ -58,7 +61,8 @@ CHAT_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens",
 #: Each input item's keys; those beyond type and its content change nothing the model sees.
 ITEM_KEYS = {"message": {"type", "role", "content", "id", "status", "phase"},
              "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
-             "function_call_output": {"type", "call_id", "output", "id", "status"}}
+             "function_call_output": {"type", "call_id", "output", "id", "status"},
+             "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"}}
 ROLES = ("user", "assistant", "system", "developer")
 #: Text content parts: what a caller writes, and what a replayed assistant output holds.
 TEXT_PART_KEYS = {"input_text": {"type", "text", "prompt_cache_breakpoint"},
@@ -128,6 +132,8 @@ def _conversation(instructions: Any, items: Any, paths: dict[str, str]) -> list[
         where = f"input[{index}]"
         kind = _item_kind(item, where)
         at = f"messages[{len(messages)}]"
+        if kind == "reasoning":
+            continue  # an earlier answer's thinking, replayed: chat templates leave old thinking out too
         if kind == "message":
             paths[at] = where
             messages.append({"role": item["role"], "content": _text(item.get("content"), f"{where}.content")})
@@ -159,8 +165,8 @@ def _item_kind(item: Any, where: str) -> str:
     item = {key: value for key, value in item.items() if value is not None}
     kind = item.get("type", "message" if "role" in item else None)
     if not isinstance(kind, str) or kind not in ITEM_KEYS:
-        raise bad_param(f"{where}.type", f"unsupported input item type {kind!r}: only messages (text), function_call "
-                                         f"and function_call_output items are supported"[:300])
+        raise bad_param(f"{where}.type", f"unsupported input item type {kind!r}: only messages (text), function_call, "
+                                         f"function_call_output and reasoning items are supported"[:300])
     unknown = sorted(set(item) - ITEM_KEYS[kind])
     if unknown:
         raise bad_param(f"{where}.{unknown[0]}", f"unrecognized key for a {kind} item: {', '.join(unknown)}")

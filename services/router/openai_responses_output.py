@@ -1,12 +1,14 @@
 """The Responses API's answer: the response object, its output items, and the stream events
 that build them.
 
-One ResponseOutput reads a generation's text as chat reads it (openai_tools.ChoiceCalls with
-tools, plain text without), whether the text comes whole (an unstreamed answer) or in deltas,
-so a streamed response ends as exactly the object an unstreamed one is: a `message` item whose
-`output_text` is the text, if there is text or no call, then one `function_call` item per call
-(text always comes before calls: tool_parsers.py). A generation cut short by the token limit
-(or the full context) is `incomplete`, reason `max_output_tokens`, as OpenAI reports it.
+One ResponseOutput reads a generation's text as chat reads it (choice_reader.ChoiceReader:
+thinking, answer, tool calls), whether the text comes whole (an unstreamed answer) or in deltas,
+so a streamed response ends as exactly the object an unstreamed one is: a `reasoning` item whose
+`reasoning_text` is the model's thinking, if it thought; a `message` item whose `output_text`
+is the answer, if there is one or no call; then one `function_call` item per call (thinking
+comes first and text before calls: reasoning_parser.py, tool_parsers.py). A generation cut short
+by the token limit (or the full context) is `incomplete`, reason `max_output_tokens`, as OpenAI
+reports it.
 
 Events are built here without their `sequence_number`; the SSE framing numbers them as it sends
 them (openai_responses_stream.py), so an error event after them gets the next number.
@@ -18,71 +20,80 @@ import copy
 import uuid
 
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
+from services.router.choice_reader import ChoiceReader
 from services.router.openai_schema import FINISH
 from services.router.openai_tools import ToolUse
 from services.router.proxy import Completion
+
+#: The item each kind of text goes into: its item type, id prefix and content part type.
+TEXT_ITEMS = {"reasoning_content": ("reasoning", "rs", "reasoning_text"), "content": ("message", "msg", "output_text")}
 
 
 class ResponseOutput:
     """One response's output items, built from its text; each call returns the events it made."""
 
-    def __init__(self, tool_use: ToolUse | None, tool_call_format: str = "") -> None:
+    def __init__(self, tool_use: ToolUse | None, tool_call_format: str = "", reasoning_start: str = "",
+                 constrained: bool = False) -> None:
         self.items: list[dict] = []
         #: "in_progress" until `finish`, then "completed" or "incomplete".
         self.status = "in_progress"
-        self._calls = tool_use.stream(tool_call_format) if tool_use else None
-        self._message: dict | None = None  # the message item while its text may still grow
+        self._reader = ChoiceReader(tool_use, tool_call_format, reasoning_start, constrained)
+        self._open: dict | None = None  # the reasoning or message item while its text may still grow
 
     def feed(self, text: str) -> list[dict]:
-        chat_deltas = self._calls.feed(text) if self._calls else [{"content": text}] if text else []
-        return self._events(chat_deltas)
+        return self._events(self._reader.feed(text))
 
     def finish(self, finish_reason: str | None) -> list[dict]:
         """The last events: what the reading held back, and every open item done."""
-        chat_deltas = []
-        if self._calls:
-            chat_deltas, finish_reason = self._calls.finish(finish_reason)
+        chat_deltas, finish_reason = self._reader.finish(finish_reason)
         self.status = "incomplete" if finish_reason == "length" else "completed"
         events = self._events(chat_deltas)
-        if not self.items:  # nothing said and nothing called: still one (empty) message, as OpenAI answers
-            events += self._text("")
-        return events + self._close_message()
+        if not any(item["type"] != "reasoning" for item in self.items):
+            events += self._text("content", "")  # nothing said, nothing called: one empty message, as OpenAI's
+        return events + self._close()
 
     def _events(self, chat_deltas: list[dict]) -> list[dict]:
         events = []
         for delta in chat_deltas:
             if "tool_calls" in delta:
-                events += self._close_message() + self._function_call(delta["tool_calls"][0])
+                events += self._close() + self._function_call(delta["tool_calls"][0])
             else:
-                events += self._text(delta["content"])
+                (kind, text), = delta.items()
+                events += self._text(kind, text)
         return events
 
-    def _text(self, text: str) -> list[dict]:
+    def _text(self, kind: str, text: str) -> list[dict]:
+        """Text for the open item of its kind (reasoning or message), opening one if needed."""
+        item_type, prefix, part_type = TEXT_ITEMS[kind]
         events = []
-        if self._message is None:
-            self._message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
-                             "status": "in_progress", "content": []}
-            self.items.append(self._message)
-            events.append(self._event("response.output_item.added", item=copy.deepcopy(self._message)))
-            self._message["content"].append(_output_text(""))
-            events.append(self._event("response.content_part.added", self._message, content_index=0,
-                                      part=_output_text("")))
+        if self._open is not None and self._open["type"] != item_type:
+            events += self._close()  # the thinking ended: the answer begins
+        if self._open is None:
+            self._open = {"type": item_type, "id": f"{prefix}_{uuid.uuid4().hex}", "status": "in_progress"}
+            self._open.update({"summary": [], "content": []} if item_type == "reasoning" else
+                              {"role": "assistant", "content": []})
+            self.items.append(self._open)
+            events.append(self._event("response.output_item.added", item=copy.deepcopy(self._open)))
+            self._open["content"].append(_part(part_type, ""))
+            events.append(self._event("response.content_part.added", self._open, content_index=0,
+                                      part=_part(part_type, "")))
         if text:
-            self._message["content"][0]["text"] += text
-            events.append(self._event("response.output_text.delta", self._message, content_index=0, delta=text,
-                                      logprobs=[]))
+            self._open["content"][0]["text"] += text
+            events.append(self._event(f"response.{part_type}.delta", self._open, content_index=0, delta=text,
+                                      **_logprobs(part_type)))
         return events
 
-    def _close_message(self) -> list[dict]:
-        message, self._message = self._message, None
-        if message is None:
+    def _close(self) -> list[dict]:
+        item, self._open = self._open, None
+        if item is None:
             return []
-        # the text is whole: the message is done, whether or not the response goes on to call tools
-        message["status"] = "incomplete" if self.status == "incomplete" else "completed"
-        part = message["content"][0]
-        return [self._event("response.output_text.done", message, content_index=0, text=part["text"], logprobs=[]),
-                self._event("response.content_part.done", message, content_index=0, part=dict(part)),
-                self._event("response.output_item.done", item=copy.deepcopy(message))]
+        # its text is whole: the item is done, whether or not the response goes on
+        item["status"] = "incomplete" if self.status == "incomplete" else "completed"
+        part = item["content"][0]
+        return [self._event(f"response.{part['type']}.done", item, content_index=0, text=part["text"],
+                            **_logprobs(part["type"])),
+                self._event("response.content_part.done", item, content_index=0, part=dict(part)),
+                self._event("response.output_item.done", item=copy.deepcopy(item))]
 
     def _function_call(self, call: dict) -> list[dict]:
         """One call of chat's ({id, type, function: {name, arguments}}), read whole: its item
@@ -102,8 +113,15 @@ class ResponseOutput:
         return {"type": kind, **where, "output_index": len(self.items) - 1, **fields}
 
 
-def _output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _part(part_type: str, text: str) -> dict:
+    if part_type == "reasoning_text":
+        return {"type": part_type, "text": text}
+    return {"type": part_type, "text": text, "annotations": [], "logprobs": []}
+
+
+def _logprobs(part_type: str) -> dict:
+    """Answer text events carry logprobs (none asked for here); reasoning text events have none."""
+    return {} if part_type == "reasoning_text" else {"logprobs": []}
 
 
 def usage(value: gen.Usage) -> dict:
@@ -127,7 +145,7 @@ def response_body(response_id: str, created: int, model: str, settings: dict, st
 def response_object(done: list[Completion], response_id: str, created: int, options) -> dict:
     """The unstreamed answer (`options`: openai_responses.ResponseOptions; one choice)."""
     choice = done[0]
-    output = ResponseOutput(options.tool_use, choice.tool_call_format)
+    output = ResponseOutput(options.tool_use, choice.tool_call_format, choice.reasoning_start, options.constrained)
     output.feed(choice.text)
     output.finish(FINISH.get(choice.finish_reason))
     return response_body(response_id, created, choice.target.model, options.settings, output.status, output.items,

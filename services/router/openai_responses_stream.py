@@ -1,7 +1,8 @@
 """The Responses API streamed (`stream: true`): its events, and how they go on the wire.
 
 Events, in order: response.created and response.in_progress (the response, no output yet);
-for the message, output_item.added, content_part.added, output_text.delta as text comes,
+for a model's thinking, output_item.added, content_part.added, reasoning_text.delta as it comes,
+reasoning_text.done, content_part.done, output_item.done (a `reasoning` item); for the message, output_item.added, content_part.added, output_text.delta as text comes,
 output_text.done, content_part.done, output_item.done; for each function call,
 output_item.added, function_call_arguments.delta (the arguments whole: calls are read whole),
 function_call_arguments.done, output_item.done; last, response.completed or
@@ -28,8 +29,9 @@ async def response_events(streams: Streams, response_id: str, created: int, opti
     yield {"type": "response.in_progress", "response": body()}
     output = None
     async for _, delta in streams.deltas():
-        if output is None:  # the first delta says how the node's model writes tool calls
-            output = ResponseOutput(options.tool_use, delta.tool_call_format)
+        if output is None:  # the first delta says how the node's model writes tool calls, and thinks
+            output = ResponseOutput(options.tool_use, delta.tool_call_format, delta.reasoning_start,
+                                    options.constrained)
         for event in output.feed(delta.text):
             yield event
         if delta.finish_reason:

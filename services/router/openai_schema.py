@@ -35,9 +35,11 @@ from services.inference.engine.sampling_params import (
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_STOP_STRINGS,
 )
+from services.router.choice_reader import ChoiceReader
 from services.router.openai_messages import bad_param as _bad
 from services.router.openai_messages import chat_messages
 from services.router.openai_messages import flag as _flag
+from services.router.openai_messages import template_kwargs_json
 from services.router.openai_response_format import structured_output
 from services.router.openai_tools import ToolUse, tool_use
 from services.router.proxy import Completion, GenerateCall
@@ -72,14 +74,15 @@ CHAT_FIELDS = set(NO_OP_FIELDS) | {
     "top_logprobs", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
     "functions", "tool_choice", "parallel_tool_calls", "function_call", "response_format", "modalities", "audio",
     "prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation", "top_k", "ignore_eos",
-    "repetition_penalty"}
+    "repetition_penalty", "chat_template_kwargs"}
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "stream", "stream_options",
     "n", "best_of", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
     "ignore_eos", "repetition_penalty"}
 #: Defined by OpenAI, meaningful only for what we do not serve: refused when set at all.
 NOT_SERVED = {"audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
-              "reasoning_effort": "the models served here are not reasoning models",
+              "reasoning_effort": "reasoning effort cannot be set: a model that thinks always does (Qwen3's "
+                                  "thinking is turned off by chat_template_kwargs {\"enable_thinking\": false})",
               "verbosity": "verbosity is not supported", "web_search_options": "web search is not supported",
               "moderation": "moderation is not supported"}
 
@@ -98,6 +101,8 @@ class Options:
     tool_use: ToolUse | None = None
     #: The request's name for what the node calls structured_output, for its errors.
     structured_output_param: str = "response_format"
+    #: Decoded under a grammar (JSON response_format, guaranteed tool calls): no thinking to split.
+    constrained: bool = False
 
 
 def _present(body: dict, allowed: set[str]) -> dict:
@@ -262,6 +267,7 @@ def chat_call(body: dict) -> tuple[GenerateCall, Options]:
     body = _present(body, CHAT_FIELDS)
     _refuse_unsupported(body)
     messages = chat_messages(body.get("messages"))
+    messages.template_kwargs_json = template_kwargs_json(body)
     max_tokens_param = _max_tokens_field(body)
     sampling = _sampling(body, max_tokens_param, None)
     sampling.logprobs = _flag(body, "logprobs")
@@ -283,7 +289,8 @@ def chat_call(body: dict) -> tuple[GenerateCall, Options]:
         sampling.structured_output.CopyFrom(structured)
     call = GenerateCall(model=_model(body), messages=messages, sampling=sampling)
     return call, dataclasses.replace(_options(body), logprobs=sampling.logprobs, max_tokens_param=max_tokens_param,
-                                     tool_use=tools, structured_output_param="tools" if tools else "response_format")
+                                     tool_use=tools, structured_output_param="tools" if tools else "response_format",
+                                     constrained=structured is not None)
 
 
 def completion_call(body: dict) -> tuple[GenerateCall, Options]:
@@ -381,18 +388,10 @@ def chat_completion(done: list[Completion], response_id: str, created: int, opti
 
 
 def _chat_choice(index: int, choice: Completion, options: Options) -> dict:
-    message, finish = chat_message(choice.text, FINISH.get(choice.finish_reason), options, choice.tool_call_format)
+    message, finish = ChoiceReader(options.tool_use, choice.tool_call_format, choice.reasoning_start,
+                                   options.constrained).answer(choice.text, FINISH.get(choice.finish_reason))
     return {"index": index, "message": {"role": "assistant", **message},
             "logprobs": chat_logprobs(choice.logprobs) if options.logprobs else None, "finish_reason": finish}
-
-
-def chat_message(text: str, finish_reason: str | None, options: Options,
-                 tool_call_format: str = "") -> tuple[dict, str | None]:
-    """One choice's message fields (content, tool_calls) and finish_reason, from its text and the
-    format its node's model writes calls in."""
-    if options.tool_use is None:
-        return {"content": text}, finish_reason
-    return options.tool_use.answer(text, finish_reason, tool_call_format)
 
 
 def text_completion(done: list[Completion], response_id: str, created: int, options: Options) -> dict:

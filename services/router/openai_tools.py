@@ -77,16 +77,10 @@ class ToolUse:
 
     def answer(self, text: str, finish_reason: str | None, fmt: str = "") -> tuple[dict, str | None]:
         """The assistant message's fields and the finish_reason, for one choice's whole text:
-        what its stream gives, added up."""
-        calls = self.stream(fmt)
-        deltas = calls.feed(text)
-        more, finish_reason = calls.finish(finish_reason)
-        deltas += more
-        content = "".join(delta.get("content", "") for delta in deltas)
-        tool_calls = [{key: value for key, value in delta["tool_calls"][0].items() if key != "index"}
-                      for delta in deltas if "tool_calls" in delta]
-        return ({"content": content or None, "tool_calls": tool_calls} if tool_calls else {"content": content},
-                finish_reason)
+        what its stream gives, added up (by the reader every API uses, which imports this one)."""
+        from services.router.choice_reader import ChoiceReader
+
+        return ChoiceReader(self, fmt).answer(text, finish_reason)
 
     def schema_calls(self, text: str) -> list[dict] | None:
         """"required" and named: the calls the whole text makes, None unless it is whole."""

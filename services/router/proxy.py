@@ -89,6 +89,8 @@ class Completion:
     usage: generation_pb2.Usage
     #: How the node's model writes tool calls (its first delta's tool_call_format; "" for none).
     tool_call_format: str = ""
+    #: Where its text starts, if its model thinks (its first delta's reasoning_start).
+    reasoning_start: str = ""
 
 
 class Stream:
@@ -350,4 +352,5 @@ class RouterCore:
             logprobs.extend(delta.logprobs)
             final = delta
         return Completion(stream.request_id, stream.target, "".join(text), token_ids, logprobs,
-                          final.finish_reason, final.matched_stop, final.usage, first.tool_call_format)
+                          final.finish_reason, final.matched_stop, final.usage, first.tool_call_format,
+                          first.reasoning_start)

@@ -11,22 +11,17 @@ fakes the node's output: the router reads the calls out of the text the node gen
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from openai import OpenAI
 
-from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
-from services.common.tiny_model import build_model_folder, build_tokenizer
 from services.inference.chat_template import ChatTurn, render
 from services.router import openai_schema as schema
-from tests.conftest import stop_process, wait_for_health
-from tests.registry.client import unique
-from tests.registry.lora_files import ALL_MODULES, AdapterFiles
-from tests.router.harness import InProcessRouter, NodeProcess, router_config
+from tests.registry.lora_files import AdapterFiles
+from tests.router.fitted_adapter import fit_lora, serve_fitted
+from tests.router.harness import InProcessRouter
 
 BASE = "tiny-tools"
 #: A hermes-style template (Qwen 2.5's, abridged to the tools' names for the tiny model's 512-token
@@ -48,66 +43,19 @@ CALLS = [("weather", {"city": "Paris"}), ("weather", {"city": "Rome"})]
 
 def fit_adapter(model_dir: Path, out: Path) -> AdapterFiles:
     """A LoRA adapter that makes greedy decoding write ANSWER after the prompt the node renders."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     call, _ = schema.chat_call({"model": BASE, "messages": MESSAGES, "tools": TOOLS})  # the router's request
     prompt = render(tokenizer, [ChatTurn(m.role, m.content) for m in call.messages.messages], call.messages.tools_json)
-    answer = tokenizer.encode(ANSWER, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    ids = torch.tensor([prompt + answer])
-    labels = ids.clone()
-    labels[0, :len(prompt)] = -100
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(
-            r=8, lora_alpha=16, target_modules=ALL_MODULES, lora_dropout=0.0, task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    target = torch.tensor(answer)
-    for _ in range(300):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():  # every next token the argmax, by a margin the node's numerics cannot undo
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
-            chosen = logits.gather(1, target[:, None])[:, 0]
-            if (chosen - logits.scatter(1, target[:, None], -1e9).max(1).values).min() > 3:
-                break
-    else:
-        raise AssertionError("the adapter did not learn the answer")
-    model.save_pretrained(out)
-    return AdapterFiles((out / "adapter_config.json").read_bytes(), (out / "adapter_model.safetensors").read_bytes())
+    return fit_lora(model_dir, prompt, ANSWER, out)
 
 
 @pytest.fixture(scope="module")
 def served(world, tmp_path_factory) -> Iterator[tuple[InProcessRouter, str]]:
     """(router, deployment of the fitted adapter) over one node serving BASE."""
-    root = tmp_path_factory.mktemp("tool-auto")
-    model_dir = build_model_folder(root / BASE)
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = HERMES_TEMPLATE
-    tokenizer.save_pretrained(model_dir)
-    world.admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=BASE, location=str(model_dir)))
-    node = NodeProcess(model_dir, world.registry.address, root / "node.log", base_model_name=BASE)
-    try:
-        files = fit_adapter(model_dir, root / "adapter")  # while the node starts
-        adapter = unique("caller")
-        world.a.upload(files, name=adapter, as_files=True, base_model=BASE)
-        deployment = unique("tools")
-        world.a.BindDeployment(pb.BindDeploymentRequest(name=deployment, adapter_name=adapter))
-        wait_for_health(node.address, timeout=120, process=node.process)
-        router = InProcessRouter(router_config([node.address], world.registry.address)).start()
-        try:
-            router.wait_feed_live()
-            router.wait_healthy(1)
-            yield router, deployment
-        finally:
-            router.stop()
-    finally:
-        node.close()
-        stop_process(node.process)
+    with serve_fitted(world, tmp_path_factory.mktemp("tool-auto"), BASE, HERMES_TEMPLATE, fit_adapter) as served:
+        yield served
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +40,35 @@ class DatasetSummary:
 def iter_json_lines(path: Path) -> Iterator[tuple[int, Any | BadExample]]:
     """(line number, parsed JSON or the reason it is not JSON) for every non-blank line."""
     with open(path, "rb") as source:
-        for number, raw in enumerate(source, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, BadExample(f"not UTF-8 (invalid byte at column {exc.start + 1})")
-                continue
-            text = text.rstrip("\r\n")
-            if number == 1:
-                text = text.removeprefix("\ufeff")
-            if not text.strip():
-                continue
-            # The parser gives up on nesting deeper than the interpreter's recursion limit and on
-            # integers of more than 4300 digits (CPython's int conversion limit) with errors that
-            # are not JSONDecodeError: they are this line's fault, so they name it like any other.
-            try:
-                parsed: Any = json.loads(text)
-            except json.JSONDecodeError as exc:
-                parsed = BadExample(f"not valid JSON ({exc.msg} at column {exc.pos + 1})")
-            except RecursionError:
-                parsed = BadExample("not valid JSON (nested too deeply)")
-            except ValueError as exc:
-                parsed = BadExample(f"not valid JSON ({str(exc).split(':')[0]})")
-            yield number, parsed
+        yield from parse_json_lines(source)
+
+
+def parse_json_lines(raw_lines: Iterable[bytes]) -> Iterator[tuple[int, Any | BadExample]]:
+    """iter_json_lines over lines already read (split after each b"\\n", as a binary file
+    iterates): the router checks an OpenAI file upload with it before passing it on."""
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, BadExample(f"not UTF-8 (invalid byte at column {exc.start + 1})")
+            continue
+        text = text.rstrip("\r\n")
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        if not text.strip():
+            continue
+        # The parser gives up on nesting deeper than the interpreter's recursion limit and on
+        # integers of more than 4300 digits (CPython's int conversion limit) with errors that
+        # are not JSONDecodeError: they are this line's fault, so they name it like any other.
+        try:
+            parsed: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            parsed = BadExample(f"not valid JSON ({exc.msg} at column {exc.pos + 1})")
+        except RecursionError:
+            parsed = BadExample("not valid JSON (nested too deeply)")
+        except ValueError as exc:
+            parsed = BadExample(f"not valid JSON ({str(exc).split(':')[0]})")
+        yield number, parsed
 
 
 def _refusal(errors: list[tuple[int, str]], total_bad: int) -> InvalidArgument:

@@ -1,5 +1,6 @@
 """The Router process: config -> Registry client, caches, change feed, node membership,
-quotas, RouterCore -> gRPC servicers (Router, Nodes) and the OpenAI HTTP API.
+quotas, RouterCore -> gRPC servicers (Router, Nodes) and the OpenAI HTTP API (with the
+Files and Fine-tuning API when a Trainer is configured).
 
 Start-up does not wait for the Registry or any node: the router turns SERVING at once and
 answers UNAVAILABLE (with the reason) until they are reachable, so `loraplex up` and
@@ -26,11 +27,15 @@ from services.router.http_server import HttpServer
 from services.router.membership import Membership
 from services.router.node_client import GrpcNodeClient
 from services.router.open_streams import OpenStreams
+from services.router.openai_files import FilesApi
+from services.router.openai_fine_tuning import FineTuningApi
+from services.router.openai_fine_tuning_api import FineTuningBackend, routes as fine_tuning_routes
 from services.router.proxy import RouterCore
 from services.router.quotas import Limits, QuotaManager
 from services.router.registry_client import RegistryClient
 from services.router.resolution import Resolver
 from services.router.servicer import NodesServicer, RouterServicer
+from services.router.trainer_client import TrainerClient
 
 log = logging.getLogger("loraplex.router")
 
@@ -47,6 +52,7 @@ class RouterApp:
         self.http: HttpServer | None = None
         self.watcher: ChangeFeedWatcher | None = None
         self._registry: RegistryClient | None = None
+        self._trainer: TrainerClient | None = None
         self._tasks: list[asyncio.Task] = []
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -99,10 +105,25 @@ class RouterApp:
         self.watcher = ChangeFeedWatcher(registry, apply, reset, feed)
         self._tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(membership.run())]
         if config.http_enabled:
-            self.http = HttpServer(build_app(self.core, config.max_message_mb * 2**20), config.host,
+            more_routes = fine_tuning_routes(self.core, self._fine_tuning_backend(self.core))
+            self.http = HttpServer(build_app(self.core, config.max_message_mb * 2**20, more_routes), config.host,
                                    config.http_port, config.grace_seconds, config.log_level, config.server_tls)
             await self.http.start()
             log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", self.http.scheme, config.host, self.http.port)
+
+    def _fine_tuning_backend(self, core: RouterCore) -> FineTuningBackend | None:
+        """The Files and Fine-tuning API's Trainer calls; None without --trainer-address (501s)."""
+        config = self.config
+        if not config.fine_tuning_enabled:
+            return None
+        self._trainer = trainer = TrainerClient(config.trainer_address, config.trainer_timeout_seconds,
+                                                config.max_message_mb, config.client_tls)
+
+        async def base_models(caller) -> list[str]:
+            return [entry.name for entry in await core.list_models(caller) if not entry.adapter_name]
+
+        return FineTuningBackend(FilesApi(trainer, base_models), FineTuningApi(trainer, core.resolve),
+                                 config.max_upload_mb * 2**20, config.max_message_mb * 2**20)
 
     async def close(self) -> None:
         if self.http is not None:
@@ -116,3 +137,5 @@ class RouterApp:
             await self.membership.close()
         if self._registry is not None:
             await self._registry.close()
+        if self._trainer is not None:
+            await self._trainer.close()

@@ -59,6 +59,12 @@ class RouterConfig(ClientTlsConfig, ServerConfig):
     resolve_cache_seconds: float = option(60.0, "how long a model-name resolution (or a tenant's model list) "
                                                 "is kept (the change feed invalidates it sooner)")
     registry_timeout_seconds: float = option(5.0, "deadline for each Registry call")
+    trainer_address: str = option("", "host:port of the Trainer, for the OpenAI Files and Fine-tuning API "
+                                      "(/v1/files, /v1/fine_tuning/jobs); empty: those answer 501")
+    trainer_timeout_seconds: float = option(60.0, "deadline of each Trainer call (a file upload included: the "
+                                                  "Trainer validates every line before it answers)")
+    max_upload_mb: int = option(64, "largest file upload to /v1/files (the whole multipart body), in MiB; "
+                                    "larger is a 413")
     tenant_max_concurrent: int = option(32, "default per-tenant limit of requests in flight (0 = unlimited)")
     tenant_tokens_per_minute: int = option(0, "default per-tenant limit of prompt + completion tokens per "
                                               "minute (0 = unlimited)")
@@ -72,10 +78,14 @@ class RouterConfig(ClientTlsConfig, ServerConfig):
                 raise ValueError(f"--node must be host:port, got {address!r}")
         if not _is_host_port(self.registry_address):
             raise ValueError(f"--registry-address must be host:port, got {self.registry_address!r}")
+        if self.trainer_address and not _is_host_port(self.trainer_address):
+            raise ValueError(f"--trainer-address must be host:port (or empty), got {self.trainer_address!r}")
+        if self.max_upload_mb < 1:
+            raise ValueError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"--http-port must be in -1..65535, got {self.http_port}")
         positive = ("node_poll_seconds", "node_timeout_seconds", "heartbeat_interval_seconds",
-                    "registry_timeout_seconds")
+                    "registry_timeout_seconds", "trainer_timeout_seconds")
         if self.node_slow_polls < 1:
             raise ValueError(f"--node-slow-polls must be >= 1, got {self.node_slow_polls}")
         for name in positive:
@@ -98,3 +108,7 @@ class RouterConfig(ClientTlsConfig, ServerConfig):
     @property
     def http_enabled(self) -> bool:
         return self.http_port >= 0
+
+    @property
+    def fine_tuning_enabled(self) -> bool:
+        return bool(self.trainer_address)

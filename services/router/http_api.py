@@ -6,6 +6,8 @@
     GET  /v1/models             the caller's deployments, then the base models (each name once)
     GET  /v1/models/{model}     one of those, or 404
     GET  /health                200 while the process runs (for load balancers)
+    /v1/files, /v1/fine_tuning/jobs    uploads and fine-tuning jobs, through the Trainer
+                                       (openai_fine_tuning_api.py)
 
 Same path as gRPC: `Authorization: Bearer <tenant API key>`, RouterCore for resolution,
 quotas, placement and failover. Errors are OpenAI-shaped
@@ -42,7 +44,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -151,9 +153,10 @@ async def unless_disconnected(request: Request, work: Awaitable):
     return task.result()
 
 
-async def json_body(request: Request, limit: int) -> dict:
+async def read_body(request: Request, limit: int, limit_flag: str = "--max-message-mb") -> bytes:
+    """The whole body; a 413 (BODY_TOO_LARGE) as soon as it is known to exceed `limit` bytes."""
     too_large = errors.InvalidArgument(f"the request body is larger than this router's limit of "
-                                       f"{limit // 2**20} MiB", reason="BODY_TOO_LARGE", field="body")
+                                       f"{limit // 2**20} MiB ({limit_flag})", reason="BODY_TOO_LARGE", field="body")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -166,8 +169,13 @@ async def json_body(request: Request, limit: int) -> dict:
             chunks.append(chunk)
     except ClientDisconnect:  # the client's doing, not an internal error
         raise ClientGone() from None
+    return b"".join(chunks)
+
+
+async def json_body(request: Request, limit: int) -> dict:
+    raw = await read_body(request, limit)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise errors.InvalidArgument("the request body is not valid JSON", field="body") from None
     if not isinstance(body, dict):
@@ -318,7 +326,8 @@ async def completion_events(streams: Streams, response_id: str, created: int,
         yield chunk("", usage_=schema.usage(streams.usage()), with_choice=False)
 
 
-def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
+def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20, more_routes: Sequence[Route] = ()) -> Starlette:
+    """The API; `more_routes` adds the Files and Fine-tuning API (openai_fine_tuning_api.py)."""
     async def generate(request: Request, parse, respond, events, prompt_param: str, frames=DataFrames) -> Response:
         # before anything can fail, so every answer can name it
         response_id = request_id = uuid.uuid4().hex
@@ -399,4 +408,5 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20) -> Starlette:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        *more_routes,
     ], exception_handlers={HTTPException: http_error})

@@ -151,7 +151,9 @@ def child_commands(config: StackConfig, base_model: Path) -> dict[str, list[str]
     common["inference"] += ["--base-model", str(base_model), "--base-model-name", config.base_model_name,
                             "--registry-address", registry]
     common["router"] += ["--registry-address", registry, "--node", f"{config.host}:{config.inference_port}",
-                         "--http-port", str(config.router_http_port)]
+                         "--http-port", str(config.router_http_port),
+                         # the OpenAI Files and Fine-tuning API (/v1/files, /v1/fine_tuning/jobs)
+                         "--trainer-address", f"{config.host}:{config.trainer_port}"]
     return common
 
 

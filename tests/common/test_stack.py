@@ -118,6 +118,7 @@ def test_state_flags_reach_registry_and_trainer_and_secrets_stay_off_the_command
         assert "--s3-endpoint minio:9000 --s3-bucket b" in line
     assert not any("SECRET" in arg or "AK" == arg for command in commands.values() for arg in command)
     assert "--base-model-name base-llm" in " ".join(commands["inference"])
+    assert "--trainer-address 127.0.0.1:50052" in " ".join(commands["router"])  # /v1/fine_tuning is on
     embedded = child_commands(StackConfig(data_dir=tmp_path), tmp_path / "model")
     assert not any(arg in ("--database-url", "--blob-store") for arg in embedded["registry"])
 

@@ -48,7 +48,7 @@ HEALTHCHECK_MODULE = "services.common.healthcheck"
 # Ports of the third-party services our services dial.
 THIRD_PARTY_PORTS = {"minio": 9000, "postgres": 5432}
 # Config fields holding host:port of another compose service.
-ADDRESS_FIELDS = ("registry_address", "router_address", "s3_endpoint")
+ADDRESS_FIELDS = ("registry_address", "router_address", "trainer_address", "s3_endpoint")
 ONE_SHOT_RESTARTS = (None, "no", False)  # unquoted `no` is YAML 1.1 false
 SHELL_BUILTINS = {"test", "["}
 

@@ -62,6 +62,8 @@ CREATE_FIELDS = {"model", "training_file", "hyperparameters", "method", "suffix"
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_SEED = 2**63 - 1
+#: The largest hyperparameter passed on: it fits every field it goes to (uint32, float32).
+WIRE_MAX = 2**31 - 1
 STATUSES = {"queued": "queued", "running": "running", "succeeded": "succeeded", "failed": "failed",
             "cancelled": "cancelled"}
 #: Trainer field -> the create body's name for it.
@@ -130,14 +132,16 @@ def _bad(field: str, message: str) -> InvalidArgument:
 
 
 def _auto_or_number(settings: dict, name: str, integer: bool) -> float | None:
-    """A hyperparameter: None for "auto" or absent, else a positive number (an integer if asked)."""
+    """A hyperparameter: None for "auto" or absent, else a positive number (an integer if asked).
+    The Trainer checks the ranges (one source of truth); here a value only has to fit its
+    protobuf field, where JSON's unbounded integers would fail as a 500."""
     value, field = settings.get(name), f"hyperparameters.{name}"
     if value is None or value == "auto":
         return None
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise _bad(field, f"must be \"auto\" or {'an integer' if integer else 'a number'}, got {str(value)[:80]!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise _bad(field, f"must be > 0, got {value}")
+    if not (0 < value <= WIRE_MAX) or isinstance(value, float) and not math.isfinite(value):
+        raise _bad(field, f"must be > 0 and at most {WIRE_MAX}, got {str(value)[:80]}")
     return value
 
 
@@ -183,7 +187,7 @@ def _refuse_unsupported(body: dict) -> None:
 
 def _text(body: dict, field: str, required: bool = True) -> str:
     value = body.get(field)
-    if value is None and not required:
+    if value in (None, "") and not required:
         return ""
     if not isinstance(value, str) or not value:
         raise _bad(field, "is required" if value is None else f"must be a non-empty string, got {str(value)[:80]!r}")

@@ -175,6 +175,9 @@ def dataclasses_equal_but_names(a, b) -> bool:
     ({"hyperparameters": {"batch_size": True}}, "hyperparameters.batch_size"),
     ({"hyperparameters": {"learning_rate_multiplier": float("nan")}}, "hyperparameters.learning_rate_multiplier"),
     ({"hyperparameters": {"learning_rate_multiplier": "high"}}, "hyperparameters.learning_rate_multiplier"),
+    ({"hyperparameters": {"n_epochs": 10**400}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"batch_size": 2**32}}, "hyperparameters.batch_size"),
+    ({"hyperparameters": {"learning_rate_multiplier": 1e300}}, "hyperparameters.learning_rate_multiplier"),
     ({"hyperparameters": {"beta": 1}}, "hyperparameters.beta"),
     ({"hyperparameters": [1]}, "hyperparameters"),
     ({"hyperparameters": {}, "method": {"type": "supervised", "supervised": {"hyperparameters": {}}}},
@@ -193,6 +196,7 @@ def test_what_a_job_cannot_honour_is_a_400_naming_it(body, param):
 
 def test_nulls_and_empty_lists_mean_unset():
     assert spec(suffix=None, seed=None, validation_file=None, integrations=[], metadata=None, hyperparameters=None)
+    assert spec("k", suffix="").deployment_name == spec("k").deployment_name
 
 
 def test_the_fine_tuned_model_name_is_openais_shape_and_fits_a_model_name():

@@ -39,6 +39,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -292,12 +293,13 @@ class FineTuningApi:
     async def list(self, authorization: str, limit: int, after: str) -> dict:
         page: list[TrainerJob] = []
         passed = not after  # OpenAI's cursor is the last job id of the previous page
-        async for job in self.trainer.list_jobs(authorization):
-            if passed:
-                page.append(job)
-                if len(page) > limit:  # one more than asked: there is another page
-                    break
-            passed = passed or job.id == after
+        async with contextlib.aclosing(self.trainer.list_jobs(authorization)) as jobs:  # closed on break
+            async for job in jobs:
+                if passed:
+                    page.append(job)
+                    if len(page) > limit:  # one more than asked: there is another page
+                        break
+                passed = passed or job.id == after
         return {"object": "list", "data": [job_object(job) for job in page[:limit]], "has_more": len(page) > limit}
 
     async def cancel(self, authorization: str, job_id: str) -> dict:

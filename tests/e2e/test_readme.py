@@ -39,10 +39,12 @@ COMPOSE_SUBCOMMANDS = {"up", "run", "ps", "down", "logs", "config", "port"}
 DEFAULT_ADDRESSES = {"router": "127.0.0.1:50050", "registry": "127.0.0.1:50051", "trainer": "127.0.0.1:50052",
                      "inference": "127.0.0.1:50053", "router-http": "127.0.0.1:8000"}
 PER_RUN_VALUES = ("OPENAI_BASE_URL", "OPENAI_API_KEY")  # printed by the demo, different every run
-# What the run blocks must print between them: each customer-A answer as trained, the new tenant.
+# What the run blocks must print between them: each customer-A answer as trained, the new tenant,
+# the model the OpenAI fine-tuning example trains and its answer (after GetStats has counted 3).
 EXPECTED_OUTPUT = ["Market brief: stocks closed higher", "Market brief: a dividend is", "Market brief: an index fund",
                    "Market brief: bonds lock in", "Market brief: revenue grew", '"name": "customer-d"',
-                   "base-llm-with-customerA-adapter", '"resident_adapters": 3', "loraplex.router.v1.Router"]
+                   "base-llm-with-customerA-adapter", '"resident_adapters": 3', "loraplex.router.v1.Router",
+                   "succeeded ft:base-llm:customer-a:support:", "Support: under Billing"]
 
 ALL = blocks(README)
 RUN = [block for block in ALL if block.mode == "run"]

@@ -2,7 +2,7 @@
 
 Qwen3, QwQ and the DeepSeek-R1 family think first, between `<think>` and `</think>`; the Router
 gives that text back as `reasoning_content`, apart from the answer (services/router/
-reasoning_parser.py). Their chat templates say so: they write both tags (to strip old thinking
+reasoning_text.py). Their chat templates say so: they write both tags (to strip old thinking
 from the history, or to open the block in the prompt). What the Router must know per request is
 where generation starts (GenerationDelta.reasoning_start):
 - "open": the rendered prompt ends inside a block (DeepSeek-R1's templates end it with

@@ -16,6 +16,7 @@ from services.inference.engine.sampling_params import ANY_JSON_OBJECT, SamplingP
 from services.inference.engine.sequence import FinishReason
 from services.inference.node import Node, Prompt
 from services.inference.pool_admin import PoolAdmin
+from services.common.reasoning_text import ReasoningTokens
 from services.inference.reasoning_format import reasoning_start as reasoning_start_of
 from services.inference.token_bytes import TokenBytes, special_token_ids
 
@@ -131,11 +132,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._authorize(context)
         chat = request.WhichOneof("input") == "messages"
         reasoning_start = ""
+        thinking = None  # ReasoningTokens, once the prompt says the model thinks
 
         def on_prompt(token_ids: list[int]) -> None:
-            nonlocal reasoning_start
+            nonlocal reasoning_start, thinking
             if chat and self.node.reasoning_format:
                 reasoning_start = reasoning_start_of(self.node.tokenizer, token_ids)
+                thinking = ReasoningTokens(reasoning_start)
 
         outputs = self.node.generate(prompt_from(request), sampling_from(request.sampling),
                                      request.adapter.adapter_id, request.adapter.sha256, request.request_id,
@@ -143,6 +146,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         first = True
         async for output in outputs:
             delta = delta_from(output, self.node.tokenizer, self._token_bytes, self._special)
+            if thinking is not None:
+                thinking.feed(delta.text, len(delta.token_ids))
+                if delta.HasField("usage"):
+                    delta.usage.reasoning_tokens = thinking.count
             if first:
                 delta.prompt_tokens, first = output.prompt_tokens, False
                 delta.reasoning_start = reasoning_start

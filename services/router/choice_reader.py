@@ -3,7 +3,7 @@
 
 The text is read in two layers, each streamed, so a streamed answer and an unstreamed one agree
 by construction (the unstreamed one is the text fed whole): first the thinking is split off
-(reasoning_parser.py, when the node says its model thinks: GenerationDelta.reasoning_start),
+(reasoning_text.py, when the node says its model thinks: GenerationDelta.reasoning_start),
 then the rest is the answer, read for tool calls when the request has tools (openai_tools.py).
 Under a grammar (a JSON response_format, or tool calls the grammar guarantees) the text is all
 answer: the grammar shapes it from the first token, so there is no thinking to split.
@@ -15,7 +15,7 @@ Responses API builds its items from the same deltas (openai_responses_output.py)
 from __future__ import annotations
 
 from services.router.openai_tools import ChoiceCalls, ToolUse
-from services.router.reasoning_parser import STARTS, ReasoningSplitter
+from services.common.reasoning_text import STARTS, ReasoningSplitter
 
 
 class ChoiceReader:

@@ -164,4 +164,5 @@ def total_usage(usages: list[gen.Usage]) -> gen.Usage:
     prompt = usages[0].prompt_tokens
     completion = sum(usage.completion_tokens for usage in usages)
     return gen.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     cached_prompt_tokens=usages[0].cached_prompt_tokens)
+                     cached_prompt_tokens=usages[0].cached_prompt_tokens,
+                     reasoning_tokens=sum(usage.reasoning_tokens for usage in usages))

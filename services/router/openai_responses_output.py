@@ -6,7 +6,7 @@ thinking, answer, tool calls), whether the text comes whole (an unstreamed answe
 so a streamed response ends as exactly the object an unstreamed one is: a `reasoning` item whose
 `reasoning_text` is the model's thinking, if it thought; a `message` item whose `output_text`
 is the answer, if there is one or no call; then one `function_call` item per call (thinking
-comes first and text before calls: reasoning_parser.py, tool_parsers.py). A generation cut short
+comes first and text before calls: reasoning_text.py, tool_parsers.py). A generation cut short
 by the token limit (or the full context) is `incomplete`, reason `max_output_tokens`, as OpenAI
 reports it.
 
@@ -129,7 +129,7 @@ def usage(value: gen.Usage) -> dict:
             # cached: the prompt tokens the node read from its prefix cache (the caller's own earlier
             # requests); cache writes are OpenAI's explicit caching (prompt_cache_options), never made here
             "input_tokens_details": {"cached_tokens": value.cached_prompt_tokens, "cache_write_tokens": 0},
-            "output_tokens": value.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": value.completion_tokens, "output_tokens_details": {"reasoning_tokens": value.reasoning_tokens},
             "total_tokens": value.total_tokens}
 
 

@@ -322,7 +322,8 @@ def usage(value: gen.Usage) -> dict:
     return {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens,
             "total_tokens": value.total_tokens,
             # the prompt tokens the node read from its prefix cache (the caller's own earlier requests)
-            "prompt_tokens_details": {"cached_tokens": value.cached_prompt_tokens}}
+            "prompt_tokens_details": {"cached_tokens": value.cached_prompt_tokens},
+            "completion_tokens_details": {"reasoning_tokens": value.reasoning_tokens}}
 
 
 def chat_logprobs(entries) -> dict:

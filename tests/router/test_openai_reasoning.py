@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from openai import BadRequestError, OpenAI
 
+from services.common.tiny_model import build_tokenizer
 from services.inference.chat_template import ChatTurn, render
 from tests.registry.lora_files import AdapterFiles
 from tests.router.fitted_adapter import fit_lora, serve_fitted
@@ -53,10 +54,19 @@ def thinker(served) -> str:
     return served[1]
 
 
-def test_the_thinking_is_reasoning_content_and_the_answer_content(client, thinker):
-    choice = client.chat.completions.create(model=thinker, messages=MESSAGES, temperature=0).choices[0]
+def test_the_thinking_is_reasoning_content_and_the_answer_content(client, thinker, served):
+    completion = client.chat.completions.create(model=thinker, messages=MESSAGES, temperature=0)
+    choice = completion.choices[0]
     assert choice.message.content == REPLY and choice.finish_reason == "stop"
     assert choice.message.reasoning_content == THOUGHT
+    # the thinking's tokens, tags included: all but the answer's (and the end of turn's)
+    tokenizer = build_tokenizer()
+    thinking = len(tokenizer.encode(f"<think>{THOUGHT}</think>", add_special_tokens=False))
+    reasoning = completion.usage.completion_tokens_details.reasoning_tokens
+    assert thinking <= reasoning < completion.usage.completion_tokens
+    plain = client.chat.completions.create(model=BASE, messages=MESSAGES, temperature=0, max_tokens=3)
+    if getattr(plain.choices[0].message, "reasoning_content", None) is None:  # the random model did not think
+        assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_streamed_the_same(client, thinker):
@@ -100,6 +110,7 @@ def test_chat_template_kwargs_reach_the_template(client, thinker):
 def test_the_responses_api_gives_a_reasoning_item_then_the_message(client, thinker):
     response = client.responses.create(model=thinker, input=MESSAGES[0]["content"], temperature=0)
     assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens < response.usage.output_tokens
     assert response.output[0].content[0].text == THOUGHT and response.output_text == REPLY
     # a client that sends the output back as the next turn's input (as the SDK's docs show) is served
     again = client.responses.create(model=thinker, temperature=0, max_output_tokens=4, input=[

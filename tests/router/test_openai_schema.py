@@ -150,7 +150,8 @@ def test_responses_are_openai_shaped():
     assert chat["choices"][0]["finish_reason"] == "stop"
     assert chat["choices"][0]["logprobs"]["content"][0]["bytes"] == [97, 98]
     assert chat["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+                             "prompt_tokens_details": {"cached_tokens": 0},
+                             "completion_tokens_details": {"reasoning_tokens": 0}}
     text = schema.text_completion([done], "resp", 123, schema.Options())
     assert text["id"] == "cmpl-resp"  # the response's own id, not the (client-chosen) request id
     assert text["choices"][0]["text"] == "ab" and text["choices"][0]["logprobs"] is None

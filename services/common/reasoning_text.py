@@ -94,3 +94,26 @@ def split_reasoning(start: str, text: str) -> tuple[str | None, str]:
     reasoning, content = splitter.feed(text)
     more_reasoning, more_content = splitter.finish()
     return (reasoning + more_reasoning) if splitter.thought else None, content + more_content
+
+
+class ReasoningTokens:
+    """How many of a generation's tokens are thinking (usage's reasoning_tokens), counted where
+    the tokens are (the node) with the splitter the Router reads the text with. Fed each delta's
+    text and token count: a delta that ends the thinking counts whole (its closing tag is
+    thinking; an answer token sharing the delta is the rare overcount); a text that turns out
+    not to think counts none."""
+
+    def __init__(self, start: str) -> None:
+        self._splitter = ReasoningSplitter(start)
+        self._thinking = True
+        self.count = 0
+
+    def feed(self, text: str, num_tokens: int) -> None:
+        if not self._thinking:
+            return
+        _, answer = self._splitter.feed(text)
+        self.count += num_tokens
+        if answer or self._splitter.state in ("after", "content"):
+            self._thinking = False
+            if not self._splitter.thought:
+                self.count = 0

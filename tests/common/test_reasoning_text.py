@@ -1,4 +1,4 @@
-"""Thinking split from the answer (services/router/reasoning_parser.py): each case read whole
+"""Thinking split from the answer (services/router/reasoning_text.py): each case read whole
 and streamed in many chunkings must agree, and no tag may leak into either part."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from services.router.reasoning_parser import ReasoningSplitter, split_reasoning
+from services.common.reasoning_text import ReasoningSplitter, ReasoningTokens, split_reasoning
 
 CASES = [
     # (start, text, reasoning, content)
@@ -66,3 +66,18 @@ def test_reasoning_streams_as_it_comes():
     assert splitter.feed("think>\n\n") == ("", "")
     assert splitter.feed("Yes.") == ("", "Yes.")
     assert splitter.finish() == ("", "")
+
+
+@pytest.mark.parametrize(("start", "deltas", "count"), [
+    ("closed", ["<think>", "a", " b", "</think>", "\n\n", "Hi", "!"], 4),
+    ("closed", ["Hi", " there"], 0),  # no thinking
+    ("closed", ["<th", "ink>", "a"], 3),  # cut off while thinking: all of it
+    ("open", ["a", "</think>", "Hi"], 2),
+    ("open", ["a</think>Hi"], 1),  # one delta ending the thinking counts whole
+    ("closed", ["   ", "<think>", "</think>", "x"], 3),
+])
+def test_reasoning_tokens_are_counted_per_delta(start, deltas, count):
+    counter = ReasoningTokens(start)
+    for text in deltas:
+        counter.feed(text, 1)
+    assert counter.count == count

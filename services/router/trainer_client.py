@@ -112,17 +112,8 @@ class TrainerClient:
         return stored_file(await self._call("GetDataset", pb.GetDatasetRequest(id=dataset_id), authorization,
                                             "read a file"))
 
-    async def list_datasets(self, authorization: str) -> AsyncIterator[StoredFile]:
-        token = ""
-        while True:
-            reply = await self._call("ListDatasets", pb.ListDatasetsRequest(page={"page_size": PAGE,
-                                                                                  "page_token": token}),
-                                     authorization, "list files")
-            for dataset in reply.datasets:
-                yield stored_file(dataset)
-            token = reply.next_page_token
-            if not token:
-                return
+    def list_datasets(self, authorization: str) -> AsyncIterator[StoredFile]:
+        return self._pages("ListDatasets", pb.ListDatasetsRequest, "datasets", stored_file, authorization, "list files")
 
     async def delete_dataset(self, authorization: str, dataset_id: str) -> None:
         await self._call("DeleteDataset", pb.DeleteDatasetRequest(id=dataset_id), authorization, "delete a file")
@@ -133,13 +124,18 @@ class TrainerClient:
     async def get_job(self, authorization: str, job_id: str) -> TrainerJob:
         return trainer_job(await self._call("GetJob", pb.GetJobRequest(id=job_id), authorization, "read a job"))
 
-    async def list_jobs(self, authorization: str) -> AsyncIterator[TrainerJob]:
+    def list_jobs(self, authorization: str) -> AsyncIterator[TrainerJob]:
+        return self._pages("ListJobs", pb.ListJobsRequest, "jobs", trainer_job, authorization, "list jobs")
+
+    async def _pages(self, method: str, request_type, field: str, convert, authorization: str,
+                     what: str) -> AsyncIterator:
+        """Every item of a paged List RPC, a page at a time (the caller may stop early)."""
         token = ""
         while True:
-            reply = await self._call("ListJobs", pb.ListJobsRequest(page={"page_size": PAGE, "page_token": token}),
-                                     authorization, "list jobs")
-            for job in reply.jobs:
-                yield trainer_job(job)
+            reply = await self._call(method, request_type(page={"page_size": PAGE, "page_token": token}),
+                                     authorization, what)
+            for item in getattr(reply, field):
+                yield convert(item)
             token = reply.next_page_token
             if not token:
                 return

@@ -134,3 +134,15 @@ def test_prefix_cache_bench_reads_the_shared_prefix_only_with_caching_on(tmp_pat
     assert off["prompt_tokens_cached"] == 0 and off["prompt_tokens_computed"] == 3 * 53
     assert on["prompt_tokens_computed"] + on["prompt_tokens_cached"] == 3 * 53
     assert report["ttft_speedup_median"] > 0 and on["ttft_median_ms"] > 0
+
+
+def test_tenant_fairness_bench_runs_both_ways(tmp_path):
+    out = tmp_path / "fairness.json"
+    result = subprocess.run([sys.executable, "-m", "bench.tenant_fairness", "--preset", "tiny", "--flood", "6",
+                             "--max-num-seqs", "2", "--prompt-len", "8", "--gen-len", "3", "--kv-cache-mb", "4",
+                             "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for run in ("tenant_lanes", "one_queue"):
+        assert 0 < report[run]["tenant_b_ttft_ms"] <= report[run]["tenant_b_done_ms"]
+        assert report[run]["tenant_a_done_median_ms"] <= report[run]["tenant_a_done_last_ms"]

@@ -3,6 +3,8 @@
   loraplex up [--data-dir DIR] [--base-model PATH] [ports...]   start all four services
   loraplex demo [--once] [--attach ...]                         train, deploy and serve customers A, B, C
   loraplex health HOST:PORT                                     exit 0 when a service reports SERVING
+  loraplex adapter upload PATH --name N --base-model B          upload a PEFT adapter (--deploy D: serve it)
+  loraplex adapter list | deploy DEPLOYMENT ADAPTER             a tenant's adapters; point a deployment at one
   loraplex model tiny DIR [--preset tiny|small] [--arch ...]    build an offline test model
   loraplex proto                                                regenerate gRPC stubs
 """
@@ -63,7 +65,7 @@ def _dispatch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="loraplex", description=lines[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="commands:\n" + "\n".join(lines[1:]).strip("\n"))
-    parser.add_argument("command", choices=["up", "demo", "health", "model", "proto"], help="what to do")
+    parser.add_argument("command", choices=["up", "demo", "health", "adapter", "model", "proto"], help="what to do")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -76,6 +78,10 @@ def _dispatch(argv: list[str]) -> int:
         from services.common.healthcheck import main as health_main
 
         return health_main(rest, prog="loraplex health")
+    if command == "adapter":
+        from services.common.adapter_cli import main as adapter_main
+
+        return adapter_main(rest)
     if command == "model":
         if not rest or rest[0] != "tiny":
             parser.error("usage: loraplex model tiny DIR [--preset tiny|small] [--arch llama|mistral|qwen2|qwen3]")
@@ -84,7 +90,7 @@ def _dispatch(argv: list[str]) -> int:
         from services.common.protogen import main as protogen_main
 
         return protogen_main(rest)
-    parser.error(f"unknown command {command!r}; choose from up, demo, health, model, proto")
+    parser.error(f"unknown command {command!r}; choose from up, demo, health, adapter, model, proto")
     return 2
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from services.cli import main
 
-COMMANDS = ("up", "demo", "health", "model tiny", "proto")
+COMMANDS = ("up", "demo", "health", "adapter upload", "adapter list", "model tiny", "proto")
 
 
 def test_help_lists_every_command_with_what_it_does(capsys):

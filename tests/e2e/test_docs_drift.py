@@ -8,12 +8,14 @@ own flags, and every LORAPLEX_* variable named is one something reads.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import shlex
 
 import pytest
 
+from services.common import adapter_cli
 from services.common.stack import StackConfig, banner
 from services.demo import report
 from services.demo.clients import Endpoints
@@ -110,10 +112,18 @@ def test_configuration_table_names_only_flags_of_its_service():
             assert not missing, f"README configuration table, row {row!r}: {cls.__name__} has no {missing}"
 
 
+def adapter_cli_flags() -> set[str]:
+    """`loraplex adapter`'s options, its subcommands' included."""
+    parser = adapter_cli._parser("loraplex adapter")
+    parsers = [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                          for sub in action.choices.values()]
+    return {flag for each in parsers for action in each._actions for flag in action.option_strings}
+
+
 def test_every_flag_the_readme_prose_names_is_a_loraplex_flag():
     # Code blocks are left out: their commands are checked by what they call (test_readme.py).
     prose = re.sub(r"^```.*?^```", "", README.read_text(), flags=re.S | re.M)
-    known = set().union(*(flags_of(cls) for cls in (*SERVICES.values(), DemoConfig)))
+    known = set().union(*(flags_of(cls) for cls in (*SERVICES.values(), DemoConfig)), adapter_cli_flags())
     unknown = sorted(set(FLAG.findall(prose)) - known - {"--foo-bar", "--help"})  # the naming rule's example
     assert not unknown, f"README names flags no service has: {unknown}"
 
@@ -122,7 +132,7 @@ def test_every_loraplex_variable_named_is_read_by_a_service_or_by_compose():
     compose = (REPO_ROOT / "compose.yaml").read_text()
     interpolated = set(re.findall(r"\$\{(LORAPLEX_[A-Z0-9_]+)", compose))
     read = {"LORAPLEX_" + flag[2:].replace("-", "_").upper()
-            for cls in (*SERVICES.values(), DemoConfig) for flag in flags_of(cls)}
+            for cls in (*SERVICES.values(), DemoConfig) for flag in flags_of(cls)} | set(adapter_cli.ENVIRONMENT)
     for path in ("README.md", "compose.yaml", "docs/configuration.md", "Dockerfile", "Dockerfile.gpu"):
         named = set(re.findall(r"LORAPLEX_[A-Z0-9_]+", (REPO_ROOT / path).read_text())) - {"LORAPLEX_FOO_BAR"}
         unknown = sorted(named - read - interpolated)

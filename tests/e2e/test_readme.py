@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.common import adapter_cli
 from services.common.config import build_parser
 from services.common.config_docs import render
 from services.common.stack import StackConfig
@@ -169,6 +170,8 @@ def check_loraplex(args: list[str], tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-m", "services.cli", "model", "tiny", str(tmp_path / "m"),
                                  *args[3:]], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and (tmp_path / "m" / "config.json").is_file(), result.stderr
+    elif args[0] == "adapter":  # its own argparse: the command line must parse (it exits 2 if not)
+        adapter_cli._parser("loraplex adapter").parse_args(args[1:])
     else:
         parse_flags({"demo": DemoConfig, "up": StackConfig}[args[0]], args[1:], f"loraplex {args[0]}")
 

@@ -37,6 +37,7 @@ _GAUGES = {
         "prompt_tokens_computed": "tokens of admitted requests left to compute (not in the prefix cache)",
         "prefix_cache_hit_rate": "prompt_tokens_cached / (prompt_tokens_cached + prompt_tokens_computed)",
         "kv_blocks_cached": "free paged KV blocks still holding a cached prefix (evictable)",
+        "adapter_fetches": "adapters fetched from the Registry (or adapter folder) into the host tier, prefetches included",
     }.items()
 }
 

@@ -214,7 +214,7 @@ class Node:
         if sampling.json_schema is not None:  # compiling takes up to a second: off the loop too
             grammar = await asyncio.get_running_loop().run_in_executor(self._grammar_threads, functools.partial(
                 self.grammars.compile, sampling.json_schema, request_id, cache_scope))
-        sha256 = _digest(sha256)
+        sha256 = expected_digest(sha256)
         # A hit: the bytes asked for are on the device as the request arrives (counted once queued).
         hit = bool(adapter_id) and self.manager.on_device(adapter_id, sha256)
         # A resident adapter needs no host copy (if it is evicted before this request is
@@ -229,7 +229,7 @@ class Node:
             yield output
 
 
-def _digest(sha256: str) -> str:
+def expected_digest(sha256: str) -> str:
     """The expected adapter digest in the form adapters are hashed to (lowercase hex): a
     malformed one could never match, so it is the caller's mistake, not a mismatch."""
     digest = sha256.lower()

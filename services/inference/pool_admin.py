@@ -11,9 +11,10 @@ import json
 import time
 from pathlib import Path
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.fields import require
-from services.inference.node import Node
+from services.inference.adapters.pool import ResidentAdapter
+from services.inference.node import Node, expected_digest
 from services.registry.fingerprint import ArchitectureFingerprint, fingerprint_from_config
 
 
@@ -66,6 +67,7 @@ class StatsView:
     prompt_tokens_computed: int
     prefix_cache_hit_rate: float
     kv_blocks_cached: int
+    adapter_fetches: int
 
 
 @dataclasses.dataclass
@@ -92,9 +94,15 @@ class PoolAdmin:
         self._rate_mark = (time.monotonic(), 0)
         self._rate = 0.0
 
-    async def load(self, adapter_id: str, pin: bool) -> SlotView:
+    async def load(self, adapter_id: str, pin: bool, host_only: bool = False, sha256: str = "") -> SlotView:
         require(adapter_id, "adapter_id")
-        weights = await self.node.manager.ensure_host(adapter_id)
+        sha256 = expected_digest(sha256)
+        if host_only:
+            if pin:
+                raise InvalidArgument("pin keeps an adapter in the device pool; a host_only load takes no device "
+                                      "pages, so it cannot pin", field="pin")
+            return await self._warm_host(adapter_id, sha256)
+        weights = await self.node.manager.ensure_host(adapter_id, sha256)
 
         def load_on_engine() -> SlotView:
             # When pins hold the room, retrying cannot help until an unpin: Generate's
@@ -106,6 +114,29 @@ class PoolAdmin:
             return next(s for s in slots if s.adapter_id == adapter_id and s.tier == "DEVICE")
 
         return await self.node.async_engine.call(load_on_engine)
+
+    async def _warm_host(self, adapter_id: str, sha256: str) -> SlotView:
+        """The host-tier half of a load (the router's prefetch): the next request copies host ->
+        device instead of waiting on the Registry. The device pool is left alone: a prefetch ahead
+        of traffic must never evict an adapter that traffic is using."""
+        def device_slot_on_engine() -> SlotView | None:
+            resident = self.node.pool.get(adapter_id)
+            if resident is None or (sha256 and resident.sha256 != sha256):
+                return None
+            return self._device_view(resident)
+
+        # Already on the device: no host copy needed (as for Generate, which then counts a hit).
+        if (slot := await self.node.async_engine.call(device_slot_on_engine)) is not None:
+            return slot
+        weights = await self.node.manager.ensure_host(adapter_id, sha256)  # a host copy is not fetched again
+        # Viewed from the weights, not the host tier: a small tier may already have dropped them again.
+        return SlotView(adapter_id, weights.sha256, "HOST", weights.rank, 0, False, 0, 0.0,
+                        self.node.manager.last_load_ms.get(adapter_id, 0.0), weights.target_modules)
+
+    def _device_view(self, resident: ResidentAdapter) -> SlotView:
+        return SlotView(resident.key, resident.sha256, "DEVICE", resident.rank, resident.rank, resident.pinned,
+                        resident.refs, resident.last_used, self.node.manager.last_load_ms.get(resident.key, 0.0),
+                        resident.target_modules)
 
     async def evict(self, adapter_id: str, all_tiers: bool, unpin: bool) -> None:
         require(adapter_id, "adapter_id")
@@ -132,8 +163,7 @@ class PoolAdmin:
 
     def _snapshot_on_engine(self) -> tuple[list[SlotView], PoolUsageView]:
         manager, pool = self.node.manager, self.node.pool
-        slots = [SlotView(r.key, r.sha256, "DEVICE", r.rank, r.rank, r.pinned, r.refs, r.last_used,
-                          manager.last_load_ms.get(r.key, 0.0), r.target_modules) for r in pool.resident()]
+        slots = [self._device_view(r) for r in pool.resident()]
         host = manager.host_entries()
         for key, weights in host.items():
             # One entry per copy: the host copy of the bytes on the device is the same adapter,
@@ -168,7 +198,7 @@ class PoolAdmin:
             graph_steps=engine.runner.steps["graph"], eager_steps=engine.runner.steps["eager"],
             prompt_tokens_cached=blocks.prompt_tokens_cached, prompt_tokens_computed=blocks.prompt_tokens_computed,
             prefix_cache_hit_rate=blocks.prompt_tokens_cached / admitted_tokens if admitted_tokens else 0.0,
-            kv_blocks_cached=blocks.num_cached_free_blocks)
+            kv_blocks_cached=blocks.num_cached_free_blocks, adapter_fetches=manager.fetches)
 
     def _tokens_per_second(self, generated: int) -> float:
         now = time.monotonic()

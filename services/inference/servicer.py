@@ -159,7 +159,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def LoadAdapter(self, request, context):
         self._authorize(context)
-        return _slot(await self.admin.load(request.adapter_id, request.pin))
+        return _slot(await self.admin.load(request.adapter_id, request.pin, host_only=request.host_only,
+                                           sha256=request.sha256))
 
     async def EvictAdapter(self, request, context):
         self._authorize(context)

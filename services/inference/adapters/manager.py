@@ -36,6 +36,7 @@ class AdapterManager:
         self.last_load_ms: dict[str, float] = {}
         self.hits = 0  # queued requests whose adapter bytes were on the device when they arrived
         self.misses = 0  # queued requests whose adapter bytes had to be fetched or copied there
+        self.fetches = 0  # adapters fetched from the source into the host tier (prefetches included)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_arrival: Callable[[], None] = lambda: None  # wakes the engine
         # Queued requests for (adapter id, sha256, "" = any bytes) can never run (their re-fetch
@@ -98,6 +99,7 @@ class AdapterManager:
                                      f"holds {self.pool.num_pages} pages in all", reason="ADAPTER_RANK_EXCEEDS_POOL",
                                      rank=weights.rank, pool_pages=self.pool.num_pages)
         self._put_host(adapter_id, weights)
+        self.fetches += 1
         elapsed = (time.perf_counter() - started) * 1000
         self.load_ms.append(elapsed)
         self.last_load_ms[adapter_id] = elapsed

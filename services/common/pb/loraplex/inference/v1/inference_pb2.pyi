@@ -84,12 +84,16 @@ class AdapterSlot(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., rank: _Optional[int] = ..., pages: _Optional[int] = ..., pinned: _Optional[bool] = ..., active_requests: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_ms: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "pin")
+    __slots__ = ("adapter_id", "pin", "host_only", "sha256")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    HOST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     pin: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., pin: _Optional[bool] = ...) -> None: ...
+    host_only: bool
+    sha256: str
+    def __init__(self, adapter_id: _Optional[str] = ..., pin: _Optional[bool] = ..., host_only: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class EvictAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "all_tiers", "unpin")
@@ -136,7 +140,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_total", "resident_adapters", "pool", "adapter_hits", "adapter_misses", "adapter_loads", "adapter_evictions", "adapter_load_ms_mean", "adapter_load_ms_p99", "requests_finished", "prompt_tokens_total", "generated_tokens_total", "preemptions", "generation_tokens_per_second", "resident_adapter_ids", "graph_steps", "eager_steps", "prompt_tokens_cached", "prompt_tokens_computed", "prefix_cache_hit_rate", "kv_blocks_cached")
+    __slots__ = ("running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_total", "resident_adapters", "pool", "adapter_hits", "adapter_misses", "adapter_loads", "adapter_evictions", "adapter_load_ms_mean", "adapter_load_ms_p99", "requests_finished", "prompt_tokens_total", "generated_tokens_total", "preemptions", "generation_tokens_per_second", "resident_adapter_ids", "graph_steps", "eager_steps", "prompt_tokens_cached", "prompt_tokens_computed", "prefix_cache_hit_rate", "kv_blocks_cached", "adapter_fetches")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +165,7 @@ class Stats(_message.Message):
     PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FETCHES_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_blocks_used: int
@@ -185,7 +190,8 @@ class Stats(_message.Message):
     prompt_tokens_computed: int
     prefix_cache_hit_rate: float
     kv_blocks_cached: int
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., adapter_hits: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., adapter_load_ms_mean: _Optional[float] = ..., adapter_load_ms_p99: _Optional[float] = ..., requests_finished: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., graph_steps: _Optional[int] = ..., eager_steps: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_blocks_cached: _Optional[int] = ...) -> None: ...
+    adapter_fetches: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., adapter_hits: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., adapter_load_ms_mean: _Optional[float] = ..., adapter_load_ms_p99: _Optional[float] = ..., requests_finished: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., graph_steps: _Optional[int] = ..., eager_steps: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_blocks_cached: _Optional[int] = ..., adapter_fetches: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -98,6 +98,14 @@ class InferenceServicer:
         room for it (retrying does not help until one is unpinned with EvictAdapter `unpin`);
         RESOURCE_EXHAUSTED (reason RESOURCE_EXHAUSTED, short retry) if running requests hold the
         rest of the pool.
+        With `host_only` it only warms the host tier (the router's prefetch after a deployment is
+        bound): fetched, sha256-checked and parsed, no device pages taken, nothing evicted; it
+        returns the HOST slot, or the DEVICE slot at once when the device holds those bytes
+        already (a copy already in the host tier is not fetched again). Errors then: NOT_FOUND
+        (unknown adapter), FAILED_PRECONDITION (built for another base model, rank beyond this
+        node, or a digest other than `sha256`), INVALID_ARGUMENT (`pin` with `host_only`, or a
+        malformed `sha256`), UNAVAILABLE (reason REGISTRY_UNAVAILABLE or ADAPTER_CORRUPTED: the
+        Registry could not deliver it; the node itself serves on).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -80,9 +80,21 @@ def place(nodes: Sequence[NodeView], base_model: str, adapter_id: str, factor: f
         best = min(resident, key=lambda n: (n.load, -rendezvous_weight(adapter_id, n.node_id)))
         return Placement(best.node_id, "resident")
     key = adapter_id or tenant_key(tenant_id)
-    home = max(candidates, key=lambda n: rendezvous_weight(key, n.node_id))
-    best = max(allowed, key=lambda n: rendezvous_weight(key, n.node_id))
+    home = _first_in_rendezvous_order(candidates, key)
+    best = _first_in_rendezvous_order(allowed, key)
     return Placement(best.node_id, "home" if best is home else "spill")
+
+
+def home_node(nodes: Sequence[NodeView], base_model: str, adapter_id: str) -> str | None:
+    """The adapter's home: where `place` sends its requests while no node holds it and the home
+    is within the load bound (the router prefetches it there). None when no node serves
+    `base_model`."""
+    candidates = [n for n in nodes if n.base_model == base_model]
+    return _first_in_rendezvous_order(candidates, adapter_id).node_id if candidates else None
+
+
+def _first_in_rendezvous_order(nodes: Sequence[NodeView], key: str) -> NodeView:
+    return max(nodes, key=lambda n: rendezvous_weight(key, n.node_id))
 
 
 def tenant_key(tenant_id: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from services.router.placement import NodeView, load_bound, place, rendezvous_weight, tenant_key
+from services.router.placement import NodeView, home_node, load_bound, place, rendezvous_weight, tenant_key
 
 IDS = [f"node-{i}" for i in range(4)]
 
@@ -101,3 +101,10 @@ def test_a_resident_but_overloaded_node_is_passed_over():
     loads = tuple(10 if n == busy else 0 for n in IDS)
     chosen = place(nodes(loads=loads, resident={busy: {adapter}}), "tiny", adapter, 1.25)
     assert chosen.node_id == home_order(adapter)[1] and chosen.reason == "spill"
+
+
+def test_an_adapters_home_is_where_its_first_request_goes():
+    for i in range(100):
+        adapter = f"adp_{i}"
+        assert home_node(nodes(), "tiny", adapter) == place(nodes(), "tiny", adapter, 1.25).node_id
+    assert home_node(nodes(base="other"), "tiny", "adp_1") is None

@@ -5,7 +5,7 @@ Files and Fine-tuning API when a Trainer is configured).
 Start-up does not wait for the Registry or any node: the router turns SERVING at once and
 answers UNAVAILABLE (with the reason) until they are reachable, so `loraplex up` and
 orchestrators can start services in any order. Background tasks: the change-feed watcher
-(feed.py) and the node poller (membership.py).
+(feed.py), the node poller (membership.py) and the adapter prefetch workers (prefetch.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from services.router.open_streams import OpenStreams
 from services.router.openai_files import FilesApi
 from services.router.openai_fine_tuning import FineTuningApi
 from services.router.openai_fine_tuning_api import FineTuningBackend, routes as fine_tuning_routes
+from services.router.prefetch import AdapterPrefetcher
 from services.router.proxy import RouterCore
 from services.router.quotas import Limits, QuotaManager
 from services.router.registry_client import RegistryClient
@@ -51,6 +52,7 @@ class RouterApp:
         self.membership: Membership | None = None
         self.http: HttpServer | None = None
         self.watcher: ChangeFeedWatcher | None = None
+        self.prefetcher: AdapterPrefetcher | None = None
         self._registry: RegistryClient | None = None
         self._trainer: TrainerClient | None = None
         self._tasks: list[asyncio.Task] = []
@@ -81,6 +83,9 @@ class RouterApp:
                                config.max_attempts, open_streams)
         self._router.attach(self.core)
         self._nodes.attach(membership)
+        if config.prefetch_adapters:
+            self.prefetcher = AdapterPrefetcher(registry, membership)
+        prefetcher = self.prefetcher
 
         def apply(event: FeedEvent) -> None:
             # Revocations also end the requests in flight; unbinds and deletions do not (open_streams.py).
@@ -97,13 +102,16 @@ class RouterApp:
                 resolver.adapters_changed(event.tenant_id)
             elif event.kind == "BASE_MODEL_REGISTERED":
                 resolver.base_model_registered(event.subject)
+            if prefetcher is not None:  # after the caches: it only enqueues (binds, new versions)
+                prefetcher.apply(event)
 
         def reset() -> None:  # ends no stream: nothing is known to be revoked (open_streams.py)
             authenticator.clear()
             resolver.clear()
 
         self.watcher = ChangeFeedWatcher(registry, apply, reset, feed)
-        self._tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(membership.run())]
+        self._tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(membership.run()),
+                       *(prefetcher.workers() if prefetcher is not None else ())]
         if config.http_enabled:
             more_routes = fine_tuning_routes(self.core, self._fine_tuning_backend(self.core))
             self.http = HttpServer(build_app(self.core, config.max_message_mb * 2**20, more_routes), config.host,

@@ -65,6 +65,10 @@ class RouterConfig(ClientTlsConfig, ServerConfig):
                                                   "Trainer validates every line before it answers)")
     max_upload_mb: int = option(64, "largest file upload to /v1/files (the whole multipart body), in MiB; "
                                     "larger is a 413")
+    prefetch_adapters: bool = option(True, "when a deployment is bound or re-bound (or a version it follows is "
+                                           "uploaded), have its adapter's home node fetch it into host memory, so "
+                                           "its first request does not wait for the Registry download (off: the "
+                                           "first request fetches it)")
     tenant_max_concurrent: int = option(32, "default per-tenant limit of requests in flight (0 = unlimited)")
     tenant_tokens_per_minute: int = option(0, "default per-tenant limit of prompt + completion tokens per "
                                               "minute (0 = unlimited)")

@@ -94,6 +94,14 @@ class GrpcNodeClient:
             raise failure_of(exc, self.address) from None
         return info.base_model
 
+    async def prefetch_adapter(self, adapter_id: str, sha256: str, timeout_s: float) -> str:
+        request = inference_pb2.LoadAdapterRequest(adapter_id=adapter_id, sha256=sha256, host_only=True)
+        try:
+            slot = await self._stub.LoadAdapter(request, metadata=self._metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise failure_of(exc, self.address) from None
+        return inference_pb2.AdapterTier.Name(slot.tier).removeprefix("ADAPTER_TIER_")
+
     async def generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[generation_pb2.GenerationDelta]:
         call = self._stub.Generate(request, metadata=self._metadata)
         try:

@@ -46,6 +46,10 @@ class NodeClient(Protocol):
 
     async def base_model(self, timeout_s: float) -> str: ...
 
+    async def prefetch_adapter(self, adapter_id: str, sha256: str, timeout_s: float) -> str:
+        """Has the node fetch the adapter into its host tier (no device pages); returns the tier
+        it is in now, HOST or DEVICE (resident already). NodeFailure on any error."""
+
     def generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[generation_pb2.GenerationDelta]:
         """Streams deltas; raises NodeFailure. Closing the iterator early cancels the request on
         the node (its KV blocks are freed)."""

@@ -1,0 +1,151 @@
+"""Cold-start-free hot swaps: a bound adapter is warmed on its home node before its first request.
+
+Without this, the first request for a newly bound deployment (or one BindDeployment just
+re-pointed at another adapter version) waits for its node to download the adapter from the
+Registry, check its sha256 and parse it, and so does every request that arrives meanwhile.
+When the change feed reports a deployment bound (DEPLOYMENT_BOUND), or a version uploaded
+that deployments following "latest" now mean (ADAPTER_CREATED), the router resolves the
+deployment and asks the adapter's home node (placement.home_node: the node its requests go
+to first) to fetch it into its host tier (LoadAdapter host_only). The first request then
+only copies it from host memory into device pages.
+
+Host tier only: taking device pages ahead of traffic could evict an adapter traffic uses.
+Best effort and off the hot path: the feed loop only enqueues (a bounded queue, duplicates
+merged; beyond the bound a job is dropped and counted), and `concurrency` workers run the
+Registry and node calls, so neither the feed nor requests ever wait for a prefetch. A
+failure is logged and counted (loraplex_router_adapter_prefetches_total{outcome}) and never
+marks a node unhealthy: health is the poll's to judge, and the first request fetches the
+adapter itself, as without prefetch. Only deployments: base models need no adapter.
+
+Not done: warming a node that joins or comes back with the adapters whose home it becomes.
+That means resolving every tenant's deployments on each join; their first requests fetch
+them as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from typing import Protocol
+
+from services.common.errors import NotFound
+from services.router import metrics
+from services.router.feed import FeedEvent
+from services.router.membership import Membership
+from services.router.nodes import NodeFailure
+from services.router.placement import home_node
+from services.router.resolution import ModelEntry, Target
+
+log = logging.getLogger("loraplex.router.prefetch")
+#: Prefetches running at once per router: each holds a node's download slot and Registry
+#: bandwidth, and a burst of binds should not crowd out the fetches of live requests.
+CONCURRENCY = 4
+#: Jobs waiting beyond the running ones; a burst past this is dropped (its requests fetch).
+MAX_WAITING = 1024
+#: Deadline of one node's prefetch: a large adapter's download, long enough not to give up on
+#: a slow Registry, short enough that a hung node does not hold a worker for good.
+NODE_TIMEOUT_S = 120.0
+
+
+class DeploymentCatalog(Protocol):
+    """The Registry, as the prefetcher needs it (NotFound for a name that is gone)."""
+
+    async def resolve_deployment(self, name: str, tenant_id: str) -> Target: ...
+
+    async def list_deployments(self, tenant_id: str) -> list[ModelEntry]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    tenant_id: str
+    deployment: str = ""  # a deployment just bound
+    new_adapter_id: str = ""  # a version just uploaded: the deployments following "latest" that now mean it
+
+
+class AdapterPrefetcher:
+    def __init__(self, catalog: DeploymentCatalog, membership: Membership, concurrency: int = CONCURRENCY,
+                 max_waiting: int = MAX_WAITING, node_timeout_s: float = NODE_TIMEOUT_S) -> None:
+        self.catalog, self.membership = catalog, membership
+        self.concurrency, self.max_waiting, self.node_timeout_s = concurrency, max_waiting, node_timeout_s
+        self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
+        self._waiting: set[_Job] = set()
+        #: This router's outcomes (the Prometheus counter sums every router in a process).
+        self.outcomes: collections.Counter[str] = collections.Counter()
+
+    def workers(self) -> list[asyncio.Task]:
+        return [asyncio.ensure_future(self._work()) for _ in range(self.concurrency)]
+
+    # --- the change feed's side: never waits ---
+    def apply(self, event: FeedEvent) -> None:
+        if event.kind == "DEPLOYMENT_BOUND":
+            self._enqueue(_Job(event.tenant_id, deployment=event.subject))
+        elif event.kind == "ADAPTER_CREATED":
+            self._enqueue(_Job(event.tenant_id, new_adapter_id=event.subject))
+
+    def _enqueue(self, job: _Job) -> None:
+        if job in self._waiting:  # bound twice in a burst, or replayed after a reconnect: one prefetch
+            return
+        if len(self._waiting) >= self.max_waiting:
+            log.warning("%d adapter prefetches waiting; dropping the one for %s", len(self._waiting), job)
+            self._count("dropped")
+            return
+        self._waiting.add(job)
+        self._jobs.put_nowait(job)
+
+    # --- the workers ---
+    async def _work(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            self._waiting.discard(job)  # a bind from now on is newer than what this job will read
+            try:
+                for target in await self._targets(job):
+                    await self._prefetch(target)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a Registry outage or a bug: the first request fetches
+                log.warning("prefetch for %s failed: %s", job, exc)
+                self._count("failed")
+
+    async def _targets(self, job: _Job) -> list[Target]:
+        if job.deployment:
+            try:
+                return [await self.catalog.resolve_deployment(job.deployment, job.tenant_id)]
+            except NotFound:  # unbound, or its adapter deleted, since the bind
+                self._count("not_found")
+                return []
+        following_latest = [entry for entry in await self.catalog.list_deployments(job.tenant_id)
+                            if entry.adapter_name and entry.adapter_version == 0]
+        targets = []
+        for entry in following_latest:
+            try:
+                target = await self.catalog.resolve_deployment(entry.name, job.tenant_id)
+            except NotFound:
+                continue
+            if target.adapter_id == job.new_adapter_id:
+                targets.append(target)
+        return targets
+
+    async def _prefetch(self, target: Target) -> None:
+        if not target.adapter_id:
+            return
+        home = home_node(self.membership.placeable(), target.base_model, target.adapter_id)
+        node = self.membership.nodes.get(home) if home is not None else None
+        if node is None:
+            self._count("no_node")
+            return
+        try:
+            tier = await node.client.prefetch_adapter(target.adapter_id, target.adapter_sha256, self.node_timeout_s)
+        except NodeFailure as failure:
+            # Not mark_failed: a node that cannot fetch one adapter (its Registry link, a deleted
+            # version) still serves everything else, and the health poll decides about the rest.
+            log.warning("prefetching adapter %s (model %s) on node %s failed: %s", target.adapter_id, target.model,
+                        node.node_id, failure.error.message)
+            self._count("not_found" if isinstance(failure.error, NotFound) else "failed")
+            return
+        self._count(tier.lower())
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        metrics.ADAPTER_PREFETCHES.labels(outcome).inc()

@@ -56,6 +56,9 @@ class DeploymentCatalog(Protocol):
 
     async def list_deployments(self, tenant_id: str) -> list[ModelEntry]: ...
 
+    async def adapter_name(self, adapter_id: str) -> tuple[str, str]:
+        """(name, base model) of an adapter version."""
+
 
 @dataclasses.dataclass(frozen=True)
 class _Job:
@@ -115,10 +118,18 @@ class AdapterPrefetcher:
             except NotFound:  # unbound, or its adapter deleted, since the bind
                 self._count("not_found")
                 return []
+        try:
+            name, base_model = await self.catalog.adapter_name(job.new_adapter_id)
+        except NotFound:  # deleted since its upload
+            self._count("not_found")
+            return []
+        # Only this name's deployments can mean the new version: resolving every deployment of the
+        # tenant on each upload made uploads cost O(deployments) Registry calls (bench/prefetch.py).
         following_latest = [entry for entry in await self.catalog.list_deployments(job.tenant_id)
-                            if entry.adapter_name and entry.adapter_version == 0]
+                            if entry.adapter_name == name and entry.adapter_version == 0
+                            and entry.base_model == base_model]
         targets = []
-        for entry in following_latest:
+        for entry in following_latest:  # resolved still: "latest" is the Registry's to say
             try:
                 target = await self.catalog.resolve_deployment(entry.name, job.tenant_id)
             except NotFound:

@@ -85,6 +85,16 @@ class RegistryClient:
         return Target(model=name, base_model=reply.deployment.base_model, tenant_id=tenant_id,
                       adapter_id=reply.adapter.id, adapter_sha256=reply.adapter.sha256)
 
+    async def adapter_name(self, adapter_id: str) -> tuple[str, str]:
+        """(name, base model) of an adapter version; NotFound once it is deleted."""
+        try:
+            reply = await self._stub.GetAdapter(pb.GetAdapterRequest(id=adapter_id), metadata=self._metadata,
+                                                timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            error = self._error(exc, "look up an adapter")
+            raise (errors.NotFound(error.message) if isinstance(error, errors.InvalidArgument) else error) from None
+        return reply.name, reply.base_model
+
     async def get_base_model(self, name: str) -> str:
         try:
             reply = await self._stub.GetBaseModel(pb.GetBaseModelRequest(name=name), metadata=self._metadata,

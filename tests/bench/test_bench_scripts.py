@@ -146,3 +146,15 @@ def test_tenant_fairness_bench_runs_both_ways(tmp_path):
     for run in ("tenant_lanes", "one_queue"):
         assert 0 < report[run]["tenant_b_ttft_ms"] <= report[run]["tenant_b_done_ms"]
         assert report[run]["tenant_a_done_median_ms"] <= report[run]["tenant_a_done_last_ms"]
+
+
+def test_prefetch_bench_serves_a_prefetched_adapter_without_fetching_it(tmp_path):
+    out = tmp_path / "prefetch.json"
+    result = subprocess.run([sys.executable, "-m", "bench.prefetch", "--preset", "tiny", "--repetitions", "1",
+                             "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["no_prefetch"]["node_fetches_during_request"] == [1]
+    assert report["prefetch_request_after_warm"]["node_fetches_during_request"] == [0]
+    assert all(report[name]["ttft_ms_median"] > 0 for name in ("no_prefetch", "prefetch_request_at_bind",
+                                                                "prefetch_request_after_warm", "resident"))

@@ -248,11 +248,10 @@ class RegistryServicer:
         All is validated before anything is visible; on any failure no row remains (weights
         stored just before are left to CollectGarbage). INVALID_ARGUMENT names the file/tensor
         and expected vs actual (zip entry rules, size limits, non-safetensors weights, peft_type,
-        base model mismatch, unknown layer/module, shape, dtype, NaN/Inf, rank above the limit,
-        a rank_pattern / alpha_pattern key or value that is invalid, naming the field and key),
-        also for a first message that is not the header; NOT_FOUND if the base model or tenant
-        does not exist. Identical bytes for the same tenant/name/base return the existing
-        version (created=false). Emits ADAPTER_CREATED.
+        base model mismatch, unknown layer/module, shape, dtype, NaN/Inf, rank above the limit, a
+        bad rank_pattern / alpha_pattern key or value), also for a first message that is not the
+        header; NOT_FOUND if the base model or tenant does not exist. Identical bytes for the same
+        tenant/name/base return the existing version (created=false). Emits ADAPTER_CREATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

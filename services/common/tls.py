@@ -10,8 +10,9 @@ server's certificate, whose DNS or IP subjectAltName must match the host dialled
 The files are checked when a config is built (`server_tls` / `client_tls`), so a missing,
 unreadable or invalid file, or a key that does not match its certificate, stops the process
 before it serves anything, with a message naming the flag. Servers re-read them when they
-change (tls_reload.py: certificate rotation without a restart); clients read theirs when a
-channel is made. Only credentials and channels live here, no service logic.
+change (tls_reload.py: certificate rotation without a restart); the services' long-lived
+asyncio channels re-read theirs likewise (tls_channel.py). Only credentials and
+channels live here, no service logic.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common.tls_channel import RotatingChannel
 from services.common.tls_reload import WatchedCertificates
 
 Options = Sequence[tuple[str, object]]
@@ -150,10 +152,14 @@ def channel(address: str, tls: ClientTls | None, options: Options = ()) -> grpc.
 
 
 def aio_channel(address: str, tls: ClientTls | None, options: Options = ()) -> grpc.aio.Channel:
-    """An asyncio channel (create it inside the loop that uses it): TLS when `tls` is given."""
+    """An asyncio channel (create it inside the loop that uses it): TLS when `tls` is given,
+    following its files when they are replaced (tls_channel.py: client certificate and CA
+    rotation without a restart)."""
     if tls is None:
         return grpc.aio.insecure_channel(address, options=list(options))
-    return grpc.aio.secure_channel(address, tls.credentials(), options=[*options, *tls.options()])
+    settings = [*options, *tls.options()]
+    return RotatingChannel(lambda: grpc.aio.secure_channel(address, tls.credentials(), options=settings),
+                           [tls.ca, tls.cert, tls.key], lambda: client_tls(tls.ca, tls.cert, tls.key, tls.server_name))
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:

@@ -44,7 +44,7 @@ class PemSet:
     client_ca: bytes | None
 
 
-def _stamp(paths: list[Path]) -> tuple:
+def file_stamp(paths: list[Path]) -> tuple:
     """What changes when a file is rewritten or replaced by a rename (as Kubernetes' secret
     volumes and cert-manager do): inode, size and modification time."""
     stamps = []
@@ -70,7 +70,7 @@ class WatchedCertificates:
         self.cert, self.key, self.client_ca = Path(cert), Path(key), None if client_ca is None else Path(client_ca)
         self._lock = threading.Lock()
         self._checked_at = 0.0
-        self._stamp = _stamp(self._paths)
+        self._stamp = file_stamp(self._paths)
         self._current = load_checked(self.cert, self.key, self.client_ca)
         self._rejected_stamp: tuple | None = None
         self.reloads = 0
@@ -89,7 +89,7 @@ class WatchedCertificates:
             if not force and now - self._checked_at < CHECK_INTERVAL_S:
                 return None
             self._checked_at = now
-            stamp = _stamp(self._paths)
+            stamp = file_stamp(self._paths)
             if stamp == self._stamp or stamp == self._rejected_stamp:
                 return None
             try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.common import tls, tls_reload
+from services.common import tls, tls_channel, tls_reload
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as pb
 from services.common.pb.loraplex.registry.v1 import registry_pb2_grpc
 from services.common.tls_reload import WatchedCertificates
@@ -25,6 +25,7 @@ from services.registry.config import RegistryConfig
 from services.router import http_server
 from services.router.http_server import HttpServer
 from tests.common.test_tls_registry import TOKEN, create_tenant
+from tests.conftest import free_port
 from tests.registry.backends import InProcessRegistry
 from tests.registry.client import bearer
 from tests.tls_certs import Certs, make_certs
@@ -33,6 +34,7 @@ from tests.tls_certs import Certs, make_certs
 @pytest.fixture(autouse=True)
 def check_files_at_every_handshake(monkeypatch):
     monkeypatch.setattr(tls_reload, "CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(tls_channel, "CHECK_INTERVAL_S", 0.0)
     monkeypatch.setattr(http_server, "RELOAD_CHECK_S", 0.05)
 
 
@@ -156,6 +158,57 @@ def test_a_rotated_client_ca_decides_which_client_certificates_get_in(tmp_path, 
         assert refused(registry.address, first_client)
     finally:
         registry.stop()
+
+
+# --- clients: a service's long-lived channel follows its own files ---
+
+def test_a_client_channel_follows_its_rotated_certificate_and_ca(tmp_path, first, second, caplog):
+    """mutual TLS on both sides, the whole PKI rotated: the server comes back under the second CA
+    (certificate and client CA), and the client's files are replaced by the second CA's. The
+    same channel (stubs are built once) reconnects with them."""
+    files = tmp_path / "client"
+    files.mkdir()
+    ca, cert, key = files / "ca.pem", files / "client.pem", files / "client-key.pem"
+    for source, target in ((first.ca, ca), (first.client_cert, cert), (first.client_key, key)):
+        shutil.copyfile(source, target)
+    port = free_port()
+
+    def serve(certs) -> InProcessRegistry:
+        config = RegistryConfig(port=port, metrics_port=0, data_dir=tmp_path / f"registry-{certs.ca.parent.name}",
+                                admin_token=TOKEN, **certs.server(mutual=True))
+        return InProcessRegistry(config, client_tls=certs.client(with_certificate=True)).start()
+
+    async def tenants(stub) -> bool:
+        try:
+            await stub.ListTenants(pb.ListTenantsRequest(), metadata=bearer(TOKEN), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return False
+        return True
+
+    async def scenario():
+        channel = tls.aio_channel(f"127.0.0.1:{port}", tls.ClientTls(ca, cert, key))
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        registry = serve(first)
+        try:
+            assert await tenants(stub)
+        finally:
+            registry.stop()
+        registry = serve(second)  # the same address, under the second CA only
+        try:
+            assert not await tenants(stub)  # the first CA's files: refused both ways
+            with caplog.at_level(logging.ERROR, logger="loraplex.tls"):
+                replace(cert, second.client_cert)  # half a rotation: the new certificate, the old key
+                assert not await tenants(stub)
+                assert "cannot be used" in caplog.text and channel.generation == 0
+            replace(key, second.client_key)
+            replace(ca, second.ca)
+            assert await tenants(stub) and channel.generation == 1
+        finally:
+            registry.stop()
+            await channel.close()
+
+    asyncio.run(scenario())
 
 
 # --- HTTPS: the router's HTTP server ---

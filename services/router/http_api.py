@@ -4,7 +4,7 @@
     POST /v1/completions        raw prompt, streaming (SSE) or not
     POST /v1/responses          OpenAI's Responses API on the chat path (not stored: GET /v1/responses/{id} is a 404)
     GET  /v1/models             the caller's deployments, then the base models (each name once)
-    GET  /v1/models/{model}     one of those, or 404
+    GET  /v1/models/{model}     one of those, or 404 (DELETE: the caller's deployment goes; base models 403)
     GET  /health                200 while the process runs (for load balancers)
     /v1/files, /v1/fine_tuning/jobs    uploads and fine-tuning jobs, through the Trainer
                                        (openai_fine_tuning_api.py)
@@ -381,6 +381,9 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20, more_routes: S
     async def get_model(request: Request) -> Response:
         caller = await core.authenticate(request.headers.get("authorization"))
         name = request.path_params["model"]
+        if request.method == "DELETE":  # the SDK's models.delete, for a fine-tuned model: its deployment
+            await core.resolver.delete(caller, name)
+            return JSONResponse({"id": name, "object": "model", "deleted": True})
         target = await core.resolve(caller, name)  # NOT_FOUND for other tenants' names too
         entry = next((m for m in await core.list_models(caller) if m.name == target.model), None)
         if entry is None:
@@ -406,7 +409,7 @@ def build_app(core: RouterCore, max_body_bytes: int = 64 * 2**20, more_routes: S
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/responses/{response_id:path}", stored_response, methods=["GET", "DELETE"]),
         Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET", "DELETE"]),
         Route("/health", health, methods=["GET"]),
         *more_routes,
     ], exception_handlers={HTTPException: http_error})

@@ -95,6 +95,14 @@ class RegistryClient:
             raise (errors.NotFound(error.message) if isinstance(error, errors.InvalidArgument) else error) from None
         return reply.name, reply.base_model
 
+    async def unbind_deployment(self, name: str, tenant_id: str) -> None:
+        """Removes a tenant's deployment name (its adapter versions stay); NotFound if it has none."""
+        try:
+            await self._stub.UnbindDeployment(pb.UnbindDeploymentRequest(name=name, tenant=tenant_id),
+                                              metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "delete a model") from None
+
     async def get_base_model(self, name: str) -> str:
         try:
             reply = await self._stub.GetBaseModel(pb.GetBaseModelRequest(name=name), metadata=self._metadata,

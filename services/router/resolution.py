@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.fields import MAX_MODEL_NAME
 from services.router.auth import Caller
 from services.common.feed_cache import FeedCache, FeedState
@@ -54,6 +54,8 @@ class Catalog(Protocol):
 
     async def list_base_models(self) -> list[ModelEntry]: ...
 
+    async def unbind_deployment(self, name: str, tenant_id: str) -> None: ...
+
 
 def unknown_model(name: str) -> NotFound:
     return NotFound(f"model '{name}' not found: it is neither one of your deployments nor a base model "
@@ -67,6 +69,18 @@ class Resolver:
         self.targets: FeedCache[tuple[str, str], Target] = FeedCache(ttl_s, feed, cache_errors=(NotFound,))
         self.deployments: FeedCache[str, list[ModelEntry]] = FeedCache(ttl_s, feed)
         self.base_models: FeedCache[str, list[ModelEntry]] = FeedCache(ttl_s, feed)
+
+    async def delete(self, caller: Caller, name: str) -> None:
+        """OpenAI's model deletion: the caller's deployment name goes (its adapter versions stay,
+        and can be deployed again); a base model is refused; another tenant's name is not found.
+        The name stops resolving here at once, before the change feed says so."""
+        target = await self.resolve(caller, name)
+        if not target.adapter_id:
+            raise PermissionDenied(f"model '{name}' is a base model: only the deployments of your own adapters can "
+                                   "be deleted", reason="BASE_MODEL_NOT_DELETABLE", field="model")
+        await self.catalog.unbind_deployment(name, caller.tenant_id)
+        self.targets.invalidate(lambda key: key == (caller.tenant_id, name))
+        self.deployments.invalidate(lambda key: key == caller.tenant_id)
 
     async def resolve(self, caller: Caller, name: str) -> Target:
         if not name:

@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as registry_pb
 from services.common.tiny_model import PRESETS
+from tests.registry.client import unique
+from tests.registry.lora_files import AdapterFiles
 from tests.router.conftest import CUSTOMER_A_MODEL
 
 
@@ -88,6 +90,40 @@ def test_models_list_only_the_callers_deployments_and_base_models(router, world)
     assert client_b.models.retrieve("customerB-model").id == "customerB-model"
     with pytest.raises(openai.NotFoundError):
         client_b.models.retrieve(CUSTOMER_A_MODEL)
+
+
+def test_models_delete_removes_only_the_callers_own_deployment(router, world):
+    """The SDK's models.delete (fine-tuned models): the deployment name goes, at once, for its
+    tenant only; the adapter version stays and can be deployed again; base models are refused."""
+    tenant = world.new_tenant("del")
+    name = unique("gone")
+    tenant.BindDeployment(registry_pb.BindDeploymentRequest(name=name, base_model="tiny",
+                                                            adapter_name=_any_adapter_of(world.a, tenant)))
+    client = OpenAI(base_url=router.base_url, api_key=tenant.token, max_retries=0)
+    assert client.models.retrieve(name).id == name
+    other = OpenAI(base_url=router.base_url, api_key=world.b.token, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.models.delete(name)  # another tenant's name is not found, and stays
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.models.delete("tiny")
+    assert refused.value.status_code == 403 and "is a base model" in refused.value.message
+    deleted = client.models.delete(name)
+    assert deleted.id == name and deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(name)  # at once, not once the change feed catches up
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+    assert name not in {m.id for m in client.models.list()}
+    assert tenant.ListAdapters(registry_pb.ListAdaptersRequest()).adapters  # the weights stay
+
+
+def _any_adapter_of(owner, tenant) -> str:
+    """Uploads a copy of one of `owner`'s adapters for `tenant`; returns its name."""
+    source = owner.ListAdapters(registry_pb.ListAdaptersRequest()).adapters[0]
+    manifest, weights = owner.download(source.id)
+    name = unique("copy")
+    tenant.upload(AdapterFiles(manifest.config_json.encode(), weights), name=name, as_files=True)
+    return name
 
 
 def test_tenant_b_cannot_use_tenant_as_model_over_http(router, world):

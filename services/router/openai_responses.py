@@ -44,8 +44,6 @@ AS_IN_CHAT = set(schema.NO_OP_FIELDS) | {"model", "temperature", "top_p", "strea
 REFUSED = {"previous_response_id": NO_EARLIER, "conversation": NO_EARLIER,
            "background": "background responses are not supported (they must be stored to be retrieved)",
            "prompt": "stored prompt templates are not supported: send the text in `instructions` and `input`",
-           "include": "no extra output data is available (logprobs, reasoning, sources, ...)",
-           "top_logprobs": "logprobs are not supported on this endpoint (chat completions has them)",
            "truncation": "only 'disabled' is supported: an input too long for the context is a 400",
            "reasoning": "reasoning effort and summaries cannot be set: a model that thinks always does (its "
                         "thinking comes as a reasoning item)",
@@ -53,8 +51,14 @@ REFUSED = {"previous_response_id": NO_EARLIER, "conversation": NO_EARLIER,
            "context_management": "context management is not supported", "moderation": "moderation is not supported",
            "access_programs": "not supported", "image": "image output is not supported",
            "background_options": "background responses are not supported"}
-OFF = {"background": False, "include": [], "top_logprobs": 0, "truncation": "disabled"}
-FIELDS = AS_IN_CHAT | set(REFUSED) | {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice"}
+OFF = {"background": False, "truncation": "disabled"}
+FIELDS = AS_IN_CHAT | set(REFUSED) | {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice",
+                                      "include", "top_logprobs"}
+#: What `include` may ask for: each token's logprob on the answer's text; and reasoning items'
+#: encrypted content, which agents ask for with store false: there is none here to include (the
+#: thinking is in the item as text), so asking is answered by the items as they are.
+LOGPROBS = "message.output_text.logprobs"
+INCLUDABLE = (LOGPROBS, "reasoning.encrypted_content")
 #: Chat's names for what this API names otherwise, for its errors (longest prefix wins).
 CHAT_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
               "response_format.json_schema": "text.format"}
@@ -88,6 +92,7 @@ def responses_call(body: dict) -> tuple[GenerateCall, ResponseOptions]:
     chat = {key: body[key] for key in AS_IN_CHAT if key in body}
     paths = dict(CHAT_NAMES)  # chat's parameter paths -> ours, filled in as the body is rewritten
     chat["messages"] = _conversation(body.get("instructions"), body.get("input"), paths)
+    chat.update(_logprobs(body))
     if "max_output_tokens" in body:
         chat["max_completion_tokens"] = body["max_output_tokens"]
     if "text" in body:
@@ -248,6 +253,21 @@ def _in_our_terms(error: errors.InvalidArgument, paths: dict[str, str]) -> error
     return errors.InvalidArgument(f"'{ours}': {message}", reason=error.reason, **{**error.metadata, "field": ours})
 
 
+def _logprobs(body: dict) -> dict:
+    """include [message.output_text.logprobs] and top_logprobs -> chat's logprobs and top_logprobs
+    (asking for top_logprobs asks for logprobs too, as OpenAI reads it)."""
+    include = body.get("include", [])
+    if not isinstance(include, list) or any(item not in INCLUDABLE for item in include):
+        raise bad_param("include", f"only {' and '.join(INCLUDABLE)} can be included (no sources or other extra "
+                                   f"data here), got {include!r}"[:300])
+    top = body.get("top_logprobs", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= schema.MAX_TOP_LOGPROBS:
+        raise bad_param("top_logprobs", f"expected an integer from 0 to {schema.MAX_TOP_LOGPROBS}, got {top!r}"[:200])
+    if LOGPROBS not in include and not top:
+        return {}
+    return {"logprobs": True, **({"top_logprobs": top} if top else {})}
+
+
 def _settings(body: dict) -> dict:
     """The settings a response repeats, with OpenAI's defaults for those not sent."""
     return {"instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
@@ -258,4 +278,4 @@ def _settings(body: dict) -> dict:
                                                     if value is not None}},
             "metadata": body.get("metadata", {}),
             "user": body.get("user"), "previous_response_id": None, "reasoning": None, "truncation": "disabled",
-            "background": False, "top_logprobs": 0}
+            "background": False, "top_logprobs": body.get("top_logprobs", 0)}

@@ -21,7 +21,7 @@ import uuid
 
 from services.common.pb.loraplex.common.v1 import generation_pb2 as gen
 from services.router.choice_reader import ChoiceReader
-from services.router.openai_schema import FINISH
+from services.router.openai_schema import FINISH, chat_logprobs
 from services.router.openai_tools import ToolUse
 from services.router.proxy import Completion
 
@@ -39,8 +39,13 @@ class ResponseOutput:
         self.status = "in_progress"
         self._reader = ChoiceReader(tool_use, tool_call_format, reasoning_start, constrained)
         self._open: dict | None = None  # the reasoning or message item while its text may still grow
+        #: Logprobs of tokens not yet given out with answer text (thinking, markup held back): as in
+        #: chat, every generated token has one, and they ride on the next answer text.
+        self._logprobs: list[dict] = []
 
-    def feed(self, text: str) -> list[dict]:
+    def feed(self, text: str, logprobs: list[dict] = ()) -> list[dict]:
+        """Events for the text that came; `logprobs`: its tokens' (chat's entries), when asked for."""
+        self._logprobs += logprobs
         return self._events(self._reader.feed(text))
 
     def finish(self, finish_reason: str | None) -> list[dict]:
@@ -50,6 +55,10 @@ class ResponseOutput:
         events = self._events(chat_deltas)
         if not any(item["type"] != "reasoning" for item in self.items):
             events += self._text("content", "")  # nothing said, nothing called: one empty message, as OpenAI's
+        message = next((item for item in self.items if item["type"] == "message"), None)
+        if message is not None:  # tokens after the last answer text: on the part, so it has them all
+            message["content"][0]["logprobs"] += self._logprobs
+            self._logprobs = []
         return events + self._close()
 
     def _events(self, chat_deltas: list[dict]) -> list[dict]:
@@ -79,8 +88,12 @@ class ResponseOutput:
                                       part=_part(part_type, "")))
         if text:
             self._open["content"][0]["text"] += text
+            logprobs = {}
+            if part_type == "output_text":
+                logprobs, self._logprobs = {"logprobs": self._logprobs}, []
+                self._open["content"][0]["logprobs"] += logprobs["logprobs"]
             events.append(self._event(f"response.{part_type}.delta", self._open, content_index=0, delta=text,
-                                      **_logprobs(part_type)))
+                                      **logprobs))
         return events
 
     def _close(self) -> list[dict]:
@@ -90,8 +103,8 @@ class ResponseOutput:
         # its text is whole: the item is done, whether or not the response goes on
         item["status"] = "incomplete" if self.status == "incomplete" else "completed"
         part = item["content"][0]
-        return [self._event(f"response.{part['type']}.done", item, content_index=0, text=part["text"],
-                            **_logprobs(part["type"])),
+        done = {"logprobs": part["logprobs"]} if part["type"] == "output_text" else {}
+        return [self._event(f"response.{part['type']}.done", item, content_index=0, text=part["text"], **done),
                 self._event("response.content_part.done", item, content_index=0, part=dict(part)),
                 self._event("response.output_item.done", item=copy.deepcopy(item))]
 
@@ -119,9 +132,11 @@ def _part(part_type: str, text: str) -> dict:
     return {"type": part_type, "text": text, "annotations": [], "logprobs": []}
 
 
-def _logprobs(part_type: str) -> dict:
-    """Answer text events carry logprobs (none asked for here); reasoning text events have none."""
-    return {} if part_type == "reasoning_text" else {"logprobs": []}
+
+
+def logprob_entries(entries) -> list[dict]:
+    """The node's token logprobs as the Responses API has them (chat's entries)."""
+    return chat_logprobs(entries)["content"]
 
 
 def usage(value: gen.Usage) -> dict:
@@ -146,7 +161,7 @@ def response_object(done: list[Completion], response_id: str, created: int, opti
     """The unstreamed answer (`options`: openai_responses.ResponseOptions; one choice)."""
     choice = done[0]
     output = ResponseOutput(options.tool_use, choice.tool_call_format, choice.reasoning_start, options.constrained)
-    output.feed(choice.text)
+    output.feed(choice.text, logprob_entries(choice.logprobs) if options.logprobs else [])
     output.finish(FINISH.get(choice.finish_reason))
     return response_body(response_id, created, choice.target.model, options.settings, output.status, output.items,
                          usage(choice.usage))

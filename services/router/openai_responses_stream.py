@@ -18,7 +18,7 @@ import json
 from collections.abc import AsyncIterator
 
 from services.router.openai_choices import Streams
-from services.router.openai_responses_output import ResponseOutput, response_body, usage
+from services.router.openai_responses_output import ResponseOutput, logprob_entries, response_body, usage
 from services.router.openai_schema import FINISH
 
 
@@ -32,7 +32,8 @@ async def response_events(streams: Streams, response_id: str, created: int, opti
         if output is None:  # the first delta says how the node's model writes tool calls, and thinks
             output = ResponseOutput(options.tool_use, delta.tool_call_format, delta.reasoning_start,
                                     options.constrained)
-        for event in output.feed(delta.text):
+        logprobs = logprob_entries(delta.logprobs) if options.logprobs and delta.logprobs else []
+        for event in output.feed(delta.text, logprobs):
             yield event
         if delta.finish_reason:
             for event in output.finish(FINISH.get(delta.finish_reason)):

@@ -15,6 +15,7 @@ from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from services.common.pb.loraplex.registry.v1 import registry_pb2 as rpb
+from services.common.tiny_model import build_tokenizer
 from tests.router.conftest import CUSTOMER_A_MODEL
 from tests.router.harness import wait_until
 from tests.router.test_openai_api import http
@@ -50,6 +51,26 @@ def test_a_string_input_answers_what_chat_completions_answers(client):
     assert response.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
     echoed = (response.temperature, response.max_output_tokens, response.tools, response.tool_choice)
     assert echoed == (0, 24, [], "auto")
+
+
+def test_logprobs_cover_every_token_streamed_or_not(client):
+    """include message.output_text.logprobs with top_logprobs: one entry per generated token on the
+    answer's text, as chat's logprobs (the streamed deltas' entries add up to the same list)."""
+    fields = dict(model=CUSTOMER_A_MODEL, input="Summarize Q3.", temperature=0, max_output_tokens=12, top_logprobs=2,
+                  include=["message.output_text.logprobs"], extra_body={"ignore_eos": True})
+    response = client.responses.create(**fields)
+    part = response.output[0].content[0]
+    assert len(part.logprobs) == response.usage.output_tokens == 12 and response.top_logprobs == 2
+    assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in part.logprobs)
+    special = set(build_tokenizer().all_special_tokens)  # in logprobs (ignore_eos goes past <|eos|>), not in text
+    assert b"".join(bytes(e.bytes) for e in part.logprobs if e.token not in special).decode() == part.text
+    with client.responses.stream(**fields) as stream:
+        events = list(stream)
+    streamed = [entry for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [e.token for e in streamed] == [e.token for e in done.logprobs] == [e.token for e in part.logprobs]
+    plain = client.responses.create(**{**fields, "include": [], "top_logprobs": 0})
+    assert plain.output[0].content[0].logprobs == [] and plain.output_text == response.output_text
 
 
 def test_messages_with_instructions_are_chats_system_and_user_turns(client):

@@ -43,6 +43,7 @@ from services.router.nodes import NodeFailure
 from services.router.open_streams import InFlight, OpenStreams
 from services.router.placement import place
 from services.router.quotas import Lease, QuotaManager
+from services.router.recent_adapters import RecentAdapters
 from services.router.resolution import ModelEntry, Resolver, Target
 from services.router.usage_metrics import UsageMeter, finish_name
 
@@ -226,10 +227,12 @@ async def _first_token(node: Node, deltas: AsyncIterator,
 class RouterCore:
     def __init__(self, authenticator: Authenticator, resolver: Resolver, membership: Membership,
                  quotas: QuotaManager, load_factor: float, max_attempts: int,
-                 open_streams: OpenStreams | None = None) -> None:
+                 open_streams: OpenStreams | None = None, recent_adapters: RecentAdapters | None = None) -> None:
         self.authenticator, self.resolver, self.membership, self.quotas = authenticator, resolver, membership, quotas
         self.load_factor, self.max_attempts = load_factor, max_attempts
         self.open_streams = open_streams if open_streams is not None else OpenStreams()
+        #: What placed requests ran with, for warming a node that joins (None: prefetch is off).
+        self.recent_adapters = recent_adapters
 
     async def authenticate(self, authorization: str | None) -> Caller:
         return await self.authenticator.authenticate(authorization)
@@ -288,6 +291,8 @@ class RouterCore:
                      tenant_name: str) -> Stream:
         request_id = call.request_id or uuid.uuid4().hex
         request = call.node_request(request_id, target)
+        if self.recent_adapters is not None:
+            self.recent_adapters.record(target)
         tried: list[str] = []
         failures: list[NodeFailure] = []
         while len(tried) < self.max_attempts:

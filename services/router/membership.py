@@ -119,6 +119,9 @@ class Membership:
         self.connect, self.poll_s, self.timeout_s, self.heartbeat_s = connect, poll_s, timeout_s, heartbeat_s
         self.clock, self.slow_polls = clock, slow_polls
         self.nodes: dict[str, Node] = {}
+        #: Called with a node each time it turns HEALTHY (joins or returns), on the poll's path:
+        #: listeners must only take note (the prefetcher enqueues), never wait.
+        self.on_healthy: list[Callable[[Node], None]] = []
 
     # --- membership changes ---
     def add_static(self, address: str) -> Node:
@@ -175,6 +178,11 @@ class Membership:
             log.info("node %s (%s) is healthy", node.node_id, node.address)
             node.health = Health.HEALTHY
             node.down.clear()
+            for listener in self.on_healthy:
+                try:
+                    listener(node)
+                except Exception:  # noqa: BLE001 - a listener's bug must not stop health checks
+                    log.exception("a listener of node %s turning healthy failed", node.node_id)
 
     def _report(self, node: Node, stats: NodeStats) -> None:
         now = self.clock()

@@ -79,13 +79,15 @@ class RouterApp:
                               [(o.tenant, Limits(o.max_concurrent, o.tokens_per_minute))
                                for o in config.quota_overrides])
         open_streams = OpenStreams()
-        self.core = RouterCore(authenticator, resolver, membership, quotas, config.load_balance_factor,
-                               config.max_attempts, open_streams)
-        self._router.attach(self.core)
-        self._nodes.attach(membership)
         if config.prefetch_adapters:
             self.prefetcher = AdapterPrefetcher(registry, membership)
+            membership.on_healthy.append(self.prefetcher.node_healthy)  # warms a node that joins
         prefetcher = self.prefetcher
+        self.core = RouterCore(authenticator, resolver, membership, quotas, config.load_balance_factor,
+                               config.max_attempts, open_streams,
+                               prefetcher.recent if prefetcher is not None else None)
+        self._router.attach(self.core)
+        self._nodes.attach(membership)
 
         def apply(event: FeedEvent) -> None:
             # Revocations also end the requests in flight; unbinds and deletions do not (open_streams.py).

@@ -67,8 +67,9 @@ class RouterConfig(ClientTlsConfig, ServerConfig):
                                     "larger is a 413")
     prefetch_adapters: bool = option(True, "when a deployment is bound or re-bound (or a version it follows is "
                                            "uploaded), have its adapter's home node fetch it into host memory, so "
-                                           "its first request does not wait for the Registry download (off: the "
-                                           "first request fetches it)")
+                                           "its first request does not wait for the Registry download; when a node "
+                                           "joins or returns, warm it the same way with the recently used adapters "
+                                           "whose home it becomes (off: the first request fetches them)")
     tenant_max_concurrent: int = option(32, "default per-tenant limit of requests in flight (0 = unlimited)")
     tenant_tokens_per_minute: int = option(0, "default per-tenant limit of prompt + completion tokens per "
                                               "minute (0 = unlimited)")

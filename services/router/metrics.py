@@ -34,8 +34,9 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["base_model"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 ADAPTER_PREFETCHES = Counter(
     "loraplex_router_adapter_prefetches_total",
-    "Adapters of bound or re-bound deployments warmed into their home node's host tier ahead of traffic "
-    "(--prefetch-adapters), by outcome: host (fetched there now), device (resident there already), not_found "
+    "Adapters of bound or re-bound deployments (and, when a node joins or returns, the recently used ones whose "
+    "home it becomes) warmed into their home node's host tier ahead of traffic (--prefetch-adapters), by "
+    "outcome: host (fetched there now), device (resident there already), not_found "
     "(the deployment or adapter went meanwhile), no_node (no healthy node serves its base model), failed (node "
     "or Registry error: its first request fetches it, as without prefetch), dropped (too many waiting)",
     ["outcome"])

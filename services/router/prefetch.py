@@ -17,9 +17,13 @@ failure is logged and counted (loraplex_router_adapter_prefetches_total{outcome}
 marks a node unhealthy: health is the poll's to judge, and the first request fetches the
 adapter itself, as without prefetch. Only deployments: base models need no adapter.
 
-Not done: warming a node that joins or comes back with the adapters whose home it becomes.
-That means resolving every tenant's deployments on each join; their first requests fetch
-them as before.
+A node that joins or comes back healthy becomes the home of some adapters (rendezvous
+hashing moves only those). The router remembers the adapters its own recent requests ran
+with (recent_adapters.py) and, when a node turns healthy, prefetches there those whose home
+it now is, through the same queue and workers. Only what this router served recently: an
+adapter bound but unused, or used only through other routers, is fetched by its first
+request there, as before (knowing it would mean resolving every tenant's deployments on
+each join).
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from typing import Protocol
 from services.common.errors import NotFound
 from services.router import metrics
 from services.router.feed import FeedEvent
-from services.router.membership import Membership
+from services.router.membership import Membership, Node
 from services.router.nodes import NodeFailure
 from services.router.placement import home_node
+from services.router.recent_adapters import RecentAdapters
 from services.router.resolution import ModelEntry, Target
 
 log = logging.getLogger("loraplex.router.prefetch")
@@ -47,6 +52,9 @@ MAX_WAITING = 1024
 #: Deadline of one node's prefetch: a large adapter's download, long enough not to give up on
 #: a slow Registry, short enough that a hung node does not hold a worker for good.
 NODE_TIMEOUT_S = 120.0
+#: Remembered adapters whose home is checked between yields to the event loop on a join: each
+#: check hashes the adapter with every healthy node, and requests must not wait for 4096 of them.
+HOMES_PER_YIELD = 256
 
 
 class DeploymentCatalog(Protocol):
@@ -65,6 +73,8 @@ class _Job:
     tenant_id: str
     deployment: str = ""  # a deployment just bound
     new_adapter_id: str = ""  # a version just uploaded: the deployments following "latest" that now mean it
+    joined_node: str = ""  # a node just turned healthy: the recently used adapters whose home it is now
+    recent: Target | None = None  # one of those, to warm at its home
 
 
 class AdapterPrefetcher:
@@ -74,6 +84,8 @@ class AdapterPrefetcher:
         self.concurrency, self.max_waiting, self.node_timeout_s = concurrency, max_waiting, node_timeout_s
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
         self._waiting: set[_Job] = set()
+        #: Recorded by the request path (proxy.py), read when a node joins.
+        self.recent = RecentAdapters()
         #: This router's outcomes (the Prometheus counter sums every router in a process).
         self.outcomes: collections.Counter[str] = collections.Counter()
 
@@ -86,6 +98,12 @@ class AdapterPrefetcher:
             self._enqueue(_Job(event.tenant_id, deployment=event.subject))
         elif event.kind == "ADAPTER_CREATED":
             self._enqueue(_Job(event.tenant_id, new_adapter_id=event.subject))
+
+    # --- membership's side (the health poll): never waits ---
+    def node_healthy(self, node: Node) -> None:
+        # Only a note: finding the adapters it is home to hashes thousands of them (a worker's job).
+        if len(self.recent):
+            self._enqueue(_Job("", joined_node=node.node_id))
 
     def _enqueue(self, job: _Job) -> None:
         if job in self._waiting:  # bound twice in a burst, or replayed after a reconnect: one prefetch
@@ -112,6 +130,11 @@ class AdapterPrefetcher:
                 self._count("failed")
 
     async def _targets(self, job: _Job) -> list[Target]:
+        if job.recent is not None:
+            return [job.recent]
+        if job.joined_node:
+            await self._enqueue_homed_on(job.joined_node)
+            return []
         if job.deployment:
             try:
                 return [await self.catalog.resolve_deployment(job.deployment, job.tenant_id)]
@@ -138,6 +161,27 @@ class AdapterPrefetcher:
                 targets.append(target)
         return targets
 
+    async def _enqueue_homed_on(self, node_id: str) -> None:
+        """Queues the remembered adapters whose home `node_id` is now, as jobs of their own, so
+        all the workers warm them and a bind meanwhile is not stuck behind the whole batch."""
+        node = self.membership.nodes.get(node_id)
+        if node is None or not node.base_model:
+            return
+        healthy = self.membership.placeable()  # the home among the nodes healthy now, this one included
+        homed: list[Target] = []
+        for checked, target in enumerate(self.recent.targets(node.base_model), start=1):
+            if home_node(healthy, target.base_model, target.adapter_id) == node_id:
+                homed.append(target)
+            if checked % HOMES_PER_YIELD == 0:
+                await asyncio.sleep(0)
+        room = max(0, self.max_waiting - len(self._waiting))
+        for target in homed[:room]:  # most recently used first
+            self._enqueue(_Job(target.tenant_id, recent=target))
+        if len(homed) > room:  # one line for the lot, not one per adapter
+            log.warning("node %s joined: %d recently used adapters to warm there, %d dropped (queue full)",
+                        node_id, len(homed), len(homed) - room)
+            self._count("dropped", len(homed) - room)
+
     async def _prefetch(self, target: Target) -> None:
         if not target.adapter_id:
             return
@@ -157,6 +201,6 @@ class AdapterPrefetcher:
             return
         self._count(tier.lower())
 
-    def _count(self, outcome: str) -> None:
-        self.outcomes[outcome] += 1
-        metrics.ADAPTER_PREFETCHES.labels(outcome).inc()
+    def _count(self, outcome: str, jobs: int = 1) -> None:
+        self.outcomes[outcome] += jobs
+        metrics.ADAPTER_PREFETCHES.labels(outcome).inc(jobs)

@@ -26,7 +26,8 @@ TENANT_REQUESTS = Counter(
 TENANT_TOKENS = Counter(
     "loraplex_router_tenant_tokens_total",
     "Tokens by tenant, model and kind, as usage reports them: prompt (once per request, however many "
-    "choices), cached_prompt (the part of the prompt read from a node's prefix cache), completion",
+    "choices), cached_prompt (the part of the prompt read from a node's prefix cache), completion, reasoning (the "
+    "part of completion a thinking model spent thinking)",
     ["tenant", "model", "kind"])
 TIME_TO_FIRST_TOKEN = Histogram(
     "loraplex_router_time_to_first_token_seconds",

@@ -132,6 +132,7 @@ class Stream:
                     self._outcome = finish_name(delta.finish_reason)
                     if self._counts_prompt:
                         self._usage.count(cached_prompt=delta.usage.cached_prompt_tokens)
+                    self._usage.count(reasoning=delta.usage.reasoning_tokens)  # part of completion, per choice
                 yield delta
                 if delta.finish_reason:
                     # Read the call's end (trailers follow the last message at once), so closing

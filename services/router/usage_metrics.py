@@ -19,8 +19,9 @@ class UsageMeter:
     def __init__(self, tenant_name: str, model: str) -> None:
         self._labels = (tenant_name, model)
 
-    def count(self, prompt: int = 0, completion: int = 0, cached_prompt: int = 0) -> None:
-        for kind, tokens in (("prompt", prompt), ("completion", completion), ("cached_prompt", cached_prompt)):
+    def count(self, prompt: int = 0, completion: int = 0, cached_prompt: int = 0, reasoning: int = 0) -> None:
+        for kind, tokens in (("prompt", prompt), ("completion", completion), ("cached_prompt", cached_prompt),
+                             ("reasoning", reasoning)):
             if tokens:
                 metrics.TENANT_TOKENS.labels(*self._labels, kind).inc(tokens)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from openai import BadRequestError, OpenAI
+from prometheus_client import REGISTRY
 
 from services.common.tiny_model import build_tokenizer
 from services.inference.chat_template import ChatTurn, render
@@ -54,7 +55,7 @@ def thinker(served) -> str:
     return served[1]
 
 
-def test_the_thinking_is_reasoning_content_and_the_answer_content(client, thinker, served):
+def test_the_thinking_is_reasoning_content_and_the_answer_content(client, thinker, served, world):
     completion = client.chat.completions.create(model=thinker, messages=MESSAGES, temperature=0)
     choice = completion.choices[0]
     assert choice.message.content == REPLY and choice.finish_reason == "stop"
@@ -64,6 +65,9 @@ def test_the_thinking_is_reasoning_content_and_the_answer_content(client, thinke
     thinking = len(tokenizer.encode(f"<think>{THOUGHT}</think>", add_special_tokens=False))
     reasoning = completion.usage.completion_tokens_details.reasoning_tokens
     assert thinking <= reasoning < completion.usage.completion_tokens
+    # and on /metrics, for the tenant's billing (the deployment's name is the model)
+    assert REGISTRY.get_sample_value("loraplex_router_tenant_tokens_total", {
+        "tenant": world.a.tenant_name, "model": thinker, "kind": "reasoning"}) >= reasoning
     plain = client.chat.completions.create(model=BASE, messages=MESSAGES, temperature=0, max_tokens=3)
     if getattr(plain.choices[0].message, "reasoning_content", None) is None:  # the random model did not think
         assert plain.usage.completion_tokens_details.reasoning_tokens == 0

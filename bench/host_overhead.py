@@ -31,7 +31,11 @@ def engine_host_ms(batch: int, steps: int, folder: Path) -> dict:
     from services.inference.engine.sampling_params import SamplingParams
     from services.inference.node import Node
 
-    node = Node.build(InferenceConfig(base_model=folder, kv_cache_mb=64, max_num_seqs=batch,
+    # A local adapter folder (empty): without one the node would reach for the Registry's gRPC
+    # stubs, which the GPU machine's older grpcio refuses to import.
+    adapters = folder.parent / "no_adapters"
+    adapters.mkdir(exist_ok=True)
+    node = Node.build(InferenceConfig(base_model=folder, adapter_dir=adapters, kv_cache_mb=64, max_num_seqs=batch,
                                       max_batched_tokens=max(2048, batch * 32)))
     engine, runner = node.engine, node.engine.runner
     in_runner = []

@@ -53,7 +53,7 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
     advertise_address: str = option("", "host:port the router should dial (default: --host:--port; with --host "
                                         "0.0.0.0 or ::, this machine's hostname:--port)")
     kernels: str = option("auto", "LoRA and attention kernels: torch, triton (with varlen prefill attention), or "
-                                  "auto (PyTorch until the Triton kernels are verified on a GPU)")
+                                  "auto (Triton on CUDA, verified on the H200 against HF + peft; PyTorch elsewhere)")
     cuda_graphs: str = option("auto", "decode steps replayed from CUDA graphs: auto (on CUDA with Triton kernels), on, "
                                       "off, or static (the same static-buffer step without capture, for debugging)")
     max_graph_batch: int = option(64, "largest decode batch given a CUDA graph (bigger batches run eagerly)")

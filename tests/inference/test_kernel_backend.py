@@ -15,6 +15,14 @@ def test_auto_is_torch_on_cpu_and_explicit_choices_are_kept(monkeypatch):
     assert resolve_kernels("triton", "cpu") == "triton"
 
 
+def test_auto_is_triton_on_cuda_where_triton_imports():
+    # Resolving needs no GPU: the device is only named. With Triton, `auto` also turns CUDA
+    # graphs on (resolve_graph_mode), the configuration the H200 oracle run verified.
+    pytest.importorskip("triton")
+    assert resolve_kernels("auto", "cuda") == "triton"
+    assert resolve_kernels("auto", "cuda:0") == "triton"
+
+
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -5,7 +5,8 @@
 Installs nothing. Steps, each a subprocess with its own deadline inside the budget, each
 leaving its JSON and log in OUT_DIR even when a later step fails or times out:
   1. gpu.json      what the machine is (torch, CUDA, device, free memory);
-  2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included, and no
+  2. triton_tests  the Triton kernel tests compiled on the GPU (bf16 included, the fused
+                   element-wise kernels' bf16 rounding against PyTorch's, and no
                    recompiles across steps; the paged prefill kernel for chunks after cached
                    context too), the CUTLASS grouped GEMM in bf16, the prefill LoRA choice,
                    and the CUDA-graph decode step: captured graphs replay what the static
@@ -22,7 +23,9 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
                    then serving in bf16 (Triton, graphs) against HF + peft's own bf16 error;
   6. engine.json   bench/engine.py --matrix on CUDA, Llama-3-8B shape (random bf16 weights),
                    Triton kernels and CUDA graphs: decode tokens/s at batch 1/16/64 with
-                   1/16/64 adapters vs base-only and HF peft, TTFT, adapter load latency.
+                   1/16/64 adapters vs base-only and HF peft, TTFT, adapter load latency;
+                   each configuration's GPU time per step (its last graphed step replayed)
+                   next to its wall time, and the kernels of three steps (--profile-steps).
 summary.json lists each step's status and wall time. Exit status 0 when every step passed.
 """
 
@@ -45,7 +48,7 @@ STEPS = [
     # The sm_90 compile-only and cache-key tests are left out: the GPU compiles and counts for real here.
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
                       "tests/inference/test_triton_attention.py", "tests/inference/test_triton_prefill_attention.py",
-                      "tests/inference/test_decode_graphs.py",
+                      "tests/inference/test_decode_graphs.py", "tests/inference/test_triton_fused.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
                       "-k", "not compile_for_hopper and not share_the_compiled"], 120),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
@@ -56,7 +59,7 @@ STEPS = [
     # --json keeps what finished when the step is cut off (stdout is printed only at the end).
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
                 "--prompt-len", "512", "--gen-len", "128", "--budget-seconds", "{budget}",
-                "--json", "{out}/engine_partial.json"], 300),
+                "--profile-steps", "--json", "{out}/engine_partial.json"], 300),
 ]
 
 

@@ -42,6 +42,9 @@ def add_matrix_arguments(parser) -> None:
     group.add_argument("--hf-batch", type=int, default=16, help="batch of the HF peft mixed run")
     group.add_argument("--hf-adapters", type=int, default=16, help="distinct adapters of the HF peft mixed run")
     group.add_argument("--budget-seconds", type=float, default=240.0, help="wall time (%(default)s): then skip")
+    group.add_argument("--profile-steps", action="store_true",
+                       help="CUDA graphs: each configuration's GPU time per decode step (its last step replayed), "
+                            "and the kernels of b1_base, b64_base and b64_a64 (bench/step_profile.py)")
     group.add_argument("--bandwidth-gbs", type=float, help="copy bandwidth for the floor (default: measured on CUDA)")
 
 
@@ -62,6 +65,9 @@ def plan_configurations(args) -> list[tuple[int, int]]:
     if not args.skip_hf:  # ours at the HF run's batch and adapters, to compare with it
         plan |= {(args.hf_batch, 0), (args.hf_batch, args.hf_adapters)}
     return sorted(plan)
+
+
+PROFILED_KERNELS = {"b1_base", "b64_base", "b64_a64"}
 
 
 def configuration_name(batch: int, adapters: int) -> str:
@@ -127,6 +133,10 @@ class MatrixRun:
             self.report["cuda_mb_after_node_freed"] = torch.cuda.memory_allocated() / 2**20
 
     async def serve(self, node) -> None:
+        from bench.step_profile import LastGraphedStep, profile_last_step
+
+        graphs = node.engine.runner.graphs
+        tracker = LastGraphedStep(graphs) if self.args.profile_steps and graphs is not None else None
         node.start()
         try:
             self.report["adapter_load"] = await make_resident(node, self.names)
@@ -147,6 +157,8 @@ class MatrixRun:
                     self.report["failed"].append({"name": name, "error": repr(error)})
                     continue
                 run = {"name": name, "batch": batch, "adapters": adapters, **run}
+                if tracker is not None:
+                    profile_last_step(tracker, run, with_kernels=name in PROFILED_KERNELS)
                 self.report["ours_adapters" if adapters else "ours_base"].append(run)
                 self.progress(f"{name}: decode {run['decode_tokens_per_s'] or math.nan:.1f} tok/s, overall "
                               f"{run['tokens_per_s']:.1f} tok/s, ttft p50 {run['ttft_p50_s']:.3f} s")

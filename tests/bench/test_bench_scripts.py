@@ -124,6 +124,27 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+def test_step_profiling_is_a_no_op_without_cuda_graphs(tmp_path):
+    """--profile-steps profiles graphed steps only: on CPU (no graphs) the matrix runs as before."""
+    _, report = run_matrix_smoke(tmp_path, "--profile-steps", "--skip-hf", "--matrix-batches", "1",
+                                 "--matrix-adapters", "1")
+    assert [run["name"] for run in report["ours_base"] + report["ours_adapters"]] == ["b1_base", "b1_a1"]
+    assert not any("step_profile" in run for run in report["ours_base"] + report["ours_adapters"])
+
+
+def test_the_step_profiler_remembers_the_last_graphed_step():
+    from bench.step_profile import LastGraphedStep
+
+    class Graphs:  # DecodeGraphs.run's signature; replaying needs CUDA, which this test has not
+        def run(self, step, packed):
+            return f"ran {step}"
+
+    graphs = Graphs()
+    tracker = LastGraphedStep(graphs)
+    assert graphs.run("b64", None) == "ran b64" and graphs.run("b1", None) == "ran b1"
+    assert tracker.take() == "b1" and tracker.take() is None
+
+
 def test_host_overhead_bench_reports_the_engine_and_the_graph_fill(tmp_path):
     out = tmp_path / "host.json"
     result = subprocess.run([sys.executable, "-c", WITHOUT_GRPC_STUBS, "bench.host_overhead", "--batch", "4",

@@ -40,6 +40,7 @@ class ModelRunner:
         prefill_lora: the kernel of each module's prefill segments (kernels/prefill_lora.py;
         default: the 16-row tiles with Triton kernels, grouped_mm with PyTorch's)."""
         self.model, self.pool, self.kernels = model, pool, kernels
+        model.use_fused_ops(kernels == "triton")  # the element-wise kernels go with the Triton ones
         self.block_size, self.device = block_size, torch.device(device)
         self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
         shapes = pool.shapes()

@@ -3,6 +3,11 @@
 The forward takes a packed ragged batch — all scheduled tokens of all sequences
 concatenated — plus one StepContext. Parameter names mirror Hugging Face checkpoints so
 weights load by name. LoRA enters only through LoRALinear and the step's LoraBatch.
+
+With `use_fused_ops(True)` (the runner's Triton kernels) the element-wise work between the
+GEMMs goes through kernels/triton_fused.py: residual add + RMSNorm in one kernel, rotary on q
+and k with the KV-cache write in one, SiLU-and-mul in one. The PyTorch code below stays the
+reference those kernels are tested against, and the CPU path.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.inference.kernels.triton_fused import add_rms_norm, rms_norm, rotary_write_kv, silu_mul
 from services.inference.model.attention import paged_attention, write_kv
 from services.inference.model.config import ModelArgs
 from services.inference.model.context import StepContext
@@ -33,6 +39,7 @@ class Attention(nn.Module):
         self.scale = args.head_dim ** -0.5
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
+        self.fused = False  # rotary + KV write in one Triton kernel (LlamaForCausalLM.use_fused_ops)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         tokens = x.shape[0]
@@ -41,8 +48,11 @@ class Attention(nn.Module):
         v = self.v_proj(x, ctx.lora).view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
+        if self.fused:
+            rotary_write_kv(q, k, v, cos, sin, self.k_cache, self.v_cache, ctx.slot_mapping)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            write_kv(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale, k, v)
         return self.o_proj(out.reshape(tokens, -1), ctx.lora)
 
@@ -54,9 +64,11 @@ class MLP(nn.Module):
         self.gate_proj = LoRALinear(hidden, inner, bias, layer, "gate_proj")
         self.up_proj = LoRALinear(hidden, inner, bias, layer, "up_proj")
         self.down_proj = LoRALinear(inner, hidden, bias, layer, "down_proj")
+        self.fused = False  # SiLU-and-mul in one Triton kernel (LlamaForCausalLM.use_fused_ops)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ctx.lora)) * self.up_proj(x, ctx.lora), ctx.lora)
+        gate, up = self.gate_proj(x, ctx.lora), self.up_proj(x, ctx.lora)
+        return self.down_proj(silu_mul(gate, up) if self.fused else F.silu(gate) * up, ctx.lora)
 
 
 class DecoderLayer(nn.Module):
@@ -70,6 +82,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+    def forward_fused(self, normed: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      ctx: StepContext, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() with each residual add fused into the RMSNorm after it: takes this layer's
+        input_layernorm(x) and x, returns next_norm(output) and the output (the next residual)."""
+        normed, residual = add_rms_norm(self.self_attn(normed, cos, sin, ctx), residual,
+                                        self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return add_rms_norm(self.mlp(normed, ctx), residual, next_norm.weight, next_norm.eps)
 
 
 class LlamaBackbone(nn.Module):
@@ -89,13 +109,28 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fused = False
+
+    def use_fused_ops(self, enabled: bool) -> None:
+        """Element-wise work through kernels/triton_fused.py (GPU, or CPU under TRITON_INTERPRET=1)."""
+        self.fused = enabled
+        for layer in self.model.layers:
+            layer.self_attn.fused = layer.mlp.fused = enabled
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids: [T] packed tokens -> hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(ctx.positions, x.dtype)
-        for layer in self.model.layers:
+        layers = self.model.layers
+        if self.fused and len(layers):
+            first = layers[0].input_layernorm
+            normed = rms_norm(x, first.weight, first.eps)
+            for i, layer in enumerate(layers):
+                next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+                normed, x = layer.forward_fused(normed, x, cos, sin, ctx, next_norm)
+            return normed
+        for layer in layers:
             x = layer(x, cos, sin, ctx)
         return self.model.norm(x)
 

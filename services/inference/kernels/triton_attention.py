@@ -328,6 +328,9 @@ def _flash_varlen_call(varlen_attn, q: torch.Tensor, k: torch.Tensor, v: torch.T
     first release; GQA is enable_gqa=True where that flag exists (2.13 refuses fewer KV heads
     without it) and expanded K/V heads where it does not, rather than relying on an older
     backend to accept fewer KV heads. The GPU machine's torch 2.11 takes one of these paths."""
+    # q, k, v may be row-strided views of one fused q|k|v GEMM output; FlashAttention's varlen
+    # entry wants packed rows, and a prefill's copy is small next to its attention.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     params = _parameter_names(varlen_attn)
     kwargs: dict = {}
     if "window_size" in params:

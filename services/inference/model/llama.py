@@ -20,7 +20,7 @@ from services.inference.kernels.triton_fused import add_rms_norm, rms_norm, rota
 from services.inference.model.attention import paged_attention, write_kv
 from services.inference.model.config import ModelArgs
 from services.inference.model.context import StepContext
-from services.inference.model.layers import LoRALinear, RMSNorm, RotaryEmbedding, apply_rotary
+from services.inference.model.layers import FusedProjections, LoRALinear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
 class Attention(nn.Module):
@@ -40,12 +40,17 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
         self.fused = False  # rotary + KV write in one Triton kernel (LlamaForCausalLM.use_fused_ops)
+        self.qkv: FusedProjections | None = None  # q|k|v in one GEMM, with the fused ops
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x, ctx.lora).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x, ctx.lora).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx.lora).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.fused and self.qkv is not None:
+            q, k, v = self.qkv(x, ctx.lora)
+        else:
+            q, k, v = self.q_proj(x, ctx.lora), self.k_proj(x, ctx.lora), self.v_proj(x, ctx.lora)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.fused:
@@ -65,8 +70,12 @@ class MLP(nn.Module):
         self.up_proj = LoRALinear(hidden, inner, bias, layer, "up_proj")
         self.down_proj = LoRALinear(inner, hidden, bias, layer, "down_proj")
         self.fused = False  # SiLU-and-mul in one Triton kernel (LlamaForCausalLM.use_fused_ops)
+        self.gate_up: FusedProjections | None = None  # gate|up in one GEMM, with the fused ops
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self.fused and self.gate_up is not None:
+            gate, up = self.gate_up(x, ctx.lora)
+            return self.down_proj(silu_mul(gate, up), ctx.lora)
         gate, up = self.gate_proj(x, ctx.lora), self.up_proj(x, ctx.lora)
         return self.down_proj(silu_mul(gate, up) if self.fused else F.silu(gate) * up, ctx.lora)
 
@@ -112,10 +121,17 @@ class LlamaForCausalLM(nn.Module):
         self.fused = False
 
     def use_fused_ops(self, enabled: bool) -> None:
-        """Element-wise work through kernels/triton_fused.py (GPU, or CPU under TRITON_INTERPRET=1)."""
+        """Element-wise work through kernels/triton_fused.py (GPU, or CPU under TRITON_INTERPRET=1),
+        and q|k|v and gate|up each as one GEMM (layers.FusedProjections; fused once, kept after)."""
         self.fused = enabled
         for layer in self.model.layers:
-            layer.self_attn.fused = layer.mlp.fused = enabled
+            attention, mlp = layer.self_attn, layer.mlp
+            attention.fused = mlp.fused = enabled
+            if enabled and attention.qkv is None:
+                attention.qkv = FusedProjections([attention.q_proj, attention.k_proj, attention.v_proj])
+                mlp.gate_up = FusedProjections([mlp.gate_proj, mlp.up_proj])
+        if enabled and self.lm_head.weight.is_cuda:  # the unfused weights' blocks back to the device
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -102,8 +102,8 @@ def check_lora_kernels() -> None:
                                 (kernels.lora_expand_kernel, {"num_warps": 4})):
             constexprs = {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_N": 128,
                           "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-            pointer_types = {name: ("*i32" if name.startswith("tile_") and name != "tile_scales_ptr"
-                                    else "*fp32" if name in ("partial_ptr", "tile_scales_ptr") else f"*{dtype}")
+            pointer_types = {name: ("*fp32" if name == "partial_ptr" or name.startswith("tile_scales")
+                                    else "*i32" if name.startswith("tile_") else f"*{dtype}")
                              for name in kernel.arg_names if name.endswith("_ptr")}
             compiled = compile_sm90(kernel, {k: v for k, v in constexprs.items() if k in kernel.arg_names},
                                     pointer_types, options, divisible_scalars=("k_per_split",),

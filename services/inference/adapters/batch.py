@@ -21,7 +21,7 @@ import torch
 from services.inference.kernels.grouped import lora_grouped
 from services.inference.kernels.prefill_lora import DECODE_TILES, LONG_SEGMENT, PrefillPath, plan_path, run_planned
 from services.inference.kernels.reference import Segment, lora_gathered
-from services.inference.kernels.triton_lora import build_lora_plan
+from services.inference.kernels.triton_lora import LoraSlice, LoraTritonPlan, build_lora_plan, lora_shrink_expand_slices
 
 
 @dataclass
@@ -126,3 +126,30 @@ class LoraBatch:
         if multi:
             lora_grouped(y, x, a_pages, b_pages, multi)
         return y
+
+    def apply_fused(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: list[str],
+                    columns: list[int]) -> torch.Tensor:
+        """apply() for each module on its columns of y (one fused GEMM's output, module i from
+        columns[i]): with the Triton kernels one shrink and one expand launch for all of them
+        when their plans allow (a decode step's usually do), else one pair per module."""
+        slices = self._slices(layer, modules, columns) if self.kernels == "triton" else None
+        if slices is None:
+            for module, column in zip(modules, columns):
+                self.apply(y[:, column:column + self.b_pages[module].shape[-1]], x, layer, module)
+        elif slices:
+            lora_shrink_expand_slices(y, x, slices)
+        return y
+
+    def _slices(self, layer: int, modules: list[str], columns: list[int]) -> list[LoraSlice] | None:
+        """The targeted modules as slices of one launch, or None when their plans cannot share one
+        (a prefill's long segments take another path, or targeting sets tile differently)."""
+        slices = []
+        for module, column in zip(modules, columns):
+            planned = self.plan.get(module)
+            if planned is None:
+                continue
+            if len(planned) != 1 or not isinstance(planned[0], LoraTritonPlan):
+                return None
+            slices.append(LoraSlice(self.a_pages[module][layer], self.b_pages[module][layer], planned[0], column))
+        shapes = {(s.plan.num_tiles, s.plan.block_m, s.plan.block_r) for s in slices}
+        return slices if len(shapes) <= 1 else None

@@ -37,8 +37,8 @@ from services.inference.adapters.pool import AdapterPool
 from services.inference.config import GRAPH_MODES
 from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
 from services.inference.engine.packed_step import PackedStep
-from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraTritonPlan, lora_shrink_expand,
-                                                    rank_paddings, tile_segments)
+from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraSlice, LoraTritonPlan, lora_shrink_expand,
+                                                    lora_shrink_expand_slices, rank_paddings, tile_segments)
 from services.inference.model.attention import DecodeBatch
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
@@ -76,6 +76,14 @@ class PlannedLora:
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         return lora_shrink_expand(y, x, self.pool.a[module][layer], self.pool.b[module][layer], self.plans[module])
+
+    def apply_fused(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: list[str],
+                    columns: list[int]) -> torch.Tensor:
+        """Every module in one launch pair: the plans share a capacity, and a module no adapter of
+        the step targets has empty tiles, whose programs return at once."""
+        slices = [LoraSlice(self.pool.a[m][layer], self.pool.b[m][layer], self.plans[m], column)
+                  for m, column in zip(modules, columns)]
+        return lora_shrink_expand_slices(y, x, slices)
 
 
 @dataclass

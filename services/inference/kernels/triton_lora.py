@@ -29,8 +29,8 @@ import torch
 from services.inference.kernels.backend import triton_available
 from services.inference.kernels.reference import Segment
 
-__all__ = ["HostTiles", "LoraTritonPlan", "build_lora_plan", "choose_split_k", "lora_shrink_expand", "max_tiles_for",
-           "plan_from_token_pages", "tile_segments", "triton_available"]
+__all__ = ["HostTiles", "LoraSlice", "LoraTritonPlan", "build_lora_plan", "choose_split_k", "lora_shrink_expand",
+           "lora_shrink_expand_slices", "max_tiles_for", "plan_from_token_pages", "tile_segments", "triton_available"]
 
 # 16 is the smallest M tl.dot takes on the tensor cores, and decode tiles rarely hold more
 # than a few rows of one adapter; prefill-heavy steps may do better with 32 or 64 (fewer
@@ -241,42 +241,92 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, 
     out-block width) and split_k (K slices of the shrink; default choose_split_k) are
     tuning knobs: powers of two >= 16, any split_k >= 1.
     """
-    num_tokens, in_features = x.shape
-    out_features = b_pages.shape[1]
-    if num_tokens != plan.num_tokens or y.shape != (num_tokens, out_features):
-        raise ValueError(f"plan for {plan.num_tokens} tokens, x {tuple(x.shape)}, y {tuple(y.shape)}, "
-                         f"b_pages {tuple(b_pages.shape)}")
-    if a_pages.shape[1] != in_features or not (x.dtype == a_pages.dtype == b_pages.dtype):
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype}, a_pages {tuple(a_pages.shape)} {a_pages.dtype}, "
-                         f"b_pages {b_pages.dtype} do not agree")
-    if plan.tile_rows.device != x.device:
-        raise ValueError(f"plan on {plan.tile_rows.device}, x on {x.device}")
+    if b_pages.shape[1] != y.shape[1]:
+        raise ValueError(f"y {tuple(y.shape)} and b_pages {tuple(b_pages.shape)} disagree on out features")
+    return lora_shrink_expand_slices(y, x, [LoraSlice(a_pages, b_pages, plan, 0)], block_k=block_k,
+                                     block_n=block_n, split_k=split_k)
+
+
+@dataclass(frozen=True)
+class LoraSlice:
+    """One projection of a fused launch: its pool pages, its plan, and where its columns start in y."""
+
+    a_pages: torch.Tensor  # [P, in]
+    b_pages: torch.Tensor  # [P, out]
+    plan: LoraTritonPlan
+    column: int
+
+
+def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence[LoraSlice], *,
+                              block_k: int = DEFAULT_BLOCK_K, block_n: int = DEFAULT_BLOCK_N,
+                              split_k: int | None = None) -> torch.Tensor:
+    """Semantics: for each slice s, lora_shrink_expand(y[:, s.column:s.column + out_s], x, s.a_pages,
+    s.b_pages, s.plan) — up to MAX_SLICES projections that read the same x (q|k|v, gate|up, whose
+    outputs are column ranges of one GEMM's y) in one shrink and one expand launch.
+
+    Slices come in column order and must not overlap; their plans must share num_tokens, capacity, block_m
+    and block_r (one plan object for all, or a CUDA graph's per-projection plans); their A pages
+    share strides, as the pool's per-projection buffers of one input width do.
+    """
+    from services.inference.kernels import triton_lora_kernels as kernels
+
+    if not 1 <= len(slices) <= kernels.MAX_SLICES:
+        raise ValueError(f"1 to {kernels.MAX_SLICES} slices per launch, got {len(slices)}")
+    first = slices[0]
+    plan, num_tokens, in_features = first.plan, x.shape[0], x.shape[1]
+    if y.shape[0] != num_tokens or num_tokens != plan.num_tokens:
+        raise ValueError(f"plan for {plan.num_tokens} tokens, x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if any(later.column < earlier.column + earlier.b_pages.shape[1] for earlier, later in zip(slices, slices[1:])):
+        raise ValueError("slices must come in column order without overlapping")
+    for piece in slices:
+        other = piece.plan
+        if (other.num_tokens, other.num_tiles, other.block_m, other.block_r) != \
+                (plan.num_tokens, plan.num_tiles, plan.block_m, plan.block_r):
+            raise ValueError("slices' plans differ in tokens, capacity, block_m or block_r")
+        if piece.a_pages.shape[1] != in_features or not (x.dtype == piece.a_pages.dtype == piece.b_pages.dtype):
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype}, a_pages {tuple(piece.a_pages.shape)} "
+                             f"{piece.a_pages.dtype}, b_pages {piece.b_pages.dtype} do not agree")
+        if piece.a_pages.stride() != first.a_pages.stride() or piece.b_pages.stride(1) != first.b_pages.stride(1):
+            raise ValueError("slices' pages must share strides (A) and the out stride (B)")
+        if piece.column < 0 or piece.column + piece.b_pages.shape[1] > y.shape[1]:
+            raise ValueError(f"slice at column {piece.column} of {piece.b_pages.shape[1]} is outside y {tuple(y.shape)}")
+        if other.tile_rows.device != x.device:
+            raise ValueError(f"plan on {other.tile_rows.device}, x on {x.device}")
     for name, value in (("block_k", block_k), ("block_n", block_n)):
         if not _is_power_of_two(value) or value < MIN_DOT_DIM:
             raise ValueError(f"{name} must be a power of two >= {MIN_DOT_DIM}, got {value}")
-    if plan.num_tiles == 0 or num_tokens == 0 or out_features == 0:
+    outs = [piece.b_pages.shape[1] for piece in slices]
+    if plan.num_tiles == 0 or num_tokens == 0 or sum(outs) == 0:
         return y
 
-    from services.inference.kernels import triton_lora_kernels as kernels
-
     if split_k is None:
-        split_k = choose_split_k(plan.num_tiles, in_features, block_k, x.device)
+        split_k = choose_split_k(plan.num_tiles * len(slices), in_features, block_k, x.device)
     k_per_split, split_k = _k_slices(in_features, split_k, block_k)
     # Exact fp32 products when the inputs are fp32 (tests, CPU); 16-bit inputs ignore it.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    partial = torch.empty((split_k, plan.num_tiles, plan.block_m, plan.block_r),
+    partial = torch.empty((len(slices), split_k, plan.num_tiles, plan.block_m, plan.block_r),
                           dtype=torch.float32, device=x.device)
-    kernels.lora_shrink_kernel[(plan.num_tiles, split_k)](
-        x, a_pages, partial, plan.tile_rows, plan.tile_sizes, plan.tile_pages,
+    padded = list(slices) + [first] * (kernels.MAX_SLICES - len(slices))  # unused: no programs read them
+
+    def each(field: str) -> list:
+        return [getattr(piece.plan, field) for piece in padded]
+
+    kernels.lora_shrink_kernel[(plan.num_tiles, split_k, len(slices))](
+        x, partial, *(piece.a_pages for piece in padded), *each("tile_rows"), *each("tile_sizes"), *each("tile_pages"),
         plan.num_tiles, in_features, k_per_split,
-        x.stride(0), x.stride(1), a_pages.stride(0), a_pages.stride(1),
+        x.stride(0), x.stride(1), first.a_pages.stride(0), first.a_pages.stride(1),
         BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=block_k, DOT_PRECISION=precision,
         num_warps=4, num_stages=3,
     )
-    kernels.lora_expand_kernel[(plan.num_tiles, _cdiv(out_features, block_n))](
-        y, b_pages, partial, plan.tile_rows, plan.tile_sizes, plan.tile_pages, plan.tile_scales,
-        plan.num_tiles, out_features, split_k,
-        y.stride(0), y.stride(1), b_pages.stride(0), b_pages.stride(1),
+    outs += [0] * (kernels.MAX_SLICES - len(slices))
+    # The kernel puts slice 0 at column 0: y from the first slice's column on, the others after it.
+    columns = [piece.column - first.column for piece in padded]
+    y_from_first = y[:, first.column:]
+    kernels.lora_expand_kernel[(plan.num_tiles, sum(_cdiv(out, block_n) for out in outs))](
+        y_from_first, partial, *(piece.b_pages for piece in padded), *each("tile_rows"), *each("tile_sizes"),
+        *each("tile_pages"), *each("tile_scales"),
+        plan.num_tiles, split_k, *outs, columns[1], columns[2],
+        y.stride(0), y.stride(1), *(piece.b_pages.stride(0) for piece in padded), first.b_pages.stride(1),
         BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n,
         DOT_PRECISION=precision, num_warps=4,
     )

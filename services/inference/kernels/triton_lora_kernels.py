@@ -31,23 +31,47 @@ import triton.language as tl
 STEP_VARYING_ARGS = {"lora_shrink_kernel": ("num_tiles",),
                      "lora_expand_kernel": ("num_tiles", "split_k")}
 
+# Slices: one launch can serve up to three projections that read the same x (q|k|v, gate|up),
+# each with its own pages, plan and columns of y; slice i's arguments end in i. A call with
+# fewer slices repeats slice 0's pointers and gives the others no out-blocks. The slice's
+# pointers are picked with scalar branches (selects, not loads), once per program.
+MAX_SLICES = 3
+
 
 @triton.jit(do_not_specialize=STEP_VARYING_ARGS["lora_shrink_kernel"])
 def lora_shrink_kernel(
-    x_ptr, a_ptr, partial_ptr,
-    tile_rows_ptr, tile_sizes_ptr, tile_pages_ptr,
+    x_ptr, partial_ptr,
+    a0_ptr, a1_ptr, a2_ptr,
+    tile_rows0_ptr, tile_rows1_ptr, tile_rows2_ptr,
+    tile_sizes0_ptr, tile_sizes1_ptr, tile_sizes2_ptr,
+    tile_pages0_ptr, tile_pages1_ptr, tile_pages2_ptr,
     num_tiles, in_features, k_per_split,
     stride_xm, stride_xk, stride_ap, stride_ak,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """partial[split, tile] = x[rows of tile, K slice] @ A[pages of tile, K slice].T  (fp32).
+    """partial[slice, split, tile] = x[rows of tile, K slice] @ A_slice[pages of tile, K slice].T  (fp32).
 
-    Grid (num_tiles, split_k). Each split owns one K slice and writes its own partial sum,
-    so the splits need neither atomics nor a zeroed buffer; the expand sums them.
+    Grid (num_tiles, split_k, slices). Each split owns one K slice and writes its own partial
+    sum, so the splits need neither atomics nor a zeroed buffer; the expand sums them.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
+    part = tl.program_id(2)
+    a_ptr = a0_ptr
+    tile_rows_ptr = tile_rows0_ptr
+    tile_sizes_ptr = tile_sizes0_ptr
+    tile_pages_ptr = tile_pages0_ptr
+    if part == 1:
+        a_ptr = a1_ptr
+        tile_rows_ptr = tile_rows1_ptr
+        tile_sizes_ptr = tile_sizes1_ptr
+        tile_pages_ptr = tile_pages1_ptr
+    if part == 2:
+        a_ptr = a2_ptr
+        tile_rows_ptr = tile_rows2_ptr
+        tile_sizes_ptr = tile_sizes2_ptr
+        tile_pages_ptr = tile_pages2_ptr
     size = tl.load(tile_sizes_ptr + tile)
     if size == 0:  # a padding tile of a fixed-capacity plan
         return
@@ -74,26 +98,61 @@ def lora_shrink_kernel(
                     mask=page_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
 
-    out = partial_ptr + ((split * num_tiles + tile) * BLOCK_M + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
+    first = (part * tl.num_programs(1) + split) * num_tiles + tile
+    out = partial_ptr + (first * BLOCK_M + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
     tl.store(out, acc, mask=row_mask[:, None] & page_mask[None, :])
 
 
 @triton.jit(do_not_specialize=STEP_VARYING_ARGS["lora_expand_kernel"])
 def lora_expand_kernel(
-    y_ptr, b_ptr, partial_ptr,
-    tile_rows_ptr, tile_sizes_ptr, tile_pages_ptr, tile_scales_ptr,
-    num_tiles, out_features, split_k,
-    stride_ym, stride_yn, stride_bp, stride_bn,
+    y_ptr, partial_ptr,
+    b0_ptr, b1_ptr, b2_ptr,
+    tile_rows0_ptr, tile_rows1_ptr, tile_rows2_ptr,
+    tile_sizes0_ptr, tile_sizes1_ptr, tile_sizes2_ptr,
+    tile_pages0_ptr, tile_pages1_ptr, tile_pages2_ptr,
+    tile_scales0_ptr, tile_scales1_ptr, tile_scales2_ptr,
+    num_tiles, split_k,
+    out0, out1, out2,  # out features of each slice (0: no such slice)
+    column1, column2,  # where slices 1 and 2 start among y's columns (slice 0 at 0)
+    stride_ym, stride_yn, stride_bp0, stride_bp1, stride_bp2, stride_bn,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """y[rows of tile, N block] += scale * (Σ_split partial[split, tile]) @ B[pages of tile, N block].
+    """y[rows of tile, slice's N block] += scale * (Σ_split partial[slice, split, tile]) @ B_slice[pages, N block].
 
-    Grid (num_tiles, cdiv(out_features, BLOCK_N)). Token rows are distinct across tiles
-    (the plan builder checks), so the read-add-write of y needs no atomics.
+    Grid (num_tiles, Σ_slice cdiv(out_slice, BLOCK_N)): a program's out-block says its slice.
+    Token rows are distinct across a slice's tiles (the plan builder checks), so the
+    read-add-write of y needs no atomics.
     """
     tile = tl.program_id(0)
     n_block = tl.program_id(1)
+    blocks0 = tl.cdiv(out0, BLOCK_N)
+    blocks01 = blocks0 + tl.cdiv(out1, BLOCK_N)
+    # Scalars by arithmetic and tl.where (a branch may not re-type an argument Triton
+    # specialized to a constant); pointers by branches (always pointers, never constants).
+    part = (n_block >= blocks0).to(tl.int32) + (n_block >= blocks01).to(tl.int32)
+    is1, is2 = part == 1, part == 2
+    column = tl.where(is2, column2, tl.where(is1, column1, 0))
+    out_features = tl.where(is2, out2, tl.where(is1, out1, out0))
+    stride_bp = tl.where(is2, stride_bp2, tl.where(is1, stride_bp1, stride_bp0))
+    n_block = n_block - tl.where(is2, blocks01, tl.where(is1, blocks0, 0))
+    b_ptr = b0_ptr
+    tile_rows_ptr = tile_rows0_ptr
+    tile_sizes_ptr = tile_sizes0_ptr
+    tile_pages_ptr = tile_pages0_ptr
+    tile_scales_ptr = tile_scales0_ptr
+    if part == 1:
+        b_ptr = b1_ptr
+        tile_rows_ptr = tile_rows1_ptr
+        tile_sizes_ptr = tile_sizes1_ptr
+        tile_pages_ptr = tile_pages1_ptr
+        tile_scales_ptr = tile_scales1_ptr
+    if part == 2:
+        b_ptr = b2_ptr
+        tile_rows_ptr = tile_rows2_ptr
+        tile_sizes_ptr = tile_sizes2_ptr
+        tile_pages_ptr = tile_pages2_ptr
+        tile_scales_ptr = tile_scales2_ptr
     size = tl.load(tile_sizes_ptr + tile)
     if size == 0:
         return
@@ -114,8 +173,9 @@ def lora_expand_kernel(
     # split_k is a runtime bound, not a constexpr: it changes with the tile count, and a fresh
     # GPU machine would otherwise compile one expand per value while capturing CUDA graphs.
     for split in range(0, split_k):
-        s += tl.load(partial_ptr + ((split * num_tiles + tile) * BLOCK_M + offs_m[:, None]) * BLOCK_R
-                     + offs_r[None, :], mask=s_mask, other=0.0)
+        first = (part * split_k + split) * num_tiles + tile
+        s += tl.load(partial_ptr + (first * BLOCK_M + offs_m[:, None]) * BLOCK_R + offs_r[None, :],
+                     mask=s_mask, other=0.0)
 
     n_mask = offs_n < out_features
     b = tl.load(b_ptr + pages[:, None] * stride_bp + offs_n[None, :] * stride_bn,
@@ -124,7 +184,7 @@ def lora_expand_kernel(
     # the scale is applied to the fp32 product, and y is rounded once, on the store.
     delta = tl.dot(s.to(b.dtype), b, input_precision=DOT_PRECISION) * scale
 
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + (column + offs_n[None, :]) * stride_yn
     y_mask = row_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)

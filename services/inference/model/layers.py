@@ -96,6 +96,7 @@ class FusedProjections:
     def __init__(self, modules: list[LoRALinear]) -> None:
         self.modules = modules
         self.sizes = [m.weight.shape[0] for m in modules]
+        self.columns = [sum(self.sizes[:i]) for i in range(len(modules))]
         with torch.no_grad():
             self.weight = torch.cat([m.weight for m in modules])
             self.bias = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
@@ -107,8 +108,7 @@ class FusedProjections:
                 offset += size
 
     def __call__(self, x: torch.Tensor, lora) -> list[torch.Tensor]:
-        outputs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-        if lora is not None:
-            for module, y in zip(self.modules, outputs):
-                lora.apply(y, x, module.layer, module.module)
-        return list(outputs)
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None:  # every module's LoRA on its columns, one launch pair where possible
+            lora.apply_fused(y, x, self.modules[0].layer, [m.module for m in self.modules], self.columns)
+        return list(y.split(self.sizes, dim=-1))

@@ -49,8 +49,9 @@ STEPS = [
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
                       "tests/inference/test_triton_attention.py", "tests/inference/test_triton_prefill_attention.py",
                       "tests/inference/test_decode_graphs.py", "tests/inference/test_triton_fused.py",
+                      "tests/inference/test_triton_lora_slices.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
-                      "-k", "not compile_for_hopper and not share_the_compiled"], 120),
+                      "-k", "not compile_for_hopper and not share_the_compiled"], 170),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.
     ("host", ["-m", "bench.host_overhead", "--batch", "64", "--steps", "64"], 60),

@@ -116,10 +116,55 @@ class LoraCase:
         return lambda: torch.matmul(self.x, self.weight.T, out=out)
 
 
+@dataclasses.dataclass
+class FusedLoraCase(LoraCase):
+    """Projections that read one x (q|k|v: 4096 -> 4096 + 1024 + 1024) whose outputs are column
+    ranges of one fused GEMM's y, each with its own A pages: a launch pair per projection
+    against one pair for all (lora_shrink_expand_slices). out_features is their sum."""
+
+    splits: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # b_pages [P, sum(splits)]: each projection's B is a column range
+        generator = torch.Generator().manual_seed(7)
+        self.a_each = [(torch.randn(self.a_pages.shape, generator=generator) * self.in_features ** -0.5)
+                       .to(self.device, self.dtype) for _ in self.splits]
+        self.columns = [sum(self.splits[:i]) for i in range(len(self.splits))]
+        self.b_each = [self.b_pages[:, c:c + n] for c, n in zip(self.columns, self.splits)]
+
+    @property
+    def bytes_moved(self) -> int:
+        extra_a = (len(self.splits) - 1) * len(self.segments) * self.rank * self.in_features
+        return super().bytes_moved + extra_a * (torch.finfo(self.dtype).bits // 8)
+
+    def _each(self, y: torch.Tensor, fn) -> None:
+        for a, b, c, n in zip(self.a_each, self.b_each, self.columns, self.splits):
+            fn(y[:, c:c + n], a, b)
+
+    def expected(self) -> torch.Tensor:
+        y = self.y0.float().clone()
+        self._each(y, lambda part, a, b: part.copy_(lora_segments(part.clone(), self.x.float(), a.float(), b.float(),
+                                                                  self.segments)))
+        return y
+
+    def variants(self) -> dict[str, Callable[[], Variant]]:
+        from services.inference.kernels.triton_lora import (LoraSlice, build_lora_plan, lora_shrink_expand,
+                                                            lora_shrink_expand_slices)
+
+        plan = build_lora_plan(self.segments, self.tokens, self.device)
+        slices = [LoraSlice(a, b, plan, c) for a, b, c in zip(self.a_each, self.b_each, self.columns)]
+        return {"reference_segments": lambda: self._variant(lambda y: self._each(
+                    y, lambda part, a, b: lora_segments(part, self.x, a, b, self.segments))),
+                "triton_per_projection": lambda: self._variant(lambda y: self._each(
+                    y, lambda part, a, b: lora_shrink_expand(part, self.x, a, b, plan))),
+                "triton_slices": lambda: self._variant(lambda y: lora_shrink_expand_slices(y, self.x, slices))}
+
+
 def lora_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[LoraCase]:
     if smoke:
         return [LoraCase("decode smoke", 64, 96, 8, 4, 4, device, dtype),
-                LoraCase("prefill smoke", 64, 96, 300, 2, 4, device, dtype)]
+                LoraCase("prefill smoke", 64, 96, 300, 2, 4, device, dtype),
+                FusedLoraCase("decode qkv smoke", 64, 96, 8, 4, 4, device, dtype, splits=(64, 16, 16))]
     shapes = {"qo": (4096, 4096), "kv": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
     cases = []
     for label, (fan_in, fan_out) in shapes.items():
@@ -127,6 +172,11 @@ def lora_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Lo
             cases.append(LoraCase(f"decode {label} 64 tokens {adapters} adapters", fan_in, fan_out, 64, adapters,
                                   16, device, dtype))
         cases.append(LoraCase(f"prefill {label} 4096 tokens 8 adapters", fan_in, fan_out, 4096, 8, 16, device, dtype))
+    for adapters in (1, 16, 64):  # the fused GEMMs' LoRA: one launch pair for q|k|v, and for gate|up
+        cases.append(FusedLoraCase(f"decode qkv 64 tokens {adapters} adapters", 4096, 6144, 64, adapters, 16, device,
+                                   dtype, splits=(4096, 1024, 1024)))
+        cases.append(FusedLoraCase(f"decode gate|up 64 tokens {adapters} adapters", 4096, 28672, 64, adapters, 16,
+                                   device, dtype, splits=(14336, 14336)))
     return cases
 
 

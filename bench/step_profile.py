@@ -1,10 +1,12 @@
 """Where a graphed decode step's time goes, for the engine matrix (--profile-steps).
 
 The matrix reports decode tokens/s, i.e. wall time per step: GPU work plus whatever the host
-adds between replays (schedule, pack, fill the graph's buffers, sample, detokenize). After a
-configuration has run, its last graphed step is still in the graph's static buffers, so
-replaying that graph repeats the same step (same batch, adapters and context, its K/V written
-again to the same slots, which no running sequence owns any more): timed with CUDA events that
+adds between replays (schedule, pack, fill the graph's buffers, sample, detokenize). While a
+configuration runs, the last graphed step of its largest batch is kept (the graph variant and
+the packed step: the last steps of a run hold fewer sequences, since prompts are admitted in
+chunks and finish in turn). Afterwards that step is prepared again (the variants share one
+input buffer) and its graph replayed: the same batch, adapters and context, its K/V written
+again to the same slots, which no running sequence owns any more. Timed with CUDA events that
 is the step's pure GPU time, and under torch.profiler its kernels, grouped by name, per step.
 """
 
@@ -19,21 +21,26 @@ TOP_KERNELS = 25
 
 
 class LastGraphedStep:
-    """Wraps DecodeGraphs.run to remember the variant the last graphed step used."""
+    """Wraps DecodeGraphs.run to remember the last step of the largest graphed batch: (variant, packed step)."""
 
     def __init__(self, graphs) -> None:
-        self.graphs, self.step = graphs, None
+        self.graphs, self.kept = graphs, None
         run = graphs.run
 
         def remembering(step, packed):
-            self.step = step
+            if self.kept is None or step.layout.batch >= self.kept[0].layout.batch:
+                self.kept = (step, packed)
             return run(step, packed)
 
         graphs.run = remembering
 
     def take(self):
-        step, self.step = self.step, None
-        return step
+        """The kept step, its inputs back in the graphs' buffer (ready to replay); None if none."""
+        kept, self.kept = self.kept, None
+        if kept is None:
+            return None
+        self.graphs.prepare(*kept)
+        return kept[0]
 
 
 def replay_ms(step, replays: int = REPLAYS) -> dict:

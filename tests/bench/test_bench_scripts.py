@@ -133,17 +133,27 @@ def test_step_profiling_is_a_no_op_without_cuda_graphs(tmp_path):
     assert not any("step_profile" in run for run in report["ours_base"] + report["ours_adapters"])
 
 
-def test_the_step_profiler_remembers_the_last_graphed_step():
+def test_the_step_profiler_keeps_the_last_step_of_the_largest_batch():
+    from types import SimpleNamespace
+
     from bench.step_profile import LastGraphedStep
 
-    class Graphs:  # DecodeGraphs.run's signature; replaying needs CUDA, which this test has not
+    class Graphs:  # DecodeGraphs' run and prepare; replaying needs CUDA, which this test has not
+        prepared = None
+
         def run(self, step, packed):
-            return f"ran {step}"
+            return f"ran {step.name}"
+
+        def prepare(self, step, packed):
+            self.prepared = (step.name, packed)
 
     graphs = Graphs()
     tracker = LastGraphedStep(graphs)
-    assert graphs.run("b64", None) == "ran b64" and graphs.run("b1", None) == "ran b1"
-    assert tracker.take() == "b1" and tracker.take() is None
+    steps = {batch: SimpleNamespace(name=f"b{batch}", layout=SimpleNamespace(batch=batch)) for batch in (8, 64)}
+    for batch, packed in ((64, "first"), (64, "second"), (8, "tail")):
+        assert graphs.run(steps[batch], packed) == f"ran b{batch}"
+    assert tracker.take() is steps[64] and graphs.prepared == ("b64", "second")  # its inputs written back
+    assert tracker.take() is None
 
 
 def test_host_overhead_bench_reports_the_engine_and_the_graph_fill(tmp_path):

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from services.common.tiny_model import build_model_folder
 from services.inference.kernels.triton_fused import add_rms_norm, rms_norm, rotary_write_kv, silu_mul
-from services.inference.model.attention import write_kv
 from services.inference.model.layers import RMSNorm, apply_rotary
 from services.inference.model.loader import load_model
 from tests.inference.test_model import allocate_cache, run_step
@@ -83,15 +82,24 @@ def rotary_case(device, dtype, tokens=6, heads=4, kv_heads=2, dim=16, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3), (8, 1)])
-def test_rotary_write_kv_is_apply_rotary_then_write_kv(triton_device, dtype, heads, kv_heads):
+def test_rotary_write_kv_is_apply_rotary_then_the_cache_write(triton_device, dtype, heads, kv_heads):
     skip_bf16_interpreted(triton_device, dtype)
     q, k, v, cos, sin, (k_cache, v_cache), slots = rotary_case(triton_device, dtype, heads=heads, kv_heads=kv_heads)
     expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    expected_caches = k_cache.clone(), v_cache.clone()
-    write_kv(*expected_caches, expected_k, v, slots)
+    untouched = torch.ones(k_cache.shape[0] * k_cache.shape[1], dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    caches_before = k_cache.clone(), v_cache.clone()
     rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
-    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)  # in place, rounding for rounding
-    assert torch.equal(k_cache, expected_caches[0]) and torch.equal(v_cache, expected_caches[1])  # others kept
+    # Compiled, the GPU rounds each rotated value once (Triton folds the kernel's per-product
+    # roundings into fused multiply-adds) where PyTorch rounds the two products and their sum:
+    # where the products cancel, PyTorch's own error is a few units of the products' size.
+    scale = (torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6) * 4
+    for got, expected in ((q, expected_q), (k, expected_k)):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=scale)
+    for cache, before, written in ((k_cache, caches_before[0], k), (v_cache, caches_before[1], v)):
+        flat, flat_before = cache.view(-1, *cache.shape[2:]), before.view(-1, *before.shape[2:])
+        assert torch.equal(flat[slots], written)  # the cache holds exactly the rotated k, and v
+        assert torch.equal(flat[untouched.to(flat.device)], flat_before[untouched.to(flat.device)])
 
 
 def test_rotary_refuses_layouts_it_cannot_index(triton_device):

@@ -7,9 +7,12 @@ element-wise code launches ~28 small kernels per layer (RMSNorm alone is 8: cast
 add, rsqrt, mul, cast, mul), about 900 a step, each a few microseconds even inside a CUDA
 graph. These three kernels do the same work in 4 launches per layer.
 
-Each reproduces the model's PyTorch code (its reference twin) rounding for rounding: every
-intermediate that the PyTorch code materialises in the activation dtype is rounded to it here
-too, so bf16 results agree bit for bit up to the order of the norm's sum of squares.
+Each follows the model's PyTorch code (its reference twin), rounding to the activation dtype
+where that code materialises a tensor: the residual sum is bit for bit PyTorch's, the norm and
+SiLU-and-mul within one bf16 unit (the sum of squares runs in another order). The rotation is
+written with PyTorch's roundings too, but compiled for the GPU Triton folds the per-product
+roundings into fused multiply-adds (seen on the H200): one rounding instead of three, closer
+to the exact rotation, within a few units of the products' size of PyTorch's result.
 Twins: layers.RMSNorm (with the residual add before it), F.silu(gate) * up, layers.apply_rotary
 followed by attention.write_kv.
 

@@ -153,11 +153,25 @@ class FusedLoraCase(LoraCase):
 
         plan = build_lora_plan(self.segments, self.tokens, self.device)
         slices = [LoraSlice(a, b, plan, c) for a, b, c in zip(self.a_each, self.b_each, self.columns)]
-        return {"reference_segments": lambda: self._variant(lambda y: self._each(
-                    y, lambda part, a, b: lora_segments(part, self.x, a, b, self.segments))),
-                "triton_per_projection": lambda: self._variant(lambda y: self._each(
-                    y, lambda part, a, b: lora_shrink_expand(part, self.x, a, b, plan))),
-                "triton_slices": lambda: self._variant(lambda y: lora_shrink_expand_slices(y, self.x, slices))}
+        # As a CUDA graph plans it: capacity for one tile per token (most tiles empty when few
+        # adapters share the batch), rank padded to 16; then the knobs the graphs could fix.
+        graphed = build_lora_plan(self.segments, self.tokens, self.device, block_r=16, max_tiles=self.tokens)
+        graph_slices = [LoraSlice(a, b, graphed, c) for a, b, c in zip(self.a_each, self.b_each, self.columns)]
+
+        def sliced(pieces, **knobs):
+            return lambda: self._variant(lambda y: lora_shrink_expand_slices(y, self.x, pieces, **knobs))
+
+        variants = {"reference_segments": lambda: self._variant(lambda y: self._each(
+                        y, lambda part, a, b: lora_segments(part, self.x, a, b, self.segments))),
+                    "triton_per_projection": lambda: self._variant(lambda y: self._each(
+                        y, lambda part, a, b: lora_shrink_expand(part, self.x, a, b, plan))),
+                    "triton_slices": sliced(slices), "triton_slices_graph_plan": sliced(graph_slices)}
+        if self.tokens >= 64:  # the tuning sweep of the next GPU run (bench/gpu_notes.md, v3)
+            for split_k in (4, 8, 16):
+                variants[f"triton_slices_graph_plan_split{split_k}"] = sliced(graph_slices, split_k=split_k)
+            for block_n in (64, 256):
+                variants[f"triton_slices_graph_plan_n{block_n}"] = sliced(graph_slices, block_n=block_n)
+        return variants
 
 
 def lora_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[LoraCase]:

@@ -46,9 +46,12 @@ def test_a_tenants_uploads_past_its_slots_wait_without_spooling_and_others_are_n
     release = threading.Event()
     pending = [_held_upload(greedy, peft_adapter, f"a{i}", release) for i in range(SLOTS + 1)]
     try:
-        # Every upload has been read up to its header: holding a slot, or waiting for one.
+        # Every upload has been read up to its header: holding a slot, or waiting for one. A
+        # holder counts as a user before its spool file exists (it is created off the event
+        # loop), so wait for the holders' files too: only a waiter without one ends the wait.
         wait_until(lambda: registry.counts()["spool"] > SLOTS
-                   or (slots is not None and slots.users(greedy.tenant_id) == SLOTS + 1), 60,
+                   or (slots is not None and slots.users(greedy.tenant_id) == SLOTS + 1
+                       and registry.counts()["spool"] == SLOTS), 60,
                    "the uploads never reached the registry")
         assert registry.counts()["spool"] == SLOTS
         assert other.upload(peft_adapter, name="b").created  # another tenant's upload is not held up

@@ -45,6 +45,11 @@ class RegistryClient:
                                                               *RECONNECT_OPTIONS, *keepalive.client_options()])
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
+    def _lookup_error(self, exc: grpc.aio.AioRpcError, what: str) -> errors.LoraplexError:
+        """_error for a lookup by name or id: a malformed one names nothing, so it is NotFound."""
+        error = self._error(exc, what)
+        return errors.NotFound(error.message) if isinstance(error, errors.InvalidArgument) else error
+
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> errors.LoraplexError:
         code = exc.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -78,10 +83,7 @@ class RegistryClient:
             reply = await self._stub.ResolveDeployment(pb.ResolveDeploymentRequest(name=name, tenant=tenant_id),
                                                        metadata=self._metadata, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            error = self._error(exc, "resolve a model name")
-            if isinstance(error, errors.InvalidArgument):  # a name no deployment could have
-                error = errors.NotFound(error.message)
-            raise error from None
+            raise self._lookup_error(exc, "resolve a model name") from None
         return Target(model=name, base_model=reply.deployment.base_model, tenant_id=tenant_id,
                       adapter_id=reply.adapter.id, adapter_sha256=reply.adapter.sha256)
 
@@ -91,8 +93,7 @@ class RegistryClient:
             reply = await self._stub.GetAdapter(pb.GetAdapterRequest(id=adapter_id), metadata=self._metadata,
                                                 timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            error = self._error(exc, "look up an adapter")
-            raise (errors.NotFound(error.message) if isinstance(error, errors.InvalidArgument) else error) from None
+            raise self._lookup_error(exc, "look up an adapter") from None
         return reply.name, reply.base_model
 
     async def unbind_deployment(self, name: str, tenant_id: str) -> None:
@@ -108,8 +109,7 @@ class RegistryClient:
             reply = await self._stub.GetBaseModel(pb.GetBaseModelRequest(name=name), metadata=self._metadata,
                                                   timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            error = self._error(exc, "look up a base model")
-            raise (errors.NotFound(error.message) if isinstance(error, errors.InvalidArgument) else error) from None
+            raise self._lookup_error(exc, "look up a base model") from None
         return reply.name
 
     async def list_deployments(self, tenant_id: str) -> list[ModelEntry]:

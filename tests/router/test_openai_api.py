@@ -184,7 +184,8 @@ def test_the_nodes_context_errors_name_the_field_and_say_context_length_exceeded
 
 def test_streamed_chunks_carry_a_null_usage_until_the_last_with_include_usage(router, world):
     body = json.dumps({"model": CUSTOMER_A_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+                       "stream": True, "stream_options": {"include_usage": True},
+                       "ignore_eos": True}).encode()  # a sampled EOS would end the stream before 4 tokens
     request = urllib.request.Request(f"{router.base_url}/chat/completions", data=body, method="POST",
                                      headers={"authorization": f"Bearer {world.a.token}"})
     with urllib.request.urlopen(request, timeout=60) as reply:

@@ -37,7 +37,7 @@ except ImportError:
 __all__ = ["add_rms_norm", "rms_norm", "rotary_write_kv", "silu_mul", "triton_available"]
 
 # Token counts change every step: left unspecialized so a new batch size never recompiles.
-STEP_VARYING_ARGS = {"_add_rms_norm_kernel": (), "_silu_mul_kernel": ("num_rows",), "_rotary_kv_kernel": ()}
+STEP_VARYING_ARGS = {"_add_rms_norm_kernel": (), "_silu_mul_kernel": (), "_rotary_kv_kernel": ()}
 SILU_BLOCK = 1024
 
 
@@ -60,7 +60,7 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_
              mask=mask)
 
 
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, num_rows, width, stride_g, stride_u, stride_o,
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, stride_g, stride_u, stride_o,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -117,10 +117,6 @@ def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_
     tl.store(v_cache_ptr + cache + HALF, tl.load(v_ptrs + HALF, mask=k_mask, other=0.0), mask=k_mask)
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """A 2-D view [rows, width] whose last dim is contiguous (the kernels index rows by stride)."""
     x = x.reshape(-1, x.shape[-1])
@@ -145,7 +141,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         _jitted(_add_rms_norm_kernel, STEP_VARYING_ARGS)[(rows.shape[0],)](
             rows, residual_rows, weight, out, summed, rows.shape[1], eps,
             rows.stride(0), residual_rows.stride(0), out.stride(0), summed.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=_next_power_of_two(rows.shape[1]),
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(rows.shape[1]),
             num_warps=8 if rows.shape[1] >= 2048 else 4)
     return out.view(shape), summed.view(shape)
 
@@ -164,7 +160,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     num_rows, width = gate_rows.shape
     if num_rows:
         _jitted(_silu_mul_kernel, STEP_VARYING_ARGS)[(num_rows, triton.cdiv(width, SILU_BLOCK))](
-            gate_rows, up_rows, out, num_rows, width, gate_rows.stride(0), up_rows.stride(0), out.stride(0),
+            gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), out.stride(0),
             BLOCK=SILU_BLOCK, num_warps=4)
     return out.view(gate.shape)
 
@@ -190,5 +186,5 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     _jitted(_rotary_kv_kernel, STEP_VARYING_ARGS)[(tokens,)](
         q, k, v, cos, sin, slot_mapping, k_cache, v_cache, heads, kv_heads,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
-        Q_HEADS_P=_next_power_of_two(heads), KV_HEADS_P=_next_power_of_two(kv_heads), HALF=dim // 2,
+        Q_HEADS_P=triton.next_power_of_2(heads), KV_HEADS_P=triton.next_power_of_2(kv_heads), HALF=dim // 2,
         num_warps=4)

@@ -44,7 +44,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         tokens = x.shape[0]
-        if self.fused and self.qkv is not None:
+        if self.fused:  # use_fused_ops made self.qkv
             q, k, v = self.qkv(x, ctx.lora)
         else:
             q, k, v = self.q_proj(x, ctx.lora), self.k_proj(x, ctx.lora), self.v_proj(x, ctx.lora)
@@ -73,11 +73,10 @@ class MLP(nn.Module):
         self.gate_up: FusedProjections | None = None  # gate|up in one GEMM, with the fused ops
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if self.fused and self.gate_up is not None:
+        if self.fused:  # use_fused_ops made self.gate_up
             gate, up = self.gate_up(x, ctx.lora)
             return self.down_proj(silu_mul(gate, up), ctx.lora)
-        gate, up = self.gate_proj(x, ctx.lora), self.up_proj(x, ctx.lora)
-        return self.down_proj(silu_mul(gate, up) if self.fused else F.silu(gate) * up, ctx.lora)
+        return self.down_proj(F.silu(self.gate_proj(x, ctx.lora)) * self.up_proj(x, ctx.lora), ctx.lora)
 
 
 class DecoderLayer(nn.Module):

@@ -41,9 +41,9 @@ def engine_host_ms(batch: int, steps: int, folder: Path) -> dict:
     in_runner = []
     run = runner.run
 
-    def timed(scheduled):
+    def timed(*args, **kwargs):
         started = time.perf_counter()
-        result = run(scheduled)
+        result = run(*args, **kwargs)
         in_runner.append(time.perf_counter() - started)
         return result
 

@@ -13,6 +13,7 @@ from services.inference.reasoning_format import CHOICES as REASONING_FORMATS
 from services.inference.tool_format import CHOICES as TOOL_CALL_FORMATS
 
 GRAPH_MODES = ("auto", "on", "off", "static")
+OVERLAP_MODES = ("auto", "on", "off")
 
 DEFAULT_PORT = 50053
 
@@ -56,6 +57,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
                                   "auto (Triton on CUDA, verified on the H200 against HF + peft; PyTorch elsewhere)")
     cuda_graphs: str = option("auto", "decode steps replayed from CUDA graphs: auto (on CUDA with Triton kernels), on, "
                                       "off, or static (the same static-buffer step without capture, for debugging)")
+    overlap_steps: str = option("auto", "queue each decode step on the device before reading the last one's tokens, "
+                                        "so the host's work per step hides behind the GPU's: auto (with captured "
+                                        "CUDA graphs), on, off")
     max_graph_batch: int = option(64, "largest decode batch given a CUDA graph (bigger batches run eagerly)")
     prefill_lora: str = option("auto", "kernel for the LoRA of prefill segments with --kernels triton: tiles16, "
                                        "tiles32, tiles64 (Triton tiles of that many rows), grouped (CUTLASS "
@@ -95,6 +99,8 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
         if self.reasoning_format not in REASONING_FORMATS:
             raise ValueError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}, "
                              f"got {self.reasoning_format!r}")
+        if self.overlap_steps not in OVERLAP_MODES:
+            raise ValueError(f"--overlap-steps must be one of {', '.join(OVERLAP_MODES)}, got {self.overlap_steps!r}")
         if self.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
         if self.max_model_len < 0:

@@ -26,7 +26,7 @@ from services.inference.chat_template import ChatTurn, render
 from services.inference.config import InferenceConfig
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.block_manager import BlockManager
-from services.inference.engine.decode_graphs import resolve_graph_mode
+from services.inference.engine.decode_graphs import CAPTURE, resolve_graph_mode
 from services.inference.engine.llm_engine import LLMEngine, RequestOutput
 from services.inference.engine.model_runner import ModelRunner, kv_block_bytes
 from services.inference.engine.sampling_params import SamplingParams
@@ -136,10 +136,13 @@ class Node:
                             max_waiting=config.max_waiting),
             BlockManager(num_kv_blocks, config.block_size, prefix_caching=config.prefix_caching), manager,
             set(args.eos_token_ids), max_context)
-        engine = LLMEngine(runner, scheduler, tokenizer, config.block_size)
-        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, prefill LoRA %s) with %d KV blocks (prefix caching "
+        # auto: only where the device runs ahead of the host; elsewhere each step's work is done
+        # by the time it returns, and a look-ahead would only compute dropped rows.
+        overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and graphs == CAPTURE)
+        engine = LLMEngine(runner, scheduler, tokenizer, config.block_size, overlap=overlap)
+        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, overlapped steps %s, prefill LoRA %s) with %d KV blocks (prefix caching "
                  "%s), %d adapter pages, tool calls %s", folder, args.model_type, dtype, kernels, graphs,
-                 runner.prefill_lora.summary(), num_kv_blocks, "on" if config.prefix_caching else "off",
+                 "on" if overlap else "off", runner.prefill_lora.summary(), num_kv_blocks, "on" if config.prefix_caching else "off",
                  config.adapter_pool_pages, resolve_tool_format(config.tool_call_format, tokenizer) or "none")
         if runner.prefill_lora.report:
             log.info("prefill LoRA kernels measured (median µs, or why dropped): %s", runner.prefill_lora.report)

@@ -61,7 +61,7 @@ class PoolGate:
 
 
 def make_engine(base: Path, adapters: dict[str, Path], num_blocks: int, budget: int, max_context: int,
-                prefix_caching: bool = False) -> LLMEngine:
+                prefix_caching: bool = False, overlap: bool = False) -> LLMEngine:
     model, args = load_model(base)
     pool = AdapterPool(args, num_pages=160)
     for key in KEYS[1:]:
@@ -70,7 +70,7 @@ def make_engine(base: Path, adapters: dict[str, Path], num_blocks: int, budget: 
                           BlockManager(num_blocks, BLOCK_SIZE, prefix_caching), PoolGate(pool), set(args.eos_token_ids),
                           max_context)
     runner = ModelRunner(model, pool, num_blocks, BLOCK_SIZE)
-    return LLMEngine(runner, scheduler, AutoTokenizer.from_pretrained(base), BLOCK_SIZE)
+    return LLMEngine(runner, scheduler, AutoTokenizer.from_pretrained(base), BLOCK_SIZE, overlap=overlap)
 
 
 def run(engine: LLMEngine, requests, abort: tuple[int, int] | None = None) -> list[list]:

@@ -46,12 +46,13 @@ def hf_greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[torch.Tenso
 
 
 def run_engine(base: Path, adapter_root: Path, pool_pages: int, mix, waves: int = 1, kernels: str = "torch",
-               device: str = "cpu", cuda_graphs: str = "off", dtype: str = "float32", prefill_lora: str = "auto"):
+               device: str = "cpu", cuda_graphs: str = "off", dtype: str = "float32", prefill_lora: str = "auto",
+               overlap_steps: str = "auto"):
     """Runs the mix `waves` times, each wave all at once; returns the node and the last wave's results.
     float32 by default on every device: the comparison with HF on the CPU is token for token."""
     config = InferenceConfig(base_model=base, adapter_dir=adapter_root, kv_cache_mb=4, kernels=kernels, device=device,
                              dtype=dtype, cuda_graphs=cuda_graphs, adapter_pool_pages=pool_pages, max_num_seqs=16,
-                             max_batched_tokens=96, prefill_lora=prefill_lora)
+                             max_batched_tokens=96, prefill_lora=prefill_lora, overlap_steps=overlap_steps)
     node = Node.build(config)
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
 
@@ -206,13 +207,15 @@ def test_graphed_decode_steps_give_the_same_tokens(tiny_model_dir, adapter_root,
     """Decode-only steps through the CUDA-graph step (captured on a GPU; on CPU its static-buffer
     twin, the same body without capture), batches padded to the next graph size, against HF +
     peft: with adapters of ranks 2..32 (block_r 16 and 32), the base model alone (the base-only graph,
-    no LoRA kernels) and ranks up to 16 (block_r 16)."""
+    no LoRA kernels) and ranks up to 16 (block_r 16). Overlapped, as a GPU node runs them: each
+    step's input ids are the step before's sampled tokens, copied on the device."""
     mix, required, allowed = GRAPH_MIXES[mix_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton", device=device,
-                               cuda_graphs="on" if device == "cuda" else "static")
+                               cuda_graphs="on" if device == "cuda" else "static", overlap_steps="on")
     runner = node.engine.runner
     assert runner.steps["graph"] >= NEW_TOKENS - 1 and runner.steps["eager"] >= 1  # decodes graphed, prefills not
+    assert node.engine.overlapped_steps >= NEW_TOKENS // 2
     assert required <= {block_r for _, block_r in runner.graphs.replays} <= allowed
     assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
 

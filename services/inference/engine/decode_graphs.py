@@ -179,12 +179,16 @@ class DecodeGraphs:
         block_r = next((r for r in self.paddings if r >= rank), None)
         return None if block_r is None else self.variants[(batch, block_r)]
 
-    def run(self, step: GraphedStep, packed: PackedStep) -> torch.Tensor:
+    def run(self, step: GraphedStep, packed: PackedStep, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits [num_seqs, vocab] of the step's sequences: a view into the shared
-        logits buffer, so read it before the next step overwrites it."""
+        logits buffer, so read it before the next step overwrites it (queue the work that reads
+        it first: the next replay is queued after it). input_ids: the rows' token ids on the
+        device, in place of packed.tokens (an overlapped step's, sampled by the step before)."""
         if packed.num_seqs > step.layout.batch:
             raise ValueError(f"{packed.num_seqs} sequences do not fit a graph of {step.layout.batch}")
         self.prepare(step, packed)
+        if input_ids is not None:  # queued after the upload, so it overwrites packed.tokens' stand-ins
+            step.token_ids[:packed.num_seqs].copy_(input_ids)
         self.replays[(step.layout.batch, step.layout.block_r)] += 1
         if step.graph is not None:
             step.graph.replay()

@@ -1,7 +1,9 @@
-"""LLMEngine: the synchronous step — schedule -> run -> sample -> postprocess -> text.
+"""LLMEngine: the step — schedule -> run -> sample -> postprocess -> text.
 
 It runs on one thread (the engine thread of AsyncEngine); nothing here is thread-safe.
-Each step returns one RequestOutput per sequence that produced something.
+Each step returns one RequestOutput per sequence that produced something. With `overlap`,
+a decode step may queue the next one on the device before reading its own tokens
+(overlap.py); that step is then in flight between calls, and the next call finishes it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import torch
 
 from services.inference.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.inference.engine.model_runner import ModelRunner
-from services.inference.engine.sampler import SampledToken, Sampler, make_generator
+from services.inference.engine.overlap import schedule_ahead
+from services.inference.engine.sampler import DeviceSample, SampledToken, Sampler, make_generator
 from services.inference.engine.sampling_params import SamplingParams
-from services.inference.engine.scheduler import Scheduler
+from services.inference.engine.scheduler import ScheduledBatch, Scheduler
 from services.inference.engine.sequence import FinishReason, Sequence
 from services.inference.engine.structured import JsonGrammar
 
@@ -42,10 +45,27 @@ class _Request:
     generator: torch.Generator | None
 
 
+@dataclasses.dataclass
+class _Launched:
+    """A step queued on the device: its batch, the sequences that get a token (in the order of
+    the sampled rows) and the tokens on their way back."""
+
+    batch: ScheduledBatch
+    seqs: list[Sequence]
+    sample: DeviceSample | None  # None when no sequence completes its prefill
+    advanced: bool = False  # its KV accounting done already (the step after it was scheduled)
+
+
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any, block_size: int) -> None:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any, block_size: int,
+                 overlap: bool = False) -> None:
+        """overlap: queue each decode step before reading the last one's tokens when it can
+        (overlap.py); worth it where the device runs asynchronously (CUDA graphs)."""
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.block_size = block_size
+        self.overlap = overlap
+        self.overlapped_steps = 0  # steps queued before the previous one's tokens were read
+        self._in_flight: _Launched | None = None
         self.sampler = Sampler()
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
@@ -77,20 +97,54 @@ class LLMEngine:
         self._requests.pop(seq_id, None)
 
     @property
+    def has_step_in_flight(self) -> bool:
+        """A step is queued whose tokens the next step() reads (overlap)."""
+        return self._in_flight is not None
+
+    @property
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        self.idle = batch.is_empty  # work exists but none can run (e.g. adapters still loading)
-        if batch.is_empty:
-            return []
-        seqs, logits = self.runner.run(batch)
-        requests = [self._requests[seq.seq_id] for seq in seqs]
-        tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [r.generator for r in requests],
-                                     seqs, [s.grammar for s in seqs]) if seqs else []
-        self.scheduler.postprocess(batch, {seq.seq_id: t.token_id for seq, t in zip(seqs, tokens)})
-        return [self._output(request, token) for request, token in zip(requests, tokens)]
+        current, self._in_flight = self._in_flight, None
+        self.idle = False
+        if current is None:
+            batch = self.scheduler.schedule()
+            self.idle = batch.is_empty  # work exists but none can run (e.g. adapters still loading)
+            if batch.is_empty:
+                return []
+            current = self._launch(batch)
+        if self.overlap and current.sample is not None:
+            ahead = schedule_ahead(self.scheduler, current.batch, current.seqs)
+            if ahead is not None:
+                current.advanced = True
+                self._in_flight = self._launch(ahead.batch, current.sample.select(ahead.rows))
+                self.overlapped_steps += 1
+        return self._finish(current)
+
+    def _launch(self, batch: ScheduledBatch, input_ids: Any = None) -> _Launched:
+        """Queues the step's forward and sampling; reads nothing back."""
+        seqs, logits = self.runner.run(batch, input_ids)
+        if not seqs:
+            return _Launched(batch, seqs, None)
+        generators = [self._requests[seq.seq_id].generator if seq.seq_id in self._requests else None
+                      for seq in seqs]
+        return _Launched(batch, seqs, self.sampler.sample_on_device(
+            logits, [s.sampling for s in seqs], generators, seqs, [s.grammar for s in seqs]))
+
+    def _finish(self, step: _Launched) -> list[RequestOutput]:
+        """Reads the step's tokens and turns them into outputs. A sequence that ended after the
+        step was queued (aborted, or stopped by the step before) gets nothing from it."""
+        live = [(seq, self._requests[seq.seq_id]) for seq in step.seqs
+                if not seq.is_finished and seq.seq_id in self._requests]
+        tokens = step.sample.to_host() if step.sample is not None else []
+        by_seq = dict(zip((id(seq) for seq in step.seqs), tokens))
+        sampled = {seq.seq_id: by_seq[id(seq)].token_id for seq, _ in live}
+        if step.advanced:
+            self.scheduler.accept(step.batch, sampled)
+        else:
+            self.scheduler.postprocess(step.batch, sampled)
+        return [self._output(request, by_seq[id(seq)]) for seq, request in live]
 
     def _output(self, request: _Request, token: SampledToken) -> RequestOutput:
         seq = request.seq

@@ -67,17 +67,22 @@ class ModelRunner:
         """decode_graphs.CAPTURE, STATIC or OFF."""
         return self.graphs.mode if self.graphs is not None else OFF
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """Runs one step; returns the sequences that get a token and their logits [N, V]."""
+    def run(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> tuple[list[Sequence], torch.Tensor]:
+        """Runs one step; returns the sequences that get a token and their logits [N, V].
+        input_ids: the step's token ids on the device, in place of the sequences' own (an
+        overlapped decode step's, one per sequence of `batch` in its order: engine/overlap.py)."""
         packed = pack_step(batch, self.pool, self.block_size)
+        if input_ids is not None and (packed.sampled != batch.seqs or not packed.is_decode_only):
+            # pack_step orders by adapter; overlap.py hands over a batch in that order already
+            raise RuntimeError("device input ids need a decode-only batch in packing order")
         graphed = self.graphs.choose(packed) if self.graphs is not None else None
         if graphed is not None:
             self.steps["graph"] += 1
-            return packed.sampled, self.graphs.run(graphed, packed)
+            return packed.sampled, self.graphs.run(graphed, packed, input_ids)
         self.steps["eager"] += 1
-        return packed.sampled, self._run_eager(packed)
+        return packed.sampled, self._run_eager(packed, input_ids)
 
-    def _run_eager(self, packed: PackedStep) -> torch.Tensor:
+    def _run_eager(self, packed: PackedStep, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         device = self.device
         padded_tables, block_tables = _block_tables_on(device, packed.block_tables)
         ctx = StepContext(
@@ -95,7 +100,9 @@ class ModelRunner:
             ctx.continued = build_continued_prefills(ctx, padded_tables)
         else:
             ctx.decode = build_decode_batch(ctx)
-        hidden = self.model(torch.tensor(packed.tokens, dtype=torch.int64, device=device), ctx)
+        if input_ids is None:
+            input_ids = torch.tensor(packed.tokens, dtype=torch.int64, device=device)
+        hidden = self.model(input_ids, ctx)
         if not packed.logits_rows:
             return torch.empty(0)
         return self.model.compute_logits(hidden[ctx.logits_indices])

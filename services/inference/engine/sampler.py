@@ -68,6 +68,14 @@ class Sampler:
                grammars: list[JsonGrammar | None] | None = None) -> list[SampledToken]:
         """histories: each row's tokens so far (the engine's Sequences); needed by penalties only.
         grammars: each row's structured-output grammar, None for free text (None: no row has one)."""
+        return self.sample_on_device(logits, params, generators, histories, grammars).to_host()
+
+    def sample_on_device(self, logits: torch.Tensor, params: list[SamplingParams],
+                         generators: list[torch.Generator | None], histories: list[TokenHistory] | None = None,
+                         grammars: list[JsonGrammar | None] | None = None) -> DeviceSample:
+        """sample() without reading the result: the work is queued on the logits' device and
+        its copy to the host started, so the caller can queue the next step before waiting
+        (penalties, grammars and top_logprobs still read the device on the way)."""
         # logits: [N, V], one row per sequence that completes its prefill this step
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(f"logits {tuple(logits.shape)} vs {len(params)} params, {len(generators)} generators")
@@ -83,7 +91,7 @@ class Sampler:
         token_ids = processed.argmax(dim=-1)  # [N]; the answer for greedy rows
         sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
+            rows = to_device_async(sampled_rows, torch.int64, logits.device)
             probs = self._filtered_probs(processed[rows], [params[i] for i in sampled_rows])  # [S, V]
             for row_probs, i in zip(probs, sampled_rows):
                 generator = generators[i] or self._unseeded_on(row_probs.device)
@@ -102,7 +110,7 @@ class Sampler:
         """Softmax of logits/temperature after top-k then top-p masking. [S, V] -> [S, V]"""
         device = logits.device
         vocab = logits.shape[-1]
-        temperature = torch.tensor([p.temperature for p in params], device=device)  # [S]
+        temperature = to_device_async([p.temperature for p in params], torch.float32, device)  # [S]
         logits = logits / temperature[:, None]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         # top_p = 1 keeps everything; skip it so float rounding in the cumsum cannot drop tail tokens.
@@ -111,33 +119,73 @@ class Sampler:
             return torch.softmax(logits, dim=-1)
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V] each
         rank = torch.arange(vocab, device=device)[None, :]  # [1, V]
-        sorted_logits = sorted_logits.masked_fill(rank >= torch.tensor(top_k, device=device)[:, None],
+        sorted_logits = sorted_logits.masked_fill(rank >= to_device_async(top_k, torch.int64, device)[:, None],
                                                   float("-inf"))
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [S, V]
         # Keep the smallest prefix whose mass reaches top_p; rank 0 always survives (mass_before 0).
-        drop = mass_before >= torch.tensor(top_p, device=device)[:, None]
+        drop = mass_before >= to_device_async(top_p, torch.float32, device)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         return torch.softmax(filtered, dim=-1)
 
     @staticmethod
-    def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                       params: list[SamplingParams]) -> list[SampledToken]:
-        ids = token_ids.tolist()
+    def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> DeviceSample:
         if not any(p.wants_logprobs for p in params):
-            return [SampledToken(token_id=t, logprob=None, top=[]) for t in ids]
+            return DeviceSample(params, token_ids)
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V], raw logits: see the class docstring
-        chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1).tolist()  # [N]
+        chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [N]
         max_top = max(p.top_logprobs for p in params)
         top_values, top_ids = _top_logprobs(logprobs, max_top) if max_top else (None, None)  # [N, K]
+        return DeviceSample(params, token_ids, chosen, top_values, top_ids)
+
+
+class DeviceSample:
+    """One step's sampled tokens (and logprobs) on the device, on their way to the host: the
+    copy is queued behind the sampling, so waiting for it waits for nothing queued later."""
+
+    def __init__(self, params: list[SamplingParams], token_ids: torch.Tensor, chosen: torch.Tensor | None = None,
+                 top_values: torch.Tensor | None = None, top_ids: torch.Tensor | None = None) -> None:
+        self.params = params
+        self.token_ids = token_ids  # [N] int64 on the device: the next step's input, overlapped
+        on_device = [token_ids, chosen, top_values, top_ids]
+        self._copied = torch.cuda.Event() if token_ids.is_cuda else None
+        # .tolist() on a CUDA tensor waits for the whole stream, the next step's forward too
+        self._host = [None if t is None else t.to("cpu", non_blocking=True) if t.is_cuda else t for t in on_device]
+        if self._copied is not None:
+            self._copied.record()
+
+    def select(self, rows: list[int]) -> torch.Tensor:
+        """The sampled ids of these rows, on the device: an overlapped step's input ids."""
+        if rows == list(range(self.token_ids.shape[0])):
+            return self.token_ids
+        return self.token_ids.index_select(0, to_device_async(rows, torch.int64, self.token_ids.device))
+
+    def to_host(self) -> list[SampledToken]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        token_ids, chosen, top_values, top_ids = self._host
+        ids = token_ids.tolist()
+        if chosen is None:
+            return [SampledToken(token_id=t, logprob=None, top=[]) for t in ids]
+        chosen = chosen.tolist()
         results = []
-        for i, p in enumerate(params):
+        for i, p in enumerate(self.params):
             top: list[tuple[int, float]] = []
             if p.top_logprobs:
                 top = list(zip(top_ids[i, :p.top_logprobs].tolist(), top_values[i, :p.top_logprobs].tolist()))
             results.append(SampledToken(token_id=ids[i], logprob=chosen[i] if p.wants_logprobs else None, top=top))
         return results
+
+
+def to_device_async(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device's queue: a plain copy from
+    pageable memory to a GPU waits for every kernel queued before it (the last step's forward
+    too), a copy from pinned memory is queued like a kernel."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

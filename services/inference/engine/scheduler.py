@@ -228,13 +228,26 @@ class Scheduler:
         """Advance the KV accounting of `batch`, append the sampled tokens (seq_id -> token id,
         for sequences that completed their prefill) and finish sequences that are done.
         Returns the sequences that finished this step."""
-        finished = []
+        self.advance(batch)
+        return self.accept(batch, sampled)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The KV half of postprocess: the step's tokens are in the cache now. Needs no sampled
+        token, so an overlapped step (overlap.py) runs it before the tokens are read."""
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             if seq.is_finished:  # aborted since schedule()
                 continue
             seq.num_cached_tokens += num_new
             self.block_manager.publish_written_blocks(seq)
-            if seq.num_cached_tokens < seq.num_tokens:
+
+    def accept(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
+        """The token half of postprocess (after advance): append each sampled token and finish
+        the sequences that are done; returns those."""
+        finished = []
+        for seq in batch.seqs:
+            if seq.is_finished:  # aborted since schedule()
+                continue
+            if seq.num_cached_tokens < seq.num_tokens - seq.num_reserved_tokens:
                 continue  # mid-prefill: no token this step
             if seq.seq_id not in sampled:
                 raise RuntimeError(f"no sampled token for {seq!r}, which completed its prefill")

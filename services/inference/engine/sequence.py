@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from services.inference.engine.structured import JsonGrammar
 
 
+#: What a reserved token reads until the sampled one replaces it: a valid id, so nothing that
+#: packs a step's token list can fail on it, though the step takes the real id from the device.
+RESERVED_TOKEN_ID = 0
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -75,6 +80,9 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.arrival_index = -1  # set by Scheduler.add
         self.num_preemptions = 0
+        # 1 while the last token is a stand-in for one sampled but not yet read back: an
+        # overlapped step (overlap.py) already computes its KV from the device's copy.
+        self.num_reserved_tokens = 0
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, adapter={self.adapter_key!r}, {self.status.name}, "
@@ -109,7 +117,21 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def reserve_token(self) -> None:
+        """Holds the place of the token being sampled on the device (never read: the step that
+        computes it takes the id from the device), so the next step can be scheduled now."""
+        if self.num_reserved_tokens or self.grammar is not None:
+            raise RuntimeError(f"{self!r} cannot reserve a token (one is reserved already, or a grammar "
+                               "needs each token before the next)")
+        self.token_ids.append(RESERVED_TOKEN_ID)
+        self.num_reserved_tokens = 1
+
     def append_token(self, token_id: int) -> None:
+        """Appends a sampled token, or puts it in the place reserve_token held for it."""
+        if self.num_reserved_tokens:
+            self.token_ids[-1] = token_id
+            self.num_reserved_tokens = 0
+            return  # no grammar: reserve_token refuses sequences with one
         self.token_ids.append(token_id)
         if self.grammar is not None:
             self.grammar.advance(token_id)

@@ -49,7 +49,7 @@ STEPS = [
     ("triton_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/inference/test_triton_lora.py",
                       "tests/inference/test_triton_attention.py", "tests/inference/test_triton_prefill_attention.py",
                       "tests/inference/test_decode_graphs.py", "tests/inference/test_triton_fused.py",
-                      "tests/inference/test_triton_lora_slices.py",
+                      "tests/inference/test_triton_lora_slices.py", "tests/inference/test_graph_tile_buckets.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
                       "-k", "not compile_for_hopper and not share_the_compiled"], 170),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),

@@ -94,7 +94,7 @@ def graph_fill_ms(batch: int, adapters: int, folder: Path, repeats: int = 200) -
     for _ in range(repeats):
         graphs.prepare(step, packed)
     return {"batch": batch, "adapters": adapters, "fill_and_upload_ms": 1000 * (time.perf_counter() - started) / repeats,
-            "buffer_words": step.layout.size}
+            "buffer_words": step.layout.size, "tile_capacity": step.layout.tile_capacity}
 
 
 def main(argv=None) -> int:

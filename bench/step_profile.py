@@ -55,7 +55,7 @@ def replay_ms(step, replays: int = REPLAYS) -> dict:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return {"gpu_ms_p50": statistics.median(times), "gpu_ms_min": min(times), "gpu_ms_max": max(times),
-            "batch": step.layout.batch, "block_r": step.layout.block_r}
+            "batch": step.layout.batch, "block_r": step.layout.block_r, "tile_capacity": step.layout.tile_capacity}
 
 
 def kernel_table(step, replays: int = 5, top: int = TOP_KERNELS) -> dict:

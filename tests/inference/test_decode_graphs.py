@@ -156,7 +156,7 @@ def test_static_buffers_hold_the_step_and_pad_the_rest(graphs):
     assert ctx.slot_mapping.tolist()[3] == SCRATCH and ctx.decode.context_lens.tolist() == [5, 6, 7, 0]
     assert plans["q_proj"].tile_sizes.tolist() == [0] * 4 and plans["down_proj"].tile_sizes.tolist() == [0] * 4
     assert plans["k_proj"].tile_sizes.tolist() == [1, 0, 0, 0] and plans["k_proj"].tile_scales.tolist()[0] == 1.0
-    assert graphs.replays == {(4, 16): 3}
+    assert graphs.replays == {(4, 16, 4): 3}
 
 
 def test_steps_the_graphs_were_not_sized_for_run_eagerly(graphs):
@@ -167,35 +167,43 @@ def test_steps_the_graphs_were_not_sized_for_run_eagerly(graphs):
         graphs.run(graphs.choose(decode_step(4)), decode_step(5))
 
 
-def test_a_padded_graph_step_gives_the_logits_of_the_eager_forward(graphs):
-    """The same three decodes through the static step (padded to 4 rows) and through the eager
-    path's batch of exactly three: equal logits (padding changes nothing in the real rows)."""
-    from services.inference.adapters.batch import LoraBatch
-    from services.inference.model.attention import build_decode_batch
-    from services.inference.model.context import StepContext
-
-    model = graphs.model
+def randomize(graphs: DecodeGraphs) -> None:
+    """Random K/V caches and adapter pages, so a wrong row, tile or page shows in the logits."""
     torch.manual_seed(0)
-    for layer in model.attention_layers():
+    for layer in graphs.model.attention_layers():
         layer.k_cache.normal_()
         layer.v_cache.normal_()
     for pages in (graphs.pool.a, graphs.pool.b):
         for tensor in pages.values():
             tensor.normal_(std=0.1)
-    fin = adapter(0, 2, [3, 4], 0.5, {"q_proj", "v_proj", "down_proj"})
-    packed = decode_step(3, [fin])
-    graphed = graphs.run(graphs.choose(packed), packed).clone()
 
-    device = graphs.device
+
+def eager_logits(graphs: DecodeGraphs, packed: PackedStep) -> torch.Tensor:
+    """The eager path's logits for `packed`: its exact batch, the PyTorch LoRA reference."""
+    from services.inference.adapters.batch import LoraBatch
+    from services.inference.model.attention import build_decode_batch
+    from services.inference.model.context import StepContext
+
+    model, device, n = graphs.model, graphs.device, packed.num_seqs
     ctx = StepContext(positions=torch.tensor(packed.positions, device=device),
                       slot_mapping=torch.tensor(packed.slots, device=device), cu_seqlens=packed.cu_seqlens,
                       context_lens=packed.context_lens,
                       block_tables=[torch.tensor(t, device=device) for t in packed.block_tables],
-                      logits_indices=torch.arange(3, device=device),
-                      lora=LoraBatch(packed.groups, graphs.pool.a, graphs.pool.b, 3, "torch"), block_size=BLOCK)
+                      logits_indices=torch.arange(n, device=device),
+                      lora=LoraBatch(packed.groups, graphs.pool.a, graphs.pool.b, n, "torch"),
+                      block_size=graphs.block_size)
     ctx.decode = build_decode_batch(ctx)
-    eager = model.compute_logits(model(torch.tensor(packed.tokens, device=device), ctx))
-    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    return model.compute_logits(model(torch.tensor(packed.tokens, device=device), ctx))
+
+
+def test_a_padded_graph_step_gives_the_logits_of_the_eager_forward(graphs):
+    """The same three decodes through the static step (padded to 4 rows) and through the eager
+    path's batch of exactly three: equal logits (padding changes nothing in the real rows)."""
+    randomize(graphs)
+    fin = adapter(0, 2, [3, 4], 0.5, {"q_proj", "v_proj", "down_proj"})
+    packed = decode_step(3, [fin])
+    graphed = graphs.run(graphs.choose(packed), packed).clone()
+    torch.testing.assert_close(graphed, eager_logits(graphs, packed), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")

@@ -216,7 +216,7 @@ def test_graphed_decode_steps_give_the_same_tokens(tiny_model_dir, adapter_root,
     runner = node.engine.runner
     assert runner.steps["graph"] >= NEW_TOKENS - 1 and runner.steps["eager"] >= 1  # decodes graphed, prefills not
     assert node.engine.overlapped_steps >= NEW_TOKENS // 2
-    assert required <= {block_r for _, block_r in runner.graphs.replays} <= allowed
+    assert required <= {block_r for _, block_r, _ in runner.graphs.replays} <= allowed
     assert assert_matches_reference(tiny_model_dir, adapter_root, mix, results) >= 0.9 * len(mix) * NEW_TOKENS
 
 

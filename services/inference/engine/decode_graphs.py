@@ -9,19 +9,31 @@ What makes the step capturable:
 - every per-step input has a fixed place in one int32 device buffer (graph_layout.py),
   filled on the host in a pinned twin and moved by one asynchronous copy: no host sync and
   no allocation per step;
-- shapes depend only on the graph's batch size and rank padding (block_r). A batch is padded
-  up to the next captured size: padding rows read token 0 at position 0, write their K/V to
-  a scratch slot no sequence owns, attend over a context of 0 tokens (the kernel returns
-  zeros) and belong to no LoRA tile;
-- every projection has a LoRA plan of `batch` tiles (enough: a tile holds >= 1 token);
-  projections that no adapter of the step targets get empty tiles, whose programs return at
-  once. Steps without adapters replay a base-only graph with no LoRA kernels at all.
+- shapes depend only on the graph's batch size, rank padding (block_r) and tile capacity
+  (below). A batch is padded up to the next captured size: padding rows read token 0 at
+  position 0, write their K/V to a scratch slot no sequence owns, attend over a context of 0
+  tokens (the kernel returns zeros) and belong to no LoRA tile;
+- every projection has a LoRA plan of a fixed tile capacity; projections that no adapter of
+  the step targets get empty tiles, whose programs return at once. Steps without adapters
+  replay a base-only graph with no LoRA kernels at all.
 Prefill and mixed steps, and batches above the largest size, run eagerly.
 
-Modes: "capture" records one graph per (batch size, block_r) at start-up, largest first,
-all in one memory pool (only one replays at a time). "static" runs the same body on the
-same buffers without capturing: the twin that tests check against HF + peft on CPU under
-TRITON_INTERPRET, so everything but the capture itself is verified without a GPU.
+Tile-capacity buckets: `batch` tiles always suffice (a tile holds >= 1 token), but few
+adapters make few tiles: at batch 64 over 16 adapters 48 of 64 tiles are empty, and the
+shrink's split-K, chosen from the capacity, is 3 where the 16 real tiles would take 11 (the
+H200 ran LoRA at 2.2 ms a step where the kernel bench's same shapes take ~1.2). So each
+(batch, block_r) has variants of capacity tile_capacities(batch), and a step takes the
+smallest that holds its tiles (step_tiles: a host-side bound from the step's adapters).
+Variants for max_batch 64 and max_rank 64: 11 batch sizes x (base-only + 3 rank paddings) =
+44 before the buckets; 11 base-only + 21 (batch, capacity) pairs x 3 paddings = 74 after:
+~1.7x the start-up capture and the graphs' own objects, while the input buffer and the
+memory pool stay the size the largest variant needs (smaller capacities fit inside both).
+
+Modes: "capture" records one graph per variant (batch size, block_r, tile capacity) at
+start-up, largest first, all in one memory pool (only one replays at a time). "static" runs
+the same body on the same buffers without capturing: the twin that tests check against HF +
+peft on CPU under TRITON_INTERPRET, so everything but the capture itself is verified without
+a GPU.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.inference.adapters.batch import segments_by_targets
+from services.inference.adapters.batch import AdapterSegments, segments_by_targets
 from services.inference.adapters.pool import AdapterPool
 from services.inference.config import GRAPH_MODES
 from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
@@ -68,6 +80,33 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
+MIN_BUCKET = 16
+
+
+def tile_capacities(batch: int) -> list[int]:
+    """The tile capacities of a batch's LoRA variants: powers of two from 16 below it, then the
+    batch itself. Powers of two leave at most half a step's capacity empty, so the split-K
+    chosen from the capacity is at least about half what its real tiles alone would get; below
+    16 tiles the split is at or near its cap of 16 already, so smaller buckets would add
+    variants for nothing. Every batch above 16 gets its buckets: 74 variants instead of 44
+    (module docstring) is under twice the capture, so no batch is left out to save it."""
+    return [c for c in (MIN_BUCKET << i for i in range(batch.bit_length())) if c < batch] + [batch]
+
+
+def step_tiles(groups: list[AdapterSegments], block_m: int) -> int:
+    """An upper bound on the tiles any projection's plan has for these adapters' segments:
+    Σ over adapters of ceil(its rows / block_m), pooling an adapter's segments by the key
+    tile_segments pools them by (pages, scale). Exact for a projection every adapter targets;
+    one a subset targets has fewer. Host lists only: no tiles are built for it."""
+    rows: dict[tuple[tuple[int, ...], float], int] = {}
+    for group in groups:
+        for segment in group.segments:
+            if segment.end > segment.start:
+                key = (segment.page_ids(), float(segment.scale))
+                rows[key] = rows.get(key, 0) + segment.end - segment.start
+    return sum(-(-n // block_m) for n in rows.values())
+
+
 class PlannedLora:
     """The LoraBatch seam (`apply`) over fixed Triton plans: one per projection."""
 
@@ -88,7 +127,7 @@ class PlannedLora:
 
 @dataclass
 class GraphedStep:
-    """One (batch, block_r) variant: its layout, static views, and graph once captured."""
+    """One (batch, block_r, tile capacity) variant: its layout, static views, and graph once captured."""
 
     layout: GraphLayout
     context: StepContext
@@ -107,33 +146,35 @@ class DecodeGraphs:
         self.paddings = rank_paddings(max_rank)
         self.table_width = -(-max_context // block_size)
         modules = tuple(pool.a)
-        layouts = {(b, r): GraphLayout(b, self.table_width, modules, DEFAULT_BLOCK_M, r)
-                   for b in self.sizes for r in [None, *self.paddings]}
-        size = max(layout.size for layout in layouts.values())
+        self.capacities = {b: tile_capacities(b) for b in self.sizes}
+        layouts = [GraphLayout(b, self.table_width, modules, DEFAULT_BLOCK_M, None) for b in self.sizes]
+        layouts += [GraphLayout(b, self.table_width, modules, DEFAULT_BLOCK_M, r, c)
+                    for b in self.sizes for r in self.paddings for c in self.capacities[b]]
+        size = max(layout.size for layout in layouts)
         # One device buffer for every variant (only one runs at a time), and its host twin; one
         # logits buffer too (a [batch, vocab] float32 output per variant would be ~0.8 GB for
-        # Llama 3's vocabulary over 44 variants).
+        # Llama 3's vocabulary over 74 variants).
         self.buffer = torch.zeros(size, dtype=torch.int32, device=device)
         self.logits = torch.zeros(self.sizes[-1], model.lm_head.out_features, dtype=torch.float32, device=device)
-        self.variants = {key: self._build(layout) for key, layout in layouts.items()}
+        self.variants = {layout.key: self._build(layout) for layout in layouts}
         pinned = device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
         self.host_words = self.host.numpy()  # shares memory: numpy slice writes are the fast fill
         self.host_floats = self.host_words.view(np.float32)
         self._copied = torch.cuda.Event() if pinned else None
-        self.replays: Counter[tuple[int, int | None]] = Counter()  # steps run, by (batch, block_r)
+        self.replays: Counter[tuple[int, int | None, int]] = Counter()  # steps run, by variant key
 
     # --- set-up ---
     def _build(self, layout: GraphLayout) -> GraphedStep:
-        buffer, batch = self.buffer, layout.batch
+        buffer, batch, capacity = self.buffer, layout.batch, layout.tile_capacity
         lora = None
         if layout.block_r is not None:
-            plans = {m: LoraTritonPlan(int_view(buffer, layout.tile_rows[m], batch, layout.block_m),
+            plans = {m: LoraTritonPlan(int_view(buffer, layout.tile_rows[m], capacity, layout.block_m),
                                        int_view(buffer, layout.tile_sizes[m]),
-                                       int_view(buffer, layout.tile_pages[m], batch, layout.block_r),
+                                       int_view(buffer, layout.tile_pages[m], capacity, layout.block_r),
                                        float_view(buffer, layout.tile_scales[m]),
                                        batch, layout.block_m, layout.block_r,
-                                       real_tiles=batch)  # capacity: tile_sizes says which hold tokens
+                                       real_tiles=capacity)  # capacity: tile_sizes says which hold tokens
                      for m in layout.modules}
             lora = PlannedLora(plans, self.pool)
         decode = DecodeBatch(rows=None, slots=None, mask=None, seq_indices=frozenset(range(batch)),
@@ -152,7 +193,7 @@ class DecodeGraphs:
         if self.mode != CAPTURE:
             return
         pool, side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
-        for key in sorted(self.variants, key=lambda k: (k[0], k[1] or 0), reverse=True):
+        for key in sorted(self.variants, key=lambda k: (k[0], k[1] or 0, k[2]), reverse=True):
             step = self.variants[key]
             self.prepare(step, PackedStep())  # every row padding: the warm-up touches no real KV slot
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -174,10 +215,17 @@ class DecodeGraphs:
             return None
         batch = next(size for size in self.sizes if size >= packed.num_seqs)
         if not packed.groups:
-            return self.variants[(batch, None)]
+            return self.variants[(batch, None, 0)]
         rank = packed.max_rank
         block_r = next((r for r in self.paddings if r >= rank), None)
-        return None if block_r is None else self.variants[(batch, block_r)]
+        if block_r is None:
+            return None
+        # The bound never exceeds the step's rows (each tile holds one), so the batch's own
+        # capacity always holds it; the fallback only hands a broken bound to tile_segments' check.
+        tiles = step_tiles(packed.groups, DEFAULT_BLOCK_M)
+        capacities = self.capacities[batch]
+        capacity = next((c for c in capacities if c >= tiles), capacities[-1])
+        return self.variants[(batch, block_r, capacity)]
 
     def run(self, step: GraphedStep, packed: PackedStep, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits [num_seqs, vocab] of the step's sequences: a view into the shared
@@ -189,7 +237,7 @@ class DecodeGraphs:
         self.prepare(step, packed)
         if input_ids is not None:  # queued after the upload, so it overwrites packed.tokens' stand-ins
             step.token_ids[:packed.num_seqs].copy_(input_ids)
-        self.replays[(step.layout.batch, step.layout.block_r)] += 1
+        self.replays[step.layout.key] += 1
         if step.graph is not None:
             step.graph.replay()
         else:

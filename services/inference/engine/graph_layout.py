@@ -28,27 +28,34 @@ class Region:
 
 class GraphLayout:
     """Regions for a decode batch of `batch` rows; with `block_r` set, also the LoRA tiles of
-    each module (capacity `batch` tiles each: every tile holds at least one token)."""
+    each module: `tile_capacity` tiles each (default `batch`, always enough: every tile holds
+    at least one token; a smaller capacity serves steps whose adapters make fewer tiles)."""
 
     def __init__(self, batch: int, table_width: int, modules: tuple[str, ...], block_m: int,
-                 block_r: int | None) -> None:
+                 block_r: int | None, tile_capacity: int | None = None) -> None:
+        if tile_capacity is not None and tile_capacity < 1:
+            raise ValueError(f"tile_capacity must be >= 1, got {tile_capacity}")
         self.batch, self.table_width, self.block_m, self.block_r = batch, table_width, block_m, block_r
         self.modules = modules if block_r is not None else ()
+        # A base-only layout has no tiles: capacity 0, so (batch, block_r, tile_capacity) names any variant.
+        self.tile_capacity = 0 if block_r is None else batch if tile_capacity is None else tile_capacity
+        capacity = self.tile_capacity
         self._next = 0
         self.token_ids = self._take(batch)
         self.positions = self._take(batch)
         self.slots = self._take(batch)
         self.context_lens = self._take(batch)
         self.block_tables = self._take(batch * table_width)
-        self.tile_rows = {m: self._take(batch * block_m) for m in self.modules}
-        self.tile_pages = {m: self._take(batch * (block_r or 0)) for m in self.modules}
-        self.tile_sizes = {m: self._take(batch) for m in self.modules}
-        self.tile_scales = {m: self._take(batch) for m in self.modules}  # float32 bits
+        self.tile_rows = {m: self._take(capacity * block_m) for m in self.modules}
+        self.tile_pages = {m: self._take(capacity * (block_r or 0)) for m in self.modules}
+        self.tile_sizes = {m: self._take(capacity) for m in self.modules}
+        self.tile_scales = {m: self._take(capacity) for m in self.modules}  # float32 bits
         self.size = self._next
 
     @property
-    def tile_capacity(self) -> int:
-        return self.batch
+    def key(self) -> tuple[int, int | None, int]:
+        """(batch, block_r, tile_capacity): the variant's name in DecodeGraphs.variants and .replays."""
+        return self.batch, self.block_r, self.tile_capacity
 
     def _take(self, length: int) -> Region:
         region = Region(self._next, length)

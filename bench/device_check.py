@@ -25,7 +25,8 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
                    Triton kernels and CUDA graphs: decode tokens/s at batch 1/16/64 with
                    1/16/64 adapters vs base-only and HF peft, TTFT, adapter load latency;
                    each configuration's GPU time per step (its last graphed step replayed)
-                   next to its wall time, and the kernels of three steps (--profile-steps).
+                   next to its wall time, and the kernels of three steps (--profile-steps);
+                   overlapped decode steps on, and each batch >= 16 once more with them off.
 summary.json lists each step's status and wall time. Exit status 0 when every step passed.
 """
 
@@ -60,7 +61,7 @@ STEPS = [
     # --json keeps what finished when the step is cut off (stdout is printed only at the end).
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
                 "--prompt-len", "512", "--gen-len", "128", "--budget-seconds", "{budget}",
-                "--profile-steps", "--json", "{out}/engine_partial.json"], 300),
+                "--profile-steps", "--compare-overlap", "--json", "{out}/engine_partial.json"], 300),
 ]
 
 

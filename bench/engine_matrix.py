@@ -46,6 +46,9 @@ def add_matrix_arguments(parser) -> None:
                        help="CUDA graphs: each configuration's GPU time per decode step (its last step replayed), "
                             "and the kernels of b1_base, b64_base and b64_a64 (bench/step_profile.py)")
     group.add_argument("--bandwidth-gbs", type=float, help="copy bandwidth for the floor (default: measured on CUDA)")
+    group.add_argument("--compare-overlap", action="store_true",
+                       help="with overlapped steps on, each configuration of batch >= 16 once more without them "
+                            "(the same node: its engine's overlap switched off for that run)")
 
 
 def resolve_defaults(parser, args):
@@ -147,6 +150,7 @@ class MatrixRun:
                     self.skip([name], "budget spent before it started")
                     continue
                 keys = [self.names[i % adapters] if adapters else "" for i in range(batch)]
+                overlapped_before = node.engine.overlapped_steps
                 try:  # wait_for cancels a run that overstays the budget (its requests are aborted)
                     run = await asyncio.wait_for(measure(node, self.prompts[:batch], keys, self.args),
                                                  self.budget_left())
@@ -156,7 +160,10 @@ class MatrixRun:
                 except Exception as error:  # noqa: BLE001 - one failed configuration must not lose the others
                     self.report["failed"].append({"name": name, "error": repr(error)})
                     continue
-                run = {"name": name, "batch": batch, "adapters": adapters, **run}
+                run = {"name": name, "batch": batch, "adapters": adapters, **run,
+                       "overlapped_steps": node.engine.overlapped_steps - overlapped_before}
+                if self.args.compare_overlap and node.engine.overlap and batch >= 16 and self.budget_left() > 0:
+                    run["without_overlap"] = await without_overlap(node, self.prompts[:batch], keys, self.args)
                 if tracker is not None:
                     profile_last_step(tracker, run, with_kernels=name in PROFILED_KERNELS)
                 self.report["ours_adapters" if adapters else "ours_base"].append(run)
@@ -166,7 +173,8 @@ class MatrixRun:
             node.close()
             runner = node.engine.runner  # graphed vs eager steps: did the decode steps replay graphs?
             self.report["engine_steps"] = {"graph": runner.steps["graph"], "eager": runner.steps["eager"],
-                                           "graph_mode": runner.graph_mode,
+                                           "graph_mode": runner.graph_mode, "overlap": node.engine.overlap,
+                                           "overlapped": node.engine.overlapped_steps,
                                            "prefill_lora": runner.prefill_lora.summary(),
                                            "prefill_lora_measured_us": runner.prefill_lora.report}
 
@@ -226,6 +234,16 @@ async def measure(node, prompts: list[list[int]], keys: list[str], args) -> dict
     await timed_batch(node, [p[:WARM_UP_PROMPT] for p in prompts], keys, min(args.gen_len, WARM_UP_TOKENS))
     runs = [await timed_batch(node, prompts, keys, args.gen_len) for _ in range(args.repeat)]
     return min(runs, key=lambda run: run["seconds"])
+
+
+async def without_overlap(node, prompts: list[list[int]], keys: list[str], args) -> dict:
+    """measure() with the engine's overlapped steps off (set between runs: no step is in flight)."""
+    node.engine.overlap = False
+    try:
+        run = await measure(node, prompts, keys, args)
+    finally:
+        node.engine.overlap = True
+    return {key: run[key] for key in ("decode_tokens_per_s", "tokens_per_s", "ttft_p50_s")}
 
 
 async def timed_batch(node, prompts: list[list[int]], keys: list[str], gen_len: int) -> dict:

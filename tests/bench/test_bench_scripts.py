@@ -133,6 +133,17 @@ def test_step_profiling_is_a_no_op_without_cuda_graphs(tmp_path):
     assert not any("step_profile" in run for run in report["ours_base"] + report["ours_adapters"])
 
 
+def test_the_matrix_compares_overlapped_steps_with_step_by_step_on_one_node(tmp_path):
+    _, report = run_matrix_smoke(tmp_path, "--overlap-steps", "on", "--compare-overlap", "--skip-hf",
+                                 "--matrix-batches", "1,16", "--matrix-adapters", "4")
+    runs = {run["name"]: run for run in report["ours_base"] + report["ours_adapters"]}
+    assert set(runs) == {"b1_base", "b16_base", "b16_a4"}  # 4 adapters do not fit a batch of 1
+    for name in ("b16_base", "b16_a4"):  # batches of 16 and more run both ways
+        assert runs[name]["overlapped_steps"] > 0 and runs[name]["without_overlap"]["decode_tokens_per_s"] > 0
+    assert "without_overlap" not in runs["b1_base"]
+    assert report["engine_steps"]["overlap"] is True  # switched back on after each run without
+
+
 def test_the_step_profiler_keeps_the_last_step_of_the_largest_batch():
     from types import SimpleNamespace
 

@@ -75,7 +75,7 @@ class Sampler:
                          grammars: list[JsonGrammar | None] | None = None) -> DeviceSample:
         """sample() without reading the result: the work is queued on the logits' device and
         its copy to the host started, so the caller can queue the next step before waiting
-        (penalties, grammars and top_logprobs still read the device on the way)."""
+        (penalties, logit_bias, grammars and top_logprobs still wait on the device on the way)."""
         # logits: [N, V], one row per sequence that completes its prefill this step
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(f"logits {tuple(logits.shape)} vs {len(params)} params, {len(generators)} generators")

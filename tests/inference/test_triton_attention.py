@@ -129,8 +129,25 @@ def test_partition_choice_splits_only_small_batches_with_long_contexts():
     assert choose_num_partitions(num_seqs=64, num_kv_heads=8, max_context=32768) == 1  # GPU already full
     assert choose_num_partitions(num_seqs=1, num_kv_heads=8, max_context=8192) == MAX_PARTITIONS
     assert choose_num_partitions(num_seqs=8, num_kv_heads=8, max_context=8192) == 4
-    assert choose_num_partitions(num_seqs=1, num_kv_heads=8, max_context=600) == 2  # >= 256 tokens each
+    assert choose_num_partitions(num_seqs=1, num_kv_heads=8, max_context=600) == 4  # >= 128 tokens each
     assert choose_num_partitions(num_seqs=1, num_kv_heads=1, max_context=200) == 1
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3])
+def test_contexts_far_shorter_than_the_table_split_by_their_own_length(triton_device, num_seqs):
+    """The chosen split for a table sized for 2048 tokens (a graph's width): each sequence's
+    partitions are sized from its own context (here 1 to 1100 tokens, so some partitions are
+    a couple of tiles, some empty, one context not a whole tile) and merge to the reference."""
+    generator = torch.Generator().manual_seed(40 + num_seqs)
+    lengths = [1100, 1, 200][:num_seqs]
+    k_cache, v_cache, tables, lens = paged_batch(lengths, BLOCK, 2, 64, generator,
+                                                 extra_table_entries=2048 // BLOCK - max(lengths) // BLOCK - 1)
+    assert tables.shape[1] * BLOCK == 2048
+    assert choose_num_partitions(num_seqs, 2, 2048) == 16  # split: programs are few
+    q = 2 * torch.randn(num_seqs, 8, 64, generator=generator)
+    got = decode(triton_device, q, k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(got.double(), reference_decode(q, k_cache, v_cache, tables, lens, 0.125),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_decode_matches_the_model_paged_attention(triton_device):

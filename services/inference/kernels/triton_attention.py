@@ -14,7 +14,11 @@ any block_size works), with an online softmax in fp32. When there are too few (s
 head) programs to fill the GPU, the context is split into partitions ("flash-decoding"):
 each partition writes a normalised partial output plus its log-sum-exp, and a second kernel
 merges them. The partition count comes from shapes only (the block table width bounds the
-context), so a call never syncs with the host and can be captured in a CUDA graph.
+context), so a call never syncs with the host and can be captured in a CUDA graph; each
+sequence's partitions are sized in the kernel from its own context length, so a short
+context is split as finely as a long one (sized from the table width instead, a 600-token
+context in a graph sized for 8192 tokens fell into 3 of 32 partitions and walked its tiles
+one after another).
 
 Without triton the module still imports and triton_available() is False. Kernels are
 jitted on first use, once per TRITON_INTERPRET setting, so tests can run them on CPU tensors
@@ -46,10 +50,12 @@ LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the native instruc
 
 # Split-K policy (host side, shapes only). On an H200 (132 SMs) ~256 resident programs keep
 # every SM busy; below that a decode step is latency bound and splitting the context helps.
-# A partition shorter than ~256 tokens costs more in its extra partial write and merge than
-# it saves, and the partial buffers grow with the partition count, hence the cap.
+# A partition is at least two 64-token tiles, so its loads still pipeline (num_stages=2); its
+# extra cost is one fp32 partial row per query head (2 KiB per KV group at head_dim 128) and
+# a merge over <= 32 of them. The H200 measured batch 1 at 13 µs a layer with 256-token
+# partitions for 0.5 µs of KV bytes (bench/gpu_notes.md, v3): latency of tiles walked in turn.
 TARGET_PROGRAMS = 256
-MIN_PARTITION_TOKENS = 256
+MIN_PARTITION_TOKENS = 128
 MAX_PARTITIONS = 32
 
 
@@ -91,7 +97,7 @@ def _paged_decode_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_table,
     stride_os, stride_oh, stride_od,
-    partition_tokens,  # context tokens per partition (>= any context when unsplit)
+    min_partition_tokens,  # whole tiles: a partition is at least this long
     num_partitions,  # runtime, so batch-shape changes do not recompile
     BLOCK_SIZE: tl.constexpr,  # tokens per KV-cache block
     GROUP: tl.constexpr,  # query heads per KV head
@@ -106,6 +112,9 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    # This sequence's share of its own context, in whole tiles (unsplit: all of it).
+    partition_tokens = tl.maximum(tl.cdiv(tl.cdiv(context_len, num_partitions), TILE_N) * TILE_N,
+                                  min_partition_tokens)
     start = part * partition_tokens
     end = tl.minimum(context_len, start + partition_tokens)
 
@@ -254,12 +263,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
+    explicit = num_partitions is not None
     if num_partitions is None:
         num_partitions = choose_num_partitions(num_seqs, num_kv_heads, max_context)
     tile = _tile_tokens(head_dim)
-    # Partitions are whole tiles so a tile never straddles two of them.
-    partition_tokens = max(tile, math.ceil(max_context / num_partitions / tile) * tile)
-    num_partitions = max(1, math.ceil(max_context / partition_tokens))
+    # Partitions are whole tiles so a tile never straddles two of them; an explicit count is
+    # honoured down to one tile each (tests split short contexts on purpose).
+    min_partition_tokens = tile if explicit else max(tile, MIN_PARTITION_TOKENS // tile * tile)
+    num_partitions = max(1, min(num_partitions, math.ceil(max_context / tile)))
     block_d = triton.next_power_of_2(head_dim)
     if num_partitions > 1:
         partial_out = torch.empty(num_seqs, num_heads, num_partitions, head_dim, dtype=torch.float32,
@@ -273,7 +284,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out, partial_out, partial_lse,
         scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
-        partition_tokens, num_partitions,
+        min_partition_tokens, num_partitions,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, TILE_N=tile, SPLIT=num_partitions > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -141,3 +141,24 @@ def test_requests_with_penalties_are_never_run_ahead(tiny_model_dir, adapters):
     stepwise, overlapped, engine = both_ways(tiny_model_dir, adapters, requests, **ROOMY)
     assert same(overlapped, stepwise)
     assert engine.overlapped_steps == 0
+
+
+def test_prompt_blocks_published_while_running_ahead_serve_later_requests(tiny_model_dir, adapters):
+    """Prefix caching names a full block by its tokens: blocks published by overlapped steps
+    must hold real tokens' KV (never a reserved token's), or the second wave, reading them from
+    the cache, would part from the step-by-step engine's tokens."""
+    greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=True)
+    wave = [(prompt, greedy, key) for prompt, key in zip(random_prompts(3, seed=27, lengths=(9, 17)),
+                                                         ("fin", None, "legal"))]
+
+    def two_waves(overlap: bool):
+        engine = make_engine(tiny_model_dir, adapters, prefix_caching=True, overlap=overlap, **ROOMY)
+        first = run(engine, wave)
+        # the second wave's prompts are the first's whole answers: blocks written by decodes
+        second = [(prompt + tokens_of(outputs), sampling, key) for (prompt, sampling, key), outputs in zip(wave, first)]
+        return engine, first + run(engine, second)
+
+    _, stepwise = two_waves(overlap=False)
+    engine, overlapped = two_waves(overlap=True)
+    assert same(overlapped, stepwise)
+    assert engine.overlapped_steps > 0 and all(outputs[-1].cached_prompt_tokens >= 16 for outputs in overlapped[3:])

@@ -13,6 +13,7 @@ Triton paged prefill kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -205,6 +206,9 @@ class AttentionCase:
     block_size: int
     device: torch.device
     dtype: torch.dtype
+    # The block table's width in tokens (default: the context): a CUDA graph's tables are
+    # sized for the node's longest context, and the kernel's split is chosen from that width.
+    table_tokens: int = 0
 
     def __post_init__(self) -> None:
         generator = torch.Generator().manual_seed(self.batch * 7 + self.context)
@@ -217,14 +221,17 @@ class AttentionCase:
         # Lengths vary around `context`; blocks are a random permutation (a long-running cache).
         self.lengths = [max(1, self.context - (i * 37) % max(1, self.context // 4)) for i in range(self.batch)]
         blocks = torch.randperm(num_blocks, generator=generator)[: self.batch * per_seq].view(self.batch, per_seq)
-        self.block_tables = blocks.to(self.device, torch.int32)
+        width = max(per_seq, -(-self.table_tokens // self.block_size))
+        blocks = torch.cat([blocks, torch.zeros(self.batch, width - per_seq, dtype=blocks.dtype)], dim=1)
+        self.block_tables = blocks.to(self.device, torch.int32)  # entries past a context are never read
         self.context_lens = torch.tensor(self.lengths, dtype=torch.int32, device=self.device)
         self.scale = self.head_dim ** -0.5
         self.out = torch.empty_like(self.q)
 
     def describe(self) -> dict:
         return {"batch": self.batch, "context": self.context, "heads": self.heads, "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim, "block_size": self.block_size}
+                "head_dim": self.head_dim, "block_size": self.block_size,
+                "table_tokens": self.block_tables.shape[1] * self.block_size}
 
     @property
     def bytes_moved(self) -> int:
@@ -243,7 +250,11 @@ class AttentionCase:
         return out
 
     def variants(self) -> dict[str, Callable[[], Variant]]:
-        return {"torch_padded_gather": self._torch_variant, "triton": self._triton_variant}
+        variants = {"torch_padded_gather": self._torch_variant, "triton": self._triton_variant}
+        if self.batch * self.kv_heads < 256:  # split-K territory: the partition counts the choice weighs
+            for count in (1, 2, 4, 8, 16, 32):
+                variants[f"triton_partitions{count}"] = functools.partial(self._triton_variant, count)
+        return variants
 
     def _torch_variant(self) -> Variant:
         """The model's own PyTorch decode path (model/attention.py: padded gather, one SDPA)."""
@@ -257,12 +268,12 @@ class AttentionCase:
         return Variant(lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale),
                        lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale))
 
-    def _triton_variant(self) -> Variant:
+    def _triton_variant(self, num_partitions: int | None = None) -> Variant:
         from services.inference.kernels.triton_attention import paged_decode_attention
 
         def attend() -> torch.Tensor:
             return paged_decode_attention(self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens,
-                                          self.scale, out=self.out)
+                                          self.scale, out=self.out, num_partitions=num_partitions)
 
         return Variant(lambda: attend().clone(), attend)
 
@@ -271,7 +282,9 @@ def attention_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> li
     if smoke:
         return [AttentionCase("decode smoke", 3, 40, 4, 2, 16, 16, device, dtype)]
     return [AttentionCase(f"decode batch {batch} context 512", batch, 512, 32, 8, 128, 16, device, dtype)
-            for batch in (1, 16, 64)]
+            for batch in (1, 16, 64)] + \
+        [AttentionCase(f"decode batch {batch} context 512, 8192-token table", batch, 512, 32, 8, 128, 16, device, dtype,
+                       table_tokens=8192) for batch in (1, 16)]
 
 
 @dataclasses.dataclass

@@ -10,7 +10,8 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
                    recompiles across steps; the paged prefill kernel for chunks after cached
                    context too), the CUTLASS grouped GEMM in bf16, the prefill LoRA choice,
                    and the CUDA-graph decode step: captured graphs replay what the static
-                   body computes;
+                   body computes; overlapped graphed decode steps sync the stream nowhere
+                   but at their event waits (CUDA's sync debug mode);
                    (none of the steps imports our gRPC stack: no wheels need carrying)
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
@@ -51,6 +52,7 @@ STEPS = [
                       "tests/inference/test_triton_attention.py", "tests/inference/test_triton_prefill_attention.py",
                       "tests/inference/test_decode_graphs.py", "tests/inference/test_triton_fused.py",
                       "tests/inference/test_triton_lora_slices.py", "tests/inference/test_graph_tile_buckets.py",
+                      "tests/inference/test_overlapped_steps.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
                       "-k", "not compile_for_hopper and not share_the_compiled"], 170),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),

@@ -61,15 +61,17 @@ class PoolGate:
 
 
 def make_engine(base: Path, adapters: dict[str, Path], num_blocks: int, budget: int, max_context: int,
-                prefix_caching: bool = False, overlap: bool = False) -> LLMEngine:
-    model, args = load_model(base)
-    pool = AdapterPool(args, num_pages=160)
+                prefix_caching: bool = False, overlap: bool = False, **runner_options) -> LLMEngine:
+    """runner_options: ModelRunner's device, kernels, graphs... (default: float32 PyTorch on CPU)."""
+    device = runner_options.get("device", "cpu")
+    model, args = load_model(base, device=device)
+    pool = AdapterPool(args, num_pages=160, device=device)
     for key in KEYS[1:]:
         pool.load(key, load_adapter_folder(adapters[key], args))
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
                           BlockManager(num_blocks, BLOCK_SIZE, prefix_caching), PoolGate(pool), set(args.eos_token_ids),
                           max_context)
-    runner = ModelRunner(model, pool, num_blocks, BLOCK_SIZE)
+    runner = ModelRunner(model, pool, num_blocks, BLOCK_SIZE, **runner_options)
     return LLMEngine(runner, scheduler, AutoTokenizer.from_pretrained(base), BLOCK_SIZE, overlap=overlap)
 
 

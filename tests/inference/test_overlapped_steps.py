@@ -8,7 +8,14 @@ eagerly on CPU here; the graphed step (CUDA graphs, or their static twin) is in 
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from pathlib import Path
 
+import pytest
+import torch
+
+from services.inference.engine import decode_graphs, sampler
+from services.inference.engine.decode_graphs import CAPTURE
 from services.inference.engine.sampling_params import SamplingParams
 from tests.inference.test_engine_pressure import KEYS, make_engine, random_prompts, run, sampled_of, tokens_of
 from tests.inference.test_engine_pressure import adapters  # noqa: F401 - the fixture
@@ -162,3 +169,37 @@ def test_prompt_blocks_published_while_running_ahead_serve_later_requests(tiny_m
     engine, overlapped = two_waves(overlap=True)
     assert same(overlapped, stepwise)
     assert engine.overlapped_steps > 0 and all(outputs[-1].cached_prompt_tokens >= 16 for outputs in overlapped[3:])
+
+
+def _event_waits() -> set[tuple[str, int]]:
+    """The two places a step may wait: for its tokens' copy (sampler.py) and for the last
+    upload to leave the graphs' pinned buffer (decode_graphs.py); both wait on an event."""
+    return {(module.__file__, number) for module in (sampler, decode_graphs)
+            for number, line in enumerate(Path(module.__file__).read_text().splitlines(), 1)
+            if "_copied.synchronize()" in line}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+def test_overlapped_graphed_decode_steps_wait_for_nothing_but_their_tokens(tiny_model_dir, adapters):
+    """Issue #8's "no host sync in the decode step": with CUDA's sync debug mode on, the decode
+    steps (captured graphs, LoRA of every adapter, overlapped) must not synchronize the stream
+    anywhere but at the event waits; one stray sync would serialize host and GPU again."""
+    engine = make_engine(tiny_model_dir, adapters, overlap=True, device="cuda", kernels="triton", graphs=CAPTURE,
+                         max_graph_batch=16, **ROOMY)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
+    for i, prompt in enumerate(random_prompts(len(KEYS), seed=28, lengths=(4, 12))):
+        engine.add(prompt, greedy, KEYS[i])
+    engine.step()  # the prefills run eagerly and may wait: not a decode step
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            while engine.has_work:
+                engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert engine.runner.steps["graph"] >= 10 and engine.overlapped_steps >= 9
+    allowed = _event_waits()
+    stray = [f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in caught
+             if "synchroniz" in str(w.message) and (w.filename, w.lineno) not in allowed]
+    assert not stray, "\n".join(stray)

@@ -206,17 +206,24 @@ def test_a_padded_graph_step_gives_the_logits_of_the_eager_forward(graphs):
     torch.testing.assert_close(graphed, eager_logits(graphs, packed), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-def test_captured_graphs_replay_what_the_static_body_computes(tiny_model_dir):
+def random_cuda_model_and_pool(tiny_model_dir, num_blocks: int = NUM_BLOCKS):
+    """bf16 random weights, KV cache (num_blocks + the scratch block) and adapter pages on the
+    GPU: what a captured graph replays."""
     model, args = random_model(tiny_model_dir, dtype=torch.bfloat16, device="cuda")
     pool = AdapterPool(args, 64, dtype=torch.bfloat16, device="cuda")
     for layer in model.attention_layers():
-        layer.k_cache = torch.randn(NUM_BLOCKS + 1, BLOCK, args.num_kv_heads, args.head_dim, device="cuda",
+        layer.k_cache = torch.randn(num_blocks + 1, BLOCK, args.num_kv_heads, args.head_dim, device="cuda",
                                     dtype=torch.bfloat16)
         layer.v_cache = torch.randn_like(layer.k_cache)
     for pages in (pool.a, pool.b):
         for tensor in pages.values():
             tensor.normal_(std=0.1)
+    return model, pool
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_captured_graphs_replay_what_the_static_body_computes(tiny_model_dir):
+    model, pool = random_cuda_model_and_pool(tiny_model_dir)
     kwargs = dict(max_batch=8, max_rank=32, max_context=MAX_CONTEXT, block_size=BLOCK, scratch_slot=SCRATCH,
                   device=torch.device("cuda"))
     captured = DecodeGraphs(model, pool, mode=CAPTURE, **kwargs)

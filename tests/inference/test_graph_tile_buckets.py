@@ -14,7 +14,8 @@ from services.inference.engine.decode_graphs import CAPTURE, STATIC, DecodeGraph
 from services.inference.engine.graph_layout import ALIGN, GraphLayout
 from services.inference.kernels.triton_lora import DEFAULT_BLOCK_M
 from services.inference.model.loader import random_model
-from tests.inference.test_decode_graphs import BLOCK, MAX_CONTEXT, adapter, decode_step, eager_logits, randomize
+from tests.inference.test_decode_graphs import (BLOCK, MAX_CONTEXT, adapter, decode_step, eager_logits,
+                                                random_cuda_model_and_pool, randomize)
 
 MAX_BATCH = 20  # graph sizes 1, 2, 4, 8, 16, 20: batch 20 has capacities 16 and 20
 NUM_BLOCKS = 2 * MAX_BATCH  # decode_step gives sequence i blocks 2i and 2i + 1
@@ -117,15 +118,7 @@ def test_a_step_through_a_capacity_below_its_batch_gives_the_eager_logits(bucket
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_captured_small_capacity_graphs_replay_what_the_static_body_computes(tiny_model_dir):
-    model, args = random_model(tiny_model_dir, dtype=torch.bfloat16, device="cuda")
-    pool = AdapterPool(args, 64, dtype=torch.bfloat16, device="cuda")
-    for layer in model.attention_layers():
-        layer.k_cache = torch.randn(NUM_BLOCKS + 1, BLOCK, args.num_kv_heads, args.head_dim, device="cuda",
-                                    dtype=torch.bfloat16)
-        layer.v_cache = torch.randn_like(layer.k_cache)
-    for pages in (pool.a, pool.b):
-        for tensor in pages.values():
-            tensor.normal_(std=0.1)
+    model, pool = random_cuda_model_and_pool(tiny_model_dir, NUM_BLOCKS)
     kwargs = dict(max_batch=MAX_BATCH, max_rank=16, max_context=MAX_CONTEXT, block_size=BLOCK, scratch_slot=SCRATCH,
                   device=torch.device("cuda"))
     captured = DecodeGraphs(model, pool, mode=CAPTURE, **kwargs)

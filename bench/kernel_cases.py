@@ -283,8 +283,8 @@ def attention_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> li
         return [AttentionCase("decode smoke", 3, 40, 4, 2, 16, 16, device, dtype)]
     return [AttentionCase(f"decode batch {batch} context 512", batch, 512, 32, 8, 128, 16, device, dtype)
             for batch in (1, 16, 64)] + \
-        [AttentionCase(f"decode batch {batch} context 512, 8192-token table", batch, 512, 32, 8, 128, 16, device, dtype,
-                       table_tokens=8192) for batch in (1, 16)]
+        [AttentionCase(f"decode batch {batch} context 512, 8192-token table", batch, 512, 32, 8, 128, 16, device,
+                       dtype, table_tokens=8192) for batch in (1, 16)]
 
 
 @dataclasses.dataclass

@@ -140,9 +140,10 @@ class Node:
         # by the time it returns, and a look-ahead would only compute dropped rows.
         overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and graphs == CAPTURE)
         engine = LLMEngine(runner, scheduler, tokenizer, config.block_size, overlap=overlap)
-        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, overlapped steps %s, prefill LoRA %s) with %d KV blocks (prefix caching "
-                 "%s), %d adapter pages, tool calls %s", folder, args.model_type, dtype, kernels, graphs,
-                 "on" if overlap else "off", runner.prefill_lora.summary(), num_kv_blocks, "on" if config.prefix_caching else "off",
+        log.info("loaded %s (%s, %s, %s kernels, CUDA graphs %s, overlapped steps %s, prefill LoRA %s) with %d KV "
+                 "blocks (prefix caching %s), %d adapter pages, tool calls %s", folder, args.model_type, dtype, kernels,
+                 graphs, "on" if overlap else "off", runner.prefill_lora.summary(), num_kv_blocks,
+                 "on" if config.prefix_caching else "off",
                  config.adapter_pool_pages, resolve_tool_format(config.tool_call_format, tokenizer) or "none")
         if runner.prefill_lora.report:
             log.info("prefill LoRA kernels measured (median µs, or why dropped): %s", runner.prefill_lora.report)

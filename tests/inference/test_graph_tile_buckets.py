@@ -92,7 +92,8 @@ def test_a_step_takes_the_smallest_capacity_that_holds_its_tiles(bucketed):
     assert bucketed.choose(one_big).layout.key == (20, 16, 16)  # 17 rows of one adapter: 2 tiles
     many = decode_step(17, [adapter(i, i + 1, [i], 1.0, ALL) for i in range(17)])
     assert bucketed.choose(many).layout.key == (20, 16, 20)  # 17 tiles: only the batch's capacity holds them
-    exactly = decode_step(17, [adapter(i, i + 1, [i], 1.0, ALL) for i in range(15)] + [adapter(15, 17, [15], 1.0, ALL)])
+    exactly = decode_step(17, [adapter(i, i + 1, [i], 1.0, ALL) for i in range(15)]
+                          + [adapter(15, 17, [15], 1.0, ALL)])
     assert bucketed.choose(exactly).layout.key == (20, 16, 16)  # 16 tiles fill the small capacity
     assert bucketed.choose(decode_step(17)).layout.key == (20, None, 0)  # no adapter: base-only
     assert bucketed.choose(decode_step(3, [adapter(0, 3, [1], 1.0, ALL)])).layout.key == (4, 16, 4)

@@ -162,7 +162,8 @@ def test_prompt_blocks_published_while_running_ahead_serve_later_requests(tiny_m
         engine = make_engine(tiny_model_dir, adapters, prefix_caching=True, overlap=overlap, **ROOMY)
         first = run(engine, wave)
         # the second wave's prompts are the first's whole answers: blocks written by decodes
-        second = [(prompt + tokens_of(outputs), sampling, key) for (prompt, sampling, key), outputs in zip(wave, first)]
+        second = [(prompt + tokens_of(outputs), sampling, key)
+                  for (prompt, sampling, key), outputs in zip(wave, first)]
         return engine, first + run(engine, second)
 
     _, stepwise = two_waves(overlap=False)

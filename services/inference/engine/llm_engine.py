@@ -122,7 +122,7 @@ class LLMEngine:
                 self.overlapped_steps += 1
         return self._finish(current)
 
-    def _launch(self, batch: ScheduledBatch, input_ids: Any = None) -> _Launched:
+    def _launch(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> _Launched:
         """Queues the step's forward and sampling; reads nothing back."""
         seqs, logits = self.runner.run(batch, input_ids)
         if not seqs:
@@ -135,16 +135,15 @@ class LLMEngine:
     def _finish(self, step: _Launched) -> list[RequestOutput]:
         """Reads the step's tokens and turns them into outputs. A sequence that ended after the
         step was queued (aborted, or stopped by the step before) gets nothing from it."""
-        live = [(seq, self._requests[seq.seq_id]) for seq in step.seqs
-                if not seq.is_finished and seq.seq_id in self._requests]
         tokens = step.sample.to_host() if step.sample is not None else []
-        by_seq = dict(zip((id(seq) for seq in step.seqs), tokens))
-        sampled = {seq.seq_id: by_seq[id(seq)].token_id for seq, _ in live}
+        live = [(self._requests[seq.seq_id], token) for seq, token in zip(step.seqs, tokens)
+                if not seq.is_finished and seq.seq_id in self._requests]
+        sampled = {request.seq.seq_id: token.token_id for request, token in live}
         if step.advanced:
             self.scheduler.accept(step.batch, sampled)
         else:
             self.scheduler.postprocess(step.batch, sampled)
-        return [self._output(request, by_seq[id(seq)]) for seq, request in live]
+        return [self._output(request, token) for request, token in live]
 
     def _output(self, request: _Request, token: SampledToken) -> RequestOutput:
         seq = request.seq

@@ -67,7 +67,8 @@ class ModelRunner:
         """decode_graphs.CAPTURE, STATIC or OFF."""
         return self.graphs.mode if self.graphs is not None else OFF
 
-    def run(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> tuple[list[Sequence], torch.Tensor]:
+    def run(self, batch: ScheduledBatch,
+            input_ids: torch.Tensor | None = None) -> tuple[list[Sequence], torch.Tensor]:
         """Runs one step; returns the sequences that get a token and their logits [N, V].
         input_ids: the step's token ids on the device, in place of the sequences' own (an
         overlapped decode step's, one per sequence of `batch` in its order: engine/overlap.py)."""

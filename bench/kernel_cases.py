@@ -86,6 +86,9 @@ class LoraCase:
             variants["reference_gathered"] = self._gathered_variant
         variants["grouped_mm"] = lambda: self._variant(self._grouped)
         variants["triton"] = self._triton_variant
+        if self.tokens <= 256:  # v5's expand knobs at decode (see FusedLoraCase)
+            variants["triton_serial_splits"] = lambda: self._triton_variant(splits_per_load=1)
+            variants["triton_blocks4"] = lambda: self._triton_variant(blocks_per_program=4)
         if self.tokens > 256:  # the wider tiles --prefill-lora may choose for long segments
             for block_m in (32, 64):
                 variants[f"triton_tiles{block_m}"] = lambda block_m=block_m: self._triton_variant(block_m)
@@ -106,11 +109,11 @@ class LoraCase:
 
         lora_grouped(y, self.x, self.a_pages, self.b_pages, self.segments)
 
-    def _triton_variant(self, block_m: int = 16) -> Variant:
+    def _triton_variant(self, block_m: int = 16, **knobs: int) -> Variant:
         from services.inference.kernels.triton_lora import build_lora_plan, lora_shrink_expand
 
         plan = build_lora_plan(self.segments, self.tokens, self.device, block_m)  # once per step, for all layers
-        return self._variant(lambda y: lora_shrink_expand(y, self.x, self.a_pages, self.b_pages, plan))
+        return self._variant(lambda y: lora_shrink_expand(y, self.x, self.a_pages, self.b_pages, plan, **knobs))
 
     def base_gemm(self) -> Callable[[], object]:
         out = torch.empty_like(self.y)
@@ -172,6 +175,11 @@ class FusedLoraCase(LoraCase):
                 variants[f"triton_slices_graph_plan_split{split_k}"] = sliced(graph_slices, split_k=split_k)
             for block_n in (64, 256):
                 variants[f"triton_slices_graph_plan_n{block_n}"] = sliced(graph_slices, block_n=block_n)
+            # v5's expand knobs (bench/gpu_notes.md): the split sums one load at a time, as v3's loop
+            # did, and programs that own 2 or 4 out blocks.
+            variants["triton_slices_graph_plan_serial_splits"] = sliced(graph_slices, splits_per_load=1)
+            for blocks in (2, 4):
+                variants[f"triton_slices_graph_plan_blocks{blocks}"] = sliced(graph_slices, blocks_per_program=blocks)
         return variants
 
 

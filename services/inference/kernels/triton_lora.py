@@ -29,8 +29,8 @@ import torch
 from services.inference.kernels.backend import triton_available
 from services.inference.kernels.reference import Segment
 
-__all__ = ["HostTiles", "LoraSlice", "LoraTritonPlan", "build_lora_plan", "choose_split_k", "lora_shrink_expand",
-           "lora_shrink_expand_slices", "max_tiles_for", "plan_from_token_pages", "tile_segments", "triton_available"]
+__all__ = ["HostTiles", "LoraSlice", "LoraTritonPlan", "build_lora_plan", "choose_split_k", "default_splits_per_load",
+           "lora_shrink_expand", "lora_shrink_expand_slices", "max_tiles_for", "plan_from_token_pages", "tile_segments", "triton_available"]
 
 # 16 is the smallest M tl.dot takes on the tensor cores, and decode tiles rarely hold more
 # than a few rows of one adapter; prefill-heavy steps may do better with 32 or 64 (fewer
@@ -42,6 +42,10 @@ MIN_DOT_DIM = 16
 # registers, no spills, the shrink's loads pipelined with cp.async in 40 KB of shared memory.
 DEFAULT_BLOCK_K = 128
 DEFAULT_BLOCK_N = 128
+# The expand sums a tile's split-K partials [BLOCK_M, BLOCK_R] fp32 this many at a time, in one
+# load: 4096 floats over a 4-warp program's 128 threads is 32 registers each. Rank-16 decode
+# tiles take up to 16 splits at once, choose_split_k's cap, so the usual sum is one round trip.
+SPLIT_LOAD_ELEMENTS = 4096
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,15 @@ def choose_split_k(num_tiles: int, in_features: int, block_k: int, device: torch
     return _k_slices(in_features, split, block_k)[1]
 
 
+def default_splits_per_load(block_m: int, block_r: int) -> int:
+    """How many split-K partials the expand loads at once (a power of two, from shapes only so
+    that steps of any split share one compiled kernel)."""
+    return max(1, SPLIT_LOAD_ELEMENTS // (block_m * block_r))
+
+
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, b_pages: torch.Tensor,
                        plan: LoraTritonPlan, *, block_k: int = DEFAULT_BLOCK_K, block_n: int = DEFAULT_BLOCK_N,
-                       split_k: int | None = None) -> torch.Tensor:
+                       split_k: int | None = None, **expand_knobs: int) -> torch.Tensor:
     """Semantics: y[t] += scale_a * (x[t] @ a_pages[p_a].T) @ b_pages[p_a]   for every token t of
     adapter a in the plan; other rows of y are untouched (bitwise).
 
@@ -239,12 +249,13 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, 
     dot (fp32 accumulate). No host sync: launch choices come from shapes only, so a fixed
     plan shape can be captured in a CUDA graph. block_k (shrink K step), block_n (expand
     out-block width) and split_k (K slices of the shrink; default choose_split_k) are
-    tuning knobs: powers of two >= 16, any split_k >= 1.
+    tuning knobs: powers of two >= 16, any split_k >= 1; so are expand_knobs (see
+    lora_shrink_expand_slices).
     """
     if b_pages.shape[1] != y.shape[1]:
         raise ValueError(f"y {tuple(y.shape)} and b_pages {tuple(b_pages.shape)} disagree on out features")
     return lora_shrink_expand_slices(y, x, [LoraSlice(a_pages, b_pages, plan, 0)], block_k=block_k,
-                                     block_n=block_n, split_k=split_k)
+                                     block_n=block_n, split_k=split_k, **expand_knobs)
 
 
 @dataclass(frozen=True)
@@ -259,7 +270,8 @@ class LoraSlice:
 
 def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence[LoraSlice], *,
                               block_k: int = DEFAULT_BLOCK_K, block_n: int = DEFAULT_BLOCK_N,
-                              split_k: int | None = None) -> torch.Tensor:
+                              split_k: int | None = None, splits_per_load: int | None = None,
+                              blocks_per_program: int = 1) -> torch.Tensor:
     """Semantics: for each slice s, lora_shrink_expand(y[:, s.column:s.column + out_s], x, s.a_pages,
     s.b_pages, s.plan) — up to MAX_SLICES projections that read the same x (q|k|v, gate|up, whose
     outputs are column ranges of one GEMM's y) in one shrink and one expand launch.
@@ -267,6 +279,9 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
     Slices come in column order and must not overlap; their plans must share num_tokens, capacity, block_m
     and block_r (one plan object for all, or a CUDA graph's per-projection plans); their A pages
     share strides, as the pool's per-projection buffers of one input width do.
+    Expand knobs (powers of two): splits_per_load, the split-K partials summed per load
+    (default: default_splits_per_load(block_m, block_r); 1 sums them one load at a time), and
+    blocks_per_program, the adjacent out blocks each expand program owns.
     """
     from services.inference.kernels import triton_lora_kernels as kernels
 
@@ -295,6 +310,11 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
     for name, value in (("block_k", block_k), ("block_n", block_n)):
         if not _is_power_of_two(value) or value < MIN_DOT_DIM:
             raise ValueError(f"{name} must be a power of two >= {MIN_DOT_DIM}, got {value}")
+    if splits_per_load is None:
+        splits_per_load = default_splits_per_load(plan.block_m, plan.block_r)
+    for name, value in (("splits_per_load", splits_per_load), ("blocks_per_program", blocks_per_program)):
+        if not _is_power_of_two(value):
+            raise ValueError(f"{name} must be a power of two, got {value}")
     outs = [piece.b_pages.shape[1] for piece in slices]
     if plan.num_tiles == 0 or num_tokens == 0 or sum(outs) == 0:
         return y
@@ -322,12 +342,13 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
     # The kernel puts slice 0 at column 0: y from the first slice's column on, the others after it.
     columns = [piece.column - first.column for piece in padded]
     y_from_first = y[:, first.column:]
-    kernels.lora_expand_kernel[(plan.num_tiles, sum(_cdiv(out, block_n) for out in outs))](
+    groups = sum(_cdiv(_cdiv(out, block_n), blocks_per_program) for out in outs)
+    kernels.lora_expand_kernel[(plan.num_tiles, groups)](
         y_from_first, partial, *(piece.b_pages for piece in padded), *each("tile_rows"), *each("tile_sizes"),
         *each("tile_pages"), *each("tile_scales"),
         plan.num_tiles, split_k, *outs, columns[1], columns[2],
         y.stride(0), y.stride(1), *(piece.b_pages.stride(0) for piece in padded), first.b_pages.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n,
-        DOT_PRECISION=precision, num_warps=4,
+        BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n, SPLITS_PER_LOAD=splits_per_load,
+        BLOCKS_PER_PROGRAM=blocks_per_program, DOT_PRECISION=precision, num_warps=4,
     )
     return y

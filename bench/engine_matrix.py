@@ -63,11 +63,13 @@ def resolve_defaults(parser, args):
 
 
 def plan_configurations(args) -> list[tuple[int, int]]:
-    """(batch, adapters) in run order; adapters 0 is base only, run first at each batch."""
+    """(batch, adapters) in run order: the largest batch first, whose figures issue #8's targets
+    are set on, so a budget that runs out costs the small batches; adapters 0 is base only, run
+    first at each batch (the ratios divide by it)."""
     plan = {(batch, count) for batch in args.matrix_batches for count in [0, *args.matrix_adapters] if count <= batch}
     if not args.skip_hf:  # ours at the HF run's batch and adapters, to compare with it
         plan |= {(args.hf_batch, 0), (args.hf_batch, args.hf_adapters)}
-    return sorted(plan)
+    return sorted(plan, key=lambda configuration: (-configuration[0], configuration[1]))
 
 
 PROFILED_KERNELS = {"b1_base", "b64_base", "b64_a64"}

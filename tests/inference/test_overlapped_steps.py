@@ -183,13 +183,18 @@ def _event_waits() -> set[tuple[str, int]]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
 def test_overlapped_graphed_decode_steps_wait_for_nothing_but_their_tokens(tiny_model_dir, adapters):
     """Issue #8's "no host sync in the decode step": with CUDA's sync debug mode on, the decode
-    steps (captured graphs, LoRA of every adapter, overlapped) must not synchronize the stream
-    anywhere but at the event waits; one stray sync would serialize host and GPU again."""
+    steps (captured graphs, LoRA of every adapter, overlapped; logprobs, a logit bias and
+    seeded draws) must not synchronize the stream anywhere but at the event waits; one stray
+    sync would serialize host and GPU again."""
     engine = make_engine(tiny_model_dir, adapters, overlap=True, device="cuda", kernels="triton", graphs=CAPTURE,
                          max_graph_batch=16, **ROOMY)
-    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
+    # Greedy rows with logprobs, a logit bias, seeded top-k/top-p draws: each puts small lists on
+    # the device every step, which must not wait for the step queued before them.
+    kinds = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True),
+             SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias=((5, 2.0), (7, -3.0))),
+             SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=3, ignore_eos=True)]
     for i, prompt in enumerate(random_prompts(len(KEYS), seed=28, lengths=(4, 12))):
-        engine.add(prompt, greedy, KEYS[i])
+        engine.add(prompt, kinds[i % len(kinds)], KEYS[i])
     engine.step()  # the prefills run eagerly and may wait: not a decode step
     torch.cuda.set_sync_debug_mode("warn")
     try:

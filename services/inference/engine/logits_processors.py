@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from services.inference.engine.host_lists import to_device_async
 from services.inference.engine.sampling_params import SamplingParams
 
 
@@ -36,7 +37,7 @@ class RunningTokenCounts:
     def update(self, token_ids: list[int]) -> torch.Tensor:
         new = token_ids[self.num_counted:]
         if new:
-            ids = torch.tensor(new, device=self.counts.device)
+            ids = to_device_async(new, torch.int64, self.counts.device)
             self.counts.index_put_((ids,), torch.ones(len(new), device=ids.device), accumulate=True)
             self.num_counted += len(new)
         return self.counts
@@ -86,21 +87,21 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     repeated = [i for i in rows if params[i].repetition_penalty != 1.0]
     if repeated:
-        index = torch.tensor(repeated, device=device)
+        index = to_device_async(repeated, torch.int64, device)
         seen = torch.stack([penalty_counts(histories[i], vocab, device).every_count(histories[i])
                             for i in repeated]) > 0  # [R, V]
-        penalty = torch.tensor([params[i].repetition_penalty for i in repeated], device=device)[:, None]  # [R, 1]
+        penalty = to_device_async([params[i].repetition_penalty for i in repeated], torch.float32, device)[:, None]
         chosen = processed[index]
         penalized = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
         processed[index] = torch.where(seen, penalized, chosen)
 
     counted = [i for i in rows if params[i].frequency_penalty != 0.0 or params[i].presence_penalty != 0.0]
     if counted:
-        index = torch.tensor(counted, device=device)
+        index = to_device_async(counted, torch.int64, device)
         counts = torch.stack([penalty_counts(histories[i], vocab, device).generated_counts(histories[i])
                               for i in counted])  # [C, V]
-        frequency = torch.tensor([params[i].frequency_penalty for i in counted], device=device)[:, None]  # [C, 1]
-        presence = torch.tensor([params[i].presence_penalty for i in counted], device=device)[:, None]  # [C, 1]
+        frequency = to_device_async([params[i].frequency_penalty for i in counted], torch.float32, device)[:, None]
+        presence = to_device_async([params[i].presence_penalty for i in counted], torch.float32, device)[:, None]
         processed[index] -= frequency * counts + presence * (counts > 0)
 
     biased = [i for i in rows if params[i].logit_bias]
@@ -109,7 +110,8 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
         token_ids = [t for i in biased for t, _ in params[i].logit_bias]
         biases = [b for i in biased for _, b in params[i].logit_bias]
         # accumulate: the bias is added to the logit, not written over it.
-        processed.index_put_((torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)),
-                             torch.tensor(biases, device=device, dtype=processed.dtype), accumulate=True)
+        processed.index_put_((to_device_async(row_ids, torch.int64, device),
+                              to_device_async(token_ids, torch.int64, device)),
+                             to_device_async(biases, processed.dtype, device), accumulate=True)
     return processed
 

@@ -7,6 +7,7 @@ import secrets
 
 import torch
 
+from services.inference.engine.host_lists import to_device_async
 from services.inference.engine.logits_processors import TokenHistory, process_logits
 from services.inference.engine.sampling_params import SamplingParams
 from services.inference.engine.structured import JsonGrammar, mask_disallowed
@@ -176,16 +177,6 @@ class DeviceSample:
                 top = list(zip(top_ids[i, :p.top_logprobs].tolist(), top_values[i, :p.top_logprobs].tolist()))
             results.append(SampledToken(token_id=ids[i], logprob=chosen[i] if p.wants_logprobs else None, top=top))
         return results
-
-
-def to_device_async(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without waiting for the device's queue: a plain copy from
-    pageable memory to a GPU waits for every kernel queued before it (the last step's forward
-    too), a copy from pinned memory is queued like a kernel."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

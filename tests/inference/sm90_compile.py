@@ -77,16 +77,27 @@ def uses_tensor_cores(compiled) -> bool:
     return "mma.sync" in compiled.asm["ptx"] or "wgmma" in compiled.asm["ptx"]
 
 
-def stack_bytes(compiled) -> int:
-    """The kernel's stack frame (register spills) as triton's bundled cuobjdump reports it."""
+def cuobjdump(compiled, flag: str) -> str:
+    """What triton's bundled cuobjdump prints for the kernel's cubin with `flag`."""
     import triton
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(compiled.asm["cubin"])
         file.flush()
-        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
-                                capture_output=True, text=True, check=True).stdout
-    return int(report.split("STACK:")[1].split()[0])
+        return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, file.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def stack_bytes(compiled) -> int:
+    """The kernel's stack frame (register spills)."""
+    return int(cuobjdump(compiled, "--dump-resource-usage").split("STACK:")[1].split()[0])
+
+
+def loads_16_bytes_at_once(compiled) -> bool:
+    """Whether the SASS has 16-byte global loads (LDG.E.128, or cp.async's LDGSTS.E.BYPASS.128):
+    what a tile's row pieces should be read with, rather than one 2-byte element at a time."""
+    return any(word.startswith(("LDG", "LDGSTS")) and word.endswith(".128")
+               for word in cuobjdump(compiled, "-sass").split())
 
 
 LORA_SHAPES = [("bf16", 16, 16), ("bf16", 16, 64), ("bf16", 64, 64), ("fp16", 32, 32)]  # dtype, BLOCK_M, BLOCK_R
@@ -95,7 +106,7 @@ LORA_SHAPES = [("bf16", 16, 16), ("bf16", 16, 64), ("bf16", 64, 64), ("fp16", 32
 def check_lora_kernels() -> None:
     """Both LoRA kernels (kernels/triton_lora_kernels.py) for each of LORA_SHAPES, 128-wide
     K/N blocks, the expand owning 1 or 4 out blocks a program: fail unless each uses the tensor
-    cores (mma.sync for 16-row tiles, wgmma from 64) without spills."""
+    cores (mma.sync for 16-row tiles, wgmma from 64) without spills, reading 16 bytes a load."""
     from services.inference.kernels import triton_lora_kernels as kernels
     from services.inference.kernels.triton_lora import default_splits_per_load
 
@@ -109,14 +120,16 @@ def check_lora_kernels() -> None:
             pointer_types = {name: ("*fp32" if name == "partial_ptr" or name.startswith("tile_scales")
                                     else "*i32" if name.startswith("tile_") else f"*{dtype}")
                              for name in kernel.arg_names if name.endswith("_ptr")}
-            # Out widths and column offsets: multiples of 16 in every Llama, and the JIT marks them so.
+            # Widths and column offsets: multiples of 16 in every Llama, and the JIT marks them so.
             compiled = compile_sm90(kernel, {k: v for k, v in constexprs.items() if k in kernel.arg_names},
                                     pointer_types, options,
-                                    divisible_scalars=("k_per_split", "out0", "out1", "out2", "column1", "column2"),
+                                    divisible_scalars=("k_per_split", "in_features", "out0", "out1", "out2",
+                                                       "column1", "column2"),
                                     unit_strides=("stride_xk", "stride_ak", "stride_yn", "stride_bn"))
             where = f"{kernel.fn.__name__} {dtype} BLOCK_M={block_m} BLOCK_R={block_r} x{blocks_per_program}"
             assert uses_tensor_cores(compiled), f"{where}: no tensor cores"
             assert stack_bytes(compiled) == 0, f"{where}: registers spill to local memory"
+            assert loads_16_bytes_at_once(compiled), f"{where}: no 16-byte loads (x, A, B or y element by element)"
 
 
 def check_decode_kernels(dtype: str, group: int, head_dim: int, split: bool) -> None:

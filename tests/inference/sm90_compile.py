@@ -134,7 +134,7 @@ def check_lora_kernels() -> None:
 
 def check_decode_kernels(dtype: str, group: int, head_dim: int, split: bool) -> None:
     """The paged decode kernel (kernels/triton_attention.py), and the partition merge when
-    `split`: the 16-bit dots must use the tensor cores."""
+    `split`: the 16-bit dots must use the tensor cores, K and V come in 16-byte loads."""
     import triton
 
     from services.inference.kernels import triton_attention
@@ -151,6 +151,7 @@ def check_decode_kernels(dtype: str, group: int, head_dim: int, split: bool) -> 
         {"num_warps": 4, "num_stages": 2}, unit_strides=unit_strides, scalar_types={"scale_log2": "fp32"})
     if dtype != "fp32":
         assert uses_tensor_cores(decode), "the decode dots do not use the tensor cores"
+    assert loads_16_bytes_at_once(decode), "the decode kernel reads K and V element by element"
     if split:
         compile_sm90(triton_attention._jitted(triton_attention._merge_partitions_kernel),
                      {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "PARTITIONS_P": 32},
@@ -236,7 +237,8 @@ def check_decode_batches_share_compiled_kernels() -> None:
 
 def check_prefill_kernel(dtype: str, group: int, head_dim: int, block_size: int) -> None:
     """The paged prefill kernel (kernels/triton_prefill_attention.py) at the tile shape the
-    model runner launches for these heads: the 16-bit dots on the tensor cores, no spills."""
+    model runner launches for these heads: the 16-bit dots on the tensor cores, no spills, K and
+    V in 16-byte loads."""
     from services.inference.kernels import triton_prefill_attention as prefill
 
     group_p = prefill._next_power_of_2(group)
@@ -255,6 +257,7 @@ def check_prefill_kernel(dtype: str, group: int, head_dim: int, block_size: int)
     if dtype != "fp32":
         assert uses_tensor_cores(compiled), f"{where}: no tensor cores"
         assert stack_bytes(compiled) == 0, f"{where}: registers spill to local memory"
+    assert loads_16_bytes_at_once(compiled), f"{where}: K and V read element by element"
 
 
 def check_prefill_steps_share_compiled_kernel() -> None:

@@ -188,9 +188,9 @@ def test_overlapped_graphed_decode_steps_wait_for_nothing_but_their_tokens(tiny_
     sync would serialize host and GPU again."""
     engine = make_engine(tiny_model_dir, adapters, overlap=True, device="cuda", kernels="triton", graphs=CAPTURE,
                          max_graph_batch=16, **ROOMY)
-    # Greedy rows with logprobs, a logit bias, seeded top-k/top-p draws: each puts small lists on
-    # the device every step, which must not wait for the step queued before them.
-    kinds = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True),
+    # Greedy rows with top logprobs, a logit bias, seeded top-k/top-p draws: each puts small lists
+    # on the device every step, or ranks on it, and must not wait for the step queued before them.
+    kinds = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3),
              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias=((5, 2.0), (7, -3.0))),
              SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=3, ignore_eos=True)]
     for i, prompt in enumerate(random_prompts(len(KEYS), seed=28, lengths=(4, 12))):

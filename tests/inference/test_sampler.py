@@ -119,6 +119,26 @@ def test_top_logprobs_are_sorted_best_first_and_sized_per_row():
         assert result.logprob is not None  # top_logprobs implies the chosen token's logprob
 
 
+def test_top_logprobs_rank_like_sorting_by_value_then_token_id():
+    """_top_logprobs against the plain ranking it must equal: by logprob, best first, ties by
+    lowest id; values quantized so most rows tie many times, with positive and negative
+    values, both zeros (equal), and -inf."""
+    from services.inference.engine.sampler import _top_logprobs
+
+    generator = torch.Generator().manual_seed(5)
+    values = (torch.randn(6, 300, generator=generator) * 4).round() / 2  # [6, 300], many ties
+    values[0, :40] = float("-inf")
+    values[1] = -values[1].abs() - 1
+    values[1, [3, 9]] = -0.0  # the best four
+    values[1, [4, 8]] = 0.0
+    values[2] = 0.0  # every token tied
+    top_values, top_ids = _top_logprobs(values, 25)
+    for row in range(values.shape[0]):
+        expected = sorted(range(values.shape[1]), key=lambda t: (-values[row, t].item(), t))[:25]
+        assert top_ids[row].tolist() == expected
+        assert torch.equal(top_values[row], values[row, expected])
+
+
 def test_tied_top_logprobs_list_the_lowest_token_id_first_like_greedy():
     """bf16 logits tie often (~1% of greedy steps on the tiny model). torch.topk orders equal
     values arbitrarily and may keep any of those tied at its last place; argmax takes the lowest

@@ -76,7 +76,7 @@ class Sampler:
                          grammars: list[JsonGrammar | None] | None = None) -> DeviceSample:
         """sample() without reading the result: the work is queued on the logits' device and
         its copy to the host started, so the caller can queue the next step before waiting
-        (penalties, logit_bias, grammars and top_logprobs still wait on the device on the way)."""
+        (nothing on the way reads from the device)."""
         # logits: [N, V], one row per sequence that completes its prefill this step
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(f"logits {tuple(logits.shape)} vs {len(params)} params, {len(generators)} generators")
@@ -183,12 +183,14 @@ def _top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     """The k best of each row [N, V] -> values, ids [N, k], best first, equal logprobs in
     token-id order: the order argmax breaks ties in, so a greedy token tied for best (bf16
     logits tie often) is listed first. torch.topk orders ties arbitrarily and may keep any of
-    those tied at its last place, so rows with a tie among their k + 1 best are re-ranked by a
-    stable sort (a full sort of those rows only; most rows have no tie)."""
-    values, ids = logprobs.topk(min(k + 1, logprobs.shape[-1]), dim=-1)  # [N, k+1]
-    tied = (values[:, 1:] == values[:, :-1]).any(dim=-1).nonzero().squeeze(-1)  # [rows with a tie]
-    if tied.numel():
-        width = values.shape[-1]
-        stable_values, stable_ids = logprobs[tied].sort(dim=-1, descending=True, stable=True)
-        values[tied], ids[tied] = stable_values[:, :width], stable_ids[:, :width]
-    return values[:, :k], ids[:, :k]
+    those tied at its last place, so it ranks one int64 key per token instead: the logprob's
+    bits mapped to an int32 of the same order, above V - 1 - id. Unlike finding the tied rows
+    and re-sorting them (nonzero() reads a count back), this never waits for the device: with
+    decode steps overlapped, a wait here would hold the host until the next step's forward ends."""
+    bits = (logprobs + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
+    # Negative floats order backwards as int32 bits; flipping all but the sign bit fixes that.
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # [N, V]
+    vocab = logprobs.shape[-1]
+    lower_id_first = vocab - 1 - torch.arange(vocab, device=logprobs.device)  # [V], in [0, V)
+    _, ids = ((ordered << 32) | lower_id_first).topk(min(k, vocab), dim=-1)  # [N, k], best first
+    return logprobs.gather(-1, ids), ids

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.inference.engine.host_lists import to_device_async
 
 if TYPE_CHECKING:
     import llguidance
@@ -152,7 +153,7 @@ def mask_disallowed(logits: torch.Tensor, grammars: Sequence[JsonGrammar | None]
     _executor().unsafe_compute_mask_ptr([(grammars[i].matcher, k) for k, i in enumerate(rows)], packed.data_ptr(),
                                         packed.shape[1] * packed.element_size(), packed.shape[0])
     allowed = unpack_bitmask(packed.to(device, non_blocking=True), vocab)  # [C, V]
-    index = torch.tensor(rows, device=device)
+    index = to_device_async(rows, torch.int64, device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 

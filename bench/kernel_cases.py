@@ -262,6 +262,12 @@ class AttentionCase:
         if self.batch * self.kv_heads < 256:  # split-K territory: the partition counts the choice weighs
             for count in (1, 2, 4, 8, 16, 32):
                 variants[f"triton_partitions{count}"] = functools.partial(self._triton_variant, count)
+        else:  # v5's sweep (bench/gpu_notes.md): at batch 64 one program walks a whole context, 8 tiles in turn
+            for count in (2, 4):
+                variants[f"triton_partitions{count}"] = functools.partial(self._triton_variant, count)
+            for tile, stages in ((64, 3), (32, 2), (32, 3), (16, 4)):
+                variants[f"triton_tile{tile}_stages{stages}"] = functools.partial(
+                    self._triton_variant, tile_tokens=tile, num_stages=stages)
         return variants
 
     def _torch_variant(self) -> Variant:
@@ -276,12 +282,12 @@ class AttentionCase:
         return Variant(lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale),
                        lambda: paged_attention(self.q, self.k_cache, self.v_cache, ctx, self.scale))
 
-    def _triton_variant(self, num_partitions: int | None = None) -> Variant:
+    def _triton_variant(self, num_partitions: int | None = None, **knobs: int) -> Variant:
         from services.inference.kernels.triton_attention import paged_decode_attention
 
         def attend() -> torch.Tensor:
             return paged_decode_attention(self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens,
-                                          self.scale, out=self.out, num_partitions=num_partitions)
+                                          self.scale, out=self.out, num_partitions=num_partitions, **knobs)
 
         return Variant(lambda: attend().clone(), attend)
 

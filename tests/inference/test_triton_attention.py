@@ -125,6 +125,27 @@ def test_split_k_partitions_merge_to_the_same_result(triton_device, num_partitio
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tile_tokens, num_stages, num_partitions", [(16, 4, None), (32, 3, 2), (128, 2, None)])
+def test_tile_and_pipeline_knobs_change_nothing(triton_device, tile_tokens, num_stages, num_partitions):
+    """bench.kernels sweeps the loop's tile and pipeline depth: contexts shorter than a tile, a
+    tile's width and a ragged end, whole and split, all equal the reference."""
+    generator = torch.Generator().manual_seed(tile_tokens)
+    lengths = [5, 16, 37, 130]
+    k_cache, v_cache, tables, lens = paged_batch(lengths, BLOCK, 2, 64, generator)
+    q = torch.randn(len(lengths), 4, 64, generator=generator)
+    expected = reference_decode(q, k_cache, v_cache, tables, lens, 0.125)
+    got = decode(triton_device, q, k_cache, v_cache, tables, lens, 0.125, tile_tokens=tile_tokens,
+                 num_stages=num_stages, num_partitions=num_partitions)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tile_that_is_not_a_power_of_two_is_refused(triton_device):
+    generator = torch.Generator().manual_seed(0)
+    k_cache, v_cache, tables, lens = paged_batch([20], BLOCK, 2, 64, generator)
+    with pytest.raises(ValueError, match="tile_tokens must be a power of two"):
+        decode(triton_device, torch.randn(1, 4, 64), k_cache, v_cache, tables, lens, 0.125, tile_tokens=48)
+
+
 def test_partition_choice_splits_only_small_batches_with_long_contexts():
     assert choose_num_partitions(num_seqs=64, num_kv_heads=8, max_context=32768) == 1  # GPU already full
     assert choose_num_partitions(num_seqs=1, num_kv_heads=8, max_context=8192) == MAX_PARTITIONS

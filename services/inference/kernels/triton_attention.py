@@ -221,8 +221,8 @@ def _tile_tokens(head_dim: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None, *,
-                           num_partitions: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, *, num_partitions: int | None = None,
+                           tile_tokens: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """Semantics: out[s, h] = softmax(q[s, h] · K[s, g(h)]ᵀ * scale) · V[s, g(h)],  g(h) = h // (heads / kv_heads),
 
     where K[s, g] = [k_cache[block_tables[s, p // B], p % B, g] for p in 0..context_lens[s]),
@@ -236,7 +236,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     The cache has q's dtype.
     fp32/bf16/fp16 inputs, fp32 accumulation; out: [S, heads, head_dim] in q's dtype
     (allocated when None, else written and returned). num_partitions: split-K partitions of
-    the context (None: choose_num_partitions). Never syncs with the host.
+    the context (None: choose_num_partitions). Tuning knobs (bench.kernels sweeps them):
+    tile_tokens, context tokens a loop step reads (a power of two >= 16; None: 64, or 32 for
+    heads over 128 wide), num_stages, the loop's pipeline depth. Never syncs with the host.
     GPU tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
     """
     if triton is None:
@@ -266,7 +268,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     explicit = num_partitions is not None
     if num_partitions is None:
         num_partitions = choose_num_partitions(num_seqs, num_kv_heads, max_context)
-    tile = _tile_tokens(head_dim)
+    tile = _tile_tokens(head_dim) if tile_tokens is None else tile_tokens
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"tile_tokens must be a power of two >= 16, got {tile}")
     # Partitions are whole tiles so a tile never straddles two of them; an explicit count is
     # honoured down to one tile each (tests split short contexts on purpose).
     min_partition_tokens = tile if explicit else max(tile, MIN_PARTITION_TOKENS // tile * tile)
@@ -288,7 +292,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, TILE_N=tile, SPLIT=num_partitions > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=num_stages,
     )
     if num_partitions > 1:
         _jitted(_merge_partitions_kernel)[(num_seqs, num_heads)](

@@ -41,7 +41,8 @@ def test_kernel_bench_smoke_checks_every_path_against_the_reference(tmp_path):
 def test_device_check_leaves_a_summary_even_when_steps_fail(tmp_path):
     """Here there is no GPU, so every CUDA step fails: the summary must still say which and why."""
     result = subprocess.run([sys.executable, "-m", "bench.device_check", str(tmp_path / "out"),
-                             "--budget-seconds", "120", "--steps", "gpu,kernels,engine"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                             "--budget-seconds", "120", "--steps", "gpu,kernels,engine"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [step["step"] for step in summary] == ["gpu", "kernels", "engine"]

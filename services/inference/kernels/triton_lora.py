@@ -30,7 +30,8 @@ from services.inference.kernels.backend import triton_available
 from services.inference.kernels.reference import Segment
 
 __all__ = ["HostTiles", "LoraSlice", "LoraTritonPlan", "build_lora_plan", "choose_split_k", "default_splits_per_load",
-           "lora_shrink_expand", "lora_shrink_expand_slices", "max_tiles_for", "plan_from_token_pages", "tile_segments", "triton_available"]
+           "lora_shrink_expand", "lora_shrink_expand_slices", "max_tiles_for", "plan_from_token_pages", "tile_segments",
+           "triton_available"]
 
 # 16 is the smallest M tl.dot takes on the tensor cores, and decode tiles rarely hold more
 # than a few rows of one adapter; prefill-heavy steps may do better with 32 or 64 (fewer
@@ -304,7 +305,8 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
         if piece.a_pages.stride() != first.a_pages.stride() or piece.b_pages.stride(1) != first.b_pages.stride(1):
             raise ValueError("slices' pages must share strides (A) and the out stride (B)")
         if piece.column < 0 or piece.column + piece.b_pages.shape[1] > y.shape[1]:
-            raise ValueError(f"slice at column {piece.column} of {piece.b_pages.shape[1]} is outside y {tuple(y.shape)}")
+            raise ValueError(f"slice at column {piece.column} of {piece.b_pages.shape[1]} "
+                             f"is outside y {tuple(y.shape)}")
         if other.tile_rows.device != x.device:
             raise ValueError(f"plan on {other.tile_rows.device}, x on {x.device}")
     for name, value in (("block_k", block_k), ("block_n", block_n)):

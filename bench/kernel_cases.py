@@ -86,9 +86,9 @@ class LoraCase:
             variants["reference_gathered"] = self._gathered_variant
         variants["grouped_mm"] = lambda: self._variant(self._grouped)
         variants["triton"] = self._triton_variant
-        if self.tokens <= 256:  # v5's expand knobs at decode (see FusedLoraCase)
+        if self.tokens <= 256:  # v5's split loads at decode (see FusedLoraCase)
             variants["triton_serial_splits"] = lambda: self._triton_variant(splits_per_load=1)
-            variants["triton_blocks4"] = lambda: self._triton_variant(blocks_per_program=4)
+            variants["triton_n256"] = lambda: self._triton_variant(block_n=256)
         if self.tokens > 256:  # the wider tiles --prefill-lora may choose for long segments
             for block_m in (32, 64):
                 variants[f"triton_tiles{block_m}"] = lambda block_m=block_m: self._triton_variant(block_m)
@@ -173,13 +173,10 @@ class FusedLoraCase(LoraCase):
         if self.tokens >= 64:  # the tuning sweep of the next GPU run (bench/gpu_notes.md, v3)
             for split_k in (4, 8, 16):
                 variants[f"triton_slices_graph_plan_split{split_k}"] = sliced(graph_slices, split_k=split_k)
-            for block_n in (64, 256):
+            for block_n in (64, 256, 512):
                 variants[f"triton_slices_graph_plan_n{block_n}"] = sliced(graph_slices, block_n=block_n)
-            # v5's expand knobs (bench/gpu_notes.md): the split sums one load at a time, as v3's loop
-            # did, and programs that own 2 or 4 out blocks.
+            # v5 (bench/gpu_notes.md): the split sums one load at a time, as v3's loop did
             variants["triton_slices_graph_plan_serial_splits"] = sliced(graph_slices, splits_per_load=1)
-            for blocks in (2, 4):
-                variants[f"triton_slices_graph_plan_blocks{blocks}"] = sliced(graph_slices, blocks_per_program=blocks)
         return variants
 
 

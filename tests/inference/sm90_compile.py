@@ -105,17 +105,19 @@ LORA_SHAPES = [("bf16", 16, 16), ("bf16", 16, 64), ("bf16", 64, 64), ("fp16", 32
 
 def check_lora_kernels() -> None:
     """Both LoRA kernels (kernels/triton_lora_kernels.py) for each of LORA_SHAPES, 128-wide
-    K/N blocks, the expand owning 1 or 4 out blocks a program: fail unless each uses the tensor
-    cores (mma.sync for 16-row tiles, wgmma from 64) without spills, reading 16 bytes a load."""
+    K blocks, 128-wide N blocks and 256 for decode tiles (the bench sweeps it): fail unless each
+    uses the tensor cores (mma.sync for 16-row tiles, wgmma from 64) without spills, reading 16
+    bytes a load."""
     from services.inference.kernels import triton_lora_kernels as kernels
     from services.inference.kernels.triton_lora import default_splits_per_load
 
-    for (dtype, block_m, block_r), blocks_per_program in itertools.product(LORA_SHAPES, (1, 4)):
+    for (dtype, block_m, block_r), block_n in itertools.product(LORA_SHAPES, (128, 256)):
+        if block_n > 128 and block_m > 16:  # the wider out blocks are swept for decode tiles only
+            continue
         for kernel, options in ((kernels.lora_shrink_kernel, {"num_warps": 4, "num_stages": 3}),
                                 (kernels.lora_expand_kernel, {"num_warps": 4})):
-            constexprs = {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_N": 128,
+            constexprs = {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_N": block_n,
                           "SPLITS_PER_LOAD": default_splits_per_load(block_m, block_r),
-                          "BLOCKS_PER_PROGRAM": blocks_per_program,
                           "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
             pointer_types = {name: ("*fp32" if name == "partial_ptr" or name.startswith("tile_scales")
                                     else "*i32" if name.startswith("tile_") else f"*{dtype}")
@@ -126,7 +128,7 @@ def check_lora_kernels() -> None:
                                     divisible_scalars=("k_per_split", "in_features", "out0", "out1", "out2",
                                                        "column1", "column2"),
                                     unit_strides=("stride_xk", "stride_ak", "stride_yn", "stride_bn"))
-            where = f"{kernel.fn.__name__} {dtype} BLOCK_M={block_m} BLOCK_R={block_r} x{blocks_per_program}"
+            where = f"{kernel.fn.__name__} {dtype} BLOCK_M={block_m} BLOCK_R={block_r} BLOCK_N={block_n}"
             assert uses_tensor_cores(compiled), f"{where}: no tensor cores"
             assert stack_bytes(compiled) == 0, f"{where}: registers spill to local memory"
             assert loads_16_bytes_at_once(compiled), f"{where}: no 16-byte loads (x, A, B or y element by element)"

@@ -69,25 +69,23 @@ def test_splits_of_the_shrink_sum_per_slice(lora, triton_device, split_k):
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("splits_per_load, blocks_per_program", [(1, 1), (2, 1), (16, 1), (2, 4), (1, 2)])
-def test_the_expands_knobs_change_nothing(lora, triton_device, splits_per_load, blocks_per_program):
-    """Five splits summed one, two (a remainder) or all sixteen slots at a time; programs owning
-    one, two or four 16-wide out blocks, where 130 and 40 columns leave a slice's last group
-    part empty; padding tiles throughout (capacity = tokens): all equal the reference."""
-    generator = torch.Generator().manual_seed(10 * splits_per_load + blocks_per_program)
+@pytest.mark.parametrize("splits_per_load", [1, 2, 16])
+def test_the_expands_split_loads_change_nothing(lora, triton_device, splits_per_load):
+    """Five splits summed one, two (a remainder) or all sixteen slots at a time, with padding
+    tiles throughout (capacity = tokens): all equal the reference."""
+    generator = torch.Generator().manual_seed(splits_per_load)
     owners = [[t % 4 for t in range(TOKENS)], [(t % 3) - 1 for t in range(TOKENS)]]
     got, expected, y = run_slices(lora, triton_device, [130, 40], owners, generator, split_k=5, block_k=16,
-                                  block_n=16, splits_per_load=splits_per_load, blocks_per_program=blocks_per_program)
+                                  block_n=16, splits_per_load=splits_per_load)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
     base_rows = [t for t in range(TOKENS) if owners[1][t] < 0]
     assert torch.equal(got[base_rows, 130:], y[base_rows, 130:])
 
 
-@pytest.mark.parametrize("knob", ["splits_per_load", "blocks_per_program"])
-def test_expand_knobs_must_be_powers_of_two(lora, triton_device, knob):
+def test_splits_per_load_must_be_a_power_of_two(lora, triton_device):
     generator = torch.Generator().manual_seed(0)
-    with pytest.raises(ValueError, match=f"{knob} must be a power of two"):
-        run_slices(lora, triton_device, [32], [[0] * TOKENS], generator, **{knob: 3})
+    with pytest.raises(ValueError, match="splits_per_load must be a power of two"):
+        run_slices(lora, triton_device, [32], [[0] * TOKENS], generator, splits_per_load=3)
 
 
 def test_slices_that_cannot_share_a_launch_are_refused(lora, triton_device):

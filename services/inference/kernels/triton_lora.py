@@ -239,7 +239,7 @@ def default_splits_per_load(block_m: int, block_r: int) -> int:
 
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, b_pages: torch.Tensor,
                        plan: LoraTritonPlan, *, block_k: int = DEFAULT_BLOCK_K, block_n: int = DEFAULT_BLOCK_N,
-                       split_k: int | None = None, **expand_knobs: int) -> torch.Tensor:
+                       split_k: int | None = None, splits_per_load: int | None = None) -> torch.Tensor:
     """Semantics: y[t] += scale_a * (x[t] @ a_pages[p_a].T) @ b_pages[p_a]   for every token t of
     adapter a in the plan; other rows of y are untouched (bitwise).
 
@@ -250,13 +250,13 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, 
     dot (fp32 accumulate). No host sync: launch choices come from shapes only, so a fixed
     plan shape can be captured in a CUDA graph. block_k (shrink K step), block_n (expand
     out-block width) and split_k (K slices of the shrink; default choose_split_k) are
-    tuning knobs: powers of two >= 16, any split_k >= 1; so are expand_knobs (see
+    tuning knobs: powers of two >= 16, any split_k >= 1; so is splits_per_load (see
     lora_shrink_expand_slices).
     """
     if b_pages.shape[1] != y.shape[1]:
         raise ValueError(f"y {tuple(y.shape)} and b_pages {tuple(b_pages.shape)} disagree on out features")
     return lora_shrink_expand_slices(y, x, [LoraSlice(a_pages, b_pages, plan, 0)], block_k=block_k,
-                                     block_n=block_n, split_k=split_k, **expand_knobs)
+                                     block_n=block_n, split_k=split_k, splits_per_load=splits_per_load)
 
 
 @dataclass(frozen=True)
@@ -271,8 +271,7 @@ class LoraSlice:
 
 def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence[LoraSlice], *,
                               block_k: int = DEFAULT_BLOCK_K, block_n: int = DEFAULT_BLOCK_N,
-                              split_k: int | None = None, splits_per_load: int | None = None,
-                              blocks_per_program: int = 1) -> torch.Tensor:
+                              split_k: int | None = None, splits_per_load: int | None = None) -> torch.Tensor:
     """Semantics: for each slice s, lora_shrink_expand(y[:, s.column:s.column + out_s], x, s.a_pages,
     s.b_pages, s.plan) — up to MAX_SLICES projections that read the same x (q|k|v, gate|up, whose
     outputs are column ranges of one GEMM's y) in one shrink and one expand launch.
@@ -280,9 +279,8 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
     Slices come in column order and must not overlap; their plans must share num_tokens, capacity, block_m
     and block_r (one plan object for all, or a CUDA graph's per-projection plans); their A pages
     share strides, as the pool's per-projection buffers of one input width do.
-    Expand knobs (powers of two): splits_per_load, the split-K partials summed per load
-    (default: default_splits_per_load(block_m, block_r); 1 sums them one load at a time), and
-    blocks_per_program, the adjacent out blocks each expand program owns.
+    splits_per_load (a power of two): the split-K partials the expand sums per load round
+    (default: default_splits_per_load(block_m, block_r); 1 sums them one load at a time).
     """
     from services.inference.kernels import triton_lora_kernels as kernels
 
@@ -314,9 +312,8 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
             raise ValueError(f"{name} must be a power of two >= {MIN_DOT_DIM}, got {value}")
     if splits_per_load is None:
         splits_per_load = default_splits_per_load(plan.block_m, plan.block_r)
-    for name, value in (("splits_per_load", splits_per_load), ("blocks_per_program", blocks_per_program)):
-        if not _is_power_of_two(value):
-            raise ValueError(f"{name} must be a power of two, got {value}")
+    if not _is_power_of_two(splits_per_load):
+        raise ValueError(f"splits_per_load must be a power of two, got {splits_per_load}")
     outs = [piece.b_pages.shape[1] for piece in slices]
     if plan.num_tiles == 0 or num_tokens == 0 or sum(outs) == 0:
         return y
@@ -344,13 +341,12 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
     # The kernel puts slice 0 at column 0: y from the first slice's column on, the others after it.
     columns = [piece.column - first.column for piece in padded]
     y_from_first = y[:, first.column:]
-    groups = sum(_cdiv(_cdiv(out, block_n), blocks_per_program) for out in outs)
-    kernels.lora_expand_kernel[(plan.num_tiles, groups)](
+    kernels.lora_expand_kernel[(plan.num_tiles, sum(_cdiv(out, block_n) for out in outs))](
         y_from_first, partial, *(piece.b_pages for piece in padded), *each("tile_rows"), *each("tile_sizes"),
         *each("tile_pages"), *each("tile_scales"),
         plan.num_tiles, split_k, *outs, columns[1], columns[2],
         y.stride(0), y.stride(1), *(piece.b_pages.stride(0) for piece in padded), first.b_pages.stride(1),
         BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n, SPLITS_PER_LOAD=splits_per_load,
-        BLOCKS_PER_PROGRAM=blocks_per_program, DOT_PRECISION=precision, num_warps=4,
+        DOT_PRECISION=precision, num_warps=4,
     )
     return y

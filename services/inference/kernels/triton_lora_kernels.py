@@ -121,35 +121,28 @@ def lora_expand_kernel(
     column1, column2,  # where slices 1 and 2 start among y's columns (slice 0 at 0)
     stride_ym, stride_yn, stride_bp0, stride_bp1, stride_bp2, stride_bn,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS_PER_LOAD: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    SPLITS_PER_LOAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """y[rows of tile, slice's N blocks] += scale * (Σ_split partial[slice, split, tile]) @ B_slice[pages, N blocks].
+    """y[rows of tile, slice's N block] += scale * (Σ_split partial[slice, split, tile]) @ B_slice[pages, N block].
 
-    Grid (num_tiles, Σ_slice cdiv(cdiv(out_slice, BLOCK_N), BLOCKS_PER_PROGRAM)): a program
-    owns BLOCKS_PER_PROGRAM adjacent out blocks of one slice, and its group index says which.
+    Grid (num_tiles, Σ_slice cdiv(out_slice, BLOCK_N)): a program's out-block says its slice.
     Token rows are distinct across a slice's tiles (the plan builder checks), so the
-    read-add-write of y needs no atomics.
-
-    Why whole groups of splits and of out blocks per program: at decode a program moves little
-    (rank 16 x 128 columns of B: 4 KB) behind a chain of dependent loads (tile size, then its
-    rows and pages, then the partial sums, B and y), so its time is that chain's latency, not
-    its bytes. SPLITS_PER_LOAD partial sums come in one masked load (one round trip for the
-    usual split counts, where a loop of single loads waits for each in turn), and a program
-    that owns several out blocks walks the chain once for all of them.
+    read-add-write of y needs no atomics. The split-K partial sums are loaded SPLITS_PER_LOAD
+    at a time, unrolled, so they are in flight together (see the module docstring).
     """
     tile = tl.program_id(0)
-    group = tl.program_id(1)
-    groups0 = tl.cdiv(tl.cdiv(out0, BLOCK_N), BLOCKS_PER_PROGRAM)
-    groups01 = groups0 + tl.cdiv(tl.cdiv(out1, BLOCK_N), BLOCKS_PER_PROGRAM)
+    n_block = tl.program_id(1)
+    blocks0 = tl.cdiv(out0, BLOCK_N)
+    blocks01 = blocks0 + tl.cdiv(out1, BLOCK_N)
     # Scalars by arithmetic and tl.where (a branch may not re-type an argument Triton
     # specialized to a constant); pointers by branches (always pointers, never constants).
-    part = (group >= groups0).to(tl.int32) + (group >= groups01).to(tl.int32)
+    part = (n_block >= blocks0).to(tl.int32) + (n_block >= blocks01).to(tl.int32)
     is1, is2 = part == 1, part == 2
     column = tl.where(is2, column2, tl.where(is1, column1, 0))
     out_features = tl.where(is2, out2, tl.where(is1, out1, out0))
     stride_bp = tl.where(is2, stride_bp2, tl.where(is1, stride_bp1, stride_bp0))
-    group = group - tl.where(is2, groups01, tl.where(is1, groups0, 0))
+    n_block = n_block - tl.where(is2, blocks01, tl.where(is1, blocks0, 0))
     b_ptr = b0_ptr
     tile_rows_ptr = tile_rows0_ptr
     tile_sizes_ptr = tile_sizes0_ptr
@@ -183,27 +176,24 @@ def lora_expand_kernel(
 
     # Masked by rows and rank: a one-token decode tile reads 1 of its 16 partial rows.
     s_mask = row_mask[:, None] & page_mask[None, :]
-    for block in tl.static_range(BLOCKS_PER_PROGRAM):
-        offs_n = (group * BLOCKS_PER_PROGRAM + block) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < out_features
-        # B and y first: they wait on nothing the partial sums do, so all three are in flight at once.
-        b = tl.load(b_ptr + pages[:, None] * stride_bp + offs_n[None, :] * stride_bn,
-                    mask=page_mask[:, None] & n_mask[None, :], other=0.0)
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + (column + offs_n[None, :]) * stride_yn
-        y_mask = row_mask[:, None] & n_mask[None, :]
-        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        if block == 0:  # static: once per program
-            s = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-            # split_k is a runtime bound, not a constexpr: it changes with the tile count, and a
-            # fresh GPU machine would otherwise compile one expand per value while capturing graphs.
-            for split0 in range(0, split_k, SPLITS_PER_LOAD):
-                # Unrolled: the loads do not wait for each other, so they are all in flight at once.
-                for i in tl.static_range(SPLITS_PER_LOAD):
-                    first = (part * split_k + split0 + i) * num_tiles + tile
-                    s += tl.load(partial_ptr + (first * BLOCK_M + offs_m[:, None]) * BLOCK_R + offs_r[None, :],
-                                 mask=s_mask & (split0 + i < split_k), other=0.0)
-            # Rounded to B's dtype for the tensor cores (as PEFT's bf16 lora_A output is); the
-            # scale is applied to the fp32 product, and y is rounded once, on the store.
-            s = s.to(b.dtype)
-        delta = tl.dot(s, b, input_precision=DOT_PRECISION) * scale
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_features
+    # B and y first: they wait on nothing the partial sums do, so all three are in flight at once.
+    b = tl.load(b_ptr + pages[:, None] * stride_bp + offs_n[None, :] * stride_bn,
+                mask=page_mask[:, None] & n_mask[None, :], other=0.0)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + (column + offs_n[None, :]) * stride_yn
+    y_mask = row_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    s = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    # split_k is a runtime bound, not a constexpr: it changes with the tile count, and a fresh
+    # GPU machine would otherwise compile one expand per value while capturing CUDA graphs.
+    for split0 in range(0, split_k, SPLITS_PER_LOAD):
+        # Unrolled: the loads do not wait for each other, so they are all in flight at once.
+        for i in tl.static_range(SPLITS_PER_LOAD):
+            first = (part * split_k + split0 + i) * num_tiles + tile
+            s += tl.load(partial_ptr + (first * BLOCK_M + offs_m[:, None]) * BLOCK_R + offs_r[None, :],
+                         mask=s_mask & (split0 + i < split_k), other=0.0)
+    # s is rounded to B's dtype for the tensor cores (as PEFT's bf16 lora_A output is); the
+    # scale is applied to the fp32 product, and y is rounded once, on the store.
+    delta = tl.dot(s.to(b.dtype), b, input_precision=DOT_PRECISION) * scale
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)

@@ -139,6 +139,19 @@ def test_top_logprobs_rank_like_sorting_by_value_then_token_id():
         assert torch.equal(top_values[row], values[row, expected])
 
 
+def test_rows_without_top_logprobs_do_not_shift_the_others():
+    """Only the rows that ask are ranked (then put back in place): each row's list is the one
+    it gets alone."""
+    logits = random_logits(4)
+    params = [SamplingParams(temperature=0.0, logprobs=True), SamplingParams(temperature=0.0, top_logprobs=3),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, top_logprobs=1)]
+    together = Sampler().sample(logits, params, [None] * 4)
+    for row, param in enumerate(params):
+        alone = Sampler().sample(logits[row:row + 1], [param], [None])[0]
+        assert together[row].top == alone.top and together[row].logprob == alone.logprob
+    assert [len(result.top) for result in together] == [0, 3, 0, 1]
+
+
 def test_tied_top_logprobs_list_the_lowest_token_id_first_like_greedy():
     """bf16 logits tie often (~1% of greedy steps on the tiny model). torch.topk orders equal
     values arbitrarily and may keep any of those tied at its last place; argmax takes the lowest

@@ -137,7 +137,16 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V], raw logits: see the class docstring
         chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [N]
         max_top = max(p.top_logprobs for p in params)
-        top_values, top_ids = _top_logprobs(logprobs, max_top) if max_top else (None, None)  # [N, K]
+        top_values = top_ids = None
+        if max_top:  # ranked for the rows that ask only: the ranking keeps ~20 bytes per logit
+            asking = [i for i, p in enumerate(params) if p.top_logprobs]
+            if len(asking) == len(params):
+                top_values, top_ids = _top_logprobs(logprobs, max_top)  # [N, K]
+            else:
+                rows = to_device_async(asking, torch.int64, logprobs.device)
+                values, ids = _top_logprobs(logprobs[rows], max_top)  # [A, K]
+                top_values = values.new_zeros(len(params), values.shape[1]).index_copy_(0, rows, values)
+                top_ids = ids.new_zeros(len(params), ids.shape[1]).index_copy_(0, rows, ids)
         return DeviceSample(params, token_ids, chosen, top_values, top_ids)
 
 
@@ -187,10 +196,14 @@ def _top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     bits mapped to an int32 of the same order, above V - 1 - id. Unlike finding the tied rows
     and re-sorting them (nonzero() reads a count back), this never waits for the device: with
     decode steps overlapped, a wait here would hold the host until the next step's forward ends."""
-    bits = (logprobs + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
-    # Negative floats order backwards as int32 bits; flipping all but the sign bit fixes that.
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # [N, V]
+    bits = (logprobs + 0.0).view(torch.int32)  # [N, V], a copy; + 0.0: -0.0 becomes 0.0, which it equals
+    # Negative floats order backwards as int32 bits; flipping all but the sign bit fixes that
+    # (bits >> 31 is all ones for them, zero otherwise). In place: these are [N, V] each.
+    bits ^= (bits >> 31) & 0x7FFFFFFF
+    keys = bits.to(torch.int64)  # [N, V]
+    del bits
     vocab = logprobs.shape[-1]
-    lower_id_first = vocab - 1 - torch.arange(vocab, device=logprobs.device)  # [V], in [0, V)
-    _, ids = ((ordered << 32) | lower_id_first).topk(min(k, vocab), dim=-1)  # [N, k], best first
+    keys <<= 32
+    keys |= vocab - 1 - torch.arange(vocab, device=logprobs.device)  # [V], in [0, V): below 2**32
+    _, ids = keys.topk(min(k, vocab), dim=-1)  # [N, k], best first
     return logprobs.gather(-1, ids), ids

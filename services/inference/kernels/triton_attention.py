@@ -50,7 +50,7 @@ LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the native instruc
 
 # Split-K policy (host side, shapes only). On an H200 (132 SMs) ~256 resident programs keep
 # every SM busy; below that a decode step is latency bound and splitting the context helps.
-# A partition is at least two 64-token tiles, so its loads still pipeline (num_stages=2); its
+# A partition is at least two 64-token tiles (by default), so its loads still pipeline; its
 # extra cost is one fp32 partial row per query head (2 KiB per KV group at head_dim 128) and
 # a merge over <= 32 of them. The H200 measured batch 1 at 13 µs a layer with 256-token
 # partitions for 0.5 µs of KV bytes (bench/gpu_notes.md, v3): latency of tiles walked in turn.
@@ -271,6 +271,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tile = _tile_tokens(head_dim) if tile_tokens is None else tile_tokens
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"tile_tokens must be a power of two >= 16, got {tile}")
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     # Partitions are whole tiles so a tile never straddles two of them; an explicit count is
     # honoured down to one tile each (tests split short contexts on purpose).
     min_partition_tokens = tile if explicit else max(tile, MIN_PARTITION_TOKENS // tile * tile)

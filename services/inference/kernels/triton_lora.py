@@ -53,8 +53,8 @@ SPLIT_LOAD_ELEMENTS = 4096
 class LoraTritonPlan:
     """Per-step tiles of tokens that share an adapter; device tensors, built once per step.
 
-    Tiles past `real_tiles` (up to a fixed capacity, for CUDA graphs) have size 0 and make
-    every program of theirs return at once.
+    Tiles past `real_tiles` (up to a fixed capacity, for CUDA graphs) have size 0: the shrink's
+    programs for them return at once, the expand's run with every load and store masked off.
     """
 
     tile_rows: torch.Tensor  # [num_tiles, block_m] int32 token rows, -1 past the tile's size
@@ -250,8 +250,8 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a_pages: torch.Tensor, 
     dot (fp32 accumulate). No host sync: launch choices come from shapes only, so a fixed
     plan shape can be captured in a CUDA graph. block_k (shrink K step), block_n (expand
     out-block width) and split_k (K slices of the shrink; default choose_split_k) are
-    tuning knobs: powers of two >= 16, any split_k >= 1; so is splits_per_load (see
-    lora_shrink_expand_slices).
+    tuning knobs: powers of two >= 16, any split_k >= 1; splits_per_load too (any power of
+    two: see lora_shrink_expand_slices).
     """
     if b_pages.shape[1] != y.shape[1]:
         raise ValueError(f"y {tuple(y.shape)} and b_pages {tuple(b_pages.shape)} disagree on out features")

@@ -178,7 +178,9 @@ class MatrixRun:
                                            "graph_mode": runner.graph_mode, "overlap": node.engine.overlap,
                                            "overlapped": node.engine.overlapped_steps,
                                            "prefill_lora": runner.prefill_lora.summary(),
-                                           "prefill_lora_measured_us": runner.prefill_lora.report}
+                                           "prefill_lora_measured_us": runner.prefill_lora.report,
+                                           "decode_lora": runner.decode_lora.summary(),
+                                           "decode_lora_measured_us": runner.decode_lora.report}
 
     def run_hf_mixed(self) -> None:
         """One HF peft mixed batch; its decode time is the full run's less a 1-token (prefill) run's."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.common.config import ClientTlsConfig, ServerConfig, option
 from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
+from services.inference.kernels.decode_lora_tuning import CHOICES as DECODE_LORA_TUNING_CHOICES
 from services.inference.kernels.prefill_lora import CHOICES as PREFILL_LORA_CHOICES
 from services.inference.reasoning_format import CHOICES as REASONING_FORMATS
 from services.inference.tool_format import CHOICES as TOOL_CALL_FORMATS
@@ -64,6 +65,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
     prefill_lora: str = option("auto", "kernel for the LoRA of prefill segments with --kernels triton: tiles16, "
                                        "tiles32, tiles64 (Triton tiles of that many rows), grouped (CUTLASS "
                                        "grouped GEMM), or auto (measured per projection shape at start-up on CUDA)")
+    decode_lora_tuning: str = option("auto", "the LoRA launches of captured decode graphs: auto (out-block width and "
+                                             "split-K measured per shape at start-up on the GPU), or off (the "
+                                             "kernels' defaults)")
     tool_call_format: str = option("auto", "how the model writes tool calls, for OpenAI's tool_choice auto: hermes "
                                            "(<tool_call> blocks: Qwen, Hermes), llama3_json (Llama 3.1/3.2), "
                                            "mistral ([TOOL_CALLS]), none (never read calls), or auto (told by "
@@ -93,6 +97,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
         if self.prefill_lora not in PREFILL_LORA_CHOICES:
             raise ValueError(f"--prefill-lora must be one of {', '.join(PREFILL_LORA_CHOICES)}, "
                              f"got {self.prefill_lora!r}")
+        if self.decode_lora_tuning not in DECODE_LORA_TUNING_CHOICES:
+            raise ValueError(f"--decode-lora-tuning must be one of {', '.join(DECODE_LORA_TUNING_CHOICES)}, "
+                             f"got {self.decode_lora_tuning!r}")
         if self.tool_call_format not in TOOL_CALL_FORMATS:
             raise ValueError(f"--tool-call-format must be one of {', '.join(TOOL_CALL_FORMATS)}, "
                              f"got {self.tool_call_format!r}")

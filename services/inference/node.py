@@ -130,7 +130,8 @@ class Node:
         runner = ModelRunner(model, pool, num_kv_blocks, config.block_size, dtype=dtype, device=config.device,
                              kernels=kernels, graphs=graphs, max_graph_batch=min(config.max_graph_batch,
                                                                                  config.max_num_seqs),
-                             max_context=max_context, max_rank=config.max_adapter_rank, prefill_lora=prefill_lora)
+                             max_context=max_context, max_rank=config.max_adapter_rank, prefill_lora=prefill_lora,
+                             decode_lora=config.decode_lora_tuning)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),
@@ -147,6 +148,8 @@ class Node:
                  config.adapter_pool_pages, resolve_tool_format(config.tool_call_format, tokenizer) or "none")
         if runner.prefill_lora.report:
             log.info("prefill LoRA kernels measured (median µs, or why dropped): %s", runner.prefill_lora.report)
+        if runner.decode_lora.report:
+            log.info("decode LoRA launches %s", runner.decode_lora.summary())
         return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
 
     def start(self) -> None:

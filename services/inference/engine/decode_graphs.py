@@ -49,6 +49,7 @@ from services.inference.adapters.pool import AdapterPool
 from services.inference.config import GRAPH_MODES
 from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
 from services.inference.engine.packed_step import PackedStep
+from services.inference.kernels.decode_lora_tuning import DecodeLoraTuning, LaunchShape, launch_shapes
 from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraSlice, LoraTritonPlan, lora_shrink_expand,
                                                     lora_shrink_expand_slices, rank_paddings, tile_segments)
 from services.inference.model.attention import DecodeBatch
@@ -108,13 +109,20 @@ def step_tiles(groups: list[AdapterSegments], block_m: int) -> int:
 
 
 class PlannedLora:
-    """The LoraBatch seam (`apply`) over fixed Triton plans: one per projection."""
+    """The LoraBatch seam (`apply`) over fixed Triton plans: one per projection, each launch
+    with the knobs start-up measured for its shape (kernels/decode_lora_tuning.py), read while
+    the graph is captured, so a replay pays nothing for them."""
 
-    def __init__(self, plans: dict[str, LoraTritonPlan], pool: AdapterPool) -> None:
-        self.plans, self.pool = plans, pool
+    def __init__(self, plans: dict[str, LoraTritonPlan], pool: AdapterPool,
+                 tuning: DecodeLoraTuning | None = None) -> None:
+        self.plans, self.pool, self.tuning = plans, pool, tuning or DecodeLoraTuning()
+
+    def _knobs(self, plan: LoraTritonPlan, in_features: int, outs: list[int]) -> dict[str, int]:
+        return self.tuning.knobs(LaunchShape(plan.num_tiles, plan.block_r, in_features, tuple(outs)))
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        return lora_shrink_expand(y, x, self.pool.a[module][layer], self.pool.b[module][layer], self.plans[module])
+        a_pages, b_pages, plan = self.pool.a[module][layer], self.pool.b[module][layer], self.plans[module]
+        return lora_shrink_expand(y, x, a_pages, b_pages, plan, **self._knobs(plan, x.shape[1], [b_pages.shape[1]]))
 
     def apply_fused(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: list[str],
                     columns: list[int]) -> torch.Tensor:
@@ -122,7 +130,17 @@ class PlannedLora:
         the step targets has empty tiles, whose programs return at once."""
         slices = [LoraSlice(self.pool.a[m][layer], self.pool.b[m][layer], self.plans[m], column)
                   for m, column in zip(modules, columns)]
-        return lora_shrink_expand_slices(y, x, slices)
+        knobs = self._knobs(slices[0].plan, x.shape[1], [piece.b_pages.shape[1] for piece in slices])
+        return lora_shrink_expand_slices(y, x, slices, **knobs)
+
+
+def graph_launch_shapes(model: LlamaForCausalLM, pool: AdapterPool, max_batch: int, max_rank: int
+                        ) -> list[LaunchShape]:
+    """Every LoRA launch shape the decode graphs for these limits capture (what start-up tunes)."""
+    shapes = pool.shapes()
+    capacities = {c for batch in graph_batch_sizes(max_batch) for c in tile_capacities(batch)}
+    groups = [[shapes[m] for m in group] for group in model.lora_launch_groups() if all(m in shapes for m in group)]
+    return launch_shapes(groups, sorted(capacities), rank_paddings(max_rank))
 
 
 @dataclass
@@ -137,10 +155,13 @@ class GraphedStep:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, *, mode: str, max_batch: int, max_rank: int,
-                 max_context: int, block_size: int, scratch_slot: int, device: torch.device) -> None:
+                 max_context: int, block_size: int, scratch_slot: int, device: torch.device,
+                 tuning: DecodeLoraTuning | None = None) -> None:
+        """tuning: the LoRA launch knobs per shape (graph_launch_shapes; default: the kernels' own)."""
         if mode not in (CAPTURE, STATIC):
             raise ValueError(f"mode must be {CAPTURE} or {STATIC}, got {mode!r}")
         self.model, self.pool, self.mode, self.device = model, pool, mode, device
+        self.tuning = tuning or DecodeLoraTuning()
         self.block_size, self.scratch_slot = block_size, scratch_slot
         self.sizes = graph_batch_sizes(max_batch)
         self.paddings = rank_paddings(max_rank)
@@ -176,7 +197,7 @@ class DecodeGraphs:
                                        batch, layout.block_m, layout.block_r,
                                        real_tiles=capacity)  # capacity: tile_sizes says which hold tokens
                      for m in layout.modules}
-            lora = PlannedLora(plans, self.pool)
+            lora = PlannedLora(plans, self.pool, self.tuning)
         decode = DecodeBatch(rows=None, slots=None, mask=None, seq_indices=frozenset(range(batch)),
                              block_tables=int_view(buffer, layout.block_tables, batch, layout.table_width),
                              context_lens=int_view(buffer, layout.context_lens))

@@ -14,10 +14,12 @@ import torch
 
 from services.inference.adapters.batch import LoraBatch
 from services.inference.adapters.pool import AdapterPool
-from services.inference.engine.decode_graphs import OFF, DecodeGraphs
+from services.inference.engine.decode_graphs import CAPTURE, OFF, DecodeGraphs, graph_launch_shapes
 from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
+from services.inference.kernels.decode_lora_tuning import CHOICES as DECODE_LORA_CHOICES
+from services.inference.kernels.decode_lora_tuning import DecodeLoraTuning, tune_decode_lora
 from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora, warm_up_prefill_lora
 from services.inference.model.attention import build_continued_prefills, build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
@@ -34,11 +36,13 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, num_kv_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
                  graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64,
-                 prefill_lora: PrefillChoice | None = None) -> None:
+                 prefill_lora: PrefillChoice | None = None, decode_lora: str = "auto") -> None:
         """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
         bounds the graphs' block tables (default: the model's max_position_embeddings);
         prefill_lora: the kernel of each module's prefill segments (kernels/prefill_lora.py;
-        default: the 16-row tiles with Triton kernels, grouped_mm with PyTorch's)."""
+        default: the 16-row tiles with Triton kernels, grouped_mm with PyTorch's);
+        decode_lora: "auto" measures the captured graphs' LoRA launches
+        (kernels/decode_lora_tuning.py), "off" keeps the kernels' defaults."""
         self.model, self.pool, self.kernels = model, pool, kernels
         model.use_fused_ops(kernels == "triton")  # the element-wise kernels go with the Triton ones
         self.block_size, self.device = block_size, torch.device(device)
@@ -47,6 +51,13 @@ class ModelRunner:
         self.prefill_lora = prefill_lora or unmeasured_prefill_lora(kernels, shapes)
         if kernels == "triton" and self.device.type == "cuda":  # compiles now, not in a request's prefill
             warm_up_prefill_lora(self.prefill_lora, shapes, pool.dtype, self.device, max_rank)
+        if decode_lora not in DECODE_LORA_CHOICES:
+            raise ValueError(f"decode_lora must be one of {', '.join(DECODE_LORA_CHOICES)}, got {decode_lora!r}")
+        self.decode_lora = DecodeLoraTuning()
+        if graphs == CAPTURE and decode_lora == "auto":  # timings mean something on a GPU only
+            launches = graph_launch_shapes(model, pool, max_graph_batch, max_rank)
+            self.decode_lora = tune_decode_lora(launches, pool.dtype, self.device)
+            torch.cuda.empty_cache()  # the trials' blocks back to the device before the KV cache claims it
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0
@@ -59,7 +70,8 @@ class ModelRunner:
         if graphs != OFF:
             self.graphs = DecodeGraphs(model, pool, mode=graphs, max_batch=max_graph_batch, max_rank=max_rank,
                                        max_context=max_context or args.max_position_embeddings, block_size=block_size,
-                                       scratch_slot=num_kv_blocks * block_size, device=self.device)
+                                       scratch_slot=num_kv_blocks * block_size, device=self.device,
+                                       tuning=self.decode_lora)
             self.graphs.capture()
 
     @property

@@ -122,12 +122,12 @@ def _trial(in_features: int, out_features: int, tokens: int, adapters: int, rank
                   draw(adapters * rank, out_features, scale=0.05), draw(tokens, out_features, scale=1.0), segments)
 
 
-def cuda_median_us(fn: Callable[[], object]) -> float:
+def cuda_median_us(fn: Callable[[], object], warmup_ms: float = 5, rep_ms: float = 25) -> float:
     """Median µs of fn on the current CUDA device, L2 flushed before each call (as a layer's
-    pages would be in a real step): triton.testing.do_bench."""
+    pages would be in a real step): triton.testing.do_bench, repeating for about rep_ms."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1000
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1000
 
 
 def choose_prefill_paths(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, device: torch.device | str, *,

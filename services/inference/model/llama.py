@@ -18,7 +18,7 @@ from torch import nn
 
 from services.inference.kernels.triton_fused import add_rms_norm, rms_norm, rotary_write_kv, silu_mul
 from services.inference.model.attention import paged_attention, write_kv
-from services.inference.model.config import ModelArgs
+from services.inference.model.config import LORA_MODULES, ModelArgs
 from services.inference.model.context import StepContext
 from services.inference.model.layers import FusedProjections, LoRALinear, RMSNorm, RotaryEmbedding, apply_rotary
 
@@ -131,6 +131,13 @@ class LlamaForCausalLM(nn.Module):
                 mlp.gate_up = FusedProjections([mlp.gate_proj, mlp.up_proj])
         if enabled and self.lm_head.weight.is_cuda:  # the unfused weights' blocks back to the device
             torch.cuda.empty_cache()
+
+    def lora_launch_groups(self) -> list[list[str]]:
+        """The modules each LoRA launch pair of a layer serves: one pair for q|k|v and one for
+        gate|up with the fused ops (their GEMMs are fused too), else one per module."""
+        if self.fused:
+            return [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+        return [[m] for m in LORA_MODULES]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.inference.kernels.prefill_lora import cuda_median_us
+from services.inference.kernels.graph_timing import GraphTimer
 from services.inference.kernels.reference import Segment, lora_segments
 from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, LoraSlice,
                                                     _k_slices, build_lora_plan, choose_split_k,
@@ -173,16 +173,17 @@ def tune_decode_lora(shapes: Iterable[LaunchShape], dtype: torch.dtype, device: 
                      timer: Callable[[DecodeLaunch, Callable[[], object]], float] | None = None,
                      candidates_for: Callable[[LaunchShape], list[DecodeLaunch]] | None = None) -> DecodeLoraTuning:
     """Semantics: for each shape, the candidate (default: candidates(shape)) with the lowest
-    timer(launch, call) (default: cuda_median_us(call)) among those that ran and matched
+    timer(launch, call) (default: GraphTimer(device)(call)) among those that ran and matched
     lora_segments in float32 (relative error <= 3e-2 for 16-bit dtypes, 1e-4 for float32),
     unless it beats the first candidate (the default launch) by less than MIN_GAIN: then the
     first. A shape whose first candidate fails is left out (the defaults stand; its report
     says why).
     """
     device = torch.device(device)
-    # Short runs: a decode launch pair takes 10-50 µs behind do_bench's L2 flush, so 5 ms of
-    # repeats is still ~40 samples for the median, and start-up times ~10 launches per shape.
-    timer = timer or (lambda _, call: cuda_median_us(call, warmup_ms=1, rep_ms=5))
+    # Replayed from a graph with cold pages, as the decode graphs will run it (kernels/graph_timing.py).
+    if timer is None:
+        graph_timer = GraphTimer(device)
+        timer = lambda _, call: graph_timer(call)  # noqa: E731
     candidates_for = candidates_for or (lambda shape: candidates(shape, device))
     tuning = DecodeLoraTuning()
     for shape in shapes:

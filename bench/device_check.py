@@ -55,6 +55,7 @@ STEPS = [
                       "tests/inference/test_overlapped_steps.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
                       "tests/inference/test_decode_lora_tuning.py", "tests/inference/test_graph_timing.py",
+                      "tests/inference/test_lora_streams.py",
                       "-k", "not compile_for_hopper and not share_the_compiled"], 170),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.

@@ -170,6 +170,11 @@ class FusedLoraCase(LoraCase):
                     "triton_per_projection": lambda: self._variant(lambda y: self._each(
                         y, lambda part, a, b: lora_shrink_expand(part, self.x, a, b, plan))),
                     "triton_slices": sliced(slices), "triton_slices_graph_plan": sliced(graph_slices)}
+        # v7 (bench/gpu_notes.md): the layer's GEMM and the graph plan's LoRA, the shrink after
+        # the GEMM or beside it on a second stream (--decode-lora-beside-gemm); base_gemm_us is
+        # the GEMM alone.
+        variants["gemm_then_lora_graph_plan"] = lambda: self._with_gemm(graph_slices, beside_gemm=False)
+        variants["gemm_beside_shrink_graph_plan"] = lambda: self._with_gemm(graph_slices, beside_gemm=True)
         if self.tokens >= 64:  # the tuning sweep of the next GPU run (bench/gpu_notes.md, v3)
             for split_k in (4, 8, 16):
                 variants[f"triton_slices_graph_plan_split{split_k}"] = sliced(graph_slices, split_k=split_k)
@@ -178,6 +183,21 @@ class FusedLoraCase(LoraCase):
             # v5 (bench/gpu_notes.md): the split sums one load at a time, as v3's loop did
             variants["triton_slices_graph_plan_serial_splits"] = sliced(graph_slices, splits_per_load=1)
         return variants
+
+
+    def _with_gemm(self, slices, beside_gemm: bool) -> Variant:
+        """The GEMM writes its own buffer and the expand adds into y: the expand waits for both,
+        as in a layer, while y still holds what the reference checks."""
+        from services.inference.kernels.streams import beside, side_stream_for
+        from services.inference.kernels.triton_lora import SlicedLora
+
+        side, gemm_out = side_stream_for(self.device, beside_gemm), torch.empty_like(self.y)
+
+        def layer(y: torch.Tensor) -> None:
+            launch = SlicedLora(self.x, slices)
+            beside(side, launch.shrink, lambda: torch.matmul(self.x, self.weight.T, out=gemm_out))
+            launch.expand(y)
+        return self._variant(layer)
 
 
 def lora_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[LoraCase]:

@@ -68,6 +68,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
     decode_lora_tuning: str = option("auto", "the LoRA launches of captured decode graphs: auto (out-block width and "
                                              "split-K measured per shape at start-up on the GPU), or off (the "
                                              "kernels' defaults)")
+    decode_lora_beside_gemm: bool = option(True, "captured decode graphs run each LoRA shrink on a second CUDA "
+                                                 "stream beside its base GEMM, which reads the same input (off: "
+                                                 "one after the other)")
     tool_call_format: str = option("auto", "how the model writes tool calls, for OpenAI's tool_choice auto: hermes "
                                            "(<tool_call> blocks: Qwen, Hermes), llama3_json (Llama 3.1/3.2), "
                                            "mistral ([TOOL_CALLS]), none (never read calls), or auto (told by "

@@ -131,7 +131,8 @@ class Node:
                              kernels=kernels, graphs=graphs, max_graph_batch=min(config.max_graph_batch,
                                                                                  config.max_num_seqs),
                              max_context=max_context, max_rank=config.max_adapter_rank, prefill_lora=prefill_lora,
-                             decode_lora=config.decode_lora_tuning)
+                             decode_lora=config.decode_lora_tuning,
+                             lora_beside_gemm=config.decode_lora_beside_gemm)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),

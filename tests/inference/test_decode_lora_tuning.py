@@ -132,21 +132,16 @@ def test_a_graph_runs_the_tuned_launches_and_gives_the_eager_logits(tiny_model_d
                           tuning=tuning)
     launched: list[dict] = []
 
-    def recording(name: str):
-        real = getattr(decode_graphs, name)
-
-        def launch(*arguments, **knobs):
+    class Recording(decode_graphs.SlicedLora):  # every launch pair: q|k|v, o, gate|up, down
+        def __init__(self, *arguments, **knobs):
             launched.append(knobs)
-            return real(*arguments, **knobs)
-        monkeypatch.setattr(decode_graphs, name, launch)
-
-    recording("lora_shrink_expand_slices")  # q|k|v and gate|up
-    recording("lora_shrink_expand")  # o and down
+            super().__init__(*arguments, **knobs)
+    monkeypatch.setattr(decode_graphs, "SlicedLora", Recording)
     randomize(graphs)
     packed = decode_step(6, [adapter(0, 3, [3, 4], 0.5, ALL), adapter(3, 6, [9, 10, 11], 2.0, ALL)])
     step = graphs.choose(packed)
     logits = graphs.run(step, packed).clone()
-    assert launched and all(knobs == {"block_n": 16, "split_k": 1} for knobs in launched)
+    assert len(launched) == 4 * args.num_layers and all(knobs == {"block_n": 16, "split_k": 1} for knobs in launched)
     torch.testing.assert_close(logits, eager_logits(graphs, packed), rtol=1e-4, atol=1e-4)
 
 

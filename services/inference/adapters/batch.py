@@ -1,8 +1,8 @@
 """LoraBatch: which adapter each token of a step uses, computed once per step.
 
 The model runner orders scheduled sequences so that tokens sharing an adapter are
-contiguous; each run of tokens is one Segment. Layers call `apply`, the one seam between
-the base layers and LoRA compute; with `kernels="triton"` it plans Triton tiles instead, and
+contiguous; each run of tokens is one Segment. Layers call `linear`, the one seam between
+the base layers and LoRA compute (their GEMM, then `apply` for each projection); with `kernels="triton"` it plans Triton tiles instead, and
 segments of a prefill go through the kernel the node measured fastest for each projection's
 shape at start-up (kernels/prefill_lora.py).
 On CPU, one-token segments (decodes) go through a single gathered batched matmul and
@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from services.inference.kernels.grouped import lora_grouped
 from services.inference.kernels.prefill_lora import DECODE_TILES, LONG_SEGMENT, PrefillPath, plan_path, run_planned
@@ -109,6 +110,14 @@ class LoraBatch:
         short = [s for s in segments if s.end - s.start < LONG_SEGMENT]
         return ([build_lora_plan(short, self.num_tokens, device)] if short else []) + \
             [plan_path(path, long, self.num_tokens, device)]
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: int,
+               modules: list[str], columns: list[int]) -> torch.Tensor:
+        """The layers' seam: F.linear(x, weight, bias), then each module's LoRA on its columns."""
+        y = F.linear(x, weight, bias)
+        if len(modules) == 1:
+            return self.apply(y, x, layer, modules[0])
+        return self.apply_fused(y, x, layer, modules, columns)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """y [T, out] += LoRA(x [T, in]) for every token whose adapter targets `module`."""

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from services.inference.adapters.batch import AdapterSegments, segments_by_targets
 from services.inference.adapters.pool import AdapterPool
@@ -50,8 +51,9 @@ from services.inference.config import GRAPH_MODES
 from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
 from services.inference.engine.packed_step import PackedStep
 from services.inference.kernels.decode_lora_tuning import DecodeLoraTuning, LaunchShape, launch_shapes
-from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraSlice, LoraTritonPlan, lora_shrink_expand,
-                                                    lora_shrink_expand_slices, rank_paddings, tile_segments)
+from services.inference.kernels.streams import beside, side_stream_for
+from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraSlice, LoraTritonPlan, SlicedLora,
+                                                    rank_paddings, tile_segments)
 from services.inference.model.attention import DecodeBatch
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
@@ -109,29 +111,28 @@ def step_tiles(groups: list[AdapterSegments], block_m: int) -> int:
 
 
 class PlannedLora:
-    """The LoraBatch seam (`apply`) over fixed Triton plans: one per projection, each launch
+    """The layers' LoRA seam (`linear`) over fixed Triton plans: one per projection, each launch
     with the knobs start-up measured for its shape (kernels/decode_lora_tuning.py), read while
-    the graph is captured, so a replay pays nothing for them."""
+    the graph is captured, so a replay pays nothing for them. With a side stream, each shrink
+    runs beside its base GEMM (kernels/streams.py): two branches of the captured graph."""
 
     def __init__(self, plans: dict[str, LoraTritonPlan], pool: AdapterPool,
-                 tuning: DecodeLoraTuning | None = None) -> None:
+                 tuning: DecodeLoraTuning | None = None, side_stream: torch.cuda.Stream | None = None) -> None:
         self.plans, self.pool, self.tuning = plans, pool, tuning or DecodeLoraTuning()
+        self.side_stream = side_stream
 
-    def _knobs(self, plan: LoraTritonPlan, in_features: int, outs: list[int]) -> dict[str, int]:
-        return self.tuning.knobs(LaunchShape(plan.num_tiles, plan.block_r, in_features, tuple(outs)))
-
-    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        a_pages, b_pages, plan = self.pool.a[module][layer], self.pool.b[module][layer], self.plans[module]
-        return lora_shrink_expand(y, x, a_pages, b_pages, plan, **self._knobs(plan, x.shape[1], [b_pages.shape[1]]))
-
-    def apply_fused(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: list[str],
-                    columns: list[int]) -> torch.Tensor:
-        """Every module in one launch pair: the plans share a capacity, and a module no adapter of
-        the step targets has empty tiles, whose programs return at once."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: int,
+               modules: list[str], columns: list[int]) -> torch.Tensor:
+        """F.linear(x, weight, bias) plus every module's LoRA on its columns, in one launch pair:
+        the plans share a capacity, and a module no adapter of the step targets has empty
+        tiles, whose programs return at once."""
         slices = [LoraSlice(self.pool.a[m][layer], self.pool.b[m][layer], self.plans[m], column)
                   for m, column in zip(modules, columns)]
-        knobs = self._knobs(slices[0].plan, x.shape[1], [piece.b_pages.shape[1] for piece in slices])
-        return lora_shrink_expand_slices(y, x, slices, **knobs)
+        outs = tuple(piece.b_pages.shape[1] for piece in slices)
+        knobs = self.tuning.knobs(LaunchShape(slices[0].plan.num_tiles, slices[0].plan.block_r, x.shape[1], outs))
+        launch = SlicedLora(x, slices, **knobs)
+        y = beside(self.side_stream, launch.shrink, lambda: F.linear(x, weight, bias))
+        return launch.expand(y)
 
 
 def graph_launch_shapes(model: LlamaForCausalLM, pool: AdapterPool, max_batch: int, max_rank: int
@@ -156,12 +157,14 @@ class GraphedStep:
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, *, mode: str, max_batch: int, max_rank: int,
                  max_context: int, block_size: int, scratch_slot: int, device: torch.device,
-                 tuning: DecodeLoraTuning | None = None) -> None:
-        """tuning: the LoRA launch knobs per shape (graph_launch_shapes; default: the kernels' own)."""
+                 tuning: DecodeLoraTuning | None = None, lora_beside_gemm: bool = True) -> None:
+        """tuning: the LoRA launch knobs per shape (graph_launch_shapes; default: the kernels' own);
+        lora_beside_gemm: each LoRA shrink on a second stream beside its base GEMM (CUDA only)."""
         if mode not in (CAPTURE, STATIC):
             raise ValueError(f"mode must be {CAPTURE} or {STATIC}, got {mode!r}")
         self.model, self.pool, self.mode, self.device = model, pool, mode, device
         self.tuning = tuning or DecodeLoraTuning()
+        self.side_stream = side_stream_for(device, lora_beside_gemm)
         self.block_size, self.scratch_slot = block_size, scratch_slot
         self.sizes = graph_batch_sizes(max_batch)
         self.paddings = rank_paddings(max_rank)
@@ -197,7 +200,7 @@ class DecodeGraphs:
                                        batch, layout.block_m, layout.block_r,
                                        real_tiles=capacity)  # capacity: tile_sizes says which hold tokens
                      for m in layout.modules}
-            lora = PlannedLora(plans, self.pool, self.tuning)
+            lora = PlannedLora(plans, self.pool, self.tuning, self.side_stream)
         decode = DecodeBatch(rows=None, slots=None, mask=None, seq_indices=frozenset(range(batch)),
                              block_tables=int_view(buffer, layout.block_tables, batch, layout.table_width),
                              context_lens=int_view(buffer, layout.context_lens))

@@ -36,13 +36,15 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, num_kv_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
                  graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64,
-                 prefill_lora: PrefillChoice | None = None, decode_lora: str = "auto") -> None:
+                 prefill_lora: PrefillChoice | None = None, decode_lora: str = "auto",
+                 lora_beside_gemm: bool = True) -> None:
         """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
         bounds the graphs' block tables (default: the model's max_position_embeddings);
         prefill_lora: the kernel of each module's prefill segments (kernels/prefill_lora.py;
         default: the 16-row tiles with Triton kernels, grouped_mm with PyTorch's);
         decode_lora: "auto" measures the captured graphs' LoRA launches
-        (kernels/decode_lora_tuning.py), "off" keeps the kernels' defaults."""
+        (kernels/decode_lora_tuning.py), "off" keeps the kernels' defaults; lora_beside_gemm:
+        the graphs run each LoRA shrink on a second stream beside its GEMM (kernels/streams.py)."""
         self.model, self.pool, self.kernels = model, pool, kernels
         model.use_fused_ops(kernels == "triton")  # the element-wise kernels go with the Triton ones
         self.block_size, self.device = block_size, torch.device(device)
@@ -71,7 +73,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, pool, mode=graphs, max_batch=max_graph_batch, max_rank=max_rank,
                                        max_context=max_context or args.max_position_embeddings, block_size=block_size,
                                        scratch_slot=num_kv_blocks * block_size, device=self.device,
-                                       tuning=self.decode_lora)
+                                       tuning=self.decode_lora, lora_beside_gemm=lora_beside_gemm)
             self.graphs.capture()
 
     @property

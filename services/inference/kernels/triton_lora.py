@@ -29,9 +29,9 @@ import torch
 from services.inference.kernels.backend import triton_available
 from services.inference.kernels.reference import Segment
 
-__all__ = ["HostTiles", "LoraSlice", "LoraTritonPlan", "build_lora_plan", "choose_split_k", "default_splits_per_load",
-           "lora_shrink_expand", "lora_shrink_expand_slices", "max_tiles_for", "plan_from_token_pages", "tile_segments",
-           "triton_available"]
+__all__ = ["HostTiles", "LoraSlice", "LoraTritonPlan", "SlicedLora", "build_lora_plan", "choose_split_k",
+           "default_splits_per_load", "lora_shrink_expand", "lora_shrink_expand_slices", "max_tiles_for",
+           "plan_from_token_pages", "tile_segments", "triton_available"]
 
 # 16 is the smallest M tl.dot takes on the tensor cores, and decode tiles rarely hold more
 # than a few rows of one adapter; prefill-heavy steps may do better with 32 or 64 (fewer
@@ -282,14 +282,104 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
     splits_per_load (a power of two): the split-K partials the expand sums per load round
     (default: default_splits_per_load(block_m, block_r); 1 sums them one load at a time).
     """
-    from services.inference.kernels import triton_lora_kernels as kernels
+    launch = SlicedLora(x, slices, block_k=block_k, block_n=block_n, split_k=split_k,
+                        splits_per_load=splits_per_load)
+    launch.check_output(y)
+    launch.shrink()
+    return launch.expand(y)
 
-    if not 1 <= len(slices) <= kernels.MAX_SLICES:
-        raise ValueError(f"1 to {kernels.MAX_SLICES} slices per launch, got {len(slices)}")
+
+class SlicedLora:
+    """lora_shrink_expand_slices in its two launches, so that a caller can run the shrink beside
+    the base GEMM (both only read x; kernels/streams.py) and the expand once both are done.
+
+    Built on the current stream: the shrink's fp32 partials are allocated here, so a shrink run
+    on another stream writes memory the current stream owns and frees after the expand.
+    """
+
+    def __init__(self, x: torch.Tensor, slices: Sequence[LoraSlice], *, block_k: int = DEFAULT_BLOCK_K,
+                 block_n: int = DEFAULT_BLOCK_N, split_k: int | None = None,
+                 splits_per_load: int | None = None) -> None:
+        from services.inference.kernels import triton_lora_kernels as kernels
+
+        self.kernels, self.x, self.slices = kernels, x, list(slices)
+        _check_slices(x, self.slices, kernels.MAX_SLICES)
+        for name, value in (("block_k", block_k), ("block_n", block_n)):
+            if not _is_power_of_two(value) or value < MIN_DOT_DIM:
+                raise ValueError(f"{name} must be a power of two >= {MIN_DOT_DIM}, got {value}")
+        plan = self.slices[0].plan
+        if splits_per_load is None:
+            splits_per_load = default_splits_per_load(plan.block_m, plan.block_r)
+        if not _is_power_of_two(splits_per_load):
+            raise ValueError(f"splits_per_load must be a power of two, got {splits_per_load}")
+        self.block_k, self.block_n, self.splits_per_load = block_k, block_n, splits_per_load
+        self.outs = [piece.b_pages.shape[1] for piece in self.slices]
+        # Nothing to compute: both launches return at once.
+        self.empty = plan.num_tiles == 0 or x.shape[0] == 0 or sum(self.outs) == 0
+        if split_k is None:
+            split_k = choose_split_k(plan.num_tiles * len(self.slices), x.shape[1], block_k, x.device)
+        self.k_per_split, self.split_k = _k_slices(x.shape[1], split_k, block_k)
+        self.partial = None if self.empty else torch.empty(
+            (len(self.slices), self.split_k, plan.num_tiles, plan.block_m, plan.block_r),
+            dtype=torch.float32, device=x.device)
+        # Exact fp32 products when the inputs are fp32 (tests, CPU); 16-bit inputs ignore it.
+        self.precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        # Unused pads: no programs read them.
+        self.padded = self.slices + [self.slices[0]] * (kernels.MAX_SLICES - len(self.slices))
+
+    def _each(self, field: str) -> list:
+        return [getattr(piece.plan, field) for piece in self.padded]
+
+    def check_output(self, y: torch.Tensor) -> None:
+        if y.shape[0] != self.x.shape[0]:
+            raise ValueError(f"plan for {self.slices[0].plan.num_tokens} tokens, x {tuple(self.x.shape)}, "
+                             f"y {tuple(y.shape)}")
+        for piece in self.slices:
+            if piece.column < 0 or piece.column + piece.b_pages.shape[1] > y.shape[1]:
+                raise ValueError(f"slice at column {piece.column} of {piece.b_pages.shape[1]} "
+                                 f"is outside y {tuple(y.shape)}")
+
+    def shrink(self) -> None:
+        """partial[s, split, tile] = x[tile rows, split's K range] @ A pages of slice s (fp32)."""
+        if self.empty:
+            return
+        x, first, plan = self.x, self.slices[0], self.slices[0].plan
+        self.kernels.lora_shrink_kernel[(plan.num_tiles, self.split_k, len(self.slices))](
+            x, self.partial, *(piece.a_pages for piece in self.padded), *self._each("tile_rows"),
+            *self._each("tile_sizes"), *self._each("tile_pages"),
+            plan.num_tiles, x.shape[1], self.k_per_split,
+            x.stride(0), x.stride(1), first.a_pages.stride(0), first.a_pages.stride(1),
+            BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=self.block_k, DOT_PRECISION=self.precision,
+            num_warps=4, num_stages=3,
+        )
+
+    def expand(self, y: torch.Tensor) -> torch.Tensor:
+        """y[tile rows, slice s's columns] += scale * sum over splits of partial[s] @ B pages of s."""
+        if self.empty:
+            return y
+        self.check_output(y)
+        first, plan, block_n = self.slices[0], self.slices[0].plan, self.block_n
+        outs = self.outs + [0] * (self.kernels.MAX_SLICES - len(self.slices))
+        # The kernel puts slice 0 at column 0: y from the first slice's column on, the others after it.
+        columns = [piece.column - first.column for piece in self.padded]
+        self.kernels.lora_expand_kernel[(plan.num_tiles, sum(_cdiv(out, block_n) for out in outs))](
+            y[:, first.column:], self.partial, *(piece.b_pages for piece in self.padded), *self._each("tile_rows"),
+            *self._each("tile_sizes"), *self._each("tile_pages"), *self._each("tile_scales"),
+            plan.num_tiles, self.split_k, *outs, columns[1], columns[2],
+            y.stride(0), y.stride(1), *(piece.b_pages.stride(0) for piece in self.padded), first.b_pages.stride(1),
+            BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n, SPLITS_PER_LOAD=self.splits_per_load,
+            DOT_PRECISION=self.precision, num_warps=4,
+        )
+        return y
+
+
+def _check_slices(x: torch.Tensor, slices: list[LoraSlice], max_slices: int) -> None:
+    if not 1 <= len(slices) <= max_slices:
+        raise ValueError(f"1 to {max_slices} slices per launch, got {len(slices)}")
     first = slices[0]
     plan, num_tokens, in_features = first.plan, x.shape[0], x.shape[1]
-    if y.shape[0] != num_tokens or num_tokens != plan.num_tokens:
-        raise ValueError(f"plan for {plan.num_tokens} tokens, x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if num_tokens != plan.num_tokens:
+        raise ValueError(f"plan for {plan.num_tokens} tokens, x {tuple(x.shape)}")
     if any(later.column < earlier.column + earlier.b_pages.shape[1] for earlier, later in zip(slices, slices[1:])):
         raise ValueError("slices must come in column order without overlapping")
     for piece in slices:
@@ -302,51 +392,5 @@ def lora_shrink_expand_slices(y: torch.Tensor, x: torch.Tensor, slices: Sequence
                              f"{piece.a_pages.dtype}, b_pages {piece.b_pages.dtype} do not agree")
         if piece.a_pages.stride() != first.a_pages.stride() or piece.b_pages.stride(1) != first.b_pages.stride(1):
             raise ValueError("slices' pages must share strides (A) and the out stride (B)")
-        if piece.column < 0 or piece.column + piece.b_pages.shape[1] > y.shape[1]:
-            raise ValueError(f"slice at column {piece.column} of {piece.b_pages.shape[1]} "
-                             f"is outside y {tuple(y.shape)}")
         if other.tile_rows.device != x.device:
             raise ValueError(f"plan on {other.tile_rows.device}, x on {x.device}")
-    for name, value in (("block_k", block_k), ("block_n", block_n)):
-        if not _is_power_of_two(value) or value < MIN_DOT_DIM:
-            raise ValueError(f"{name} must be a power of two >= {MIN_DOT_DIM}, got {value}")
-    if splits_per_load is None:
-        splits_per_load = default_splits_per_load(plan.block_m, plan.block_r)
-    if not _is_power_of_two(splits_per_load):
-        raise ValueError(f"splits_per_load must be a power of two, got {splits_per_load}")
-    outs = [piece.b_pages.shape[1] for piece in slices]
-    if plan.num_tiles == 0 or num_tokens == 0 or sum(outs) == 0:
-        return y
-
-    if split_k is None:
-        split_k = choose_split_k(plan.num_tiles * len(slices), in_features, block_k, x.device)
-    k_per_split, split_k = _k_slices(in_features, split_k, block_k)
-    # Exact fp32 products when the inputs are fp32 (tests, CPU); 16-bit inputs ignore it.
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    partial = torch.empty((len(slices), split_k, plan.num_tiles, plan.block_m, plan.block_r),
-                          dtype=torch.float32, device=x.device)
-    padded = list(slices) + [first] * (kernels.MAX_SLICES - len(slices))  # unused: no programs read them
-
-    def each(field: str) -> list:
-        return [getattr(piece.plan, field) for piece in padded]
-
-    kernels.lora_shrink_kernel[(plan.num_tiles, split_k, len(slices))](
-        x, partial, *(piece.a_pages for piece in padded), *each("tile_rows"), *each("tile_sizes"), *each("tile_pages"),
-        plan.num_tiles, in_features, k_per_split,
-        x.stride(0), x.stride(1), first.a_pages.stride(0), first.a_pages.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=block_k, DOT_PRECISION=precision,
-        num_warps=4, num_stages=3,
-    )
-    outs += [0] * (kernels.MAX_SLICES - len(slices))
-    # The kernel puts slice 0 at column 0: y from the first slice's column on, the others after it.
-    columns = [piece.column - first.column for piece in padded]
-    y_from_first = y[:, first.column:]
-    kernels.lora_expand_kernel[(plan.num_tiles, sum(_cdiv(out, block_n) for out in outs))](
-        y_from_first, partial, *(piece.b_pages for piece in padded), *each("tile_rows"), *each("tile_sizes"),
-        *each("tile_pages"), *each("tile_scales"),
-        plan.num_tiles, split_k, *outs, columns[1], columns[2],
-        y.stride(0), y.stride(1), *(piece.b_pages.stride(0) for piece in padded), first.b_pages.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_N=block_n, SPLITS_PER_LOAD=splits_per_load,
-        DOT_PRECISION=precision, num_warps=4,
-    )
-    return y

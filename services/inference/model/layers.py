@@ -76,10 +76,10 @@ class LoRALinear(nn.Module):
         self.layer, self.module = layer, module
 
     def forward(self, x: torch.Tensor, lora) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if lora is not None:
-            lora.apply(y, x, self.layer, self.module)
-        return y
+        if lora is None:
+            return F.linear(x, self.weight, self.bias)
+        # The seam runs the GEMM too: a decode graph's runs the LoRA shrink beside it.
+        return lora.linear(x, self.weight, self.bias, self.layer, [self.module], [0])
 
 
 class FusedProjections:
@@ -108,7 +108,9 @@ class FusedProjections:
                 offset += size
 
     def __call__(self, x: torch.Tensor, lora) -> list[torch.Tensor]:
-        y = F.linear(x, self.weight, self.bias)
-        if lora is not None:  # every module's LoRA on its columns, one launch pair where possible
-            lora.apply_fused(y, x, self.modules[0].layer, [m.module for m in self.modules], self.columns)
+        if lora is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:  # every module's LoRA on its columns, one launch pair where possible
+            y = lora.linear(x, self.weight, self.bias, self.modules[0].layer, [m.module for m in self.modules],
+                            self.columns)
         return list(y.split(self.sizes, dim=-1))

@@ -99,7 +99,7 @@ def engine_options(args) -> dict:
     of decode graphs captured and kernels compiled for nothing). No prefix caching: every timed
     run repeats the same prompts, whose KV it would read back instead of computing it as HF does."""
     return {"kernels": args.kernels, "max_adapter_rank": args.rank, "prefix_caching": False,
-            "overlap_steps": args.overlap_steps, "decode_lora_beside_gemm": args.lora_beside_gemm == "on",
+            "overlap_steps": args.overlap_steps, "decode_lora_beside_gemm": args.lora_beside_gemm,
             **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {})}
 
 
@@ -232,8 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="our engine's CUDA graphs (default auto: on with Triton kernels on CUDA)")
     parser.add_argument("--overlap-steps", choices=["auto", "on", "off"], default="auto",
                         help="our engine's overlapped decode steps (default auto: on with captured CUDA graphs)")
-    parser.add_argument("--lora-beside-gemm", choices=["on", "off"], default="on",
-                        help="our decode graphs' LoRA shrinks on a second stream beside their GEMMs (default on)")
+    parser.add_argument("--lora-beside-gemm", choices=["auto", "off", "shrink", "lora"], default="auto",
+                        help="where our decode graphs run each LoRA against its GEMM (default auto: measured)")
     parser.add_argument("--hf-gen-len", type=int, default=0, help="new tokens for the HF peft runs (0: --gen-len; "
                         "8 with --matrix); HF mixed batches are slow on big models")
     parser.add_argument("--skip-hf", action="store_true", help="only our engine")

@@ -170,11 +170,13 @@ class FusedLoraCase(LoraCase):
                     "triton_per_projection": lambda: self._variant(lambda y: self._each(
                         y, lambda part, a, b: lora_shrink_expand(part, self.x, a, b, plan))),
                     "triton_slices": sliced(slices), "triton_slices_graph_plan": sliced(graph_slices)}
-        # v7 (bench/gpu_notes.md): the layer's GEMM and the graph plan's LoRA, the shrink after
-        # the GEMM or beside it on a second stream (--decode-lora-beside-gemm); base_gemm_us is
-        # the GEMM alone.
-        variants["gemm_then_lora_graph_plan"] = lambda: self._with_gemm(graph_slices, beside_gemm=False)
-        variants["gemm_beside_shrink_graph_plan"] = lambda: self._with_gemm(graph_slices, beside_gemm=True)
+        # v7 (bench/gpu_notes.md): the layer's GEMM and the graph plan's LoRA, in each mode of
+        # --decode-lora-beside-gemm (after the GEMM, its shrink or all of it on a second stream);
+        # base_gemm_us is the GEMM alone.
+        from services.inference.kernels.decode_lora_tuning import BESIDE_LABELS
+
+        for mode, label in BESIDE_LABELS.items():
+            variants[f"{label}_graph_plan"] = lambda mode=mode: self._with_gemm(graph_slices, mode)
         if self.tokens >= 64:  # the tuning sweep of the next GPU run (bench/gpu_notes.md, v3)
             for split_k in (4, 8, 16):
                 variants[f"triton_slices_graph_plan_split{split_k}"] = sliced(graph_slices, split_k=split_k)
@@ -185,19 +187,19 @@ class FusedLoraCase(LoraCase):
         return variants
 
 
-    def _with_gemm(self, slices, beside_gemm: bool) -> Variant:
-        """The GEMM writes its own buffer and the expand adds into y: the expand waits for both,
-        as in a layer, while y still holds what the reference checks."""
-        from services.inference.kernels.streams import beside, side_stream_for
+    def _with_gemm(self, slices, mode: str) -> Variant:
+        """The whole projection, GEMM and LoRA; checked as y0 + (it - the GEMM alone), the LoRA term."""
+        from services.inference.kernels.streams import linear_with_lora, side_stream_for
         from services.inference.kernels.triton_lora import SlicedLora
 
-        side, gemm_out = side_stream_for(self.device, beside_gemm), torch.empty_like(self.y)
+        side = side_stream_for(self.device, mode != "off")
 
-        def layer(y: torch.Tensor) -> None:
-            launch = SlicedLora(self.x, slices)
-            beside(side, launch.shrink, lambda: torch.matmul(self.x, self.weight.T, out=gemm_out))
-            launch.expand(y)
-        return self._variant(layer)
+        def project() -> torch.Tensor:
+            return linear_with_lora(self.x, self.weight, None, SlicedLora(self.x, slices), mode, side)
+
+        def check() -> torch.Tensor:
+            return project().float() - torch.nn.functional.linear(self.x, self.weight).float() + self.y0.float()
+        return Variant(check, project)
 
 
 def lora_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[LoraCase]:

@@ -10,6 +10,7 @@ from services.common.config import ClientTlsConfig, ServerConfig, option
 from services.inference.kernels.backend import CHOICES as KERNEL_CHOICES
 from services.inference.kernels.decode_lora_tuning import CHOICES as DECODE_LORA_TUNING_CHOICES
 from services.inference.kernels.prefill_lora import CHOICES as PREFILL_LORA_CHOICES
+from services.inference.kernels.streams import CHOICES as BESIDE_CHOICES
 from services.inference.reasoning_format import CHOICES as REASONING_FORMATS
 from services.inference.tool_format import CHOICES as TOOL_CALL_FORMATS
 
@@ -68,9 +69,11 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
     decode_lora_tuning: str = option("auto", "the LoRA launches of captured decode graphs: auto (out-block width and "
                                              "split-K measured per shape at start-up on the GPU), or off (the "
                                              "kernels' defaults)")
-    decode_lora_beside_gemm: bool = option(True, "captured decode graphs run each LoRA shrink on a second CUDA "
-                                                 "stream beside its base GEMM, which reads the same input (off: "
-                                                 "one after the other)")
+    decode_lora_beside_gemm: str = option("auto", "where captured decode graphs run each LoRA against its base "
+                                                  "GEMM, which reads the same input: off (after it), shrink (its "
+                                                  "shrink beside it on a second CUDA stream), lora (all of it "
+                                                  "beside it), or auto (measured per shape at start-up with "
+                                                  "--decode-lora-tuning auto, else off)")
     tool_call_format: str = option("auto", "how the model writes tool calls, for OpenAI's tool_choice auto: hermes "
                                            "(<tool_call> blocks: Qwen, Hermes), llama3_json (Llama 3.1/3.2), "
                                            "mistral ([TOOL_CALLS]), none (never read calls), or auto (told by "
@@ -103,6 +106,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
         if self.decode_lora_tuning not in DECODE_LORA_TUNING_CHOICES:
             raise ValueError(f"--decode-lora-tuning must be one of {', '.join(DECODE_LORA_TUNING_CHOICES)}, "
                              f"got {self.decode_lora_tuning!r}")
+        if self.decode_lora_beside_gemm not in BESIDE_CHOICES:
+            raise ValueError(f"--decode-lora-beside-gemm must be one of {', '.join(BESIDE_CHOICES)}, "
+                             f"got {self.decode_lora_beside_gemm!r}")
         if self.tool_call_format not in TOOL_CALL_FORMATS:
             raise ValueError(f"--tool-call-format must be one of {', '.join(TOOL_CALL_FORMATS)}, "
                              f"got {self.tool_call_format!r}")

@@ -26,7 +26,8 @@ def test_kernel_bench_smoke_checks_every_path_against_the_reference(tmp_path):
     assert {"reference_segments", "reference_gathered", "grouped_mm", "triton", "triton_tiles32", "triton_tiles64",
             "triton_per_projection", "triton_slices",  # q|k|v apart and in one launch
             "triton_serial_splits", "triton_n256",  # the expand's knobs
-            "gemm_then_lora_graph_plan", "gemm_beside_shrink_graph_plan"} <= lora  # with the layer's GEMM
+            "gemm_then_lora_graph_plan", "shrink_beside_gemm_graph_plan",  # with the layer's GEMM
+            "lora_beside_gemm_graph_plan"} <= lora
     # with the split sweep
     assert {"torch_padded_gather", "triton", "triton_partitions1", "triton_partitions32"} <= attention
     prefill = {name for case in report["prefill_attention"] for name in case["variants"]}

@@ -53,21 +53,48 @@ def test_the_fastest_launch_that_matches_the_reference_is_kept(triton_device):
     measured: list[str] = []
     timer = timings({"n256_split1": 7.0, "n512_split2": 8.0}, measured)
     tuning = tune_decode_lora([FUSED, ALONE], torch.float32, triton_device, timer=timer)
-    # Every candidate ran, matched lora_segments and was timed, once per shape.
+    # Every candidate ran, matched lora_segments and was timed, once per shape; then the chosen
+    # knobs with the GEMM in each beside mode.
+    with_gemm = ["n256_split1_gemm_then_lora", "n256_split1_shrink_beside_gemm", "n256_split1_lora_beside_gemm"]
     assert sorted(measured) == sorted([c.name for c in candidates(FUSED, triton_device)]
-                                      + [c.name for c in candidates(ALONE, triton_device)])
+                                      + [c.name for c in candidates(ALONE, triton_device)] + 2 * with_gemm)
     assert tuning.launches == {FUSED: DecodeLaunch(256, 1), ALONE: DecodeLaunch(256, 1)}
     assert tuning.knobs(FUSED) == {"block_n": 256, "split_k": 1}
     assert tuning.knobs(LaunchShape(8, 16, 256, (48,))) == {}  # not measured: the kernels' defaults
     assert tuning.report[FUSED.name]["n256_split1"] == 7.0
-    assert tuning.summary() == "measured: 2 of 2 shapes off the default (n256_split1 x2)"
+    assert tuning.beside == {FUSED: "off", ALONE: "off"}  # all timed alike: the default
+    assert tuning.summary() == "measured: 2 of 2 shapes off the default (n256_split1 x2); LoRA beside the GEMM: off x2"
     assert DecodeLoraTuning().summary() == "defaults"
+
+
+def test_the_beside_mode_measured_fastest_with_the_gemm_is_kept(triton_device, monkeypatch):
+    default = default_launch(ALONE, triton_device).name
+
+    def tuned(by_name: dict[str, float]):
+        return tune_decode_lora([ALONE], torch.float32, triton_device, timer=timings(by_name, []))
+    tuning = tuned({f"{default}_lora_beside_gemm": 6.0, f"{default}_shrink_beside_gemm": 8.0})
+    assert tuning.beside == {ALONE: "lora"}
+    assert tuning.beside_mode(ALONE) == "lora" and tuning.beside_mode(LaunchShape(8, 16, 256, (48,))) == "off"
+    assert tuning.summary().endswith("LoRA beside the GEMM: lora x1")
+    assert tuned({f"{default}_shrink_beside_gemm": 8.0, f"{default}_lora_beside_gemm": 9.9}).beside == {ALONE: "shrink"}
+    # Each mode is checked against x @ W.T + LoRA before it is timed: a wrong one is dropped.
+    real = decode_lora_tuning.linear_with_lora
+
+    def wrong_beside(x, weight, bias, launch, mode, side_stream):
+        out = real(x, weight, bias, launch, mode, side_stream)
+        return out + 1.0 if mode == "lora" else out
+
+    monkeypatch.setattr(decode_lora_tuning, "linear_with_lora", wrong_beside)
+    measured: list[str] = []
+    checked = tune_decode_lora([ALONE], torch.float32, triton_device, timer=timings({}, measured))
+    assert checked.report[ALONE.name][f"{default}_lora_beside_gemm"].startswith("wrong result")
+    assert f"{default}_shrink_beside_gemm" in measured and f"{default}_lora_beside_gemm" not in measured
 
 
 def test_a_gain_within_the_noise_keeps_the_default(triton_device):
     default = default_launch(ALONE, triton_device).name
     slightly = tune_decode_lora([ALONE], torch.float32, triton_device,
-                                timer=timings({default: 10.0, "n256_split1": 9.8}, []))
+                                timer=timings({default: 10.0, "n256_split1": 9.8}, []), beside_modes=())
     assert slightly.launches[ALONE] == default_launch(ALONE, triton_device)  # 2% faster: noise
     assert slightly.summary() == "measured: 0 of 1 shapes off the default"
     clearly = tune_decode_lora([ALONE], torch.float32, triton_device,
@@ -87,7 +114,7 @@ def test_a_launch_that_fails_or_gives_wrong_results_is_never_timed(triton_device
     options = [default_launch(ALONE, triton_device), DecodeLaunch(256, 1), odd]
     measured: list[str] = []
     tuning = tune_decode_lora([ALONE], torch.float32, triton_device, timer=timings({}, measured),
-                              candidates_for=lambda shape: options)
+                              candidates_for=lambda shape: options, beside_modes=())
     assert measured == [options[0].name]
     report = tuning.report[ALONE.name]
     assert report["n256_split1"].startswith("wrong result: relative error")

@@ -2,9 +2,10 @@
 
 The model runner orders scheduled sequences so that tokens sharing an adapter are
 contiguous; each run of tokens is one Segment. Layers call `linear`, the one seam between
-the base layers and LoRA compute (their GEMM, then `apply` for each projection); with `kernels="triton"` it plans Triton tiles instead, and
-segments of a prefill go through the kernel the node measured fastest for each projection's
-shape at start-up (kernels/prefill_lora.py).
+the base layers and LoRA compute (their GEMM, then `apply` for each projection); with
+`kernels="triton"` it plans Triton tiles instead, and segments of a prefill go through the
+kernel the node measured fastest for each projection's shape at start-up
+(kernels/prefill_lora.py).
 On CPU, one-token segments (decodes) go through a single gathered batched matmul and
 longer segments (prefill chunks) through two grouped GEMMs: measured on 2 cores, 16 decode
 rows of rank 16 at 512->1408 take 150 µs gathered vs 540 µs one by one, and 16 prefill

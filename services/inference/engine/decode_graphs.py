@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from services.inference.adapters.batch import AdapterSegments, segments_by_targets
 from services.inference.adapters.pool import AdapterPool
@@ -51,7 +50,8 @@ from services.inference.config import GRAPH_MODES
 from services.inference.engine.graph_layout import GraphLayout, float_view, int_view
 from services.inference.engine.packed_step import PackedStep
 from services.inference.kernels.decode_lora_tuning import DecodeLoraTuning, LaunchShape, launch_shapes
-from services.inference.kernels.streams import beside, side_stream_for
+from services.inference.kernels.streams import CHOICES as BESIDE_CHOICES
+from services.inference.kernels.streams import linear_with_lora, side_stream_for
 from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_M, LoraSlice, LoraTritonPlan, SlicedLora,
                                                     rank_paddings, tile_segments)
 from services.inference.model.attention import DecodeBatch
@@ -113,13 +113,15 @@ def step_tiles(groups: list[AdapterSegments], block_m: int) -> int:
 class PlannedLora:
     """The layers' LoRA seam (`linear`) over fixed Triton plans: one per projection, each launch
     with the knobs start-up measured for its shape (kernels/decode_lora_tuning.py), read while
-    the graph is captured, so a replay pays nothing for them. With a side stream, each shrink
-    runs beside its base GEMM (kernels/streams.py): two branches of the captured graph."""
+    the graph is captured, so a replay pays nothing for them. With a side stream, the LoRA or
+    its shrink may run beside the base GEMM (kernels/streams.py): two branches of the graph."""
 
     def __init__(self, plans: dict[str, LoraTritonPlan], pool: AdapterPool,
-                 tuning: DecodeLoraTuning | None = None, side_stream: torch.cuda.Stream | None = None) -> None:
+                 tuning: DecodeLoraTuning | None = None, side_stream: torch.cuda.Stream | None = None,
+                 beside: str = "auto") -> None:
+        """beside: a mode of kernels/streams.BESIDE_MODES for every launch, or "auto": the tuning's."""
         self.plans, self.pool, self.tuning = plans, pool, tuning or DecodeLoraTuning()
-        self.side_stream = side_stream
+        self.side_stream, self.beside = side_stream, beside
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: int,
                modules: list[str], columns: list[int]) -> torch.Tensor:
@@ -129,10 +131,10 @@ class PlannedLora:
         slices = [LoraSlice(self.pool.a[m][layer], self.pool.b[m][layer], self.plans[m], column)
                   for m, column in zip(modules, columns)]
         outs = tuple(piece.b_pages.shape[1] for piece in slices)
-        knobs = self.tuning.knobs(LaunchShape(slices[0].plan.num_tiles, slices[0].plan.block_r, x.shape[1], outs))
-        launch = SlicedLora(x, slices, **knobs)
-        y = beside(self.side_stream, launch.shrink, lambda: F.linear(x, weight, bias))
-        return launch.expand(y)
+        shape = LaunchShape(slices[0].plan.num_tiles, slices[0].plan.block_r, x.shape[1], outs)
+        mode = self.tuning.beside_mode(shape) if self.beside == "auto" else self.beside
+        return linear_with_lora(x, weight, bias, SlicedLora(x, slices, **self.tuning.knobs(shape)), mode,
+                                self.side_stream)
 
 
 def graph_launch_shapes(model: LlamaForCausalLM, pool: AdapterPool, max_batch: int, max_rank: int
@@ -157,14 +159,19 @@ class GraphedStep:
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, pool: AdapterPool, *, mode: str, max_batch: int, max_rank: int,
                  max_context: int, block_size: int, scratch_slot: int, device: torch.device,
-                 tuning: DecodeLoraTuning | None = None, lora_beside_gemm: bool = True) -> None:
+                 tuning: DecodeLoraTuning | None = None, lora_beside_gemm: str = "auto") -> None:
         """tuning: the LoRA launch knobs per shape (graph_launch_shapes; default: the kernels' own);
-        lora_beside_gemm: each LoRA shrink on a second stream beside its base GEMM (CUDA only)."""
+        lora_beside_gemm: where each LoRA runs against its base GEMM (kernels/streams.py), one
+        mode for all, or "auto": the tuning's per shape (without one: "off")."""
         if mode not in (CAPTURE, STATIC):
             raise ValueError(f"mode must be {CAPTURE} or {STATIC}, got {mode!r}")
         self.model, self.pool, self.mode, self.device = model, pool, mode, device
         self.tuning = tuning or DecodeLoraTuning()
-        self.side_stream = side_stream_for(device, lora_beside_gemm)
+        if lora_beside_gemm not in BESIDE_CHOICES:
+            raise ValueError(f"lora_beside_gemm must be one of {', '.join(BESIDE_CHOICES)}, "
+                             f"got {lora_beside_gemm!r}")
+        self.lora_beside_gemm = lora_beside_gemm
+        self.side_stream = side_stream_for(device, lora_beside_gemm != "off")
         self.block_size, self.scratch_slot = block_size, scratch_slot
         self.sizes = graph_batch_sizes(max_batch)
         self.paddings = rank_paddings(max_rank)
@@ -200,7 +207,7 @@ class DecodeGraphs:
                                        batch, layout.block_m, layout.block_r,
                                        real_tiles=capacity)  # capacity: tile_sizes says which hold tokens
                      for m in layout.modules}
-            lora = PlannedLora(plans, self.pool, self.tuning, self.side_stream)
+            lora = PlannedLora(plans, self.pool, self.tuning, self.side_stream, self.lora_beside_gemm)
         decode = DecodeBatch(rows=None, slots=None, mask=None, seq_indices=frozenset(range(batch)),
                              block_tables=int_view(buffer, layout.block_tables, batch, layout.table_width),
                              context_lens=int_view(buffer, layout.context_lens))

@@ -20,6 +20,7 @@ from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
 from services.inference.kernels.decode_lora_tuning import CHOICES as DECODE_LORA_CHOICES
 from services.inference.kernels.decode_lora_tuning import DecodeLoraTuning, tune_decode_lora
+from services.inference.kernels.streams import BESIDE_MODES
 from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora, warm_up_prefill_lora
 from services.inference.model.attention import build_continued_prefills, build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
@@ -37,14 +38,15 @@ class ModelRunner:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
                  graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64,
                  prefill_lora: PrefillChoice | None = None, decode_lora: str = "auto",
-                 lora_beside_gemm: bool = True) -> None:
+                 lora_beside_gemm: str = "auto") -> None:
         """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
         bounds the graphs' block tables (default: the model's max_position_embeddings);
         prefill_lora: the kernel of each module's prefill segments (kernels/prefill_lora.py;
         default: the 16-row tiles with Triton kernels, grouped_mm with PyTorch's);
         decode_lora: "auto" measures the captured graphs' LoRA launches
         (kernels/decode_lora_tuning.py), "off" keeps the kernels' defaults; lora_beside_gemm:
-        the graphs run each LoRA shrink on a second stream beside its GEMM (kernels/streams.py)."""
+        where the graphs run each LoRA against its base GEMM (kernels/streams.py): "auto"
+        measures it per shape with decode_lora "auto" (else "off"), or one mode for all."""
         self.model, self.pool, self.kernels = model, pool, kernels
         model.use_fused_ops(kernels == "triton")  # the element-wise kernels go with the Triton ones
         self.block_size, self.device = block_size, torch.device(device)
@@ -58,7 +60,8 @@ class ModelRunner:
         self.decode_lora = DecodeLoraTuning()
         if graphs == CAPTURE and decode_lora == "auto":  # timings mean something on a GPU only
             launches = graph_launch_shapes(model, pool, max_graph_batch, max_rank)
-            self.decode_lora = tune_decode_lora(launches, pool.dtype, self.device)
+            self.decode_lora = tune_decode_lora(launches, pool.dtype, self.device,
+                                                beside_modes=BESIDE_MODES if lora_beside_gemm == "auto" else ())
             torch.cuda.empty_cache()  # the trials' blocks back to the device before the KV cache claims it
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.

@@ -13,6 +13,11 @@ scattered: the decode case of many tenants), drops those that fail or disagree w
 reference, and keeps the fastest. The graphs take the choice when they are captured, so a
 replay pays nothing for it.
 
+Then, with the knobs chosen, where the LoRA runs against the projection's base GEMM
+(kernels/streams.py: after it, its shrink beside it on a second stream, or all of it beside
+it) is timed the same way on the whole projection, GEMM included, since what a second stream
+hides depends on how much of the GPU the GEMM leaves idle at that shape.
+
 A launch group is what one LoRA launch pair serves: q|k|v and gate|up (fused projections,
 kernels/triton_lora.lora_shrink_expand_slices), o and down alone.
 """
@@ -26,8 +31,9 @@ import torch
 
 from services.inference.kernels.graph_timing import GraphTimer
 from services.inference.kernels.reference import Segment, lora_segments
+from services.inference.kernels.streams import BESIDE_MODES, linear_with_lora, side_stream_for
 from services.inference.kernels.triton_lora import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, LoraSlice,
-                                                    _k_slices, build_lora_plan, choose_split_k,
+                                                    SlicedLora, _k_slices, build_lora_plan, choose_split_k,
                                                     lora_shrink_expand_slices)
 
 CHOICES = ("auto", "off")
@@ -39,14 +45,24 @@ MIN_GAIN = 0.03
 WIDEST_BLOCK_N = {16: 512, 32: 512, 64: 256}
 
 
+# How each beside-the-GEMM mode (kernels/streams.py) is named in reports.
+BESIDE_LABELS = {"off": "gemm_then_lora", "shrink": "shrink_beside_gemm", "lora": "lora_beside_gemm"}
+
+
 @dataclass(frozen=True, order=True)
 class DecodeLaunch:
     block_n: int  # the expand's out-block width
     split_k: int  # the shrink's K slices
+    beside: str | None = None  # timed with the base GEMM, in this mode (BESIDE_MODES); None: LoRA alone
 
     @property
     def name(self) -> str:
-        return f"n{self.block_n}_split{self.split_k}"
+        knobs = f"n{self.block_n}_split{self.split_k}"
+        return knobs if self.beside is None else f"{knobs}_{BESIDE_LABELS[self.beside]}"
+
+    @property
+    def knobs(self) -> dict[str, int]:
+        return {"block_n": self.block_n, "split_k": self.split_k}
 
 
 @dataclass(frozen=True, order=True)
@@ -71,11 +87,16 @@ class DecodeLoraTuning:
     defaults: dict[LaunchShape, DecodeLaunch] = field(default_factory=dict)  # what each shape ran without
     # shape name -> candidate name -> median µs, or why it was dropped (for logs and benchmarks)
     report: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    beside: dict[LaunchShape, str] = field(default_factory=dict)  # the mode measured fastest with the GEMM
 
     def knobs(self, shape: LaunchShape) -> dict[str, int]:
         """Keyword arguments for lora_shrink_expand_slices: {} where the defaults stand."""
         launch = self.launches.get(shape)
-        return {} if launch is None else {"block_n": launch.block_n, "split_k": launch.split_k}
+        return {} if launch is None else launch.knobs
+
+    def beside_mode(self, shape: LaunchShape) -> str:
+        """Where the shape's LoRA runs against its GEMM (kernels/streams.py): "off" unless measured."""
+        return self.beside.get(shape, "off")
 
     def summary(self) -> str:
         """e.g. "measured: 12 of 44 shapes off the default (n256_split8 x7, ...)", or "defaults"."""
@@ -84,8 +105,10 @@ class DecodeLoraTuning:
         changed = sorted(launch.name for shape, launch in self.launches.items() if launch != self.defaults.get(shape))
         counts = {name: changed.count(name) for name in changed}
         listed = ", ".join(f"{name} x{count}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+        modes = sorted(self.beside.values())
+        beside = ", ".join(f"{mode} x{modes.count(mode)}" for mode in dict.fromkeys(modes))
         return f"measured: {len(changed)} of {len(self.report)} shapes off the default" + \
-            (f" ({listed})" if listed else "")
+            (f" ({listed})" if listed else "") + (f"; LoRA beside the GEMM: {beside}" if beside else "")
 
 
 def default_launch(shape: LaunchShape, device: torch.device | str = "cuda") -> DecodeLaunch:
@@ -127,6 +150,10 @@ class _Trial:
     y0: torch.Tensor
     want: torch.Tensor  # the reference, float32
 
+    @property
+    def tolerance(self) -> float:
+        return 1e-4 if self.x.dtype == torch.float32 else 3e-2
+
 
 def _trial(shape: LaunchShape, dtype: torch.dtype, device: torch.device) -> _Trial:
     """One token per tile, each tile its own adapter of rank block_r with scattered pages."""
@@ -153,31 +180,63 @@ def _trial(shape: LaunchShape, dtype: torch.dtype, device: torch.device) -> _Tri
     return _Trial(x, slices, y0, want)
 
 
-def _try(launch: DecodeLaunch, trial: _Trial, timer: Callable[[DecodeLaunch, Callable[[], object]], float]
-         ) -> float | str:
-    """The launch's time on the trial, or why it was dropped."""
-    tolerance = 1e-4 if trial.x.dtype == torch.float32 else 3e-2
-    knobs = {"block_n": launch.block_n, "split_k": launch.split_k}
+Timer = Callable[[DecodeLaunch, Callable[[], object]], float]
+
+
+def _checked_time(launch: DecodeLaunch, fresh: Callable[[], torch.Tensor], want: torch.Tensor, tolerance: float,
+                  call: Callable[[], object], timer: Timer) -> float | str:
+    """timer(launch, call) if fresh() matches want (float32), else why the launch was dropped."""
     try:
-        got = lora_shrink_expand_slices(trial.y0.clone(), trial.x, trial.slices, **knobs)
-        error = ((got.float() - trial.want).abs().max() / trial.want.abs().max().clamp(min=1e-12)).item()
+        got = fresh().float()
+        error = ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
         if not error <= tolerance:  # also NaN
             return f"wrong result: relative error {error:.3g} > {tolerance:g}"
-        y = trial.y0.clone()
-        return float(timer(launch, lambda: lora_shrink_expand_slices(y, trial.x, trial.slices, **knobs)))
+        return float(timer(launch, call))
     except Exception as exc:  # e.g. a width that does not compile on this GPU: not a candidate here
         return f"failed: {type(exc).__name__}: {exc}"
 
 
+def _try(launch: DecodeLaunch, trial: _Trial, timer: Timer) -> float | str:
+    """The launch's time on the trial (its LoRA alone), or why it was dropped."""
+    y = trial.y0.clone()
+    return _checked_time(launch, lambda: lora_shrink_expand_slices(trial.y0.clone(), trial.x, trial.slices,
+                                                                   **launch.knobs),
+                         trial.want, trial.tolerance,
+                         lambda: lora_shrink_expand_slices(y, trial.x, trial.slices, **launch.knobs), timer)
+
+
+def _try_beside(launch: DecodeLaunch, trial: _Trial, weight: torch.Tensor, side_stream, timer: Timer) -> float | str:
+    """The launch's time with the base GEMM (weight: [sum(outs), in]) in its beside mode."""
+    def project() -> torch.Tensor:
+        return linear_with_lora(trial.x, weight, None, SlicedLora(trial.x, trial.slices, **launch.knobs),
+                                launch.beside, side_stream)
+    want = trial.x.float() @ weight.float().T + (trial.want - trial.y0.float())
+    return _checked_time(launch, project, want, trial.tolerance, project, timer)
+
+
+def _fastest(launches: list[DecodeLaunch], outcomes: dict[str, float | str]) -> DecodeLaunch | None:
+    """The fastest launch that was timed, unless it beats the first by less than MIN_GAIN: then
+    the first; None when the first (the default) was not timed."""
+    first = outcomes[launches[0].name]
+    if not isinstance(first, float):
+        return None
+    best_time, best = min((outcomes[launch.name], i) for i, launch in enumerate(launches)
+                          if isinstance(outcomes[launch.name], float))
+    return launches[best] if best_time < first * (1 - MIN_GAIN) else launches[0]
+
+
 def tune_decode_lora(shapes: Iterable[LaunchShape], dtype: torch.dtype, device: torch.device | str, *,
-                     timer: Callable[[DecodeLaunch, Callable[[], object]], float] | None = None,
-                     candidates_for: Callable[[LaunchShape], list[DecodeLaunch]] | None = None) -> DecodeLoraTuning:
+                     timer: Timer | None = None,
+                     candidates_for: Callable[[LaunchShape], list[DecodeLaunch]] | None = None,
+                     beside_modes: Sequence[str] = BESIDE_MODES) -> DecodeLoraTuning:
     """Semantics: for each shape, the candidate (default: candidates(shape)) with the lowest
     timer(launch, call) (default: GraphTimer(device)(call)) among those that ran and matched
     lora_segments in float32 (relative error <= 3e-2 for 16-bit dtypes, 1e-4 for float32),
     unless it beats the first candidate (the default launch) by less than MIN_GAIN: then the
     first. A shape whose first candidate fails is left out (the defaults stand; its report
-    says why).
+    says why). Then, with the chosen knobs and a random base weight of the shape, each of
+    beside_modes (the first the default; kernels/streams.py) is timed as a whole projection,
+    GEMM and LoRA, checked against x @ weight.T + LoRA, and chosen the same way.
     """
     device = torch.device(device)
     # Replayed from a graph with cold pages, as the decode graphs will run it (kernels/graph_timing.py).
@@ -185,6 +244,8 @@ def tune_decode_lora(shapes: Iterable[LaunchShape], dtype: torch.dtype, device: 
         graph_timer = GraphTimer(device)
         timer = lambda _, call: graph_timer(call)  # noqa: E731
     candidates_for = candidates_for or (lambda shape: candidates(shape, device))
+    side_stream = side_stream_for(device, len(beside_modes) > 1)
+    weights: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # one per projection shape, all capacities
     tuning = DecodeLoraTuning()
     for shape in shapes:
         trial = _trial(shape, dtype, device)
@@ -192,11 +253,19 @@ def tune_decode_lora(shapes: Iterable[LaunchShape], dtype: torch.dtype, device: 
         outcomes = {launch.name: _try(launch, trial, timer) for launch in launches}
         tuning.report[shape.name] = outcomes
         tuning.defaults[shape] = launches[0]
-        timed = [(outcomes[launch.name], i) for i, launch in enumerate(launches)
-                 if isinstance(outcomes[launch.name], float)]
-        first = outcomes[launches[0].name]
-        if not isinstance(first, float):
+        chosen = _fastest(launches, outcomes)
+        if chosen is None:
             continue
-        best_time, best = min(timed)
-        tuning.launches[shape] = launches[best] if best_time < first * (1 - MIN_GAIN) else launches[0]
+        tuning.launches[shape] = chosen
+        if len(beside_modes) > 1:
+            key = (shape.in_features, shape.outs)
+            if key not in weights:
+                weights[key] = torch.empty(sum(shape.outs), shape.in_features, dtype=dtype, device=device) \
+                    .uniform_(-shape.in_features ** -0.5, shape.in_features ** -0.5)
+            modes = [DecodeLaunch(chosen.block_n, chosen.split_k, mode) for mode in beside_modes]
+            timed = {mode.name: _try_beside(mode, trial, weights[key], side_stream, timer) for mode in modes}
+            outcomes.update(timed)
+            fastest = _fastest(modes, timed)
+            if fastest is not None:
+                tuning.beside[shape] = fastest.beside
     return tuning

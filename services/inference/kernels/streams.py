@@ -1,4 +1,4 @@
-"""A LoRA shrink beside its base GEMM, on a second CUDA stream.
+"""A projection's LoRA beside its base GEMM, on a second CUDA stream.
 
 Why: at decode both read only the layer's input, and neither fills the GPU alone. The shrink is
 a few µs of dependent loads per launch (on the H200, v3: 1.29 ms of a 9.63 ms batch-64 step
@@ -7,8 +7,13 @@ much of its time. On two streams, the shrink's programs take the SMs the GEMM le
 and its latency hides behind the GEMM's, instead of adding to it. Captured in a CUDA graph,
 the fork and join become two branches of the graph, so a replay pays no host work for them.
 
-The expand must wait for both (it adds into the GEMM's output and reads the shrink's), so the
-current stream waits for the side stream before anything enqueued after `beside` returns.
+Modes (BESIDE_MODES), per launch shape, measured at start-up (kernels/decode_lora_tuning.py):
+- "off": the GEMM, then the shrink and the expand (which adds into the GEMM's output);
+- "shrink": the shrink beside the GEMM; the expand after both;
+- "lora": the shrink and the expand beside the GEMM, the expand adding into a zeroed delta
+  that is added to the GEMM's output after both. The delta costs a memset (hidden) and an add
+  (not hidden), and rounds the LoRA term to the output's dtype before the sum, as HF peft does
+  (result + lora_B(lora_A(x)) * scaling); "off" and "shrink" round once.
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
+
+from services.inference.kernels.triton_lora import SlicedLora
 
 T = TypeVar("T")
+BESIDE_MODES = ("off", "shrink", "lora")
+CHOICES = ("auto", *BESIDE_MODES)  # --decode-lora-beside-gemm: auto is measured per shape
 
 
 def side_stream_for(device: torch.device | str, enabled: bool) -> torch.cuda.Stream | None:
@@ -46,3 +56,25 @@ def beside(side_stream: torch.cuda.Stream | None, side_work: Callable[[], object
     result = main_work()
     main.wait_stream(side_stream)
     return result
+
+
+def linear_with_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: SlicedLora,
+                     mode: str, side_stream: torch.cuda.Stream | None) -> torch.Tensor:
+    """Semantics: F.linear(x, weight, bias) with launch's LoRA added to its columns, the LoRA
+    placed beside the GEMM as `mode` says (BESIDE_MODES; without a side stream, in order)."""
+    if mode == "lora" and not launch.empty:
+        # Allocated here, on the current stream, before the fork (see beside).
+        delta = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+        def lora() -> None:
+            delta.zero_()  # rows of no tile get nothing
+            launch.shrink()
+            launch.expand(delta)
+        return beside(side_stream, lora, lambda: F.linear(x, weight, bias)).add_(delta)
+    if mode == "shrink":
+        return launch.expand(beside(side_stream, launch.shrink, lambda: F.linear(x, weight, bias)))
+    if mode not in BESIDE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(BESIDE_MODES)}, got {mode!r}")
+    y = F.linear(x, weight, bias)
+    launch.shrink()
+    return launch.expand(y)

@@ -149,7 +149,9 @@ class Node:
                  config.adapter_pool_pages, resolve_tool_format(config.tool_call_format, tokenizer) or "none")
         if runner.prefill_lora.report:
             log.info("prefill LoRA kernels measured (median µs, or why dropped): %s", runner.prefill_lora.report)
-        if runner.decode_lora.report:
+        if runner.decode_lora.error is not None:
+            log.warning("decode LoRA launches: %s", runner.decode_lora.summary())
+        elif runner.decode_lora.report:
             log.info("decode LoRA launches %s", runner.decode_lora.summary())
         return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
 

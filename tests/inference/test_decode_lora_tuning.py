@@ -186,3 +186,15 @@ def test_without_captured_graphs_auto_measures_nothing(tiny_model_dir, triton_de
     runner = ModelRunner(model, AdapterPool(args, 8, device=triton_device), 4, BLOCK, device=triton_device,
                          kernels="triton", graphs=STATIC, max_graph_batch=4, max_context=MAX_CONTEXT, max_rank=16)
     assert runner.decode_lora.report == {} and runner.decode_lora.summary() == "defaults"
+
+
+def test_a_node_whose_measuring_fails_serves_with_the_defaults_and_says_why(tiny_model_dir, monkeypatch):
+    from services.inference.engine import model_runner
+
+    def broken(*arguments, **options):
+        raise RuntimeError("out of memory for the trials")
+    monkeypatch.setattr(model_runner, "tune_decode_lora", broken)
+    model, args = random_model(tiny_model_dir, dtype=torch.float32, device="cpu")
+    tuning = model_runner.measure_decode_lora(model, AdapterPool(args, 8), torch.device("cpu"), 4, 16, ())
+    assert tuning.launches == {} and tuning.beside == {} and tuning.knobs(ALONE) == {}
+    assert tuning.summary() == "defaults: measuring failed (RuntimeError: out of memory for the trials)"

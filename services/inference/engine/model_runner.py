@@ -20,8 +20,8 @@ from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
 from services.inference.kernels.decode_lora_tuning import CHOICES as DECODE_LORA_CHOICES
 from services.inference.kernels.decode_lora_tuning import DecodeLoraTuning, tune_decode_lora
-from services.inference.kernels.streams import BESIDE_MODES
 from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora, warm_up_prefill_lora
+from services.inference.kernels.streams import BESIDE_MODES
 from services.inference.model.attention import build_continued_prefills, build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
@@ -31,6 +31,20 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
     args = model.args
     per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.finfo(dtype).bits // 8
     return per_token * block_size
+
+
+def measure_decode_lora(model: LlamaForCausalLM, pool: AdapterPool, device: torch.device, max_batch: int,
+                        max_rank: int, beside_modes: tuple[str, ...]) -> DecodeLoraTuning:
+    """The decode graphs' LoRA launches measured at start-up, or the kernels' defaults with the
+    reason when measuring fails: it only makes steps faster, so a node serves without it rather
+    than not at all (the summary it logs says why)."""
+    try:
+        launches = graph_launch_shapes(model, pool, max_batch, max_rank)
+        return tune_decode_lora(launches, pool.dtype, device, beside_modes=beside_modes)
+    except Exception as exc:  # noqa: BLE001 - any failure: the defaults stand, and the log says why
+        return DecodeLoraTuning(error=f"{type(exc).__name__}: {exc}")
+    finally:
+        torch.cuda.empty_cache()  # the trials' blocks back to the device before the KV cache claims it
 
 
 class ModelRunner:
@@ -59,10 +73,8 @@ class ModelRunner:
             raise ValueError(f"decode_lora must be one of {', '.join(DECODE_LORA_CHOICES)}, got {decode_lora!r}")
         self.decode_lora = DecodeLoraTuning()
         if graphs == CAPTURE and decode_lora == "auto":  # timings mean something on a GPU only
-            launches = graph_launch_shapes(model, pool, max_graph_batch, max_rank)
-            self.decode_lora = tune_decode_lora(launches, pool.dtype, self.device,
-                                                beside_modes=BESIDE_MODES if lora_beside_gemm == "auto" else ())
-            torch.cuda.empty_cache()  # the trials' blocks back to the device before the KV cache claims it
+            self.decode_lora = measure_decode_lora(model, pool, self.device, max_graph_batch, max_rank,
+                                                   BESIDE_MODES if lora_beside_gemm == "auto" else ())
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0

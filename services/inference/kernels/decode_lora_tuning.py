@@ -88,6 +88,7 @@ class DecodeLoraTuning:
     # shape name -> candidate name -> median µs, or why it was dropped (for logs and benchmarks)
     report: dict[str, dict[str, float | str]] = field(default_factory=dict)
     beside: dict[LaunchShape, str] = field(default_factory=dict)  # the mode measured fastest with the GEMM
+    error: str | None = None  # why measuring failed (the defaults stand)
 
     def knobs(self, shape: LaunchShape) -> dict[str, int]:
         """Keyword arguments for lora_shrink_expand_slices: {} where the defaults stand."""
@@ -100,6 +101,8 @@ class DecodeLoraTuning:
 
     def summary(self) -> str:
         """e.g. "measured: 12 of 44 shapes off the default (n256_split8 x7, ...)", or "defaults"."""
+        if self.error is not None:
+            return f"defaults: measuring failed ({self.error})"
         if not self.report:
             return "defaults"
         changed = sorted(launch.name for shape, launch in self.launches.items() if launch != self.defaults.get(shape))

@@ -85,7 +85,9 @@ def test_side_stream_only_where_asked():
 def _slow_side_and_quick_main(side: torch.cuda.Stream):
     """A side result that takes long (a chain of matmuls) and a quick main one; their sum after
     `beside` is right only if the current stream waited for the side stream."""
-    x = torch.randn(2048, 2048, device="cuda") / 2048 ** 0.5
+    # Near the identity: its powers stay near it, so a side result read too early (still zero)
+    # is far from the right one.
+    x = torch.eye(2048, device="cuda") + torch.randn(2048, 2048, device="cuda") * 0.01 / 2048 ** 0.5
     side_out, main_out = torch.empty_like(x), torch.empty(2048, device="cuda")
 
     def side_work() -> None:

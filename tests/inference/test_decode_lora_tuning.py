@@ -188,6 +188,26 @@ def test_without_captured_graphs_auto_measures_nothing(tiny_model_dir, triton_de
     assert runner.decode_lora.report == {} and runner.decode_lora.summary() == "defaults"
 
 
+def test_runners_built_again_in_one_process_measure_the_same_shapes_once(tiny_model_dir, monkeypatch):
+    from services.inference.engine import model_runner
+
+    calls: list[tuple] = []
+
+    def counting(launches, dtype, device, beside_modes):
+        calls.append((len(launches), dtype, tuple(beside_modes)))
+        return DecodeLoraTuning()
+    monkeypatch.setattr(model_runner, "tune_decode_lora", counting)
+    monkeypatch.setattr(model_runner, "_MEASURED", {})
+    model, args = random_model(tiny_model_dir, dtype=torch.float32, device="cpu")
+    pool = AdapterPool(args, 8)
+    first = model_runner.measure_decode_lora(model, pool, torch.device("cpu"), 4, 16, ("off", "lora"))
+    assert model_runner.measure_decode_lora(model, pool, torch.device("cpu"), 4, 16, ("off", "lora")) is first
+    model_runner.measure_decode_lora(model, pool, torch.device("cpu"), 4, 16, ())  # other modes: measured
+    model_runner.measure_decode_lora(model, pool, torch.device("cpu"), 8, 16, ())  # more capacities: measured
+    assert [beside for _, _, beside in calls] == [("off", "lora"), (), ()]
+    assert calls[2][0] > calls[1][0] == calls[0][0]  # batch 8 adds capacity-8 shapes
+
+
 def test_a_node_whose_measuring_fails_serves_with_the_defaults_and_says_why(tiny_model_dir, monkeypatch):
     from services.inference.engine import model_runner
 

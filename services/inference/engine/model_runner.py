@@ -33,14 +33,22 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
     return per_token * block_size
 
 
+# Start-up measurements by what was measured: runners built again in one process (benchmarks,
+# tests, a node rebuilt) do not re-time shapes the same GPU has just timed.
+_MEASURED: dict[tuple, DecodeLoraTuning] = {}
+
+
 def measure_decode_lora(model: LlamaForCausalLM, pool: AdapterPool, device: torch.device, max_batch: int,
                         max_rank: int, beside_modes: tuple[str, ...]) -> DecodeLoraTuning:
-    """The decode graphs' LoRA launches measured at start-up, or the kernels' defaults with the
-    reason when measuring fails: it only makes steps faster, so a node serves without it rather
-    than not at all (the summary it logs says why)."""
+    """The decode graphs' LoRA launches measured at start-up (once per process for the same
+    shapes), or the kernels' defaults with the reason when measuring fails: it only makes steps
+    faster, so a node serves without it rather than not at all (the summary it logs says why)."""
     try:
         launches = graph_launch_shapes(model, pool, max_batch, max_rank)
-        return tune_decode_lora(launches, pool.dtype, device, beside_modes=beside_modes)
+        key = (tuple(launches), pool.dtype, str(device), tuple(beside_modes))
+        if key not in _MEASURED:
+            _MEASURED[key] = tune_decode_lora(launches, pool.dtype, device, beside_modes=beside_modes)
+        return _MEASURED[key]
     except Exception as exc:  # noqa: BLE001 - any failure: the defaults stand, and the log says why
         return DecodeLoraTuning(error=f"{type(exc).__name__}: {exc}")
     finally:

@@ -65,7 +65,7 @@ STEPS = [
     # --json keeps what finished when the step is cut off (stdout is printed only at the end).
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
                 "--prompt-len", "512", "--gen-len", "128", "--budget-seconds", "{budget}",
-                "--profile-steps", "--compare-overlap", "--json", "{out}/engine_partial.json"], 300),
+                "--profile-steps", "--compare-overlap", "--repeat", "2", "--json", "{out}/engine_partial.json"], 300),
 ]
 
 

@@ -86,6 +86,7 @@ class InfoView:
     kernels: str
     cuda_graphs: str
     prefill_lora: str
+    decode_lora: str
 
 
 class PoolAdmin:
@@ -215,4 +216,4 @@ class PoolAdmin:
                         str(self.node.dtype).removeprefix("torch."),
                         config.device, self.node.max_context, config.block_size, config.max_batched_tokens,
                         config.adapter_pool_pages, config.max_adapter_rank, "0.1.0", runner.kernels,
-                        runner.graph_mode, runner.prefill_lora.summary())
+                        runner.graph_mode, runner.prefill_lora.summary(), runner.decode_lora.summary())

@@ -260,6 +260,7 @@ def test_info_describes_the_model_like_the_registry_does(tiny_model_dir, adapter
         assert (info.dtype, info.device, info.max_context, info.adapter_pool_pages) == ("float32", "cpu", 512, 64)
         assert (info.kernels, info.cuda_graphs) == ("torch", "off")  # auto on CPU
         assert info.prefill_lora == "grouped"  # PyTorch kernels run prefill segments through grouped_mm
+        assert info.decode_lora == "defaults"  # no captured decode graphs on CPU: nothing measured
 
     serve_and_run(tiny_model_dir, adapter_root, body)
 

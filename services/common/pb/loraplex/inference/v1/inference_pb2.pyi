@@ -198,7 +198,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("node_id", "base_model", "fingerprint", "dtype", "device", "max_context", "kv_block_size", "max_batch_tokens", "adapter_pool_pages", "max_adapter_rank", "version", "kernels", "cuda_graphs", "prefill_lora")
+    __slots__ = ("node_id", "base_model", "fingerprint", "dtype", "device", "max_context", "kv_block_size", "max_batch_tokens", "adapter_pool_pages", "max_adapter_rank", "version", "kernels", "cuda_graphs", "prefill_lora", "decode_lora")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class ModelInfo(_message.Message):
     KERNELS_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_LORA_FIELD_NUMBER: _ClassVar[int]
+    DECODE_LORA_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     base_model: str
     fingerprint: _model_pb2.ArchitectureFingerprint
@@ -227,4 +228,5 @@ class ModelInfo(_message.Message):
     kernels: str
     cuda_graphs: str
     prefill_lora: str
-    def __init__(self, node_id: _Optional[str] = ..., base_model: _Optional[str] = ..., fingerprint: _Optional[_Union[_model_pb2.ArchitectureFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., adapter_pool_pages: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., version: _Optional[str] = ..., kernels: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., prefill_lora: _Optional[str] = ...) -> None: ...
+    decode_lora: str
+    def __init__(self, node_id: _Optional[str] = ..., base_model: _Optional[str] = ..., fingerprint: _Optional[_Union[_model_pb2.ArchitectureFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., adapter_pool_pages: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., version: _Optional[str] = ..., kernels: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., prefill_lora: _Optional[str] = ..., decode_lora: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,9 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
                                                   "shrink beside it on a second CUDA stream), lora (all of it "
                                                   "beside it), or auto (measured per shape at start-up with "
                                                   "--decode-lora-tuning auto, else off)")
+    tuning_cache_dir: Path | None = option(None, "keep what start-up measures (the decode LoRA launches) in this "
+                                                 "folder and reuse it when a node starts again on the same GPU, "
+                                                 "software and shapes (default: measure at every start)")
     tool_call_format: str = option("auto", "how the model writes tool calls, for OpenAI's tool_choice auto: hermes "
                                            "(<tool_call> blocks: Qwen, Hermes), llama3_json (Llama 3.1/3.2), "
                                            "mistral ([TOOL_CALLS]), none (never read calls), or auto (told by "

@@ -132,7 +132,8 @@ class Node:
                                                                                  config.max_num_seqs),
                              max_context=max_context, max_rank=config.max_adapter_rank, prefill_lora=prefill_lora,
                              decode_lora=config.decode_lora_tuning,
-                             lora_beside_gemm=config.decode_lora_beside_gemm)
+                             lora_beside_gemm=config.decode_lora_beside_gemm,
+                             tuning_cache_dir=config.tuning_cache_dir)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),

@@ -8,7 +8,9 @@ StepContext and runs the forward eagerly — layers only read the context.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -18,6 +20,7 @@ from services.inference.engine.decode_graphs import CAPTURE, OFF, DecodeGraphs, 
 from services.inference.engine.packed_step import PackedStep, pack_step
 from services.inference.engine.scheduler import ScheduledBatch
 from services.inference.engine.sequence import Sequence
+from services.inference.kernels import tuning_cache
 from services.inference.kernels.decode_lora_tuning import CHOICES as DECODE_LORA_CHOICES
 from services.inference.kernels.decode_lora_tuning import DecodeLoraTuning, tune_decode_lora
 from services.inference.kernels.prefill_lora import PrefillChoice, unmeasured_prefill_lora, warm_up_prefill_lora
@@ -35,24 +38,40 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 
 # Start-up measurements by what was measured: runners built again in one process (benchmarks,
 # tests, a node rebuilt) do not re-time shapes the same GPU has just timed.
-_MEASURED: dict[tuple, DecodeLoraTuning] = {}
+_MEASURED: dict[str, DecodeLoraTuning] = {}
 
 
 def measure_decode_lora(model: LlamaForCausalLM, pool: AdapterPool, device: torch.device, max_batch: int,
-                        max_rank: int, beside_modes: tuple[str, ...]) -> DecodeLoraTuning:
+                        max_rank: int, beside_modes: tuple[str, ...], cache_dir: Path | None = None
+                        ) -> DecodeLoraTuning:
     """The decode graphs' LoRA launches measured at start-up (once per process for the same
-    shapes), or the kernels' defaults with the reason when measuring fails: it only makes steps
-    faster, so a node serves without it rather than not at all (the summary it logs says why)."""
+    shapes, and once per GPU and software with a cache_dir: kernels/tuning_cache.py), or the
+    kernels' defaults with the reason when measuring fails: it only makes steps faster, so a
+    node serves without it rather than not at all (the summary it logs says why)."""
     try:
         launches = graph_launch_shapes(model, pool, max_batch, max_rank)
-        key = (tuple(launches), pool.dtype, str(device), tuple(beside_modes))
-        if key not in _MEASURED:
-            _MEASURED[key] = tune_decode_lora(launches, pool.dtype, device, beside_modes=beside_modes)
-        return _MEASURED[key]
+        key = {"shapes": [vars(shape) | {"outs": list(shape.outs)} for shape in launches], "dtype": str(pool.dtype),
+               "beside_modes": list(beside_modes), **tuning_cache.environment(device)}
+        in_process = json.dumps(key, sort_keys=True) + str(device)
+        if in_process not in _MEASURED:
+            _MEASURED[in_process] = _measured_or_kept(launches, pool.dtype, device, beside_modes, key, cache_dir)
+        return _MEASURED[in_process]
     except Exception as exc:  # noqa: BLE001 - any failure: the defaults stand, and the log says why
         return DecodeLoraTuning(error=f"{type(exc).__name__}: {exc}")
     finally:
         torch.cuda.empty_cache()  # the trials' blocks back to the device before the KV cache claims it
+
+
+def _measured_or_kept(launches, dtype: torch.dtype, device: torch.device, beside_modes: tuple[str, ...], key: dict,
+                      cache_dir: Path | None) -> DecodeLoraTuning:
+    path = tuning_cache.entry_path(cache_dir, "decode_lora", key) if cache_dir is not None else None
+    kept = tuning_cache.load(path, key) if path is not None else None
+    if kept is not None:
+        return DecodeLoraTuning.from_json(kept, kept_in=str(path))
+    tuning = tune_decode_lora(launches, dtype, device, beside_modes=beside_modes)
+    if path is not None:
+        tuning_cache.store(path, key, tuning.to_json())
+    return tuning
 
 
 class ModelRunner:
@@ -60,7 +79,7 @@ class ModelRunner:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
                  graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64,
                  prefill_lora: PrefillChoice | None = None, decode_lora: str = "auto",
-                 lora_beside_gemm: str = "auto") -> None:
+                 lora_beside_gemm: str = "auto", tuning_cache_dir: Path | None = None) -> None:
         """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
         bounds the graphs' block tables (default: the model's max_position_embeddings);
         prefill_lora: the kernel of each module's prefill segments (kernels/prefill_lora.py;
@@ -68,7 +87,8 @@ class ModelRunner:
         decode_lora: "auto" measures the captured graphs' LoRA launches
         (kernels/decode_lora_tuning.py), "off" keeps the kernels' defaults; lora_beside_gemm:
         where the graphs run each LoRA against its base GEMM (kernels/streams.py): "auto"
-        measures it per shape with decode_lora "auto" (else "off"), or one mode for all."""
+        measures it per shape with decode_lora "auto" (else "off"), or one mode for all;
+        tuning_cache_dir: keeps what start-up measures for the next start (tuning_cache.py)."""
         self.model, self.pool, self.kernels = model, pool, kernels
         model.use_fused_ops(kernels == "triton")  # the element-wise kernels go with the Triton ones
         self.block_size, self.device = block_size, torch.device(device)
@@ -82,7 +102,8 @@ class ModelRunner:
         self.decode_lora = DecodeLoraTuning()
         if graphs == CAPTURE and decode_lora == "auto":  # timings mean something on a GPU only
             self.decode_lora = measure_decode_lora(model, pool, self.device, max_graph_batch, max_rank,
-                                                   BESIDE_MODES if lora_beside_gemm == "auto" else ())
+                                                   BESIDE_MODES if lora_beside_gemm == "auto" else (),
+                                                   tuning_cache_dir)
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0

@@ -89,6 +89,23 @@ class DecodeLoraTuning:
     report: dict[str, dict[str, float | str]] = field(default_factory=dict)
     beside: dict[LaunchShape, str] = field(default_factory=dict)  # the mode measured fastest with the GEMM
     error: str | None = None  # why measuring failed (the defaults stand)
+    kept_in: str | None = None  # the --tuning-cache-dir entry it was read from, if it was
+
+    def to_json(self) -> dict:
+        """What tuning_cache stores: every field but where it was kept and a failure's reason."""
+        def pairs(chosen: dict) -> list:
+            return [[vars(shape) | {"outs": list(shape.outs)}, value if isinstance(value, str) else vars(value)]
+                    for shape, value in sorted(chosen.items())]
+        return {"launches": pairs(self.launches), "defaults": pairs(self.defaults), "beside": pairs(self.beside),
+                "report": self.report}
+
+    @classmethod
+    def from_json(cls, data: dict, kept_in: str | None = None) -> DecodeLoraTuning:
+        def shape(fields: dict) -> LaunchShape:
+            return LaunchShape(**fields | {"outs": tuple(fields["outs"])})
+        return cls({shape(s): DecodeLaunch(**launch) for s, launch in data["launches"]},
+                   {shape(s): DecodeLaunch(**launch) for s, launch in data["defaults"]},
+                   data["report"], {shape(s): mode for s, mode in data["beside"]}, kept_in=kept_in)
 
     def knobs(self, shape: LaunchShape) -> dict[str, int]:
         """Keyword arguments for lora_shrink_expand_slices: {} where the defaults stand."""
@@ -111,7 +128,8 @@ class DecodeLoraTuning:
         modes = sorted(self.beside.values())
         beside = ", ".join(f"{mode} x{modes.count(mode)}" for mode in dict.fromkeys(modes))
         return f"measured: {len(changed)} of {len(self.report)} shapes off the default" + \
-            (f" ({listed})" if listed else "") + (f"; LoRA beside the GEMM: {beside}" if beside else "")
+            (f" ({listed})" if listed else "") + (f"; LoRA beside the GEMM: {beside}" if beside else "") + \
+            (f"; kept in {self.kept_in}" if self.kept_in else "")
 
 
 def default_launch(shape: LaunchShape, device: torch.device | str = "cuda") -> DecodeLaunch:

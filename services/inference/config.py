@@ -99,27 +99,14 @@ class InferenceConfig(ClientTlsConfig, ServerConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
-        if self.cuda_graphs not in GRAPH_MODES:
-            raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {self.cuda_graphs!r}")
-        if self.prefill_lora not in PREFILL_LORA_CHOICES:
-            raise ValueError(f"--prefill-lora must be one of {', '.join(PREFILL_LORA_CHOICES)}, "
-                             f"got {self.prefill_lora!r}")
-        if self.decode_lora_tuning not in DECODE_LORA_TUNING_CHOICES:
-            raise ValueError(f"--decode-lora-tuning must be one of {', '.join(DECODE_LORA_TUNING_CHOICES)}, "
-                             f"got {self.decode_lora_tuning!r}")
-        if self.decode_lora_beside_gemm not in BESIDE_CHOICES:
-            raise ValueError(f"--decode-lora-beside-gemm must be one of {', '.join(BESIDE_CHOICES)}, "
-                             f"got {self.decode_lora_beside_gemm!r}")
-        if self.tool_call_format not in TOOL_CALL_FORMATS:
-            raise ValueError(f"--tool-call-format must be one of {', '.join(TOOL_CALL_FORMATS)}, "
-                             f"got {self.tool_call_format!r}")
-        if self.reasoning_format not in REASONING_FORMATS:
-            raise ValueError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}, "
-                             f"got {self.reasoning_format!r}")
-        if self.overlap_steps not in OVERLAP_MODES:
-            raise ValueError(f"--overlap-steps must be one of {', '.join(OVERLAP_MODES)}, got {self.overlap_steps!r}")
+        choices = {"kernels": KERNEL_CHOICES, "cuda_graphs": GRAPH_MODES, "prefill_lora": PREFILL_LORA_CHOICES,
+                   "decode_lora_tuning": DECODE_LORA_TUNING_CHOICES, "decode_lora_beside_gemm": BESIDE_CHOICES,
+                   "tool_call_format": TOOL_CALL_FORMATS, "reasoning_format": REASONING_FORMATS,
+                   "overlap_steps": OVERLAP_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
         if self.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
         if self.max_model_len < 0:

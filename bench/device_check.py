@@ -11,7 +11,8 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
                    context too), the CUTLASS grouped GEMM in bf16, the prefill LoRA choice,
                    and the CUDA-graph decode step: captured graphs replay what the static
                    body computes; overlapped graphed decode steps sync the stream nowhere
-                   but at their event waits (CUDA's sync debug mode);
+                   but at their event waits, nor does an adapter's load into the pool
+                   (CUDA's sync debug mode);
                    (none of the steps imports our gRPC stack: no wheels need carrying)
   3. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
@@ -55,7 +56,7 @@ STEPS = [
                       "tests/inference/test_overlapped_steps.py",
                       "tests/inference/test_kernels_reference.py", "tests/inference/test_prefill_lora.py",
                       "tests/inference/test_decode_lora_tuning.py", "tests/inference/test_graph_timing.py",
-                      "tests/inference/test_lora_streams.py",
+                      "tests/inference/test_lora_streams.py", "tests/inference/test_adapter_host_form.py",
                       "-k", "not compile_for_hopper and not share_the_compiled"], 170),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 150),
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from services.common.errors import InvalidArgument
-from services.inference.adapters.manager import AdapterManager
+from services.inference.adapters.manager import AdapterManager, parse_runner
 from services.inference.adapters.pool import AdapterPool
 from services.inference.adapters.sources import AdapterSource, LocalFolderSource
 from services.inference.chat_template import ChatTurn, render
@@ -161,7 +161,7 @@ class Node:
         self.manager.loop = asyncio.get_running_loop()
         self.manager.on_arrival = self.async_engine.wake
         self.manager.fail_waiting = self.async_engine.fail_adapter
-        self.manager.run_on_torch_thread = self.async_engine.call
+        self.manager.run_parse = parse_runner(self.pool.device, self.async_engine.call)
         self.async_engine.start()
 
     def close(self) -> None:

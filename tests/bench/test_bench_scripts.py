@@ -1,4 +1,4 @@
-"""bench/kernels.py, bench/engine.py and bench/device_check.py run end to end (tiny shapes, no timing asserted).
+"""The bench scripts (kernels, engine, device_check, adapter_load, ...) run end to end (tiny shapes, no timing).
 
 GPU time is scarce (minutes per session), so the scripts a GPU session runs are exercised here
 first: every path is built, checked against the reference, and reported; a broken variant
@@ -224,3 +224,15 @@ def test_prefetch_bench_serves_a_prefetched_adapter_without_fetching_it(tmp_path
     assert report["prefetch_request_after_warm"]["node_fetches_during_request"] == [0]
     assert all(report[name]["ttft_ms_median"] > 0 for name in ("no_prefetch", "prefetch_request_at_bind",
                                                                 "prefetch_request_after_warm", "resident"))
+
+
+def test_adapter_load_bench_reports_each_phase_and_checks_the_pages(tmp_path):
+    out = tmp_path / "adapter_load.json"
+    result = subprocess.run([sys.executable, "-m", "bench.adapter_load", "--preset", "small", "--device", "cpu",
+                             "--repeat", "2", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["pages_match_host_form"] is True
+    assert report["host_bytes"] == report["pool_bytes"] > 0  # the host form is the pages' dtype and size
+    assert all(report[phase] > 0 for phase in ("read_ms", "parse_ms", "pool_load_ms"))

@@ -15,6 +15,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.inference.adapters.pool import AdapterPool
@@ -22,6 +25,8 @@ from services.inference.adapters.sources import AdapterSource
 from services.inference.adapters.weights import LoraWeights, parse_adapter
 from services.inference.engine.scheduler import Admission
 from services.inference.model.config import ModelArgs
+
+T = TypeVar("T")
 
 
 class AdapterManager:
@@ -42,8 +47,8 @@ class AdapterManager:
         # Queued requests for (adapter id, sha256, "" = any bytes) can never run (their re-fetch
         # failed, or pins leave no room): they must end with the error (set by the node).
         self.fail_waiting: Callable[[str, str, BaseException], None] = lambda adapter_id, sha256, error: None
-        # Parsing touches tensors: once the engine runs, it happens on the torch thread.
-        self.run_on_torch_thread: Callable[[Callable[[], LoraWeights]], Awaitable[LoraWeights]] = asyncio.to_thread
+        # Where parsing runs once the engine does (the node sets it: parse_runner).
+        self.run_parse: Callable[[Callable[[], LoraWeights]], Awaitable[LoraWeights]] = asyncio.to_thread
 
     # --- event loop side ---
     def count_request(self, hit: bool) -> None:
@@ -81,8 +86,9 @@ class AdapterManager:
         started = time.perf_counter()
         fetched = await self.source.fetch(adapter_id)
         try:
-            weights = await self.run_on_torch_thread(
-                lambda: parse_adapter(fetched.config_json, fetched.weights, self.args))
+            weights = await self.run_parse(
+                lambda: parse_adapter(fetched.config_json, fetched.weights, self.args, self.pool.dtype,
+                                      pin_memory=self.pool.device.type == "cuda", sha256=fetched.sha256))
         except InvalidArgument as exc:
             # The request naming it is fine; the adapter cannot run on this base model (built for
             # another one, or a variant we do not serve): a state of the adapter, not of the call.
@@ -107,9 +113,6 @@ class AdapterManager:
         return weights
 
     def _put_host(self, adapter_id: str, weights: LoraWeights) -> None:
-        if self.pool.device.type == "cuda":  # pinned pages make host -> device copies asynchronous DMA
-            weights.a = {k: t.pin_memory() for k, t in weights.a.items()}
-            weights.b = {k: t.pin_memory() for k, t in weights.b.items()}
         with self._host_lock:
             self._host[adapter_id] = weights
             self._host.move_to_end(adapter_id)
@@ -199,3 +202,13 @@ def _check_digest(adapter_id: str, weights: LoraWeights, expected: str) -> None:
     if expected and weights.sha256 != expected:
         raise FailedPrecondition(f"adapter {adapter_id}: sha256 {weights.sha256} does not match the expected "
                                  f"{expected}", reason="ADAPTER_DIGEST_MISMATCH", field="adapter.sha256")
+
+
+def parse_runner(device: torch.device, engine_call: Callable[[Callable[[], T]], Awaitable[T]]
+                 ) -> Callable[[Callable[[], T]], Awaitable[T]]:
+    """Where a node parses adapters once its engine runs. A CPU node: on the engine's torch
+    thread, between steps, since a second OpenMP team slows the engine's CPU GEMMs
+    (engine/torch_thread.py). A CUDA node: beside the engine thread, which runs no CPU GEMMs;
+    between its steps, a cold adapter's parse (~0.1 s at Llama-3-8B's shape) would hold every
+    running request's next token."""
+    return asyncio.to_thread if device.type == "cuda" else engine_call

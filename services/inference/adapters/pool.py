@@ -19,6 +19,7 @@ import torch
 from services.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from services.inference.adapters.batch import AdapterSegments
 from services.inference.adapters.weights import LoraWeights
+from services.inference.engine.host_lists import to_device_async
 from services.inference.kernels.reference import Segment
 from services.inference.model.config import LORA_MODULES, ModelArgs
 
@@ -101,7 +102,7 @@ class AdapterPool:
             victim = next(r for r in self._resident.values() if r.refs == 0 and not r.pinned)
             self.evict(victim.key)
         page_ids = [self._free.pop() for _ in range(weights.rank)]
-        pages = torch.tensor(page_ids, dtype=torch.int64, device=self.device)
+        pages = to_device_async(page_ids, torch.int64, self.device)
         self._write(pages, weights)
         adapter = ResidentAdapter(key, pages, tuple(page_ids), weights.rank, weights.scaling, weights.target_modules,
                                   weights.sha256, _fingerprint(weights), pinned=pinned)
@@ -110,12 +111,16 @@ class AdapterPool:
         return adapter
 
     def _write(self, pages: torch.Tensor, weights: LoraWeights) -> None:
+        """One copy per module and side, queued on the stream like a kernel: the host form is
+        the pages' layout in their dtype (weights.py), pinned on CUDA, so the engine thread
+        does not wait for the transfer, and the next step's kernels, queued after it, see it."""
         for module in LORA_MODULES:
-            self.a[module][:, pages] = 0  # pages are reused: absent modules must contribute nothing
-            self.b[module][:, pages] = 0
-        for (layer, module), a in weights.a.items():
-            self.a[module][layer, pages] = a.to(self.device, self.dtype)  # [r, in]
-            self.b[module][layer, pages] = weights.b[(layer, module)].T.to(self.device, self.dtype)  # [r, out]
+            for pool_side, host_side in ((self.a, weights.a), (self.b, weights.b)):
+                host = host_side.get(module)
+                if host is None:  # pages are reused: an absent module must contribute nothing
+                    pool_side[module].index_fill_(1, pages, 0)
+                else:
+                    pool_side[module].index_copy_(1, pages, host.to(self.device, self.dtype, non_blocking=True))
 
     def evict(self, key: str) -> None:
         adapter = self._resident.get(key)
@@ -124,7 +129,7 @@ class AdapterPool:
         if adapter.refs:
             raise FailedPrecondition(f"adapter {key} is used by {adapter.refs} running requests")
         del self._resident[key]
-        self._free.extend(int(p) for p in adapter.pages.tolist())
+        self._free.extend(adapter.page_ids)  # the host's copy: reading the device's would wait for its queue
         self.counters.evictions += 1
 
     def set_pinned(self, key: str, pinned: bool) -> None:

@@ -23,6 +23,7 @@ class FetchedAdapter:
     config_json: str
     weights: bytes  # adapter_model.safetensors
     expected_sha256: str = ""  # what the source promised; checked after parsing
+    sha256: str = ""  # of `weights`, where the source computed it (parse_adapter then need not)
 
 
 class AdapterSource(Protocol):

@@ -10,13 +10,22 @@ services/common/lora_patterns.py). So every module is padded to the adapter's la
 (zero rows in A, zero columns in B: the extra pages add exactly nothing), and its own scale
 s_m relative to the adapter's s = lora_alpha / R is folded into B:
 `s * (B_m * s_m / s) @ A_m == s_m * B_m @ A_m`, peft's per-module result.
+
+Host form: per module one [layers, R, in] tensor of A and one [layers, R, out] of B
+transposed, the pool's own layout and dtype (pinned on CUDA), so putting an adapter into its
+pages is one asynchronous copy per module and side rather than a synchronous one per layer, and
+the host tier holds bf16 where a node serves bf16. The values are those the pool held when
+every (layer, module) was converted on its way in: the scale fold is computed in float32 and
+rounded once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -34,13 +43,14 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|ml
 
 @dataclass
 class LoraWeights:
-    """One adapter in host memory, in pool form: A [rank, in] and B [out, rank] per (layer, module)."""
+    """One adapter in host memory, in host form (see the module docstring): per target module,
+    A [layers, rank, in] and B transposed [layers, rank, out]; layers it leaves out are zeros."""
 
     rank: int  # the largest module rank; smaller modules are padded with zeros to it
     scaling: float  # lora_alpha / rank, or / sqrt(rank) with rsLoRA; each module's own scale is folded into b
     target_modules: frozenset[str]
-    a: dict[tuple[int, str], torch.Tensor]
-    b: dict[tuple[int, str], torch.Tensor]
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
     sha256: str  # of adapter_model.safetensors: what requests and the Registry name the bytes by
     #: sha256 and the config together: what the pool form depends on. The same weights under
     #: another config (a local adapter folder whose adapter_config.json was edited: alpha, rsLoRA,
@@ -58,6 +68,7 @@ PEFT_DEFAULT_ALPHA = 8
 
 
 class _LoraTensor(NamedTuple):
+    name: str  # as the file names it
     layer: int
     module: str  # q_proj, ...
     side: str  # "A" or "B"
@@ -65,8 +76,11 @@ class _LoraTensor(NamedTuple):
     tensor: torch.Tensor
 
 
-def parse_adapter(config: dict | str, weights: bytes, args: ModelArgs) -> LoraWeights:
-    """Builds LoraWeights from the two files' contents; InvalidArgument on any mismatch."""
+def parse_adapter(config: dict | str, weights: bytes, args: ModelArgs, dtype: torch.dtype = torch.float32,
+                  pin_memory: bool = False, sha256: str = "") -> LoraWeights:
+    """Builds LoraWeights in host form (`dtype`: the pool's; `pin_memory` where the pool is on
+    CUDA) from the two files' contents; InvalidArgument on any mismatch. `sha256`: the digest
+    of `weights` where the caller computed it already (hashed here otherwise)."""
     config = json.loads(config) if isinstance(config, str) else config
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise InvalidArgument(f"peft_type must be LORA, got {config.get('peft_type')!r}")
@@ -78,12 +92,33 @@ def parse_adapter(config: dict | str, weights: bytes, args: ModelArgs) -> LoraWe
     use_rslora = bool(config.get("use_rslora"))
     # No rank limit here: the node's applies to the padded rank (AdapterManager).
     patterns = LoraPatterns.from_config(config, rank, float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
-    tensors = _read_tensors(weights, args)
+    # hashlib lets go of the GIL on large buffers: the digest is computed while the tensors are packed.
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        hashing = None if sha256 else hasher.submit(hashlib.sha256, weights)
+        pairs = _checked_pairs(_read_tensors(weights, args), patterns, args)
+        pool_rank = max(pair.lora.rank for pair in pairs.values())
+        scaling = lora_scaling(patterns.alpha, pool_rank, use_rslora)
+        a, b = _host_form(pairs, args, pool_rank, scaling, use_rslora, dtype, pin_memory)
+        sha256 = sha256 or hashing.result().hexdigest()
+    config_text = json.dumps(config, separators=(",", ":"), ensure_ascii=False)  # key order kept: patterns need it
+    fingerprint = hashlib.sha256(f"{sha256}\n{config_text}".encode()).hexdigest()
+    return LoraWeights(rank=pool_rank, scaling=scaling, target_modules=frozenset(a), a=a, b=b, sha256=sha256,
+                       fingerprint=fingerprint)
+
+
+class _Pair(NamedTuple):
+    """One (layer, module)'s two tensors as the file holds them, and its resolved rank and alpha."""
+    lora: ModuleLora
+    a: _LoraTensor
+    b: _LoraTensor
+
+
+def _checked_pairs(tensors: dict[str, _LoraTensor], patterns: LoraPatterns,
+                   args: ModelArgs) -> dict[tuple[int, str], _Pair]:
+    """(layer, module) -> its A and B, each shape checked against the base model and the patterns."""
     modules = patterns.resolve(dict.fromkeys(t.module_name for t in tensors.values()))
     shapes = args.module_shapes()
-    a: dict[tuple[int, str], torch.Tensor] = {}
-    b: dict[tuple[int, str], torch.Tensor] = {}
-    resolved: dict[tuple[int, str], ModuleLora] = {}
+    sides: dict[str, dict[tuple[int, str], _LoraTensor]] = {"A": {}, "B": {}}
     for name, t in sorted(tensors.items()):  # name order: deterministic messages
         lora = modules[t.module_name]
         in_features, out_features = shapes[t.module]
@@ -91,26 +126,14 @@ def parse_adapter(config: dict | str, weights: bytes, args: ModelArgs) -> LoraWe
         if tuple(t.tensor.shape) != expected:
             source = f" (r from rank_pattern key {lora.rank_key!r})" if lora.rank_key is not None else ""
             raise InvalidArgument(f"{name}: shape {tuple(t.tensor.shape)}, expected {expected}{source}")
-        if not torch.isfinite(t.tensor).all():
-            raise InvalidArgument(f"{name}: contains NaN or Inf")
-        (a if t.side == "A" else b)[(t.layer, t.module)] = t.tensor.float()
-        resolved[(t.layer, t.module)] = lora
-    if set(a) != set(b):
-        unpaired = sorted(set(a) ^ set(b))
+        sides[t.side][(t.layer, t.module)] = t
+    if set(sides["A"]) != set(sides["B"]):
+        unpaired = sorted(set(sides["A"]) ^ set(sides["B"]))
         raise InvalidArgument(f"lora_A/lora_B tensors are unpaired for {unpaired[:3]}")
-    if not a:
+    if not sides["A"]:
         raise InvalidArgument("adapter_model.safetensors holds no LoRA tensors")
-    target_modules = frozenset(module for _, module in a)
-    assert target_modules <= set(LORA_MODULES)
-    pool_rank = max(lora.rank for lora in resolved.values())
-    scaling = lora_scaling(patterns.alpha, pool_rank, use_rslora)
-    for where, lora in resolved.items():
-        a[where], b[where] = _pool_form(a[where], b[where], lora, pool_rank, scaling, use_rslora)
-    sha256 = hashlib.sha256(weights).hexdigest()
-    config_text = json.dumps(config, separators=(",", ":"), ensure_ascii=False)  # key order kept: patterns need it
-    fingerprint = hashlib.sha256(f"{sha256}\n{config_text}".encode()).hexdigest()
-    return LoraWeights(rank=pool_rank, scaling=scaling, target_modules=target_modules, a=a, b=b, sha256=sha256,
-                       fingerprint=fingerprint)
+    assert {module for _, module in sides["A"]} <= set(LORA_MODULES)
+    return {where: _Pair(modules[a.module_name], a, sides["B"][where]) for where, a in sides["A"].items()}
 
 
 def _read_tensors(weights: bytes, args: ModelArgs) -> dict[str, _LoraTensor]:
@@ -122,22 +145,48 @@ def _read_tensors(weights: bytes, args: ModelArgs) -> dict[str, _LoraTensor]:
         layer, parent, module, side = int(match.group(1)), match.group(2), match.group(3), match.group(4)
         if layer >= args.num_layers:
             raise InvalidArgument(f"{name}: layer {layer} does not exist (base has {args.num_layers})")
-        tensors[name] = _LoraTensor(layer, module, side, f"model.layers.{layer}.{parent}.{module}", tensor)
+        tensors[name] = _LoraTensor(name, layer, module, side, f"model.layers.{layer}.{parent}.{module}", tensor)
     return tensors
 
 
-def _pool_form(a: torch.Tensor, b: torch.Tensor, lora: ModuleLora, pool_rank: int, scaling: float,
-               use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [r_m, in] -> [R, in] and B [out, r_m] -> [out, R], with the module's scale relative to the
-    adapter's folded into B (see the module docstring)."""
-    ratio = lora_scaling(lora.alpha, lora.rank, use_rslora) / scaling
-    if ratio != 1.0:  # a module at the adapter's own scale keeps its exact bits
-        b = b * ratio
-    pad = pool_rank - lora.rank
-    if pad:
-        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
-    return a.contiguous(), b.contiguous()
+def _host_form(pairs: dict[tuple[int, str], _Pair], args: ModelArgs, pool_rank: int, scaling: float,
+               use_rslora: bool, dtype: torch.dtype, pin_memory: bool) -> tuple[dict, dict]:
+    """Per module: A [layers, R, in] and B transposed [layers, R, out] in `dtype`, each module's
+    A [r_m, in] and B [out, r_m] padded with zeros to R and its scale relative to the adapter's
+    folded into B (see the module docstring); layers a module leaves out are zeros."""
+    shapes = args.module_shapes()
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for module in sorted({module for _, module in pairs}):
+        in_features, out_features = shapes[module]
+        # zeros, not empty: padding rows and absent layers must add exactly nothing.
+        a[module] = torch.zeros(args.num_layers, pool_rank, in_features, dtype=dtype, pin_memory=pin_memory)
+        b[module] = torch.zeros(args.num_layers, pool_rank, out_features, dtype=dtype, pin_memory=pin_memory)
+    for (layer, module), pair in pairs.items():
+        rank = pair.lora.rank
+        ratio = lora_scaling(pair.lora.alpha, rank, use_rslora) / scaling
+        a[module][layer, :rank].copy_(pair.a.tensor)
+        # In float32, rounded once into dtype; a module at the adapter's own scale keeps its exact bits.
+        b[module][layer, :rank].copy_(pair.b.tensor.T if ratio == 1.0 else pair.b.tensor.T.float() * ratio)
+    for module in a:
+        for side, packed in (("A", a[module]), ("B", b[module])):
+            low, high = torch.aminmax(packed)  # NaN and +-Inf reach one end or the other
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise InvalidArgument(_not_finite(pairs, module, side, packed, dtype))
+    return a, b
+
+
+def _not_finite(pairs: dict[tuple[int, str], _Pair], module: str, side: str, packed: torch.Tensor,
+                dtype: torch.dtype) -> str:
+    """Which tensor made `packed` hold NaN or Inf, and how (the slow path: only for a refusal)."""
+    for (layer, pair_module), pair in sorted(pairs.items()):
+        source = pair.a if side == "A" else pair.b
+        if pair_module != module or torch.isfinite(packed[layer]).all():
+            continue
+        if not torch.isfinite(source.tensor).all():
+            return f"{source.name}: contains NaN or Inf"
+        return f"{source.name}: values beyond the range of {dtype}, the dtype this node serves adapters in"
+    raise AssertionError(f"{module} {side}: a non-finite value in no layer")
 
 
 def load_adapter_folder(folder: str | Path, args: ModelArgs) -> LoraWeights:

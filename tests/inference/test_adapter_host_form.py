@@ -42,7 +42,7 @@ def _parse(folder, args, dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_parsed_in_the_pools_dtype_the_pages_hold_what_a_float32_parse_converted_gives(args, adapters, dtype):
-    direct, converted = (AdapterPool(args, num_pages=64, dtype=dtype) for _ in range(2))
+    direct, converted = (AdapterPool(args, num_pages=128, dtype=dtype) for _ in range(2))
     for name, folder in adapters.items():
         host = _parse(folder, args, dtype)
         wide = _parse(folder, args, torch.float32)
@@ -50,6 +50,7 @@ def test_parsed_in_the_pools_dtype_the_pages_hold_what_a_float32_parse_converted
         assert 2 * host.nbytes == wide.nbytes and host.fingerprint == wide.fingerprint
         direct.load(name, host)
         converted.load(name, wide)  # converted to dtype by the copy into the pages
+    assert {adapter.key for adapter in direct.resident()} == set(adapters)  # room for all: none evicted
     for module in direct.a:
         assert torch.equal(direct.a[module], converted.a[module]), module
         assert torch.equal(direct.b[module], converted.b[module]), module
@@ -97,7 +98,7 @@ def test_a_load_into_a_gpu_pool_queues_its_copies_without_waiting_for_the_device
     """The engine thread runs the load between steps: a copy that waited for the device would
     hold every running request's next token for the transfer (and, with steps overlapped, for
     the queued step's forward)."""
-    pool = AdapterPool(args, num_pages=64, dtype=torch.bfloat16, device="cuda")
+    pool = AdapterPool(args, num_pages=128, dtype=torch.bfloat16, device="cuda")
     parsed = {name: parse_adapter((folder / "adapter_config.json").read_text(),
                                   (folder / "adapter_model.safetensors").read_bytes(), args, torch.bfloat16,
                                   pin_memory=True) for name, folder in adapters.items()}
@@ -113,6 +114,7 @@ def test_a_load_into_a_gpu_pool_queues_its_copies_without_waiting_for_the_device
         pool.load("fin again", parsed["fin"])  # into reused pages
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert {adapter.key for adapter in pool.resident()} == set(parsed) - {"fin"} | {"fin again"}
     for name, weights in {**parsed, "fin again": parsed["fin"]}.items():
         if name == "fin":
             continue

@@ -23,26 +23,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from bench.engine import build_adapters
+from bench.engine import build_adapters, build_base
 from bench.machine import describe, report
 
-SHAPES = {  # hidden, layers, heads, KV heads, intermediate
-    "llama8b": (4096, 32, 32, 8, 14336),
-    "small": (512, 8, 8, 4, 1536),
-}
+PRESETS = ("llama8b", "small", "tiny")
 
 
-def model_args(preset: str):
-    from services.inference.model.config import ModelArgs
+def model_shapes(preset: str, folder: Path):
+    """The preset's ModelArgs and HF config, from the folder bench.engine builds for it."""
+    from transformers import AutoConfig
 
-    hidden, layers, heads, kv_heads, inner = SHAPES[preset]
-    return ModelArgs(model_type="llama", vocab_size=32000, hidden_size=hidden, intermediate_size=inner,
-                     num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
-                     rms_norm_eps=1e-5, max_position_embeddings=8192, rope_theta=500000.0)
+    from services.inference.model.config import load_model_args
+
+    base = build_base(preset, folder)
+    return load_model_args(base), AutoConfig.from_pretrained(base)
 
 
 def _sync(device: torch.device) -> None:
@@ -59,12 +56,9 @@ def measure(args) -> dict:
     from services.inference.adapters.weights import parse_adapter
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model = model_args(args.preset)
-    config = SimpleNamespace(hidden_size=model.hidden_size, num_attention_heads=model.num_heads,
-                             num_key_value_heads=model.num_kv_heads, intermediate_size=model.intermediate_size,
-                             num_hidden_layers=model.num_layers)
-    pool = AdapterPool(model, num_pages=args.rank, dtype=dtype, device=device)
     with tempfile.TemporaryDirectory() as tmp:
+        model, config = model_shapes(args.preset, Path(tmp) / "base")
+        pool = AdapterPool(model, num_pages=args.rank, dtype=dtype, device=device)
         folder = Path(tmp) / build_adapters(config, Path(tmp), 1, args.rank, getattr(torch, args.file_dtype))[0]
         read, parse, load = [], [], []
         for _ in range(args.repeat):
@@ -98,7 +92,7 @@ def measure(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(SHAPES), default="llama8b")
+    parser.add_argument("--preset", choices=PRESETS, default="llama8b")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",

@@ -175,6 +175,9 @@ def test_each_prefill_lora_kernel_gives_the_same_tokens(tiny_model_dir, adapter_
                         lambda q, k, v, tables, tiles, *rest: continued.append(len(tiles.map)) or
                         paged_prefill(q, k, v, tables, tiles, *rest))
     mix = [(" ".join([prompt] * 5) if i % 2 else prompt, key) for i, (prompt, key) in enumerate(requests_mix()[::2])]
+    # And one longer than a step's whole token budget (96; ~105 tokens): chunked however the other
+    # requests' arrivals fall into steps, which the adapters' fetches make vary from run to run.
+    mix.append((" ".join([PROMPTS[3]] * 12), "legal"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     node, results = run_engine(tiny_model_dir, adapter_root, pool_pages=256, mix=mix, kernels="triton", device=device,
                                prefill_lora=prefill_lora)

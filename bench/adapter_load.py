@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.engine import build_adapters, build_base
+from bench.engine import _sync, build_adapters, build_base
 from bench.machine import describe, report
 
 PRESETS = ("llama8b", "small", "tiny")
@@ -40,11 +40,6 @@ def model_shapes(preset: str, folder: Path):
 
     base = build_base(preset, folder)
     return load_model_args(base), AutoConfig.from_pretrained(base)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -71,10 +66,10 @@ def measure(args) -> dict:
             parse.append(time.perf_counter() - started)
             if pool.get("bench") is not None:
                 pool.evict("bench")
-            _sync(device)
+            _sync(str(device))
             started = time.perf_counter()
             pool.load("bench", weights)
-            _sync(device)
+            _sync(str(device))
             load.append(time.perf_counter() - started)
         pages = pool.get("bench").pages
         # Checked, not only timed: the pages hold the host form, bit for bit.

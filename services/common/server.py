@@ -110,6 +110,7 @@ async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.ensure_future(stop_when_supervisor_dies(stop, service_label))
     running = await start_server(app, config)
     log.info("%s listening on %s:%d%s (NOT_SERVING while warming up)", service_label, config.host, running.port,
              "" if config.server_tls is None else " with TLS" + (
@@ -141,8 +142,28 @@ async def serve(app: ServiceApp, config: ServerConfig, service_label: str) -> in
         await drain()
     await running.stop(config.grace_seconds)
     await app.close()
+    watch.cancel()
     log.info("%s stopped", service_label)
     return 0
+
+
+#: Set by `loraplex up` / the demo to its own pid in each service's environment.
+SUPERVISOR_PID_ENV = "LORAPLEX_SUPERVISOR_PID"
+
+
+async def stop_when_supervisor_dies(stop: asyncio.Event, service_label: str, poll_seconds: float = 1.0) -> None:
+    """A supervised service stops as on SIGTERM once its supervisor is gone. The supervisor
+    starts each service in a session of its own (a terminal's Ctrl-C reaches the supervisor,
+    which stops them in order), so a supervisor killed outright (SIGKILL, the OOM killer)
+    would leave them serving, holding their ports, with nobody to stop them. A dead parent's
+    children are handed to another process (init or a subreaper): getppid() changes."""
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if not supervisor.isdigit():
+        return  # run on its own (compose, systemd): nothing to watch
+    while os.getppid() == int(supervisor):
+        await asyncio.sleep(poll_seconds)
+    log.warning("%s: its supervisor (pid %s) is gone; stopping", service_label, supervisor)
+    stop.set()
 
 
 async def stop_during_warm_up(warm_up: asyncio.Future, running: RunningServer, app: ServiceApp,

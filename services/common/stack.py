@@ -27,6 +27,7 @@ from pathlib import Path
 from services.common import tls
 from services.common.config import option
 from services.common.healthcheck import health_status
+from services.common.server import SUPERVISOR_PID_ENV
 from services.common.stack_base_model import RegistrationFailed, register_base_model
 from services.common.tiny_model import build_model_folder
 
@@ -164,7 +165,7 @@ def child_environment(config: StackConfig, admin_token: str) -> dict[str, str]:
     in 64) is not taken for a flag. The URL is always set, empty meaning the embedded SQLite,
     so a LORAPLEX_DATABASE_URL inherited from our own environment never overrides ours."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_ADMIN_TOKEN": admin_token,
-           "LORAPLEX_DATABASE_URL": config.database_url}
+           "LORAPLEX_DATABASE_URL": config.database_url, SUPERVISOR_PID_ENV: str(os.getpid())}
     if config.blob_store == "s3":
         env.update(LORAPLEX_S3_ACCESS_KEY=config.s3_access_key, LORAPLEX_S3_SECRET_KEY=config.s3_secret_key)
     # The TLS files too, each always set (empty: off) so that none inherited from our own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,6 +84,30 @@ def test_up_exits_non_zero_naming_a_child_that_died(tmp_path, ports):
         stop_process(process)
     for name in NAMES:
         assert health_status(f"127.0.0.1:{ports[name]}") == "UNREACHABLE"
+
+
+def test_services_stop_on_their_own_when_up_is_killed_outright(tmp_path, ports):
+    """SIGKILL (or the OOM killer) gives `up` no chance to stop its children, each in a session
+    of its own: they must notice and stop, not keep serving on their ports with nobody to stop them."""
+    process = start_up(tmp_path, ports)
+    pids = []
+    try:
+        read_until(process, "Ctrl-C stops everything")
+        pids = [child_pid(ports[name], f"services.{name}") for name in NAMES]
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "services outlived their supervisor"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    logs = tmp_path / "state" / "logs"
+    for name in NAMES:
+        log = (logs / f"{name}.log").read_text()
+        assert "its supervisor" in log and "is gone; stopping" in log and "stopped" in log, name
 
 
 def test_up_rejects_bad_flags(tmp_path):

@@ -29,7 +29,9 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
                    after 512 cached, the Triton paged prefill kernel vs the per-sequence
                    loop (with TFLOP/s);
   6. host.json     bench/host_overhead.py on this machine's CPU: host work per decode step;
-summary.json lists each step's status and wall time. Exit status 0 when every step passed.
+summary.json lists each step's status and wall time; targets.json (bench/targets.py) says which
+of issue #8's targets the figures meet, also printed as a table. Exit status 0 when every step
+passed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import targets
 
 # Correctness first, then the figures issue #8's open targets are set on (the engine matrix,
 # told its share through {budget}), then the kernel sweeps and the host's share, which the
@@ -114,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(run_step(name, step_args, min(limit, left), args.out))
         print(json.dumps(summary[-1]), flush=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # The verdict on issue #8's targets from whatever the steps left, cut-off engine runs included.
+    verdict = targets.scorecard(args.out)
+    (args.out / "targets.json").write_text(json.dumps(verdict, indent=2))
+    print(targets.markdown(verdict), flush=True)
     return 0 if all(step["status"] == "passed" for step in summary) else 1
 
 

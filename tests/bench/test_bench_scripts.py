@@ -50,6 +50,9 @@ def test_device_check_leaves_a_summary_even_when_steps_fail(tmp_path):
     assert [step["step"] for step in summary] == ["gpu", "engine", "kernels"]  # STEPS order
     assert all(step["status"] != "passed" for step in summary)
     assert (tmp_path / "out" / "kernels.log").read_text()  # the reason is kept
+    verdict = json.loads((tmp_path / "out" / "targets.json").read_text())  # issue #8's, from what was left
+    assert [entry["status"].split(":")[0] for entry in verdict["targets"]] == ["not measured"] * 5
+    assert "| not measured: no kernels.json |" in result.stdout
 
 
 def test_engine_bench_runs_every_variant_on_a_tiny_model(tmp_path):
@@ -72,7 +75,7 @@ MATRIX_SMOKE = ["-m", "bench.engine", "--device", "cpu", "--preset", "tiny", "--
 
 def run_matrix_smoke(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
     """The CPU matrix run with `flags`: the process, and the report it wrote with --json."""
-    out = tmp_path / "matrix.json"
+    out = tmp_path / "engine.json"  # the name device_check gives the matrix's report
     result = subprocess.run([sys.executable, *MATRIX_SMOKE, *flags, "--json", str(out)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,10 +107,18 @@ def test_engine_matrix_measures_every_configuration_on_one_node(tmp_path):
     hf = report["hf_peft_mixed"]
     assert (hf["batch"], hf["adapters"], hf["tokens"]) == (4, 2, 4 * 8)  # --hf-gen-len is 8 in matrix mode
     assert hf["decode_tokens_per_s"] > 0 and hf["ours_over_hf_mixed"] > 0
+    hf_ratio = hf["ours_over_hf_mixed"]
     assert report["copy_bandwidth_source"] == "flag"
     steps = report["engine_steps"]  # CPU: graphs are off by default, every step eager
     assert steps["graph_mode"] == "off" and steps["graph"] == 0 and steps["eager"] > 0
     assert steps["prefill_lora"] == "grouped" and steps["prefill_lora_measured_us"] == {}  # nothing to measure
+    # bench.targets reads this report as it would a GPU run's, at this matrix's batch and adapter counts
+    scored = subprocess.run([sys.executable, "-m", "bench.targets", str(tmp_path), "--batch", "4", "--few-adapters",
+                             "2", "--many-adapters", "4"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    _, few, many, rate, hf = json.loads(scored.stdout)["targets"]
+    assert (few["value"], many["value"]) == tuple(ratio["adapters_over_base"] for ratio in report["ratios"][1:3])
+    assert rate["value"] == report["ours_adapters"][2]["decode_tokens_per_s"] and rate["worst_repeat"] > 0
+    assert hf["value"] == hf_ratio and many["worst_repeat"] <= many["value"]
 
 
 def test_engine_matrix_reports_what_the_budget_left_no_time_for(tmp_path):

@@ -1,0 +1,74 @@
+"""bench/targets.py: issue #8's verdict read off a device_check folder, as a GPU session reads it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from bench import targets
+from tests.conftest import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench"
+
+
+def v3_folder(tmp_path):
+    """The second H200 run's JSON (session 12), laid out as device_check leaves it."""
+    shutil.copy(BENCH / "results_gpu_v3_kernels.json", tmp_path / "kernels.json")
+    shutil.copy(BENCH / "results_gpu_v3_engine.json", tmp_path / "engine.json")
+    return tmp_path
+
+
+def test_the_v3_run_meets_what_its_notes_say_it_met(tmp_path):
+    report = targets.scorecard(v3_folder(tmp_path))
+    lora, few, many, rate, hf = report["targets"]
+    assert report["device"] == "NVIDIA H200" and not report["all_met"]
+    # bench/gpu_notes.md v3: every launch group within 3x (gate|up 2.1x ... q|k|v 2.2x sliced, o 2.9x)
+    assert lora["met"] and set(lora["groups"]) == {"q|k|v", "o", "gate|up", "down"}
+    assert lora["groups"]["q|k|v"]["variant"] == "triton_slices" and 2.9 < lora["groups"]["o"]["x_floor"] < 3.0
+    assert 2.0 < lora["value"] < 3.0
+    assert few["status"] == "not met" and abs(few["value"] - 0.8067) < 1e-3  # 16 adapters: 0.81x of base
+    assert many["met"] and abs(many["value"] - 0.7038) < 1e-3  # 64 adapters: 0.70x, just
+    assert rate["met"] and 5200 < rate["value"] < 5210 and 0.4 < rate["fraction_of_floor"] < 0.6
+    assert hf["met"] and 132 < hf["value"] < 133 and hf["configuration"] == "b16_a16"
+
+
+def test_a_figure_the_run_did_not_produce_is_not_measured_with_its_reason(tmp_path):
+    """The engine step cut off after base-only batch 64: only its partial file exists."""
+    partial = {"ours_base": [{"name": "b64_base", "decode_tokens_per_s": 7000.0}], "ours_adapters": [], "ratios": [],
+               "skipped": [{"name": "b64_a16", "reason": "budget spent while it ran"}],
+               "failed": [{"name": "b64_a64", "error": "RuntimeError('CUDA out of memory')"}]}
+    (tmp_path / "engine_partial.json").write_text(json.dumps(partial))
+    (tmp_path / "engine.json").write_text("")  # what device_check writes for a step killed at its deadline
+    report = targets.scorecard(tmp_path)
+    lora, few, many, rate, hf = report["targets"]
+    assert not report["all_met"] and not any(entry["met"] for entry in report["targets"])
+    assert lora["status"] == "not measured: no kernels.json"
+    assert few["status"] == "not measured: b64_a16 skipped: budget spent while it ran"
+    assert many["status"] == rate["status"] == "not measured: b64_a64 failed: RuntimeError('CUDA out of memory')"
+    assert hf["status"].startswith("not measured: hf_peft_mixed is not in the engine report")
+    assert "| not measured: b64_a16 skipped" in targets.markdown(report)
+
+
+def test_the_worst_repeat_shows_how_far_the_kept_figures_flatter(tmp_path):
+    engine = {"ours_base": [{"name": "b64_base", "decode_tokens_per_s": 10000.0,
+                             "repeats_decode_tokens_per_s": [9000.0, 10000.0]}],
+              "ours_adapters": [{"name": "b64_a64", "decode_tokens_per_s": 7100.0, "floor_tokens_per_s": 10000.0,
+                                 "decode_fraction_of_floor": 0.71, "repeats_decode_tokens_per_s": [7100.0, 6500.0]}],
+              "ratios": [{"name": "b64_a64", "adapters_over_base": 0.71, "byte_bound_with_kv": 0.79,
+                          "fraction_of_byte_bound": 0.9}]}
+    (tmp_path / "engine.json").write_text(json.dumps(engine))
+    _, _, many, rate, _ = targets.scorecard(tmp_path)["targets"]
+    assert many["met"] and many["worst_repeat"] == 6500.0 / 10000.0  # met by the kept figures, not by every repeat
+    assert rate["met"] and rate["worst_repeat"] == 6500.0 and rate["fraction_of_floor"] == 0.71
+
+
+def test_the_lora_target_needs_every_launch_group_of_a_layer(tmp_path):
+    kernels = json.loads((BENCH / "results_gpu_v3_kernels.json").read_text())
+    for case in kernels["lora"]:
+        if case["case"] == "decode down 64 tokens 64 adapters":
+            for variant in case["variants"].values():
+                variant["correct"] = False  # a kernel off the reference is no figure at all
+    (tmp_path / "kernels.json").write_text(json.dumps(kernels))
+    lora = targets.scorecard(tmp_path)["targets"][0]
+    assert not lora["met"] and lora["status"] == "not measured: no correct timed variant for down"
+    assert set(lora["groups"]) == {"q|k|v", "o", "gate|up"}

@@ -23,6 +23,8 @@ leaving its JSON and log in OUT_DIR even when a later step fails or times out:
                    each configuration's GPU time per step (its last graphed step replayed)
                    next to its wall time, and the kernels of three steps (--profile-steps);
                    overlapped decode steps on, and each batch >= 16 once more with them off.
+     engine_fallback.json  only when the engine step lost a batch-64 target configuration
+                   to a failure: batch 64 again with the paths no GPU has run yet turned off;
   5. kernels.json  bench/kernels.py on CUDA: every LoRA and attention path checked against
                    the float32 reference at bf16 tolerance, then timed under CUDA graphs
                    against the byte floor; "prefill_attention": 16 chunks of 256 tokens
@@ -70,6 +72,15 @@ STEPS = [
     ("engine", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels", "triton",
                 "--prompt-len", "512", "--gen-len", "128", "--budget-seconds", "{budget}",
                 "--profile-steps", "--compare-overlap", "--repeat", "2", "--json", "{out}/engine_partial.json"], 270),
+    # Only when the engine step lost a target configuration to a failure (bench/targets.py's
+    # lost_configurations): the matrix again without the paths built since the last GPU run
+    # (v4-v8: overlapped steps, start-up LoRA tuning, LoRA beside its GEMM), so one broken new
+    # path costs its own figures, not the run's. Batch 64 only, once each, no HF.
+    ("engine_fallback", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels",
+                         "triton", "--prompt-len", "512", "--gen-len", "128", "--budget-seconds", "{budget}",
+                         "--matrix-batches", "64", "--matrix-adapters", "16,64", "--skip-hf", "--repeat", "1", "--overlap-steps", "off",
+                         "--decode-lora-tuning", "off", "--lora-beside-gemm", "off",
+                         "--json", "{out}/engine_fallback_partial.json"], 180),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 110),
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.
     ("host", ["-m", "bench.host_overhead", "--batch", "64", "--steps", "64"], 45),
@@ -112,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for name, step_args, limit in (step for step in STEPS if step[0] in chosen):
         left = ends - time.monotonic()
+        if name == "engine_fallback" and not (lost := targets.lost_configurations(args.out)):
+            continue  # the engine step measured (or ran out of budget for) every target configuration
+        if name == "engine_fallback":
+            print(json.dumps({"step": name, "because_the_engine_step_lost": lost}), flush=True)
         if left < 10:
             summary.append({"step": name, "status": "skipped: budget spent", "seconds": 0})
             continue

@@ -100,6 +100,7 @@ def engine_options(args) -> dict:
     run repeats the same prompts, whose KV it would read back instead of computing it as HF does."""
     return {"kernels": args.kernels, "max_adapter_rank": args.rank, "prefix_caching": False,
             "overlap_steps": args.overlap_steps, "decode_lora_beside_gemm": args.lora_beside_gemm,
+            "decode_lora_tuning": args.decode_lora_tuning,
             **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {})}
 
 
@@ -234,6 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="our engine's overlapped decode steps (default auto: on with captured CUDA graphs)")
     parser.add_argument("--lora-beside-gemm", choices=["auto", "off", "shrink", "lora"], default="auto",
                         help="where our decode graphs run each LoRA against its GEMM (default auto: measured)")
+    parser.add_argument("--decode-lora-tuning", choices=["auto", "off"], default="auto",
+                        help="our decode graphs' LoRA launches: measured at start-up (auto) or the kernels' defaults")
     parser.add_argument("--hf-gen-len", type=int, default=0, help="new tokens for the HF peft runs (0: --gen-len; "
                         "8 with --matrix); HF mixed batches are slow on big models")
     parser.add_argument("--skip-hf", action="store_true", help="only our engine")

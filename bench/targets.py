@@ -3,7 +3,7 @@
   python -m bench.targets OUT_DIR [--markdown]
 
 Reads OUT_DIR/kernels.json and OUT_DIR/engine.json (engine_partial.json when the engine step
-was cut short) and prints one JSON report (or a Markdown table for bench/gpu_notes.md), so a
+was cut short; engine_fallback's for a figure the engine step lost to a failure) and prints one JSON report (or a Markdown table for bench/gpu_notes.md), so a
 GPU session reads its verdict off the run instead of by hand. Standard library only: it runs
 wherever the JSON is, GPU or not. A figure the run did not produce is "not measured", with
 the reason the run gave (skipped, failed, step missing), never met.
@@ -39,10 +39,26 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def engine_report(folder: Path) -> dict | None:
-    """engine.json is the matrix's stdout, whole only when the step finished; the partial file
+def engine_report(folder: Path, step: str = "engine") -> dict | None:
+    """STEP.json is the matrix's stdout, whole only when the step finished; the partial file
     (--json, rewritten as configurations finish) holds what a cut-off step got through."""
-    return read_json(folder / "engine.json") or read_json(folder / "engine_partial.json")
+    return read_json(folder / f"{step}.json") or read_json(folder / f"{step}_partial.json")
+
+
+def target_configurations(batch: int = 64, few: int = 16, many: int = 64) -> list[str]:
+    return [f"b{batch}_base", f"b{batch}_a{few}", f"b{batch}_a{many}"]
+
+
+def lost_configurations(folder: Path, batch: int = 64, few: int = 16, many: int = 64) -> list[str]:
+    """The target configurations the engine step neither measured nor skipped for its budget:
+    lost to a failure (the node not building, a configuration raising, the step hanging until
+    killed). device_check then runs the matrix again without the paths no GPU has run yet."""
+    engine = engine_report(folder)
+    wanted = target_configurations(batch, few, many)
+    if engine is None:
+        return wanted
+    done = {entry.get("name") for kind in ("ours_base", "ours_adapters", "skipped") for entry in engine.get(kind, [])}
+    return [name for name in wanted if name not in done]
 
 
 def target(name: str, threshold: float, value: float | None, *, at_most: bool = False, why_missing: str = "",
@@ -84,7 +100,7 @@ def _named(entries: list[dict], name: str) -> dict | None:
 
 def _why_missing(engine: dict | None, name: str) -> str:
     if engine is None:
-        return "no engine.json or engine_partial.json"
+        return "no engine report"
     for kind in ("skipped", "failed"):
         entry = _named(engine.get(kind, []), name)
         if entry is not None:
@@ -134,13 +150,26 @@ def hf_target(engine: dict | None) -> dict:
     return target(name, OVER_HF_PEFT, hf["ours_over_hf_mixed"], configuration=hf.get("name"))
 
 
+def engine_targets(engine: dict | None, batch: int, few: int, many: int) -> list[dict]:
+    return [ratio_target(engine, batch, few, FEW_ADAPTERS_OVER_BASE),
+            ratio_target(engine, batch, many, MANY_ADAPTERS_OVER_BASE),
+            rate_target(engine, batch, many),
+            hf_target(engine)]
+
+
+#: What device_check's engine_fallback step turns off; a figure from it says so.
+FALLBACK_SOURCE = "engine_fallback: overlapped steps, start-up LoRA tuning and LoRA beside the GEMM off"
+
+
 def scorecard(folder: Path, batch: int = 64, few: int = 16, many: int = 64, lora_tokens: int = 64) -> dict:
     kernels, engine = read_json(folder / "kernels.json"), engine_report(folder)
-    targets = [lora_target(kernels, lora_tokens, many),
-               ratio_target(engine, batch, few, FEW_ADAPTERS_OVER_BASE),
-               ratio_target(engine, batch, many, MANY_ADAPTERS_OVER_BASE),
-               rate_target(engine, batch, many),
-               hf_target(engine)]
+    targets = engine_targets(engine, batch, few, many)
+    fallback = engine_report(folder, "engine_fallback")
+    if fallback is not None:
+        for index, (entry, other) in enumerate(zip(targets, engine_targets(fallback, batch, few, many))):
+            if entry["value"] is None and other["value"] is not None:
+                targets[index] = {**other, "source": FALLBACK_SOURCE, "engine": entry["status"]}
+    targets.insert(0, lora_target(kernels, lora_tokens, many))
     device = ((engine or {}).get("machine") or (kernels or {}).get("machine") or {}).get("gpu")
     return {"device": device, "targets": targets, "all_met": all(entry["met"] for entry in targets)}
 
@@ -155,7 +184,7 @@ def markdown(report: dict) -> str:
         floor = entry.get("fraction_of_byte_bound", entry.get("fraction_of_floor"))
         lines.append(f"| {entry['target']} | {'<=' if 'LoRA' in entry['target'] else '>='} "
                      f"{figure(entry['threshold'])} | {figure(entry['value'])} | {figure(entry.get('worst_repeat'))} "
-                     f"| {figure(floor)} | {entry['status']} |")
+                     f"| {figure(floor)} | {entry['status']}{' (fallback run)' if 'source' in entry else ''} |")
     return "\n".join(lines)
 
 

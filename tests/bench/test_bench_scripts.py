@@ -43,23 +43,42 @@ def test_kernel_bench_smoke_checks_every_path_against_the_reference(tmp_path):
 def test_device_check_leaves_a_summary_even_when_steps_fail(tmp_path):
     """Here there is no GPU, so every CUDA step fails: the summary must still say which and why."""
     result = subprocess.run([sys.executable, "-m", "bench.device_check", str(tmp_path / "out"),
-                             "--budget-seconds", "120", "--steps", "gpu,kernels,engine"], cwd=REPO_ROOT,
+                             "--budget-seconds", "120", "--steps", "gpu,kernels,engine,engine_fallback"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [step["step"] for step in summary] == ["gpu", "engine", "kernels"]  # STEPS order
+    assert [step["step"] for step in summary] == ["gpu", "engine", "engine_fallback", "kernels"]  # STEPS order
     assert all(step["status"] != "passed" for step in summary)
     assert (tmp_path / "out" / "kernels.log").read_text()  # the reason is kept
+    # The engine step lost every target configuration (no CUDA): the fallback matrix was tried.
+    assert '"because_the_engine_step_lost": ["b64_base", "b64_a16", "b64_a64"]' in result.stdout
     verdict = json.loads((tmp_path / "out" / "targets.json").read_text())  # issue #8's, from what was left
     assert [entry["status"].split(":")[0] for entry in verdict["targets"]] == ["not measured"] * 5
     assert "| not measured: no kernels.json |" in result.stdout
+
+
+def test_every_engine_step_of_device_check_parses_its_flags(tmp_path):
+    """On CPU those steps fail for want of CUDA whatever their flags say: a misspelt flag would
+    only show on the GPU, costing its minutes. The fallback turns off the paths no GPU has run."""
+    from bench import device_check, engine
+
+    steps = {name: args for name, args, _ in device_check.STEPS if args[:2] == ["-m", "bench.engine"]}
+    assert set(steps) == {"engine", "engine_fallback"}
+    for name, args in steps.items():
+        flags = [arg.replace("{out}", str(tmp_path)).replace("{budget}", "100") for arg in args[2:]]
+        options = engine.engine_options(engine.parse_args(flags))
+        assert options["kernels"] == "triton", name
+    fallback = engine.engine_options(engine.parse_args([arg.replace("{out}", str(tmp_path)).replace("{budget}", "1")
+                                                        for arg in steps["engine_fallback"][2:]]))
+    assert (fallback["overlap_steps"], fallback["decode_lora_tuning"], fallback["decode_lora_beside_gemm"]) == (
+        "off", "off", "off")
 
 
 def test_engine_bench_runs_every_variant_on_a_tiny_model(tmp_path):
     out = tmp_path / "engine.json"
     result = subprocess.run([sys.executable, "-m", "bench.engine", "--device", "cpu", "--preset", "tiny", "--adapters",
                              "3", "--batch", "4", "--prompt-len", "12", "--gen-len", "4", "--hf-gen-len", "2",
-                             "--repeat", "1", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                             "--repeat", "1", "--decode-lora-tuning", "off", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

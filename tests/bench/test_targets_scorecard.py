@@ -72,3 +72,32 @@ def test_the_lora_target_needs_every_launch_group_of_a_layer(tmp_path):
     lora = targets.scorecard(tmp_path)["targets"][0]
     assert not lora["met"] and lora["status"] == "not measured: no correct timed variant for down"
     assert set(lora["groups"]) == {"q|k|v", "o", "gate|up"}
+
+
+def test_the_fallback_run_is_asked_for_only_for_configurations_lost_to_a_failure(tmp_path):
+    assert targets.lost_configurations(tmp_path) == ["b64_base", "b64_a16", "b64_a64"]  # no report at all
+    engine = {"ours_base": [{"name": "b64_base"}], "ours_adapters": [{"name": "b64_a16"}],
+              "skipped": [{"name": "b64_a64", "reason": "budget spent before it started"}],
+              "failed": [{"name": "b16_a16", "error": "RuntimeError()"}]}
+    (tmp_path / "engine_partial.json").write_text(json.dumps(engine))
+    assert targets.lost_configurations(tmp_path) == []  # out of budget is not a failure; b16 is no target
+    engine["skipped"] = []
+    (tmp_path / "engine_partial.json").write_text(json.dumps(engine))
+    assert targets.lost_configurations(tmp_path) == ["b64_a64"]  # the step was killed while it ran
+
+
+def test_a_figure_only_the_fallback_run_measured_says_so(tmp_path):
+    engine = {"ours_base": [], "ours_adapters": [], "ratios": [], "skipped": [],
+              "failed": [{"name": "run_ours", "error": "RuntimeError('capture failed')"}]}
+    fallback = {"ours_base": [{"name": "b64_base", "decode_tokens_per_s": 7000.0}],
+                "ours_adapters": [{"name": "b64_a64", "decode_tokens_per_s": 5100.0}],
+                "ratios": [{"name": "b64_a64", "adapters_over_base": 0.72}], "skipped": [], "failed": []}
+    (tmp_path / "engine.json").write_text(json.dumps(engine))
+    (tmp_path / "engine_fallback_partial.json").write_text(json.dumps(fallback))
+    report = targets.scorecard(tmp_path)
+    _, few, many, rate, hf = report["targets"]
+    assert few["status"].startswith("not measured: b64_a16 is not in the engine report (failed: run_ours:")
+    assert many["met"] and many["source"] == rate["source"] == targets.FALLBACK_SOURCE
+    assert many["engine"].startswith("not measured: b64_a64 is not in the engine report")
+    assert rate["value"] == 5100.0 and "source" not in hf
+    assert "| met (fallback run) |" in targets.markdown(report)

@@ -78,8 +78,8 @@ STEPS = [
     # path costs its own figures, not the run's. Batch 64 only, once each, no HF.
     ("engine_fallback", ["-m", "bench.engine", "--device", "cuda", "--preset", "llama8b", "--matrix", "--kernels",
                          "triton", "--prompt-len", "512", "--gen-len", "128", "--budget-seconds", "{budget}",
-                         "--matrix-batches", "64", "--matrix-adapters", "16,64", "--skip-hf", "--repeat", "1", "--overlap-steps", "off",
-                         "--decode-lora-tuning", "off", "--lora-beside-gemm", "off",
+                         "--matrix-batches", "64", "--matrix-adapters", "16,64", "--skip-hf", "--repeat", "1",
+                         "--overlap-steps", "off", "--decode-lora-tuning", "off", "--lora-beside-gemm", "off",
                          "--json", "{out}/engine_fallback_partial.json"], 180),
     ("kernels", ["-m", "bench.kernels", "--device", "cuda"], 110),
     # The GPU machine's own CPU: host work per decode step, next to the engine's step times.

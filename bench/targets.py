@@ -3,8 +3,9 @@
   python -m bench.targets OUT_DIR [--markdown]
 
 Reads OUT_DIR/kernels.json and OUT_DIR/engine.json (engine_partial.json when the engine step
-was cut short; engine_fallback's for a figure the engine step lost to a failure) and prints one JSON report (or a Markdown table for bench/gpu_notes.md), so a
-GPU session reads its verdict off the run instead of by hand. Standard library only: it runs
+was cut short; engine_fallback's for a figure the engine step lost to a failure) and prints
+one JSON report (or a Markdown table for bench/gpu_notes.md), so a GPU session reads its
+verdict off the run instead of by hand. Standard library only: it runs
 wherever the JSON is, GPU or not. A figure the run did not produce is "not measured", with
 the reason the run gave (skipped, failed, step missing), never met.
 
@@ -179,7 +180,8 @@ def markdown(report: dict) -> str:
         return "" if value is None else f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
 
     lines = [f"Targets (issue #8) on {report['device'] or 'an unnamed device'}:", "",
-             "| target | threshold | value | worst repeat | of its floor | status |", "| --- | --- | --- | --- | --- | --- |"]
+             "| target | threshold | value | worst repeat | of its floor | status |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for entry in report["targets"]:
         floor = entry.get("fraction_of_byte_bound", entry.get("fraction_of_floor"))
         lines.append(f"| {entry['target']} | {'<=' if 'LoRA' in entry['target'] else '>='} "

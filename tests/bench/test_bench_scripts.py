@@ -78,8 +78,8 @@ def test_engine_bench_runs_every_variant_on_a_tiny_model(tmp_path):
     out = tmp_path / "engine.json"
     result = subprocess.run([sys.executable, "-m", "bench.engine", "--device", "cpu", "--preset", "tiny", "--adapters",
                              "3", "--batch", "4", "--prompt-len", "12", "--gen-len", "4", "--hf-gen-len", "2",
-                             "--repeat", "1", "--decode-lora-tuning", "off", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=600)
+                             "--repeat", "1", "--decode-lora-tuning", "off", "--json", str(out)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["ours_adapters"]["tokens"] == 16 and report["ours_base"]["tokens"] == 16

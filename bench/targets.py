@@ -118,6 +118,19 @@ def worst_repeat_ratio(adapters_run: dict, base_run: dict | None) -> float | Non
     return min(slow) / max(fast) if slow and fast else None
 
 
+def diagnostics(run: dict | None) -> dict:
+    """What says why a decode figure is where it is: whether its steps ran overlapped, the GPU's
+    time per replayed step against the wall's, the graph variant's tile capacity, and the
+    rate with overlap off (--compare-overlap)."""
+    run = run or {}
+    profile = run.get("step_profile") or {}
+    figures = {"overlapped_steps": run.get("overlapped_steps"), "gpu_ms_p50": profile.get("gpu_ms_p50"),
+               "wall_ms_per_decode_step": profile.get("wall_ms_per_decode_step"),
+               "tile_capacity": profile.get("tile_capacity"),
+               "without_overlap_tokens_per_s": (run.get("without_overlap") or {}).get("decode_tokens_per_s")}
+    return {name: value for name, value in figures.items() if value is not None}
+
+
 def ratio_target(engine: dict | None, batch: int, adapters: int, threshold: float) -> dict:
     name = f"batch {batch}, {adapters} distinct adapters over base-only decode"
     config = f"b{batch}_a{adapters}"
@@ -128,7 +141,8 @@ def ratio_target(engine: dict | None, batch: int, adapters: int, threshold: floa
     base = _named(engine.get("ours_base", []), f"b{batch}_base")
     return target(name, threshold, ratio["adapters_over_base"], byte_bound=ratio.get("byte_bound_with_kv"),
                   fraction_of_byte_bound=ratio.get("fraction_of_byte_bound"),
-                  worst_repeat=worst_repeat_ratio(run, base))
+                  worst_repeat=worst_repeat_ratio(run, base),
+                  diagnostics={"adapters": diagnostics(run), "base": diagnostics(base)})
 
 
 def rate_target(engine: dict | None, batch: int, adapters: int) -> dict:
@@ -140,7 +154,8 @@ def rate_target(engine: dict | None, batch: int, adapters: int) -> dict:
     repeats = run.get("repeats_decode_tokens_per_s") or []
     return target(name, MANY_ADAPTERS_TOKENS_PER_S, run["decode_tokens_per_s"],
                   floor_tokens_per_s=run.get("floor_tokens_per_s"),
-                  fraction_of_floor=run.get("decode_fraction_of_floor"), worst_repeat=min(repeats, default=None))
+                  fraction_of_floor=run.get("decode_fraction_of_floor"), worst_repeat=min(repeats, default=None),
+                  diagnostics=diagnostics(run))
 
 
 def hf_target(engine: dict | None) -> dict:

@@ -29,7 +29,6 @@ from services.common.config import option
 from services.common.healthcheck import health_status
 from services.common.server import SUPERVISOR_PID_ENV
 from services.common.stack_base_model import RegistrationFailed, register_base_model
-from services.common.tiny_model import build_model_folder
 
 SERVICES = ("registry", "trainer", "inference", "router")
 TLS_FIELDS = ("tls_cert", "tls_key", "tls_client_ca", "tls_ca", "tls_client_cert", "tls_client_key")
@@ -133,6 +132,10 @@ def base_model_folder(config: StackConfig) -> Path:
         return config.base_model
     folder = config.data_dir / "models" / "tiny"
     if not (folder / "config.json").is_file():
+        # Imported here: torch and transformers take seconds to load, which a bad flag or a
+        # taken port should not wait for (the services load them in their own processes).
+        from services.common.tiny_model import build_model_folder
+
         print(f"building the tiny offline test model in {folder}", flush=True)
         build_model_folder(folder, preset="tiny")
     return folder

@@ -129,7 +129,8 @@ class MatrixRun:
                                  max_model_len=context_tokens(self.args), **engine_options(self.args))
         node = Node.build(config, random_weights=self.args.preset == "llama8b")
         self.report["model"] = model_bytes(node, self.args.rank)
-        self.progress("node built")
+        self.report["node_startup_s"] = node.startup_seconds  # weights, LoRA tuning, graph capture
+        self.progress(f"node built: {node.startup_seconds}")
         asyncio.run(self.serve(node))
         del node  # the HF model is built next in this process: give its memory back first
         gc.collect()

@@ -39,6 +39,7 @@ from services.inference.model.config import ModelArgs, load_model_args
 from services.inference.model.loader import load_model, random_model
 from services.inference.reasoning_format import kept_tag_ids
 from services.inference.reasoning_format import resolve as resolve_reasoning_format
+from services.inference.startup_phases import StartupPhases
 from services.inference.token_bytes import longest_token_bytes, special_token_ids
 from services.inference.tool_format import kept_marker_ids
 from services.inference.tool_format import resolve as resolve_tool_format
@@ -73,8 +74,9 @@ def resolve_dtype(config: InferenceConfig) -> torch.dtype:
 class Node:
     def __init__(self, config: InferenceConfig, tokenizer, args: ModelArgs, pool: AdapterPool,
                  manager: AdapterManager, engine: LLMEngine, num_kv_blocks: int, max_context: int,
-                 torch_thread: TorchThread) -> None:
+                 torch_thread: TorchThread, startup_seconds: dict[str, float] | None = None) -> None:
         self.config, self.tokenizer, self.args = config, tokenizer, args
+        self.startup_seconds = startup_seconds or {}  # phase -> seconds of Node.build (startup_phases.py)
         self.pool, self.manager, self.engine = pool, manager, engine
         self.num_kv_blocks, self.max_context = num_kv_blocks, max_context
         # No token covers more bytes than this, so a prompt longer than max_context of them
@@ -110,19 +112,22 @@ class Node:
         dtype = resolve_dtype(config)
         folder = Path(config.base_model)
         load_model_args(folder)  # a clear error for a wrong folder before anything else reads it
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if random_weights:
-            model, args = random_model(folder, dtype=dtype, device=config.device)
-        else:
-            model, args = load_model(folder, dtype=dtype, device=config.device)
+        phases = StartupPhases(config.device)
+        with phases.phase("weights"):
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            if random_weights:
+                model, args = random_model(folder, dtype=dtype, device=config.device)
+            else:
+                model, args = load_model(folder, dtype=dtype, device=config.device)
         max_context = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
         pool = AdapterPool(args, config.adapter_pool_pages, dtype=dtype, device=config.device)
         kernels = resolve_kernels(config.kernels, config.device)
         graphs = resolve_graph_mode(config.cuda_graphs, config.device, kernels)
         # Measured (with auto on CUDA) before the KV cache takes its share of the free memory:
         # the trial step's buffers are returned to the device first.
-        prefill_lora = resolve_prefill_lora(config.prefill_lora, kernels, config.device, pool.shapes(), dtype,
-                                            tokens=config.max_batched_tokens)
+        with phases.phase("prefill LoRA tuning"):
+            prefill_lora = resolve_prefill_lora(config.prefill_lora, kernels, config.device, pool.shapes(), dtype,
+                                                tokens=config.max_batched_tokens)
         num_kv_blocks = max(2, _kv_cache_bytes(config) // kv_block_bytes(model, config.block_size, dtype))
         if source is None:
             source = LocalFolderSource(config.adapter_dir) if config.adapter_dir else _registry_source(config)
@@ -133,7 +138,7 @@ class Node:
                              max_context=max_context, max_rank=config.max_adapter_rank, prefill_lora=prefill_lora,
                              decode_lora=config.decode_lora_tuning,
                              lora_beside_gemm=config.decode_lora_beside_gemm,
-                             tuning_cache_dir=config.tuning_cache_dir)
+                             tuning_cache_dir=config.tuning_cache_dir, phases=phases)
         scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
                             max_waiting=config.max_waiting),
@@ -154,7 +159,9 @@ class Node:
             log.warning("decode LoRA launches: %s", runner.decode_lora.summary())
         elif runner.decode_lora.report:
             log.info("decode LoRA launches %s", runner.decode_lora.summary())
-        return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread)
+        log.info("engine ready in %s", phases.summary())
+        return cls(config, tokenizer, args, pool, manager, engine, num_kv_blocks, max_context, torch_thread,
+                   dict(phases.seconds))
 
     def start(self) -> None:
         """Starts the engine thread (call from the event loop that will consume outputs)."""

@@ -138,6 +138,8 @@ def test_engine_matrix_measures_every_configuration_on_one_node(tmp_path):
     assert (few["value"], many["value"]) == tuple(ratio["adapters_over_base"] for ratio in report["ratios"][1:3])
     assert rate["value"] == report["ours_adapters"][2]["decode_tokens_per_s"] and rate["worst_repeat"] > 0
     assert hf["value"] == hf_ratio and many["worst_repeat"] <= many["value"]
+    assert list(report["node_startup_s"]) == ["weights", "prefill LoRA tuning"]  # CPU: no graphs, no decode tuning
+    assert json.loads(scored.stdout)["node_startup_s"] == report["node_startup_s"]
 
 
 def test_engine_matrix_reports_what_the_budget_left_no_time_for(tmp_path):

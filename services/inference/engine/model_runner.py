@@ -28,6 +28,7 @@ from services.inference.kernels.streams import BESIDE_MODES
 from services.inference.model.attention import build_continued_prefills, build_decode_batch, build_fresh_prefills
 from services.inference.model.context import StepContext
 from services.inference.model.llama import LlamaForCausalLM
+from services.inference.startup_phases import StartupPhases
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -79,7 +80,8 @@ class ModelRunner:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels: str = "torch",
                  graphs: str = OFF, max_graph_batch: int = 64, max_context: int = 0, max_rank: int = 64,
                  prefill_lora: PrefillChoice | None = None, decode_lora: str = "auto",
-                 lora_beside_gemm: str = "auto", tuning_cache_dir: Path | None = None) -> None:
+                 lora_beside_gemm: str = "auto", tuning_cache_dir: Path | None = None,
+                 phases: StartupPhases | None = None) -> None:
         """graphs: decode_graphs.CAPTURE, STATIC or OFF (see resolve_graph_mode); max_context
         bounds the graphs' block tables (default: the model's max_position_embeddings);
         prefill_lora: the kernel of each module's prefill segments (kernels/prefill_lora.py;
@@ -88,22 +90,26 @@ class ModelRunner:
         (kernels/decode_lora_tuning.py), "off" keeps the kernels' defaults; lora_beside_gemm:
         where the graphs run each LoRA against its base GEMM (kernels/streams.py): "auto"
         measures it per shape with decode_lora "auto" (else "off"), or one mode for all;
-        tuning_cache_dir: keeps what start-up measures for the next start (tuning_cache.py)."""
+        tuning_cache_dir: keeps what start-up measures for the next start (tuning_cache.py);
+        phases: where the warm-up, tuning and capture phases record their time."""
         self.model, self.pool, self.kernels = model, pool, kernels
         model.use_fused_ops(kernels == "triton")  # the element-wise kernels go with the Triton ones
         self.block_size, self.device = block_size, torch.device(device)
         self.steps = Counter()  # "graph" / "eager" steps run (metrics, benchmarks, tests)
         shapes = pool.shapes()
         self.prefill_lora = prefill_lora or unmeasured_prefill_lora(kernels, shapes)
+        phases = phases or StartupPhases(self.device)
         if kernels == "triton" and self.device.type == "cuda":  # compiles now, not in a request's prefill
-            warm_up_prefill_lora(self.prefill_lora, shapes, pool.dtype, self.device, max_rank)
+            with phases.phase("prefill LoRA warm-up"):
+                warm_up_prefill_lora(self.prefill_lora, shapes, pool.dtype, self.device, max_rank)
         if decode_lora not in DECODE_LORA_CHOICES:
             raise ValueError(f"decode_lora must be one of {', '.join(DECODE_LORA_CHOICES)}, got {decode_lora!r}")
         self.decode_lora = DecodeLoraTuning()
         if graphs == CAPTURE and decode_lora == "auto":  # timings mean something on a GPU only
-            self.decode_lora = measure_decode_lora(model, pool, self.device, max_graph_batch, max_rank,
-                                                   BESIDE_MODES if lora_beside_gemm == "auto" else (),
-                                                   tuning_cache_dir)
+            with phases.phase("decode LoRA tuning"):
+                self.decode_lora = measure_decode_lora(model, pool, self.device, max_graph_batch, max_rank,
+                                                       BESIDE_MODES if lora_beside_gemm == "auto" else (),
+                                                       tuning_cache_dir)
         args = model.args
         # Graphed steps pad their batch with rows whose K/V go to one extra block no sequence owns.
         scratch_blocks = 1 if graphs != OFF else 0
@@ -114,11 +120,13 @@ class ModelRunner:
             layer.v_cache = torch.zeros_like(layer.k_cache)
         self.graphs = None
         if graphs != OFF:
-            self.graphs = DecodeGraphs(model, pool, mode=graphs, max_batch=max_graph_batch, max_rank=max_rank,
-                                       max_context=max_context or args.max_position_embeddings, block_size=block_size,
-                                       scratch_slot=num_kv_blocks * block_size, device=self.device,
-                                       tuning=self.decode_lora, lora_beside_gemm=lora_beside_gemm)
-            self.graphs.capture()
+            with phases.phase("decode graphs"):
+                self.graphs = DecodeGraphs(model, pool, mode=graphs, max_batch=max_graph_batch, max_rank=max_rank,
+                                           max_context=max_context or args.max_position_embeddings,
+                                           block_size=block_size, scratch_slot=num_kv_blocks * block_size,
+                                           device=self.device, tuning=self.decode_lora,
+                                           lora_beside_gemm=lora_beside_gemm)
+                self.graphs.capture()
 
     @property
     def graph_mode(self) -> str:
